@@ -1,0 +1,5 @@
+import sys
+
+from odegpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,41 @@
+"""The `odegpt` command: one entry point whose subcommands come from the installed packages.
+
+Subcommands are registered through the ``odegpt.commands`` entry-point group (see
+pyproject.toml), so this module knows nothing of the packages that provide them and importing
+it stays cheap: `odegpt --help` does not import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import entry_points
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="odegpt",
+        description="Pretrain, export and run parameter-shared GPTs as ODE solvers.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for entry in sorted(entry_points(group="odegpt.commands"), key=lambda e: e.name):
+        try:
+            register = entry.load()
+        except (ImportError, AttributeError) as error:  # a broken plugin must not hide the others
+            print(f"odegpt: subcommand {entry.name!r} ({entry.value}) could not be loaded: {error}",
+                  file=sys.stderr)
+            continue
+        register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
