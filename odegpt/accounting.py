@@ -1,0 +1,65 @@
+"""What a model costs at a step size: parameters, FLOPs per token and KV-cache bytes per token.
+
+One function so that training's MFU, the cluster planner and the benchmarks agree. FLOPs follow
+the PaLM/Megatron convention: 2 FLOPs per multiply-accumulate of every executed matmul, plus the
+attention scores and weighted sum over a context of ``seq_len`` keys (4 * heads * head_dim *
+seq_len per step, not halved for causality); training counts 3x the forward pass.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .configuration_odegpt import OdeGPTConfig, check_step_size
+from .solver import num_blocks, plan_solve
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    step_size: float
+    executed_steps: int
+    parameters: int  # distinct parameters, tied embeddings counted once
+    block_parameters: int  # parameters of all distinct blocks
+    flops_per_token: float  # forward
+    training_flops_per_token: float  # forward + backward
+    kv_cache_bytes_per_token: int
+
+
+def block_parameter_count(config: OdeGPTConfig) -> tuple[int, int]:
+    """(matmul parameters, all parameters) of one block."""
+    d, hd = config.hidden_size, config.head_dim
+    attention = 2 * d * config.num_attention_heads * hd + 2 * d * config.num_key_value_heads * hd
+    mlp = 3 * d * config.intermediate_size
+    return attention + mlp, attention + mlp + 2 * d
+
+
+def model_cost(
+    config: OdeGPTConfig, step_size: float | None = None, seq_len: int = 2048, dtype_bytes: int = 2
+) -> ModelCost:
+    """Cost of ``config`` solved at ``step_size`` (default: the config's) with ``seq_len`` context."""
+    step_size = config.step_size if step_size is None else check_step_size(step_size)
+    steps = len(plan_solve(config.segments, step_size))
+    matmul, per_block = block_parameter_count(config)
+    d, vocab = config.hidden_size, config.vocab_size
+    blocks = num_blocks(config.segments) * per_block
+    embeddings = vocab * d * (1 if config.tie_word_embeddings else 2)
+    attention_flops = 4 * config.num_attention_heads * config.head_dim * seq_len
+    forward = steps * (2 * matmul + attention_flops) + 2 * vocab * d
+    kv = steps * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    return ModelCost(
+        step_size=step_size,
+        executed_steps=steps,
+        parameters=blocks + embeddings + d,
+        block_parameters=blocks,
+        flops_per_token=float(forward),
+        training_flops_per_token=float(3 * forward),
+        kv_cache_bytes_per_token=kv,
+    )
+
+
+def format_count(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}" if not math.isclose(n, round(n)) else str(int(n))

@@ -1,0 +1,115 @@
+"""Configuration of an odegpt model: a Llama-shaped decoder whose depth is a list of segments.
+
+A segment ``{"depth": D, "shared": True}`` is ONE block integrated over time D (an ODE solve);
+``{"depth": D, "shared": False}`` is D separate blocks, each taking step 1 (ordinary layers).
+This file is copied verbatim into exported model folders, so it imports only transformers.
+"""
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+
+def _check_segments(segments: object) -> list[dict]:
+    if not isinstance(segments, (list, tuple)) or len(segments) == 0:
+        raise ValueError(f"segments must be a non-empty list of {{'depth': int, 'shared': bool}}, got {segments!r}")
+    checked = []
+    for index, segment in enumerate(segments):
+        if not isinstance(segment, dict) or set(segment) - {"depth", "shared"} or "depth" not in segment:
+            raise ValueError(f"segments[{index}] must be {{'depth': int, 'shared': bool}}, got {segment!r}")
+        depth, shared = segment["depth"], segment.get("shared", True)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"segments[{index}].depth must be an integer >= 1, got {depth!r}")
+        if not isinstance(shared, bool):
+            raise ValueError(f"segments[{index}].shared must be true or false, got {shared!r}")
+        checked.append({"depth": depth, "shared": shared})
+    return checked
+
+
+def check_step_size(step_size: object, name: str = "step_size") -> float:
+    """Return ``step_size`` as a float, or raise if it is not a real number > 0."""
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0:
+        raise ValueError(f"{name} must be a real number > 0, got {step_size!r}")
+    if step_size == float("inf"):
+        raise ValueError(f"{name} must be finite, got {step_size!r}")
+    return float(step_size)
+
+
+class OdeGPTConfig(PretrainedConfig):
+    model_type = "odegpt"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 768,
+        intermediate_size: int = 2048,
+        num_attention_heads: int = 12,
+        num_key_value_heads: int | None = None,
+        max_position_embeddings: int = 2048,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-5,
+        tie_word_embeddings: bool = False,
+        segments: list[dict] | None = None,
+        step_size: float = 1.0,
+        solver: str = "euler",
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = float(rope_theta)
+        self.rms_norm_eps = rms_norm_eps
+        self.segments = _check_segments([{"depth": 12, "shared": True}] if segments is None else segments)
+        self.step_size = check_step_size(step_size)
+        self.solver = solver
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        kwargs.pop("num_hidden_layers", None)  # derived from segments; older folders may carry it
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2 != 0:
+            raise ValueError(f"head dimension hidden_size/num_attention_heads must be even for rotary positions, "
+                             f"got {self.hidden_size // self.num_attention_heads}")
+        if self.solver != "euler":
+            raise ValueError(f"solver must be 'euler' (the only one implemented), got {self.solver!r}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """The trained depth: the time horizon of the whole solve at step size 1."""
+        return sum(segment["depth"] for segment in self.segments)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads

@@ -1,0 +1,116 @@
+"""Exports of an odegpt model, and the import of a plain Llama.
+
+- native: a ``save_pretrained`` folder (safetensors) carrying its configuration and modeling code,
+  so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without odegpt;
+- unrolled: a standard ``LlamaForCausalLM`` for one step size ``a``. Executed step ``k`` of the
+  solve becomes Llama layer ``k``, with its ``dt`` folded into ``o_proj`` and ``down_proj``
+  (``h + dt * W x == h + (dt * W) x``), so any Llama engine serves the accelerated model with its
+  own KV cache;
+- ``from_llama``: an unshared odegpt model with a Llama's weights (the block IS Llama's).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.initialization import no_init_weights
+
+from .configuration_odegpt import OdeGPTConfig
+from .modeling_odegpt import OdeGPTForCausalLM
+from .solver import plan_solve
+
+# Block weights that multiply a residual branch's output: where a step's dt is folded in.
+_BRANCH_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def _copy_tokenizer(source: str | Path | None, output_dir: Path) -> bool:
+    if source is None or not any((Path(source) / name).exists() for name in TOKENIZER_FILES):
+        return False
+    AutoTokenizer.from_pretrained(source).save_pretrained(output_dir)
+    return True
+
+
+def save_native(model: OdeGPTForCausalLM, output_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write a self-contained Hugging Face folder (safetensors + modeling code via auto_map)."""
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    _copy_tokenizer(tokenizer_dir, output_dir)
+    return output_dir
+
+
+def llama_config_for(config: OdeGPTConfig, num_layers: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+
+
+def unroll_to_llama(model: OdeGPTForCausalLM, step_size: float) -> LlamaForCausalLM:
+    """A ``LlamaForCausalLM`` computing ``model`` solved at ``step_size``: one layer per executed step."""
+    config = model.config
+    plan = plan_solve(config.segments, step_size)
+    source = model.state_dict()
+    state = {
+        "model.embed_tokens.weight": source["model.embed_tokens.weight"],
+        "model.norm.weight": source["model.norm.weight"],
+        "lm_head.weight": source["lm_head.weight"],
+    }
+    block_names = [name for name, _ in model.model.blocks[0].named_parameters()]
+    for layer, (block, dt) in enumerate(plan):
+        for name in block_names:
+            weight = source[f"model.blocks.{block}.{name}"]
+            state[f"model.layers.{layer}.{name}"] = weight * dt if name in _BRANCH_OUTPUTS else weight.clone()
+    llama_config = llama_config_for(config, len(plan))
+    with no_init_weights():  # every weight is overwritten below
+        llama = LlamaForCausalLM(llama_config)
+    llama.load_state_dict(state, strict=True)
+    return llama.to(model.dtype).eval()
+
+
+def save_unrolled(
+    model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float, tokenizer_dir: str | Path | None = None
+) -> Path:
+    output_dir = Path(output_dir)
+    unroll_to_llama(model, step_size).save_pretrained(output_dir)
+    _copy_tokenizer(tokenizer_dir, output_dir)
+    return output_dir
+
+
+def from_llama(llama: LlamaForCausalLM) -> OdeGPTForCausalLM:
+    """An unshared odegpt model (``[{"depth": L, "shared": False}]``) with ``llama``'s weights."""
+    lc = llama.config
+    rope = lc.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"only default rotary positions are supported, got rope_type={rope.get('rope_type')!r}")
+    if lc.head_dim != lc.hidden_size // lc.num_attention_heads:
+        raise ValueError(f"Llama head_dim {lc.head_dim} != hidden_size / num_attention_heads")
+    if lc.attention_bias or lc.mlp_bias or lc.hidden_act != "silu":
+        raise ValueError("only bias-free SiLU Llama models map onto the odegpt block")
+    config = OdeGPTConfig(
+        vocab_size=lc.vocab_size, hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
+        num_attention_heads=lc.num_attention_heads, num_key_value_heads=lc.num_key_value_heads,
+        max_position_embeddings=lc.max_position_embeddings, rope_theta=rope.get("rope_theta", 10000.0),
+        rms_norm_eps=lc.rms_norm_eps, tie_word_embeddings=lc.tie_word_embeddings,
+        segments=[{"depth": lc.num_hidden_layers, "shared": False}],
+        bos_token_id=lc.bos_token_id, eos_token_id=lc.eos_token_id, pad_token_id=lc.pad_token_id,
+    )
+    state = {name.replace("model.layers.", "model.blocks."): w for name, w in llama.state_dict().items()}
+    model = OdeGPTForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    return model.to(llama.dtype).eval()

@@ -1,0 +1,265 @@
+"""odegpt: a GPT whose residual stack is an ODE solve, so one set of weights runs at many speeds.
+
+The block is Llama's (RMSNorm pre-norm, rotary positions, SwiGLU MLP, grouped-query attention via
+``scaled_dot_product_attention``, no biases). The depth is a list of segments (see the config);
+``solver.plan_solve`` turns them and a step size ``a`` into the list of executed steps, and the
+forward pass is one loop over that plan. Read top to bottom: norm, rotary, attention, MLP, block,
+decoder, LM head.
+
+This file is copied verbatim into exported model folders, so it imports only torch, transformers
+and its sibling files (configuration_odegpt, solver, cache).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache import OdeCache
+from .configuration_odegpt import OdeGPTConfig, check_step_size
+from .solver import STEP_FUNCTIONS, num_blocks, plan_solve
+
+
+class OdeGPTRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the compute dtype (bf16 sums of squares lose too much).
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for the positions in ``position_ids`` (batch, seq), shaped (batch, 1, seq, head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids[:, None, :, None].float() * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class OdeGPTAttention(nn.Module):
+    def __init__(self, config: OdeGPTConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: OdeCache | None, slot: int) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, slot)  # one slot per executed solver step
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class OdeGPTMLP(nn.Module):
+    def __init__(self, config: OdeGPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class OdeGPTBlock(nn.Module):
+    """The vector field F = Attn(norm(.)) then MLP(norm(.)); the solver decides the step."""
+
+    def __init__(self, config: OdeGPTConfig):
+        super().__init__()
+        self.input_layernorm = OdeGPTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = OdeGPTAttention(config)
+        self.post_attention_layernorm = OdeGPTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = OdeGPTMLP(config)
+
+    def attention_branch(self, h, **attention_inputs) -> torch.Tensor:
+        return self.self_attn(self.input_layernorm(h), **attention_inputs)
+
+    def mlp_branch(self, h) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(h))
+
+
+def attention_mask_for(
+    padding_mask: torch.Tensor | None, query_len: int, past_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """A boolean (batch, 1, query, key) mask: causal, and blind to padded keys.
+
+    Returns None when plain causal attention is exact (no padding, no past, or one new token),
+    which lets SDPA take its fastest kernels. A padded query row that would see no key at all
+    is allowed to see itself, so SDPA never normalises over an empty set (its output is unused).
+    """
+    if padding_mask is None or bool(padding_mask.all()):
+        if past_len == 0 or query_len == 1:
+            return None
+        padding_mask = None
+    key_len = past_len + query_len
+    key_positions = torch.arange(key_len, device=device)
+    query_positions = torch.arange(past_len, key_len, device=device)
+    mask = (key_positions[None, :] <= query_positions[:, None])[None, None]
+    if padding_mask is not None:
+        mask = mask & padding_mask[:, None, None, -key_len:].bool()
+        mask = mask | (~mask.any(-1, keepdim=True) & (key_positions == query_positions[:, None]))
+    return mask
+
+
+class OdeGPTPreTrainedModel(PreTrainedModel):
+    config_class = OdeGPTConfig
+    config: OdeGPTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["OdeGPTBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+
+class OdeGPTModel(OdeGPTPreTrainedModel):
+    """Embedding, the solve over all segments, final norm."""
+
+    def __init__(self, config: OdeGPTConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # All distinct blocks in segment order: a shared segment owns one, an unshared one owns `depth`.
+        self.blocks = nn.ModuleList(OdeGPTBlock(config) for _ in range(num_blocks(config.segments)))
+        self.norm = OdeGPTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: OdeCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        step_size: float | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        step_size = self.config.step_size if step_size is None else check_step_size(step_size)
+        plan = plan_solve(self.config.segments, step_size)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq = h.shape[:2]
+
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None and not self.training:
+            past_key_values = OdeCache()
+        if past_key_values is not None:
+            if not isinstance(past_key_values, OdeCache):
+                raise TypeError(f"odegpt needs an odegpt OdeCache (one slot per solver step), "
+                                f"got {type(past_key_values).__name__}")
+            past_key_values.bind(step_size, len(plan))
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: count only real tokens
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+            else:
+                position_ids = torch.arange(past_len, past_len + seq, device=h.device)[None].expand(batch, -1)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        mask = attention_mask_for(attention_mask, seq, past_len, h.device)
+
+        step_function = STEP_FUNCTIONS[self.config.solver]
+        for slot, (block, dt) in enumerate(plan):
+            inputs = dict(cos=cos, sin=sin, mask=mask, cache=past_key_values, slot=slot)
+            if self.gradient_checkpointing and self.training:
+                h = self._gradient_checkpointing_func(step_function, self.blocks[block], h, dt, **inputs)
+            else:
+                h = step_function(self.blocks[block], h, dt, **inputs)
+
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values)
+
+
+class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: OdeGPTConfig):
+        super().__init__(config)
+        self.model = OdeGPTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: OdeCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        step_size: float | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """``step_size`` overrides ``config.step_size`` for this call; ``labels`` follow the HF
+        convention (the same tokens as ``input_ids``, shifted here, -100 ignored)."""
+        if labels is not None and use_cache is None:
+            use_cache = False  # scoring a sequence keeps no cache unless asked to
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            step_size=step_size,
+        )
+        h = outputs.last_hidden_state
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """The model owns its cache layout: one slot per executed step, not per trained layer."""
+        if (
+            model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation in (None, "dynamic")
+        ):
+            model_kwargs["past_key_values"] = OdeCache()
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+__all__ = ["OdeGPTConfig", "OdeGPTForCausalLM", "OdeGPTModel", "OdeGPTPreTrainedModel"]

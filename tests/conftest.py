@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+from odegpt import OdeGPTConfig, OdeGPTForCausalLM
+
+FULLY_SHARED = [{"depth": 4, "shared": True}]
+PARTIALLY_SHARED = [{"depth": 1, "shared": False}, {"depth": 3, "shared": True},
+                    {"depth": 2, "shared": True}, {"depth": 1, "shared": False}]
+UNSHARED = [{"depth": 4, "shared": False}]
+
+
+def tiny_config(segments=FULLY_SHARED, **overrides) -> OdeGPTConfig:
+    """A small model with large random weights, so greedy decoding is not degenerate."""
+    fields = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, segments=segments,
+                  initializer_range=0.15, pad_token_id=0)
+    fields.update(overrides)
+    return OdeGPTConfig(**fields)
+
+
+def tiny_model(segments=FULLY_SHARED, seed=0, **overrides) -> OdeGPTForCausalLM:
+    torch.manual_seed(seed)
+    return OdeGPTForCausalLM(tiny_config(segments, **overrides)).eval()
+
+
+@pytest.fixture(params=["fully_shared", "partially_shared"])
+def shared_model(request):
+    return tiny_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED)
