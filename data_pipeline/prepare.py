@@ -1,0 +1,315 @@
+"""Parallel, streaming, resumable, deterministic preprocessing of raw text into token shards.
+
+How it works, and why each property holds:
+
+* The main process streams documents (`readers`), skips empty ones (counted), assigns each
+  to train or val by a seeded hash of its ordinal, and groups them into *chunks* of about
+  `chunk_chars` characters. Chunk boundaries depend only on the input, never on `workers`.
+* Worker processes tokenize chunks with SentencePiece and append EOS to every document. At
+  most ``2 * workers`` chunks are in flight, so peak memory does not grow with the corpus.
+* Results are consumed in chunk order and appended to the current shard; a shard is closed
+  after the chunk that brings its train split to `shard_tokens`. Hence the bytes written are
+  identical whatever `workers` is.
+* A shard is written to ``*.tmp`` files, renamed, then its completion record
+  ``.parts/NNNNN.json`` is written (atomically); the manifest is written last. A rerun keeps
+  every recorded shard, deletes anything newer or half-written, skips the chunks those shards
+  cover (reading them but not tokenizing them) and carries on.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import xxhash
+
+from .manifest import FORMAT_VERSION, MANIFEST, Manifest, ShardRecord, write_json_atomic
+from .readers import Source, iter_documents, resolve_inputs
+from .shards import ShardWriter, choose_dtype, open_tokens
+from .tokenizer import MODEL_FILE, TokenizerInfo, tokenizer_fingerprint
+
+PARTS = ".parts"
+
+
+@dataclass
+class PrepareConfig:
+    """Everything that determines the bytes of a prepared corpus (plus how to run)."""
+
+    inputs: list[str]
+    tokenizer: str
+    output: str
+    workers: int = 1
+    text_key: str = "text"
+    val_fraction: float = 0.0
+    shard_tokens: int = 1 << 27          # ~134M tokens, 256 MiB of uint16 per shard
+    chunk_chars: int = 1 << 20           # work unit sent to a worker
+    dtype: str = "auto"
+    max_files: int | None = None
+    seed: int = 1234                     # val assignment
+    progress: bool = True
+    stop_after_shards: int | None = None  # testing: simulate an interruption
+
+
+@dataclass
+class Chunk:
+    index: int
+    texts: list[str]
+    is_val: list[bool]
+
+
+@dataclass
+class ReadCounters:
+    documents: int = 0
+    empty_documents: int = 0
+    repaired_documents: int = 0
+    replaced_chars: int = 0
+    chars: int = 0
+
+
+def _is_val(ordinal: int, seed: int, fraction: float) -> bool:
+    if fraction <= 0:
+        return False
+    return xxhash.xxh64_intdigest(ordinal.to_bytes(8, "little"), seed=seed) < fraction * 2.0**64
+
+
+def iter_chunks(sources: list[Source], cfg: PrepareConfig, counters: ReadCounters) -> Iterator[Chunk]:
+    """Group non-empty documents into chunks of ~`chunk_chars` characters, deterministically."""
+    texts: list[str] = []
+    flags: list[bool] = []
+    size = 0
+    index = 0
+    for doc in iter_documents(sources, text_key=cfg.text_key):
+        if doc.replaced:
+            counters.repaired_documents += 1
+            counters.replaced_chars += doc.replaced
+        if not doc.text.strip():
+            counters.empty_documents += 1
+            continue
+        flags.append(_is_val(counters.documents, cfg.seed, cfg.val_fraction))
+        counters.documents += 1
+        counters.chars += len(doc.text)
+        texts.append(doc.text)
+        size += len(doc.text)
+        if size >= cfg.chunk_chars:
+            yield Chunk(index, texts, flags)
+            texts, flags, size, index = [], [], 0, index + 1
+    if texts:
+        yield Chunk(index, texts, flags)
+
+
+# ---- worker side -------------------------------------------------------------------------------
+_SP = None
+_EOS = 2
+_DTYPE = np.dtype(np.uint16)
+
+
+def _init_worker(model_file: str, eos_id: int, dtype: str) -> None:
+    global _SP, _EOS, _DTYPE
+    import sentencepiece as spm
+
+    _SP = spm.SentencePieceProcessor(model_file=model_file, num_threads=1)
+    _EOS, _DTYPE = eos_id, np.dtype(dtype)
+
+
+def _pack(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(x) + 1 for x in ids), np.int64, count=len(ids))
+    out = np.empty(int(lengths.sum()), _DTYPE)
+    pos = 0
+    for x in ids:
+        out[pos:pos + len(x)] = x
+        pos += len(x)
+        out[pos] = _EOS
+        pos += 1
+    return out, lengths
+
+
+def _tokenize_chunk(chunk: Chunk) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    ids = _SP.encode(chunk.texts, out_type=int, num_threads=1)
+    out = {}
+    for split, want in (("train", False), ("val", True)):
+        out[split] = _pack([x for x, v in zip(ids, chunk.is_val) if v == want])
+    return chunk.index, out
+
+
+# ---- main side ---------------------------------------------------------------------------------
+def _config_key(cfg: PrepareConfig, sources: list[Source], fingerprint: str, dtype: np.dtype) -> str:
+    desc = {
+        "format_version": FORMAT_VERSION, "tokenizer": fingerprint, "dtype": dtype.name,
+        "text_key": cfg.text_key, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+        "shard_tokens": cfg.shard_tokens, "chunk_chars": cfg.chunk_chars,
+        "sources": [(s.path, s.kind, s.compression, s.size()) for s in sources],
+    }
+    return xxhash.xxh3_64_hexdigest(json.dumps(desc, sort_keys=True).encode())
+
+
+def _splits(cfg: PrepareConfig) -> tuple[str, ...]:
+    return ("train", "val") if cfg.val_fraction > 0 else ("train",)
+
+
+def _load_finished(out: Path, key: str, dtype: np.dtype) -> list[ShardRecord]:
+    """Completed shards of an earlier run with the same config, contiguous from shard 0."""
+    done: list[ShardRecord] = []
+    while (path := out / PARTS / f"{len(done):05d}.json").is_file():
+        try:
+            record = ShardRecord.from_dict(json.loads(path.read_text()))
+            if record.config_key != key:
+                break
+            for split, f in record.splits.items():  # cheap size check; a bad shard is redone
+                open_tokens(out, split, record.index, f, dtype)
+        except Exception:
+            break
+        done.append(record)
+    return done
+
+
+def _remove_unfinished(out: Path, keep: int) -> None:
+    for path in out.iterdir():
+        name = path.name
+        if name.endswith(".tmp") or ".tmp" in name:
+            path.unlink()
+        elif name.startswith(("train-", "val-")) and int(name.split("-")[1][:5]) >= keep:
+            path.unlink()
+    for path in (out / PARTS).glob("*.json"):
+        if int(path.stem) >= keep:
+            path.unlink()
+
+
+def prepare(cfg: PrepareConfig) -> Manifest:
+    """Tokenize `cfg.inputs` into shards under `cfg.output`; return the manifest.
+
+    Rerunning with the same settings resumes (or returns at once when already complete); an
+    output directory prepared with different settings is an error rather than a silent mix.
+    """
+    from tqdm import tqdm
+
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {cfg.workers}")
+    sources = resolve_inputs(cfg.inputs, max_files=cfg.max_files)
+    tok_dir = Path(cfg.tokenizer)
+    info = TokenizerInfo.load(tok_dir)
+    fingerprint = tokenizer_fingerprint(tok_dir)
+    if fingerprint != info.fingerprint:
+        raise ValueError(f"tokenizer {tok_dir}: {MODEL_FILE} fingerprint {fingerprint} does not match "
+                         f"the recorded {info.fingerprint}; the directory was modified")
+    dtype = choose_dtype(info.vocab_size, cfg.dtype)
+    key = _config_key(cfg, sources, fingerprint, dtype)
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).is_file():
+        manifest = Manifest.load(out)
+        if manifest.config_key == key:
+            return manifest
+        raise ValueError(f"{out} already holds a corpus prepared with different inputs or settings; "
+                         f"choose another --output or delete it")
+    (out / PARTS).mkdir(exist_ok=True)
+    done = _load_finished(out, key, dtype)
+    _remove_unfinished(out, keep=len(done))
+    skip_chunks = done[-1].end_chunk if done else 0
+
+    counters = ReadCounters()
+    splits = _splits(cfg)
+    start = time.time()
+    bar = tqdm(unit="tok", unit_scale=True, desc=f"prepare ({cfg.workers} workers)",
+               disable=not cfg.progress, smoothing=0.1)
+    if done:
+        bar.write(f"resuming: {len(done)} finished shard(s) kept, skipping {skip_chunks} chunks")
+
+    state = {"writers": None, "first_chunk": skip_chunks}
+
+    def open_shard() -> None:
+        state["writers"] = {s: ShardWriter(out, s, len(done), dtype) for s in splits}
+
+    def close_shard(end_chunk: int) -> None:
+        files = {s: w.close() for s, w in state["writers"].items()}
+        record = ShardRecord(index=len(done), first_chunk=state["first_chunk"], end_chunk=end_chunk,
+                             splits=files, config_key=key)
+        write_json_atomic(out / PARTS / f"{record.index:05d}.json", asdict(record))
+        done.append(record)
+        state["writers"], state["first_chunk"] = None, end_chunk
+
+    def consume(index: int, result: dict) -> bool:
+        """Append one tokenized chunk; return False to stop (simulated interruption)."""
+        if state["writers"] is None:
+            open_shard()
+        for split in splits:
+            tokens, lengths = result[split]
+            state["writers"][split].append(tokens, lengths)
+            bar.update(len(tokens))
+        if state["writers"]["train"].tokens >= cfg.shard_tokens:
+            close_shard(index + 1)
+            bar.set_postfix(shards=len(done), refresh=False)
+            if cfg.stop_after_shards is not None and len(done) >= cfg.stop_after_shards:
+                return False
+        return True
+
+    chunks = (c for c in iter_chunks(sources, cfg, counters) if c.index >= skip_chunks)
+    model_file = str(tok_dir / MODEL_FILE)
+    last_index = skip_chunks - 1
+    stopped = False
+    try:
+        if cfg.workers == 1:
+            _init_worker(model_file, info.eos_id, dtype.name)
+            for chunk in chunks:
+                last_index = chunk.index
+                if not consume(*_tokenize_chunk(chunk)):
+                    stopped = True
+                    break
+        else:
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(cfg.workers, initializer=_init_worker,
+                          initargs=(model_file, info.eos_id, dtype.name)) as pool:
+                pending: deque = deque()
+                for chunk in chunks:
+                    pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+                    last_index = chunk.index
+                    if len(pending) >= 2 * cfg.workers:
+                        if not consume(*pending.popleft().get()):
+                            stopped = True
+                            break
+                while pending and not stopped:
+                    if not consume(*pending.popleft().get()):
+                        stopped = True
+                pool.terminate()
+        if stopped:
+            raise InterruptedError(f"stopped after {len(done)} shards (stop_after_shards)")
+        if state["writers"] is not None:
+            close_shard(last_index + 1)
+    except BaseException:
+        if state["writers"] is not None:
+            for w in state["writers"].values():
+                w.abort()
+        bar.close()
+        raise
+    bar.close()
+    elapsed = time.time() - start
+
+    input_bytes = sum(s.size() for s in sources)
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, config_key=key,
+        tokenizer={"fingerprint": fingerprint, "vocab_size": info.vocab_size, "model_type": info.model_type,
+                   "eos_id": info.eos_id, "bos_id": info.bos_id, "pad_id": info.pad_id,
+                   "unk_id": info.unk_id, "path": str(tok_dir.resolve())},
+        dtype=dtype.name, shards=done,
+        inputs={"patterns": list(cfg.inputs), "files": len(sources), "bytes": input_bytes,
+                "text_key": cfg.text_key, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                "shard_tokens": cfg.shard_tokens},
+        skipped={"empty_documents": counters.empty_documents},
+        repaired={"documents_with_undecodable_bytes": counters.repaired_documents,
+                  "replaced_characters": counters.replaced_chars},
+    )
+    manifest.totals = {"documents": counters.documents, "characters": counters.chars,
+                       "shards": len(done),
+                       **{f"{s}_tokens": manifest.split_tokens(s) for s in splits},
+                       **{f"{s}_documents": manifest.split_documents(s) for s in splits},
+                       "seconds": round(elapsed, 3)}
+    manifest.save(out)
+    return manifest

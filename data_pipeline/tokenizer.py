@@ -1,0 +1,206 @@
+"""SentencePiece tokenizer training, and its Hugging Face twin.
+
+`train_tokenizer` streams documents from any input `readers` understands, keeps a bounded,
+seeded reservoir sample of lines (memory does not grow with the corpus), trains a SentencePiece
+BPE or unigram model with byte fallback, and writes one directory holding:
+
+* ``tokenizer.model``            the SentencePiece model (what `prepare` tokenizes with);
+* ``tokenizer.json`` + config    the same model as a Hugging Face fast tokenizer, so
+                                 ``AutoTokenizer.from_pretrained(dir)`` works;
+* ``odegpt_tokenizer.json``      `TokenizerInfo`: fixed special ids, vocab size, fingerprint.
+
+Text is never normalised (identity rule, no dummy prefix, whitespace kept), so tabs, runs of
+spaces, code and any unicode round-trip exactly; unseen characters fall back to byte tokens.
+The fingerprint (blake2b of the ``.model`` bytes) is what manifests record and what
+`datasets.build_datasets` checks against the model being trained.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+MODEL_FILE = "tokenizer.model"
+INFO_FILE = "odegpt_tokenizer.json"
+
+# Fixed ids: every odegpt tokenizer has the same layout, so configs never need to guess.
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+
+
+@dataclass
+class TokenizerInfo:
+    """What a tokenizer directory records about itself (``odegpt_tokenizer.json``)."""
+
+    vocab_size: int
+    model_type: str
+    fingerprint: str
+    unk_id: int = UNK_ID
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
+    pad_id: int = PAD_ID
+    sampled_sentences: int = 0
+
+    def save(self, directory: str | os.PathLike) -> None:
+        Path(directory, INFO_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "TokenizerInfo":
+        path = Path(directory, INFO_FILE)
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} is not an odegpt tokenizer directory (no {INFO_FILE}); "
+                                    f"create one with `odegpt tokenizer`")
+        return cls(**json.loads(path.read_text()))
+
+
+def fingerprint_file(path: str | os.PathLike) -> str:
+    """blake2b-128 of a file's bytes: identifies a tokenizer model exactly."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(directory: str | os.PathLike) -> str:
+    """Fingerprint of the tokenizer in `directory` (recomputed from the model file, not trusted)."""
+    model = Path(directory, MODEL_FILE)
+    if not model.is_file():
+        raise FileNotFoundError(f"tokenizer directory {directory} has no {MODEL_FILE}")
+    return fingerprint_file(model)
+
+
+def sample_sentences(documents: Iterable[str], max_sentences: int, seed: int = 0,
+                     max_chars: int = 4096) -> list[str]:
+    """Seeded reservoir sample of at most `max_sentences` non-empty lines (Algorithm R).
+
+    Memory is bounded by ``max_sentences * max_chars`` whatever the corpus size; longer lines
+    are cut (SentencePiece would drop them anyway).
+    """
+    rng = random.Random(seed)
+    reservoir: list[str] = []
+    seen = 0
+    for doc in documents:
+        for line in doc.split("\n"):
+            if not line.strip():
+                continue
+            line = line[:max_chars]
+            if len(reservoir) < max_sentences:
+                reservoir.append(line)
+            else:
+                j = rng.randrange(seen + 1)
+                if j < max_sentences:
+                    reservoir[j] = line
+            seen += 1
+    return reservoir
+
+
+def train_tokenizer(inputs: list[str], output: str | os.PathLike, vocab_size: int,
+                    model_type: str = "bpe", max_sentences: int = 2_000_000, seed: int = 0,
+                    text_key: str = "text", num_threads: int | None = None,
+                    character_coverage: float = 0.9995, max_files: int | None = None) -> TokenizerInfo:
+    """Train a SentencePiece model on `inputs` and write a complete tokenizer directory."""
+    import sentencepiece as spm
+
+    from .readers import iter_documents, resolve_inputs
+
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    sources = resolve_inputs(inputs, max_files=max_files)
+    sentences = sample_sentences((doc.text for doc in iter_documents(sources, text_key=text_key)),
+                                 max_sentences=max_sentences, seed=seed)
+    if not sentences:
+        raise ValueError(f"no text found in {inputs} to train a tokenizer on")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output, prefix=".train-") as tmp:
+        prefix = os.path.join(tmp, "tokenizer")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_prefix=prefix,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=True,
+            character_coverage=character_coverage,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=16384,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+            hard_vocab_limit=False,
+            num_threads=num_threads or min(os.cpu_count() or 1, 8),
+            minloglevel=2,
+        )
+        shutil.move(prefix + ".model", output / MODEL_FILE)
+    sp = spm.SentencePieceProcessor(model_file=str(output / MODEL_FILE))
+    info = TokenizerInfo(vocab_size=sp.get_piece_size(), model_type=model_type,
+                         fingerprint=fingerprint_file(output / MODEL_FILE),
+                         sampled_sentences=len(sentences))
+    write_hf_tokenizer(output)
+    info.save(output)
+    return info
+
+
+def write_hf_tokenizer(directory: str | os.PathLike) -> None:
+    """Convert ``directory/tokenizer.model`` into Hugging Face fast tokenizer files beside it.
+
+    Uses transformers' own SentencePiece converter (`SpmConverter.build_tokenizer_from_spm_proto`),
+    which maps BPE merges / unigram scores, byte fallback and the "▁" space marker. Special tokens
+    are split like plain text (``split_special_tokens``), as SentencePiece does: a literal "</s>"
+    in a document is text, never an EOS.
+    """
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
+
+    model = str(Path(directory, MODEL_FILE))
+    extractor = SentencePieceExtractor(model)
+    proto = extractor.proto
+    if proto.trainer_spec.model_type == 2:  # BPE
+        kwargs = extractor.extract(BPE)
+        backend = SpmConverter.build_tokenizer_from_spm_proto(proto, kwargs["vocab"], kwargs["merges"])
+    else:
+        vocab = [(p.piece, p.score) for p in proto.pieces]
+        backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    backend.encode_special_tokens = True
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        split_special_tokens=True, add_bos_token=False, add_eos_token=False,
+        clean_up_tokenization_spaces=False, model_max_length=1 << 30,
+    )
+    hf.save_pretrained(str(directory))
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """Hugging Face fast tokenizer (`PreTrainedTokenizerFast`) of an odegpt tokenizer directory.
+
+    A thin wrapper over ``AutoTokenizer.from_pretrained``; it encodes and decodes exactly like
+    ``tokenizer.model``. Special ids are fixed: unk=0, bos=1, eos=2, pad=3 (see
+    `TokenizerInfo.load(directory)` for the recorded vocab size and fingerprint). Encoding adds
+    no BOS/EOS; `prepare` appends EOS after every document.
+    """
+    from transformers import AutoTokenizer
+
+    if not Path(directory, "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{directory} has no tokenizer.json; create it with `odegpt tokenizer`")
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def load_sentencepiece(directory: str | os.PathLike):
+    """The `sentencepiece.SentencePieceProcessor` of a tokenizer directory (fast batch encoding)."""
+    import sentencepiece as spm
+
+    model = Path(directory, MODEL_FILE)
+    if not model.is_file():
+        raise FileNotFoundError(f"tokenizer directory {directory} has no {MODEL_FILE}; "
+                                f"create it with `odegpt tokenizer`")
+    return spm.SentencePieceProcessor(model_file=str(model))
