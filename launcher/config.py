@@ -1,0 +1,421 @@
+"""The run configuration: YAML files composed in order, `--set` overrides, strict typed validation.
+
+A run is described by one nested mapping with the sections below. It is built from YAML files
+(each may list ``defaults:`` — other files, relative to itself, merged first), merged left to
+right, then ``--set section.key=value`` overrides (values parsed as YAML). The result is validated
+into dataclasses before anything starts: an unknown key, a wrong type, a batch that does not fit
+the world size or a ``seq_len`` beyond the model's positions is a :class:`ConfigError` naming the
+key. The DeepSpeed config is *generated* from the validated object, never written by hand, so the
+two cannot disagree.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending key."""
+
+
+@dataclass
+class ModelSection:
+    """The odegpt model shape; passed verbatim to ``OdeGPTConfig``."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    segments: list = field(default_factory=lambda: [{"depth": 12, "shared": True}])
+    step_size: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    """Optimization: batch geometry, schedule, objective and the guards that stop a bad run."""
+
+    seq_len: int = 2048
+    micro_batch_size: int = 8
+    global_batch_size: int = 256  # = micro_batch_size * gradient accumulation * data-parallel ranks
+    train_steps: int = 10000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 500
+    decay_steps: int | None = None  # cosine length after warmup; None = until train_steps
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    activation_checkpointing: bool = True
+    seed: int = 1234
+    # Distribution of the step size `a`, sampled once per optimizer step (odegpt.objective).
+    step_size: dict = field(default_factory=lambda: {"choices": [1.0]})
+    consistency_weight: float = 0.0
+    max_nonfinite_steps: int = 3  # stop after this many optimizer steps in a row with a non-finite loss
+    dist_timeout_s: int = 600  # collectives with a dead peer fail after this long
+
+
+@dataclass
+class DataSection:
+    corpora: list = field(default_factory=list)  # prepared corpus directories (odegpt prepare)
+    weights: list | None = None  # blending weights, one per corpus; None = proportional to size
+    tokenizer: str | None = None  # tokenizer directory; copied into converted models
+    # "module:function" with build_datasets' signature; tests plug in synthetic data here.
+    builder: str = "data_pipeline.datasets:build_datasets"
+
+
+@dataclass
+class EvalSection:
+    interval: int = 1000  # optimizer steps between validation passes; 0 = only at the end
+    step_sizes: list = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    num_samples: int = 256  # validation sequences, split evenly across data-parallel ranks
+    micro_batch_size: int | None = None  # None = train.micro_batch_size
+    at_end: bool = True
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = 1000  # optimizer steps between checkpoints; 0 = only at the end
+    keep_last: int = 3
+
+
+@dataclass
+class LoggingSection:
+    interval: int = 10
+    tensorboard: bool = True
+    peak_tflops_per_device: float | None = None  # for MFU; None = 312 on GPU (A100 bf16), 0.1 on CPU
+    progress_bar: bool = True
+
+
+@dataclass
+class DeepSpeedSection:
+    """ZeRO settings; everything else in the DeepSpeed config is derived from the other sections."""
+
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False  # ZeRO-3 only
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    torch_adam: bool | None = None  # None = torch's Adam on CPU (FusedAdam would compile), fused on GPU
+
+
+@dataclass
+class RunSection:
+    name: str = "odegpt"
+    output_dir: str = "runs/odegpt"  # checkpoints/, tensorboard/, metrics.jsonl live here
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    # ---- derived quantities -------------------------------------------------------------------
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+
+    def precision_for(self, device_type: str) -> str:
+        if self.train.precision == "auto":
+            return "bf16" if device_type == "cuda" else "fp32"
+        return self.train.precision
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.run.output_dir) / "checkpoints"
+
+    @property
+    def eval_step_sizes(self) -> list[float]:
+        return [float(a) for a in self.eval.step_sizes]
+
+    def model_config(self):
+        """The ``OdeGPTConfig`` of this run (imports transformers)."""
+        from odegpt.configuration_odegpt import OdeGPTConfig
+
+        return OdeGPTConfig(**dataclasses.asdict(self.model))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self, world_size: int | None = None) -> "RunConfig":
+        """Check everything that can be checked; with ``world_size`` also the batch geometry."""
+        t = self.train
+        for name in ("seq_len", "micro_batch_size", "global_batch_size", "train_steps", "max_nonfinite_steps",
+                     "dist_timeout_s"):
+            _positive(f"train.{name}", getattr(t, name))
+        for name in ("lr", "adam_eps"):
+            _positive(f"train.{name}", getattr(t, name))
+        for name in ("min_lr", "weight_decay", "grad_clip", "consistency_weight"):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)!r}")
+        if t.min_lr > t.lr:
+            raise ConfigError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
+        if t.warmup_steps < 0 or (t.decay_steps is not None and t.decay_steps < 1):
+            raise ConfigError("train.warmup_steps must be >= 0 and train.decay_steps >= 1 (or null)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(t, name) < 1:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(t, name)!r}")
+        if t.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                              f"train.micro_batch_size ({t.micro_batch_size})")
+        try:
+            from odegpt.objective import StepSizeDistribution
+        except ImportError:  # the objective module is not there yet: check the shape only
+            if not isinstance(t.step_size, dict):
+                raise ConfigError(f"train.step_size must be a mapping, got {t.step_size!r}") from None
+        else:
+            try:
+                StepSizeDistribution.from_dict(t.step_size)
+            except (ValueError, TypeError) as error:
+                raise ConfigError(f"train.step_size: {error}") from None
+
+        try:
+            model_config = self.model_config()
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"model: {error}") from None
+        if t.seq_len > model_config.max_position_embeddings:
+            raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_position_embeddings "
+                              f"({model_config.max_position_embeddings})")
+
+        e = self.eval
+        if e.interval < 0 or e.num_samples < 0:
+            raise ConfigError("eval.interval and eval.num_samples must be >= 0")
+        if e.micro_batch_size is not None:
+            _positive("eval.micro_batch_size", e.micro_batch_size)
+        for index, a in enumerate(e.step_sizes):
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < math.inf:
+                raise ConfigError(f"eval.step_sizes[{index}] must be a finite number > 0, got {a!r}")
+        if self.checkpoint.interval < 0 or self.checkpoint.keep_last < 1:
+            raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
+        _positive("logging.interval", self.logging.interval)
+
+        d = self.data
+        if d.weights is not None and len(d.weights) != len(d.corpora):
+            raise ConfigError(f"data.weights has {len(d.weights)} entries but data.corpora has {len(d.corpora)}")
+
+        z = self.deepspeed
+        if z.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {z.zero_stage!r}")
+        if z.offload_param and z.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage: 3")
+        if z.offload_optimizer and z.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        if world_size is not None:
+            if world_size < 1:
+                raise ConfigError(f"world size must be >= 1, got {world_size}")
+            per_step = t.micro_batch_size * world_size
+            if t.global_batch_size % per_step:
+                raise ConfigError(
+                    f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                    f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world_size}) = {per_step}; "
+                    f"try --set train.global_batch_size={max(per_step, t.global_batch_size // per_step * per_step)}")
+        return self
+
+    # ---- DeepSpeed ----------------------------------------------------------------------------
+    def to_deepspeed_config(self, world_size: int, device_type: str = "cpu") -> dict:
+        """The DeepSpeed config dict, derived entirely from this run config."""
+        self.validate(world_size)
+        t, z = self.train, self.deepspeed
+        torch_adam = (device_type != "cuda") if z.torch_adam is None else z.torch_adam
+        zero: dict[str, Any] = {"stage": z.zero_stage}
+        if z.zero_stage >= 1:
+            zero.update(reduce_bucket_size=z.reduce_bucket_size, allgather_bucket_size=z.allgather_bucket_size,
+                        overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients)
+        if z.zero_stage == 3:
+            zero.pop("allgather_bucket_size")
+            zero.update(stage3_prefetch_bucket_size=z.stage3_prefetch_bucket_size,
+                        stage3_param_persistence_threshold=z.stage3_param_persistence_threshold,
+                        stage3_gather_16bit_weights_on_model_save=False)
+        if z.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+        if z.offload_param:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+        return {
+            "train_batch_size": t.global_batch_size,
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps(world_size),
+            "gradient_clipping": t.grad_clip,
+            "optimizer": {
+                "type": "AdamW",
+                "params": {"lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps,
+                           "weight_decay": t.weight_decay, "torch_adam": torch_adam},
+            },
+            "bf16": {"enabled": self.precision_for(device_type) == "bf16"},
+            "fp16": {"enabled": False},
+            "zero_optimization": zero,
+            "steps_per_print": 10 ** 12,  # the launcher logs; keep DeepSpeed quiet
+            "wall_clock_breakdown": False,
+        }
+
+
+# ---- building from YAML -----------------------------------------------------------------------
+
+def _positive(name: str, value: Any) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, else relative to the repository's ``configs/`` (``.yaml`` optional)."""
+    candidates = [Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"config file {str(name)!r} not found (also looked in {CONFIG_DIR})")
+
+
+def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """One YAML file with its ``defaults:`` merged underneath it."""
+    path = resolve_config_path(path)
+    if path in _seen:
+        raise ConfigError(f"config {path} includes itself through defaults: {' -> '.join(map(str, _seen))}")
+    with open(path) as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    merged: dict = {}
+    for include in data.pop("defaults", None) or []:
+        include_path = path.parent / include
+        merged = merge(merged, load_yaml(include_path if include_path.is_file() else include, _seen + (path,)))
+    return merge(merged, data)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else (lists included) is replaced."""
+    result = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def apply_override(tree: dict, assignment: str) -> dict:
+    """Apply one ``section.key=value`` (value parsed as YAML) to a raw config tree."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+    node[keys[-1]] = value
+    return tree
+
+
+def build_config(tree: dict) -> RunConfig:
+    """Typed ``RunConfig`` from a raw tree; unknown keys and wrong types are errors."""
+    return _build(RunConfig, tree, "")
+
+
+def load_config(paths: list[str] | tuple = (), overrides: list[str] | tuple = (),
+                world_size: int | None = None) -> RunConfig:
+    """Compose ``paths`` in order, apply ``overrides``, validate; the one way runs get their config."""
+    tree: dict = {}
+    for path in paths:
+        tree = merge(tree, load_yaml(path))
+    for assignment in overrides:
+        tree = apply_override(tree, assignment)
+    return build_config(tree).validate(world_size)
+
+
+def _build(cls, data: Any, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        place = f"section {where!r}" if where else "the top level"
+        raise ConfigError(f"unknown key(s) {', '.join(repr(f'{where}.{k}' if where else k) for k in unknown)} "
+                          f"in {place}; valid keys: {', '.join(sorted(names))}")
+    values = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key)
+        else:
+            values[name] = _coerce(value, hint, key)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a simple type hint; accept YAML's string spelling of floats (3e-4)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {options}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint in (list, dict) or typing.get_origin(hint) in (list, dict):
+        origin = typing.get_origin(hint) or hint
+        if isinstance(value, origin):
+            return value
+    else:
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key} must be {name}, got {value!r} ({type(value).__name__})")

@@ -1,0 +1,66 @@
+"""Turning the configured corpora into per-rank micro-batches (training) and shards (validation).
+
+The datasets come from ``data.builder`` (``data_pipeline.datasets:build_datasets`` unless a test
+plugs in synthetic data); sample ``i`` is the i-th sample of the global training order, so a run
+resumes exactly from ``consumed_samples`` alone.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .config import ConfigError, RunConfig
+
+
+def load_builder(spec: str):
+    module_name, _, function = spec.partition(":")
+    if not function:
+        raise ConfigError(f"data.builder must be 'module:function', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"data.builder {spec!r} cannot be imported: {error}") from None
+
+
+def build_datasets(config: RunConfig):
+    """(train, valid) datasets sized for the whole run."""
+    if not config.data.corpora:
+        raise ConfigError("data.corpora is empty: list at least one prepared corpus directory")
+    t = config.train
+    builder = load_builder(config.data.builder)
+    return builder(list(config.data.corpora), config.data.weights, t.seq_len, t.seed,
+                   t.train_steps * t.global_batch_size, config.eval.num_samples or None, config.data.tokenizer)
+
+
+def _collate(dataset, indices) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(dataset[int(i)], dtype=np.int64) for i in indices]))
+
+
+def train_micro_batches(dataset, consumed_samples: int, micro_batch_size: int, rank: int, world_size: int
+                        ) -> Iterator[torch.Tensor]:
+    """This rank's micro-batches in global order, starting after ``consumed_samples``."""
+    try:
+        from data_pipeline.datasets import DistributedBatchSampler
+    except ImportError:  # data pipeline not installed: the same contiguous per-rank slicing
+        def batches():
+            start = consumed_samples
+            while start + micro_batch_size * world_size <= len(dataset):
+                first = start + rank * micro_batch_size
+                yield list(range(first, first + micro_batch_size))
+                start += micro_batch_size * world_size
+        sampler = batches()
+    else:
+        sampler = DistributedBatchSampler(len(dataset), consumed_samples, micro_batch_size, rank, world_size)
+    for indices in sampler:
+        yield _collate(dataset, indices)
+
+
+def valid_batches(dataset, num_samples: int, micro_batch_size: int, rank: int, world_size: int) -> list[torch.Tensor]:
+    """An equal share of the first ``num_samples`` validation samples for every rank (ZeRO-3 needs
+    every rank to run the same number of forwards), in micro-batches."""
+    per_rank = min(num_samples, len(dataset)) // world_size
+    indices = list(range(rank * per_rank, (rank + 1) * per_rank))
+    return [_collate(dataset, indices[i:i + micro_batch_size]) for i in range(0, len(indices), micro_batch_size)]

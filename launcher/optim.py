@@ -1,0 +1,42 @@
+"""Optimizer parameter groups and the learning-rate schedule (linear warmup, cosine decay)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms, biases and embeddings are excluded (GPT-NeoX convention)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():  # tied weights appear once
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim < 2 or "norm" in name or "embed" in name:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class WarmupCosine:
+    """Multiplier of the peak lr at optimizer step ``step`` (for ``torch.optim.lr_scheduler.LambdaLR``):
+    linear from 1/warmup to 1 over ``warmup_steps``, then cosine down to ``min_ratio`` over
+    ``decay_steps``, then flat."""
+
+    warmup_steps: int
+    decay_steps: int
+    min_ratio: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.decay_steps))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_for(train) -> WarmupCosine:
+    decay = train.decay_steps if train.decay_steps is not None else max(1, train.train_steps - train.warmup_steps)
+    return WarmupCosine(train.warmup_steps, decay, train.min_lr / train.lr)
