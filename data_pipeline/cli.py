@@ -1,0 +1,160 @@
+"""`odegpt tokenizer`, `odegpt prepare` and `odegpt inspect`.
+
+Registered through the ``odegpt.commands`` entry points. This module imports nothing heavy at
+module level (handlers import what they need) so that `odegpt --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+_INPUT_HELP = ("input files, directories or globs (quote globs): .txt/.md/.py (a file is a document), "
+               ".jsonl/.json (field --text-key), .parquet, .gz/.zst compressed text or json, a "
+               "Hugging Face dataset saved with save_to_disk, or 'stdlib' for this Python's "
+               "standard-library sources")
+
+
+def _fmt(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{unit}"
+        n /= 1000
+    return f"{n:.4g}P"
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------
+def register_tokenizer(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tokenizer", help="train a SentencePiece tokenizer (with a Hugging Face twin)",
+        description="Train a SentencePiece BPE/unigram tokenizer with byte fallback and fixed special "
+                    "ids (unk=0 bos=1 eos=2 pad=3) on a bounded, seeded sample of lines from the "
+                    "inputs. OUTPUT gets tokenizer.model, Hugging Face tokenizer files (so "
+                    "AutoTokenizer.from_pretrained(OUTPUT) works) and odegpt_tokenizer.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help=_INPUT_HELP)
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (including 256 byte tokens)")
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="SentencePiece algorithm")
+    p.add_argument("--output", required=True, metavar="DIR", help="tokenizer directory to write")
+    p.add_argument("--max-sentences", type=int, default=2_000_000,
+                   help="lines sampled from the inputs (bounds memory on large corpora)")
+    p.add_argument("--text-key", default="text", help="text field of json/parquet/dataset inputs")
+    p.add_argument("--max-files", type=int, default=None, help="use only the first N input files")
+    p.add_argument("--seed", type=int, default=0, help="seed of the line sample")
+    p.set_defaults(func=run_tokenizer)
+
+
+def run_tokenizer(args) -> int:
+    import time
+
+    from .tokenizer import train_tokenizer
+
+    start = time.time()
+    try:
+        info = train_tokenizer(args.input, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
+                               max_sentences=args.max_sentences, seed=args.seed, text_key=args.text_key,
+                               max_files=args.max_files)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"odegpt tokenizer: error: {error}", file=sys.stderr)
+        return 1
+    print(f"tokenizer  {args.output}")
+    print(f"  model      {info.model_type}, vocab {info.vocab_size}, byte fallback")
+    print(f"  special    unk={info.unk_id} bos={info.bos_id} eos={info.eos_id} pad={info.pad_id}")
+    print(f"  trained on {info.sampled_sentences} sampled lines in {time.time() - start:.1f}s")
+    print(f"  fingerprint {info.fingerprint}")
+    if info.vocab_size != args.vocab_size:
+        print(f"  note: the inputs only supported {info.vocab_size} of the {args.vocab_size} requested pieces")
+    return 0
+
+
+# ---- prepare -----------------------------------------------------------------------------------
+def register_prepare(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prepare", help="tokenize a corpus into memory-mappable shards",
+        description="Tokenize inputs in parallel worker processes into .bin/.idx token shards plus "
+                    "OUTPUT/manifest.json. Streaming (flat memory), resumable (rerun after an "
+                    "interruption to continue) and deterministic (same bytes for any --workers).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help=_INPUT_HELP)
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="directory written by `odegpt tokenizer`")
+    p.add_argument("--output", required=True, metavar="DIR", help="prepared corpus directory")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
+    p.add_argument("--text-key", default="text", help="text field of json/parquet/dataset inputs")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="fraction of documents (seeded hash) written to the validation split")
+    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="training tokens per shard")
+    p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
+                   help="token dtype (auto: uint16 if the vocabulary fits)")
+    p.add_argument("--max-files", type=int, default=None, help="use only the first N input files")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the train/validation assignment")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_prepare)
+
+
+def run_prepare(args) -> int:
+    from .prepare import PrepareConfig, prepare
+
+    cfg = PrepareConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output, workers=args.workers,
+                        text_key=args.text_key, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                        dtype=args.dtype, max_files=args.max_files, seed=args.seed,
+                        progress=not args.no_progress)
+    try:
+        m = prepare(cfg)
+    except (OSError, ValueError) as error:
+        print(f"odegpt prepare: error: {error}", file=sys.stderr)
+        return 1
+    t = m.totals
+    seconds = max(t.get("seconds", 0.0), 1e-9)
+    tokens = t.get("train_tokens", 0) + t.get("val_tokens", 0)
+    print(f"prepared   {args.output}")
+    print(f"  documents  {t['documents']} ({t.get('train_documents', 0)} train, {t.get('val_documents', 0)} val)")
+    print(f"  tokens     {tokens} ({t.get('train_tokens', 0)} train, {t.get('val_tokens', 0)} val), {m.dtype}")
+    print(f"  shards     {t['shards']}")
+    print(f"  skipped    {m.skipped['empty_documents']} empty documents; repaired "
+          f"{m.repaired['documents_with_undecodable_bytes']} documents "
+          f"({m.repaired['replaced_characters']} undecodable bytes replaced)")
+    print(f"  speed      {_fmt(m.inputs['bytes'] / seconds / 1e6)} MB/s, {_fmt(tokens / seconds)} tokens/s "
+          f"({seconds:.1f}s, {args.workers} workers)")
+    return 0
+
+
+# ---- inspect -----------------------------------------------------------------------------------
+def register_inspect(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="summarise a prepared corpus and verify its shards",
+        description="Print a prepared corpus's documents, tokens, shards and tokenizer, then verify "
+                    "every shard's size, offsets and checksum against the manifest. Exits 1 on any "
+                    "mismatch, naming the shard.")
+    p.add_argument("directory", metavar="DIR", help="prepared corpus directory")
+    p.add_argument("--no-verify", action="store_true", help="skip checksum verification (sizes still checked)")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args) -> int:
+    from .manifest import Manifest
+    from .shards import ShardError, verify_corpus
+
+    try:
+        m = Manifest.load(args.directory)
+    except (OSError, ValueError) as error:
+        print(f"odegpt inspect: error: {error}", file=sys.stderr)
+        return 1
+    tok = m.tokenizer
+    print(f"corpus     {args.directory} (format {m.format_version})")
+    print(f"  inputs     {' '.join(m.inputs.get('patterns', []))} ({m.inputs.get('files')} files, "
+          f"{_fmt(m.inputs.get('bytes', 0))}B)")
+    print(f"  tokenizer  {tok.get('path')} ({tok.get('model_type')}, vocab {tok['vocab_size']}, "
+          f"eos {tok['eos_id']}, fingerprint {tok['fingerprint']})")
+    print(f"  documents  {m.totals.get('documents')} (train {m.split_documents('train')}, "
+          f"val {m.split_documents('val')})")
+    print(f"  tokens     train {m.split_tokens('train')}, val {m.split_tokens('val')} ({m.dtype})")
+    print(f"  shards     {len(m.shards)}")
+    print(f"  skipped    {m.skipped}")
+    print(f"  repaired   {m.repaired}")
+    try:
+        verify_corpus(args.directory, m, checksum=not args.no_verify)
+    except ShardError as error:
+        print(f"odegpt inspect: error: {error}", file=sys.stderr)
+        return 1
+    files = sum(len(s.splits) for s in m.shards)
+    print(f"  verified   {files} shard files: sizes, offsets{'' if args.no_verify else ' and checksums'} OK")
+    return 0
