@@ -10,9 +10,10 @@
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
 from .configuration_odegpt import OdeGPTConfig
@@ -21,21 +22,27 @@ from .solver import plan_solve
 
 # Block weights that multiply a residual branch's output: where a step's dt is folded in.
 _BRANCH_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+# A tokenizer travels with its model folder: the Hugging Face files, the SentencePiece model and
+# odegpt's record of special ids and fingerprint (data_pipeline writes them all).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "odegpt_tokenizer.json")
 
 
-def _copy_tokenizer(source: str | Path | None, output_dir: Path) -> bool:
-    if source is None or not any((Path(source) / name).exists() for name in TOKENIZER_FILES):
-        return False
-    AutoTokenizer.from_pretrained(source).save_pretrained(output_dir)
-    return True
+def copy_tokenizer(source: str | Path | None, output_dir: str | Path) -> list[str]:
+    """Copy the tokenizer files found in ``source`` into ``output_dir``; return their names."""
+    if source is None or Path(source).resolve() == Path(output_dir).resolve():
+        return []
+    copied = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(source) / name, Path(output_dir) / name)
+    return copied
 
 
 def save_native(model: OdeGPTForCausalLM, output_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Write a self-contained Hugging Face folder (safetensors + modeling code via auto_map)."""
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
-    _copy_tokenizer(tokenizer_dir, output_dir)
+    copy_tokenizer(tokenizer_dir, output_dir)
     return output_dir
 
 
@@ -88,7 +95,7 @@ def save_unrolled(
 ) -> Path:
     output_dir = Path(output_dir)
     unroll_to_llama(model, step_size).save_pretrained(output_dir)
-    _copy_tokenizer(tokenizer_dir, output_dir)
+    copy_tokenizer(tokenizer_dir, output_dir)
     return output_dir
 
 
