@@ -158,18 +158,21 @@ def write_hf_tokenizer(directory: str | os.PathLike) -> None:
     are split like plain text (``split_special_tokens``), as SentencePiece does: a literal "</s>"
     in a document is text, never an EOS.
     """
-    from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter, generate_merges
 
     model = str(Path(directory, MODEL_FILE))
-    extractor = SentencePieceExtractor(model)
-    proto = extractor.proto
+    proto = SentencePieceExtractor(model).proto
+    # SentencePiece never matches control, unknown or byte pieces ("</s>", "<0x41>") against
+    # text; keep the HF model from doing so: no BPE merges build them, and unigram scores
+    # make them unreachable whenever any normal segmentation exists.
+    not_text = {p.piece for p in proto.pieces if p.type in (2, 3, 6)}
     if proto.trainer_spec.model_type == 2:  # BPE
-        kwargs = extractor.extract(BPE)
-        backend = SpmConverter.build_tokenizer_from_spm_proto(proto, kwargs["vocab"], kwargs["merges"])
+        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+        merges = generate_merges(vocab, None, skip_tokens=not_text)
+        backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, merges)
     else:
-        vocab = [(p.piece, p.score) for p in proto.pieces]
+        vocab = [(p.piece, -1e9 if p.piece in not_text else p.score) for p in proto.pieces]
         backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
     backend.encode_special_tokens = True
     hf = PreTrainedTokenizerFast(
