@@ -1,0 +1,186 @@
+"""Multi-process launcher tests: exact resume under ZeRO 1-3 on 2 ranks, conversion, preemption,
+non-finite losses and a killed rank. Tiny model, a few steps, synthetic data (defined here)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+PYTHON = sys.executable
+TIMEOUT = 300  # hang guard only
+
+
+class SyntheticTokens:
+    """Arithmetic token sequences: learnable, deterministic in (seed, index)."""
+
+    def __init__(self, num_samples: int, seq_len: int, vocab: int, seed: int) -> None:
+        self.num_samples, self.seq_len, self.vocab, self.seed = num_samples, seq_len, vocab, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, index])
+        start, stride = rng.integers(0, self.vocab), rng.integers(1, 5)
+        return ((start + stride * np.arange(self.seq_len + 1)) % self.vocab).astype(np.int64)
+
+
+def build_synthetic(corpora, weights, seq_len, seed, num_train_samples, num_valid_samples=None, tokenizer_dir=None):
+    return (SyntheticTokens(num_train_samples, seq_len, 64, seed),
+            SyntheticTokens(num_valid_samples or 0, seq_len, 64, seed + 1))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _overrides(output_dir: Path, **extra) -> list[str]:
+    values = {"data.builder": "test_launcher_train:build_synthetic", "data.corpora": "[synthetic]",
+              "data.tokenizer": "null", "run.output_dir": str(output_dir), "model.vocab_size": 64,
+              "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_attention_heads": 2,
+              "model.segments": "[{depth: 2, shared: true}]", "train.seq_len": 16, "train.micro_batch_size": 2,
+              "train.global_batch_size": 4, "train.train_steps": 4, "train.warmup_steps": 1,
+              "train.step_size": "{choices: [0.5, 1, 2]}", "eval.interval": 2, "eval.num_samples": 4,
+              "eval.step_sizes": "[1, 2]", "checkpoint.interval": 2, "checkpoint.keep_last": 2,
+              "logging.progress_bar": "false", **extra}
+    return [f"--set={key}={value}" for key, value in values.items()]
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS_DIR), "DS_ACCELERATOR": "cpu", **extra}
+
+
+def _launch(output_dir: Path, ranks: int = 2, env: dict | None = None, **extra) -> subprocess.CompletedProcess:
+    cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", str(ranks), "--master-port", str(_free_port()),
+           "--config", "quickstart", *_overrides(output_dir, **extra)]
+    return subprocess.run(cmd, env=env or _env(), cwd=output_dir.parent, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+def _plain(output_dir: Path, env: dict | None = None, **extra) -> subprocess.Popen:
+    cmd = [PYTHON, "-m", "launcher.train", "--config", "quickstart", *_overrides(output_dir, **extra)]
+    return subprocess.Popen(cmd, env=env or _env(), cwd=output_dir.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _train_metrics(output_dir: Path) -> dict[int, dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == "train"}
+
+
+def _valid_metrics(output_dir: Path) -> dict[int, dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == "valid"}
+
+
+def _check(result) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_is_bit_exact_and_converts(tmp_path, stage):
+    """4 steps straight == 2 steps, new processes resume from the checkpoint, 2 more (fp32, 2 ranks)."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _check(_launch(full, **{"deepspeed.zero_stage": stage}))
+    checkpoints = full / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert (checkpoints / "latest").read_text() == "step_00000004"
+    assert list((full / "tensorboard").glob("events.out.tfevents.*"))
+
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoints / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    _check(_launch(resumed, **{"deepspeed.zero_stage": stage}))
+    a, b = _train_metrics(full), _train_metrics(resumed)
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "step_size", "lr", "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
+    assert _valid_metrics(full)[4] == _valid_metrics(resumed)[4]
+
+    # The converted model reproduces the run's final validation perplexity.
+    import torch
+
+    from launcher.convert import convert
+    from odegpt import OdeGPTForCausalLM
+    from odegpt.evaluation import evaluate_perplexity
+
+    folder = convert(checkpoints, tmp_path / "model")
+    model = OdeGPTForCausalLM.from_pretrained(folder)
+    valid = SyntheticTokens(4, 16, 64, 1234 + 1)
+    # The run split 4 samples over 2 ranks in micro-batches of 2: the same 4 samples.
+    ppl = evaluate_perplexity(model, [torch.from_numpy(np.stack([valid[i] for i in range(4)]))], [1.0, 2.0])
+    logged = _valid_metrics(full)[4]
+    assert ppl[1.0] == pytest.approx(logged["ppl_a1"], rel=1e-5)
+    assert ppl[2.0] == pytest.approx(logged["ppl_a2"], rel=1e-5)
+
+
+def _wait_for_step(output_dir: Path, process: subprocess.Popen, step: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"training ended early: {process.communicate()[1][-3000:]}")
+        try:
+            if max(_train_metrics(output_dir), default=0) >= step:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("training made no progress")
+
+
+def test_plain_process_stage0_sigterm_saves_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    process = _plain(run, **{"deepspeed.zero_stage": 0, "train.train_steps": 100000,
+                             "checkpoint.interval": 0, "eval.interval": 0})
+    _wait_for_step(run, process, 2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "stopping on SIGTERM" in stderr
+    from launcher.checkpointing import latest_complete_tag, step_of
+
+    tag = latest_complete_tag(run / "checkpoints")
+    stopped_at = step_of(tag)
+    assert stopped_at == max(_train_metrics(run))
+
+    # Stage 0 converts through its own path.
+    from launcher.convert import convert
+
+    assert (convert(run / "checkpoints", tmp_path / "model") / "model.safetensors").is_file()
+
+    # Resume continues from the saved step with a shorter horizon.
+    process = _plain(run, **{"deepspeed.zero_stage": 0, "train.train_steps": stopped_at + 1,
+                             "checkpoint.interval": 0, "eval.interval": 0})
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / tag}" in stderr
+    assert latest_complete_tag(run / "checkpoints") == f"step_{stopped_at + 1:08d}"
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    env = _env(ODEGPT_FAULT_NONFINITE_STEPS="2,3,4")  # optimizer steps 3, 4, 5 (1-based)
+    process = _plain(run, env=env, **{"train.train_steps": 10, "train.max_nonfinite_steps": 3})
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 3, stderr[-3000:]
+    assert "loss was not finite for 3 optimizer steps in a row" in stderr
+    from launcher.checkpointing import complete_tags
+
+    assert complete_tags(run / "checkpoints") == ["step_00000002"]  # step 4 had a NaN loss: not saved
+
+
+def test_killed_rank_fails_the_job(tmp_path):
+    result = _launch(tmp_path / "run", env=_env(ODEGPT_FAULT_KILL="1:2"), **{"train.train_steps": 10})
+    assert result.returncode != 0
