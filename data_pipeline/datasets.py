@@ -266,7 +266,9 @@ def _build_split(corpora: list[str], manifests: list[Manifest], weights: np.ndar
         ckey = _corpus_key(m)
         name = f"shuffle-{_key(ckey, split, seq_len, seed, int(n), shuffle)}.npy"
         corpus_seed = int(ckey[:8], 16)
-        if shuffle:
+        if n == 0:
+            order = np.zeros(0, np.int64)
+        elif shuffle:
             order = cached_array(cache / name, lambda tmp: build_shuffle_index(tmp, epoch, int(n), seed, corpus_seed))
         else:
             order = np.arange(int(n), dtype=np.int64) % epoch

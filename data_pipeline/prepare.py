@@ -13,7 +13,8 @@ How it works, and why each property holds:
 * A shard is written to ``*.tmp`` files, renamed, then its completion record
   ``.parts/NNNNN.json`` is written (atomically); the manifest is written last. A rerun keeps
   every recorded shard, deletes anything newer or half-written, skips the chunks those shards
-  cover (reading them but not tokenizing them) and carries on.
+  cover (reading them but not tokenizing them) and carries on. Shards left by an unfinished run
+  with *different* settings are discarded; a finished corpus with different settings is an error.
 """
 from __future__ import annotations
 

@@ -306,6 +306,9 @@ def test_blending_has_exact_proportions(corpus, tok_dir, tmp_path):
     prefix = np.cumsum(corpus_of == 1)
     assert np.abs(prefix - 0.3 * np.arange(1, n + 1)).max() <= 1.0  # every prefix holds its share
     assert np.array_equal(blend_counts(np.array([1 / 3, 1 / 3, 1 / 3]), 100), [34, 33, 33])
+    only_first, _ = build_datasets([str(corpus), str(second)], [1, 0], 32, seed=1, num_train_samples=50,
+                                   num_valid_samples=0)
+    assert {only_first.locate(i)[0] for i in range(50)} == {0}
     s2 = TokenStream(second)
     i = int(np.flatnonzero(corpus_of == 1)[0])
     assert np.array_equal(train[i], s2.read(train.locate(i)[1] * 32, 33))
