@@ -53,6 +53,7 @@ def register_launch(subparsers) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment variable for every rank (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the command and environment, run nothing")
+    parser.add_argument("--quiet", action="store_true", help="deepspeed launcher logs errors only")
     parser.set_defaults(func=_launch)
 
 
@@ -62,7 +63,8 @@ def _launch(args) -> int:
     spec = LaunchSpec(configs=args.config, overrides=args.overrides, resume=args.resume, hostfile=args.hostfile,
                       num_nodes=args.num_nodes, num_gpus=args.num_gpus, launcher=args.launcher,
                       launcher_args=args.launcher_args, no_ssh=args.no_ssh, node_rank=args.node_rank,
-                      master_addr=args.master_addr, master_port=args.master_port, env=args.env)
+                      master_addr=args.master_addr, master_port=args.master_port, env=args.env,
+                      quiet=args.quiet)
     return run(spec, dry_run=args.dry_run)
 
 
@@ -98,6 +100,8 @@ def register_plan(subparsers) -> None:
     parser.add_argument("--gpu-tflops", type=float, default=312.0,
                         help="peak dense TFLOP/s per GPU (default: %(default)s, A100 bf16)")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default: %(default)s)")
+    parser.add_argument("--all-models", action="store_true",
+                        help="one table row per model preset in configs/model (125M to 13B), each merged with --config")
     parser.set_defaults(func=_plan)
 
 

@@ -32,7 +32,7 @@ def build_datasets(config: RunConfig):
     t = config.train
     builder = load_builder(config.data.builder)
     return builder(list(config.data.corpora), config.data.weights, t.seq_len, t.seed,
-                   t.train_steps * t.global_batch_size, config.eval.num_samples or None, config.data.tokenizer)
+                   t.train_steps * t.global_batch_size, config.eval.num_samples, config.data.tokenizer)
 
 
 def _collate(dataset, indices) -> torch.Tensor:
@@ -42,18 +42,9 @@ def _collate(dataset, indices) -> torch.Tensor:
 def train_micro_batches(dataset, consumed_samples: int, micro_batch_size: int, rank: int, world_size: int
                         ) -> Iterator[torch.Tensor]:
     """This rank's micro-batches in global order, starting after ``consumed_samples``."""
-    try:
-        from data_pipeline.datasets import DistributedBatchSampler
-    except ImportError:  # data pipeline not installed: the same contiguous per-rank slicing
-        def batches():
-            start = consumed_samples
-            while start + micro_batch_size * world_size <= len(dataset):
-                first = start + rank * micro_batch_size
-                yield list(range(first, first + micro_batch_size))
-                start += micro_batch_size * world_size
-        sampler = batches()
-    else:
-        sampler = DistributedBatchSampler(len(dataset), consumed_samples, micro_batch_size, rank, world_size)
+    from data_pipeline.datasets import DistributedBatchSampler
+
+    sampler = DistributedBatchSampler(len(dataset), consumed_samples, micro_batch_size, rank, world_size)
     for indices in sampler:
         yield _collate(dataset, indices)
 

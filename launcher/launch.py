@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class LaunchSpec:
     master_addr: str | None = None
     master_port: int = 29500
     env: list[str] = field(default_factory=list)  # extra KEY=VALUE for every rank
+    quiet: bool = False  # deepspeed launcher logs errors only
 
 
 def read_hostfile(path: str) -> dict[str, int]:
@@ -97,6 +99,8 @@ def build_command(spec: LaunchSpec) -> list[str]:
             cmd += ["--launcher_args", spec.launcher_args]
     if spec.master_addr:
         cmd += ["--master_addr", spec.master_addr]
+    if spec.quiet:
+        cmd += ["--log_level", "error"]
     cmd += ["--master_port", str(spec.master_port), "--module", "launcher.train", "--config", *spec.configs]
     for assignment in spec.overrides:
         cmd += ["--set", assignment]
@@ -130,4 +134,20 @@ def run(spec: LaunchSpec, dry_run: bool = False) -> int:
     repo_root = str(Path(__file__).resolve().parent.parent)
     process_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p)
     print("odegpt launch: " + shlex.join(cmd), file=sys.stderr, flush=True)
-    return subprocess.call(cmd, env=process_env)
+    # The launcher tree gets its own process group, and SIGTERM/SIGINT (preemption, Ctrl-C) are
+    # delivered to all of it at once: every rank sees the signal itself, checkpoints and exits 0.
+    # (DeepSpeed's launcher then reports 1 for having been signalled, whatever the ranks did.)
+    process = subprocess.Popen(cmd, env=process_env, start_new_session=True)
+
+    def forward(signum, frame):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

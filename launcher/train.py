@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 
@@ -80,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"odegpt train: config error: {error}", file=sys.stderr)
         return 2
     _prepare_environment()
+    # DeepSpeed's ZeRO-2 still calls torch's deprecated all_gather_into_tensor: one warning per call.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
     import deepspeed
     import torch
