@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     stages.run(odegpt + ["export", "--model", str(model_dir), "--output", str(unrolled_dir), "--unroll",
                          "--step-size", "2"])
 
-    stages.begin("generate with the KV cache at a=1")
+    stages.begin("generate with the KV cache at a=1 (sampled, temperature 0.8)")
     sample = stages.run(odegpt + ["generate", "--model", str(native_dir), "--prompt", args.prompt, "--step-size", "1",
+                                  "--temperature", "0.8", "--top-k", "40", "--seed", "0",
                                   "--max-new-tokens", "48"], capture=True, env=env)
     print(sample.rstrip())
 
