@@ -112,7 +112,7 @@ class DeepSpeedSection:
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_param: bool = False  # ZeRO-3 only
-    overlap_comm: bool = True
+    overlap_comm: bool | None = None  # None = on GPU only (on CPU it only costs: ~3x slower ZeRO-2 steps)
     contiguous_gradients: bool = True
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000
@@ -250,7 +250,8 @@ class RunConfig:
         zero: dict[str, Any] = {"stage": z.zero_stage}
         if z.zero_stage >= 1:
             zero.update(reduce_bucket_size=z.reduce_bucket_size, allgather_bucket_size=z.allgather_bucket_size,
-                        overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients)
+                        overlap_comm=(device_type == "cuda") if z.overlap_comm is None else z.overlap_comm,
+                        contiguous_gradients=z.contiguous_gradients)
         if z.zero_stage == 3:
             zero.pop("allgather_bucket_size")
             zero.update(stage3_prefetch_bucket_size=z.stage3_prefetch_bucket_size,

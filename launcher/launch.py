@@ -108,6 +108,11 @@ def build_command(spec: LaunchSpec) -> list[str]:
     return cmd
 
 
+def _is_rank(cmdline: list[str]) -> bool:
+    """A training rank runs ``python -m launcher.train`` (the launchers only mention the module)."""
+    return any(a == "-m" and b == "launcher.train" for a, b in zip(cmdline, cmdline[1:]))
+
+
 def run(spec: LaunchSpec, dry_run: bool = False) -> int:
     from .config import ConfigError, load_config
 
@@ -134,15 +139,21 @@ def run(spec: LaunchSpec, dry_run: bool = False) -> int:
     repo_root = str(Path(__file__).resolve().parent.parent)
     process_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p)
     print("odegpt launch: " + shlex.join(cmd), file=sys.stderr, flush=True)
-    # The launcher tree gets its own process group, and SIGTERM/SIGINT (preemption, Ctrl-C) are
-    # delivered to all of it at once: every rank sees the signal itself, checkpoints and exits 0.
-    # (DeepSpeed's launcher then reports 1 for having been signalled, whatever the ranks did.)
+    # The launcher tree gets its own session, and SIGTERM/SIGINT (preemption, Ctrl-C) go straight to
+    # the training ranks started here: each checkpoints and exits 0, so DeepSpeed's launcher, which
+    # would kill them on a signal of its own, sees clean exits. Ranks on other nodes (pdsh etc.) are
+    # reached through the runner, which passes signals on to its backend.
     process = subprocess.Popen(cmd, env=process_env, start_new_session=True)
 
     def forward(signum, frame):
+        import psutil
+
         try:
-            os.killpg(process.pid, signum)
-        except ProcessLookupError:
+            ranks = [child for child in psutil.Process(process.pid).children(recursive=True)
+                     if _is_rank(child.cmdline())]
+            for target in ranks or [psutil.Process(process.pid)]:
+                target.send_signal(signum)
+        except psutil.Error:
             pass
 
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}

@@ -184,3 +184,24 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pat
 def test_killed_rank_fails_the_job(tmp_path):
     result = _launch(tmp_path / "run", env=_env(ODEGPT_FAULT_KILL="1:2"), **{"train.train_steps": 10})
     assert result.returncode != 0
+
+
+def test_sigint_to_launch_checkpoints_every_rank_and_exits_zero(tmp_path):
+    """Ctrl-C on `odegpt launch` (2 ranks, ZeRO-3, activation checkpointing): all ranks save, exit 0."""
+    run = tmp_path / "run"
+    cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", "2", "--master-port", str(_free_port()), "--config",
+           "quickstart", *_overrides(run, **{"deepspeed.zero_stage": 3, "train.activation_checkpointing": "true",
+                                             "train.train_steps": 100000, "checkpoint.interval": 0,
+                                             "eval.interval": 0})]
+    process = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    _wait_for_step(run, process, 2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, stderr[-3000:]
+    from launcher.checkpointing import latest_complete_tag, step_of
+
+    tag = latest_complete_tag(run / "checkpoints")
+    assert step_of(tag) == max(_train_metrics(run))
+    assert sorted(p.name for p in (run / "checkpoints" / tag).glob("rng_state_rank*.pt")) == [
+        "rng_state_rank00000.pt", "rng_state_rank00001.pt"]
