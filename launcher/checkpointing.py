@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import faults
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TAG_PREFIX = "step_"
@@ -99,6 +101,7 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict, keep_last:
     dist.barrier()
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), tag_dir / f"rng_state_rank{rank:05d}.pt")
+    faults.maybe_kill(rank, step, "ODEGPT_FAULT_KILL_IN_SAVE")
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
         _write_atomically(tag_dir / COMPLETE, f"{step}\n")

@@ -62,9 +62,10 @@ def inject_nonfinite(step: int) -> bool:
     return step in _steps("ODEGPT_FAULT_NONFINITE_STEPS")
 
 
-def maybe_kill(rank: int, step: int) -> None:
-    """ODEGPT_FAULT_KILL=RANK:STEP: that rank dies (SIGKILL) when it reaches that optimizer step."""
-    spec = os.environ.get("ODEGPT_FAULT_KILL")
+def maybe_kill(rank: int, step: int, variable: str = "ODEGPT_FAULT_KILL") -> None:
+    """ODEGPT_FAULT_KILL=RANK:STEP: that rank dies (SIGKILL) when it reaches that optimizer step;
+    ODEGPT_FAULT_KILL_IN_SAVE=RANK:STEP: it dies in the middle of that step's checkpoint."""
+    spec = os.environ.get(variable)
     if spec:
         kill_rank, kill_step = (int(x) for x in spec.split(":"))
         if (rank, step) == (kill_rank, kill_step):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 # Variables every rank needs; copied from this environment when set (DS_ACCELERATOR is derived).
 PROPAGATED_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                  "TOKENIZERS_PARALLELISM", "ODEGPT_FAULT_NONFINITE_STEPS", "ODEGPT_FAULT_KILL")
+                  "TOKENIZERS_PARALLELISM", "ODEGPT_FAULT_NONFINITE_STEPS", "ODEGPT_FAULT_KILL",
+                  "ODEGPT_FAULT_KILL_IN_SAVE")
 
 
 @dataclass

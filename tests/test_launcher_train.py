@@ -181,9 +181,20 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pat
     assert complete_tags(run / "checkpoints") == ["step_00000002"]  # step 4 had a NaN loss: not saved
 
 
-def test_killed_rank_fails_the_job(tmp_path):
-    result = _launch(tmp_path / "run", env=_env(ODEGPT_FAULT_KILL="1:2"), **{"train.train_steps": 10})
-    assert result.returncode != 0
+def test_rank_killed_during_a_save_fails_the_job_and_the_previous_checkpoint_resumes(tmp_path):
+    run = tmp_path / "run"
+    result = _launch(run, env=_env(ODEGPT_FAULT_KILL_IN_SAVE="1:4"))  # rank 1 dies while saving step 4
+    assert result.returncode != 0  # the surviving rank does not hang: the launcher ends the job
+    from launcher.checkpointing import complete_tags
+
+    assert (run / "checkpoints" / "step_00000004").is_dir()  # half-written ...
+    assert complete_tags(run / "checkpoints") == ["step_00000002"]  # ... and ignored
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000002"
+
+    result = _launch(run)  # --resume auto
+    _check(result)
+    assert "resumed from" in result.stderr and "step_00000002" in result.stderr
+    assert complete_tags(run / "checkpoints") == ["step_00000002", "step_00000004"]
 
 
 def test_sigint_to_launch_checkpoints_every_rank_and_exits_zero(tmp_path):
