@@ -12,7 +12,6 @@ checkpointing is on. All numbers are estimates for bf16 mixed precision on GPUs.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -153,7 +153,7 @@ def _train(config, args, rank: int, world_size: int, device_type: str) -> int:
     sampler = StepSizeSampler(StepSizeDistribution.from_dict(t.step_size), t.seed)
 
     # ---- resume ----
-    step, consumed_samples, guard_streak = 0, 0, 0
+    step, consumed_samples = 0, 0
     resume = checkpointing.resolve_resume(args.resume, checkpoint_dir)
     if resume is not None:
         client = checkpointing.load(engine, *resume)["odegpt"]
@@ -210,7 +210,7 @@ def _train(config, args, rank: int, world_size: int, device_type: str) -> int:
         _log(rank, f"step {step}: saved checkpoint {path}")
 
     stop = faults.StopRequest().install()
-    guard = faults.NonFiniteGuard(t.max_nonfinite_steps, guard_streak)
+    guard = faults.NonFiniteGuard(t.max_nonfinite_steps)
     batches = data.train_micro_batches(train_ds, consumed_samples, t.micro_batch_size, rank, world_size)
     tokens_per_step = t.global_batch_size * t.seq_len
     peak = peak_flops(config, device_type) * world_size
