@@ -101,7 +101,7 @@ class CheckpointSection:
 class LoggingSection:
     interval: int = 10
     tensorboard: bool = True
-    peak_tflops_per_device: float | None = None  # for MFU; None = 312 on GPU (A100 bf16), 0.1 on CPU
+    peak_tflops_per_device: float | None = None  # for MFU; None = 312 on GPU (A100 bf16), 0.1 per CPU thread
     progress_bar: bool = True
 
 

@@ -64,9 +64,13 @@ def _log(rank: int, message: str) -> None:
 
 
 def peak_flops(config, device_type: str) -> float:
+    """Peak FLOP/s of one rank's device for MFU: configured, else an A100's bf16 312 TFLOP/s on GPU,
+    or 100 GFLOP/s per thread on CPU (an AVX2 core: 2 FMA units x 8 fp32 lanes x 2 x ~3 GHz)."""
+    import torch
+
     tflops = config.logging.peak_tflops_per_device
     if tflops is None:
-        tflops = 312.0 if device_type == "cuda" else 0.1
+        tflops = 312.0 if device_type == "cuda" else 0.1 * torch.get_num_threads()
     return tflops * 1e12
 
 
@@ -146,7 +150,9 @@ def _train(config, args, rank: int, world_size: int, device_type: str) -> int:
     ds_config = config.to_deepspeed_config(world_size, device_type)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
-        lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule))
+        # A plain function, so the schedule is not restored from a checkpoint: after a resume the
+        # configured schedule (perhaps with a new train.train_steps) applies from the saved step on.
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda index: schedule(index)))
     grad_accum = config.gradient_accumulation_steps(world_size)
 
     train_ds, valid_ds = data.build_datasets(config)
