@@ -32,7 +32,9 @@ def build_datasets(config: RunConfig):
     t = config.train
     builder = load_builder(config.data.builder)
     return builder(list(config.data.corpora), config.data.weights, t.seq_len, t.seed,
-                   t.train_steps * t.global_batch_size, config.eval.num_samples, config.data.tokenizer)
+                   t.train_steps * t.global_batch_size,
+                   # None: the whole validation split, unshuffled, from which valid_batches picks
+                   None if config.eval.num_samples else 0, config.data.tokenizer)
 
 
 def _collate(dataset, indices) -> torch.Tensor:
@@ -50,8 +52,12 @@ def train_micro_batches(dataset, consumed_samples: int, micro_batch_size: int, r
 
 
 def valid_batches(dataset, num_samples: int, micro_batch_size: int, rank: int, world_size: int) -> list[torch.Tensor]:
-    """An equal share of the first ``num_samples`` validation samples for every rank (ZeRO-3 needs
-    every rank to run the same number of forwards), in micro-batches."""
-    per_rank = min(num_samples, len(dataset)) // world_size
-    indices = list(range(rank * per_rank, (rank + 1) * per_rank))
+    """This rank's micro-batches of the ``num_samples`` evaluation samples (spread evenly over the
+    validation split, as ``odegpt evaluate`` picks them). Every rank gets the same number: ZeRO-3
+    needs every rank to run the same forwards."""
+    from odegpt.evaluation import evaluation_indices
+
+    chosen = evaluation_indices(len(dataset), num_samples)
+    per_rank = len(chosen) // world_size
+    indices = chosen[rank * per_rank:(rank + 1) * per_rank]
     return [_collate(dataset, indices[i:i + micro_batch_size]) for i in range(0, len(indices), micro_batch_size)]

@@ -191,14 +191,16 @@ def _train(config, args, rank: int, world_size: int, device_type: str) -> int:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     writer.add_scalar(f"{kind}/{key}", value, step)
 
+    device = engine.device
     eval_micro = config.eval.micro_batch_size or t.micro_batch_size
-    eval_batches = data.valid_batches(valid_ds, config.eval.num_samples, eval_micro, rank, world_size) \
+    eval_batches = [batch.to(device) for batch in
+                    data.valid_batches(valid_ds, config.eval.num_samples, eval_micro, rank, world_size)] \
         if valid_ds is not None and config.eval.num_samples else []
 
     def evaluate() -> dict[float, float]:
         sums = nll_sums(engine.module, eval_batches, config.eval_step_sizes)
-        totals = torch.tensor([[s, n] for s, n in sums.values()], dtype=torch.float64)
-        dist.all_reduce(totals)
+        totals = torch.tensor([[s, n] for s, n in sums.values()], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)  # NCCL needs device tensors; gloo takes CPU ones
         result = {a: perplexity(float(s), int(n)) for a, (s, n) in zip(sums, totals.tolist())}
         record("valid", {f"ppl_a{a:g}": p for a, p in result.items()})
         _log(rank, f"step {step}: validation perplexity " +
@@ -223,36 +225,34 @@ def _train(config, args, rank: int, world_size: int, device_type: str) -> int:
     costs: dict[float, object] = {}
     progress = tqdm(total=t.train_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                     disable=rank != 0 or not config.logging.progress_bar, file=sys.stderr)
-    device = engine.device
     _log(rank, f"training {num_parameters:,} parameters on {world_size} rank(s), "
                f"ZeRO-{config.deepspeed.zero_stage}, {config.precision_for(device_type)}, "
                f"{grad_accum} micro-batch(es) of {t.micro_batch_size} per rank per step")
     exit_code = 0
-    last_time = time.perf_counter()
     try:
         while step < t.train_steps:
+            step_start = time.perf_counter()
             a = sampler.sample(step)
             faults.maybe_kill(rank, step)
             engine.train()
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for _ in range(grad_accum):
                 tokens = next(batches).to(device)
                 loss = language_model_loss(engine, tokens, a, t.consistency_weight)
                 if faults.inject_nonfinite(step):
                     loss = loss * float("nan")
-                loss_sum += loss.detach().double().cpu()
+                loss_sum += loss.detach().double()
                 # A non-finite micro-batch back-propagates zero instead (collectives stay aligned).
                 engine.backward(torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)))
                 engine.step()
-            reduced = torch.stack([loss_sum / grad_accum, torch.tensor(float(stop.requested), dtype=torch.float64)])
+            reduced = torch.stack([loss_sum / grad_accum,
+                                   torch.tensor(float(stop.requested), dtype=torch.float64, device=device)])
             dist.all_reduce(reduced)
             step_loss, stop_now = reduced[0].item() / world_size, reduced[1].item() > 0
             step += 1
             consumed_samples += t.global_batch_size
 
-            now = time.perf_counter()
-            tokens_per_s = tokens_per_step / max(now - last_time, 1e-9)
-            last_time = now
+            tokens_per_s = tokens_per_step / max(time.perf_counter() - step_start, 1e-9)  # excludes eval/saves
             if a not in costs:
                 costs[a] = model_cost(model_config, step_size=a, seq_len=t.seq_len)
             grad_norm = engine.get_global_grad_norm()

@@ -33,6 +33,14 @@ def nll_sums(model: torch.nn.Module, batches: Iterable[torch.Tensor], step_sizes
     return {a: (total, count) for a, (total, count) in sums.items()}
 
 
+def evaluation_indices(total: int, num_samples: int | None) -> list[int]:
+    """``num_samples`` indices spread evenly over a validation set of ``total`` samples (all if None):
+    a fixed, seed-independent subset, shared by training-time and offline evaluation."""
+    if num_samples is None or num_samples >= total:
+        return list(range(total))
+    return [index * total // num_samples for index in range(num_samples)]
+
+
 def perplexity(nll_sum: float, num_tokens: int) -> float:
     """exp of the token-weighted mean NLL (inf if it overflows, nan without tokens)."""
     if num_tokens == 0:

@@ -36,8 +36,8 @@ class SyntheticTokens:
 
 
 def build_synthetic(corpora, weights, seq_len, seed, num_train_samples, num_valid_samples=None, tokenizer_dir=None):
-    return (SyntheticTokens(num_train_samples, seq_len, 64, seed),
-            SyntheticTokens(num_valid_samples or 0, seq_len, 64, seed + 1))
+    valid = 64 if num_valid_samples is None else num_valid_samples  # None: "the whole split"
+    return SyntheticTokens(num_train_samples, seq_len, 64, seed), SyntheticTokens(valid, seq_len, 64, seed + 1)
 
 
 def _free_port() -> int:
@@ -118,9 +118,12 @@ def test_resume_is_bit_exact_and_converts(tmp_path, stage):
 
     folder = convert(checkpoints, tmp_path / "model")
     model = OdeGPTForCausalLM.from_pretrained(folder)
-    valid = SyntheticTokens(4, 16, 64, 1234 + 1)
-    # The run split 4 samples over 2 ranks in micro-batches of 2: the same 4 samples.
-    ppl = evaluate_perplexity(model, [torch.from_numpy(np.stack([valid[i] for i in range(4)]))], [1.0, 2.0])
+    from odegpt.evaluation import evaluation_indices
+
+    valid = SyntheticTokens(64, 16, 64, 1234 + 1)
+    # The run split the same 4 evenly spread samples over 2 ranks in micro-batches of 2.
+    batch = torch.from_numpy(np.stack([valid[i] for i in evaluation_indices(64, 4)]))
+    ppl = evaluate_perplexity(model, [batch], [1.0, 2.0])
     logged = _valid_metrics(full)[4]
     assert ppl[1.0] == pytest.approx(logged["ppl_a1"], rel=1e-5)
     assert ppl[2.0] == pytest.approx(logged["ppl_a2"], rel=1e-5)
@@ -216,3 +219,35 @@ def test_sigint_to_launch_checkpoints_every_rank_and_exits_zero(tmp_path):
     assert step_of(tag) == max(_train_metrics(run))
     assert sorted(p.name for p in (run / "checkpoints" / tag).glob("rng_state_rank*.pt")) == [
         "rng_state_rank00000.pt", "rng_state_rank00001.pt"]
+
+
+def test_real_corpus_trains_converts_with_tokenizer_and_evaluates(tmp_path):
+    """The data pipeline end to end: stdlib tokenizer + prepared shards -> 3 steps -> convert -> evaluate."""
+    from data_pipeline.prepare import PrepareConfig, prepare
+    from data_pipeline.tokenizer import train_tokenizer
+
+    tokenizer, corpus, run = tmp_path / "tokenizer", tmp_path / "corpus", tmp_path / "run"
+    train_tokenizer(["stdlib"], tokenizer, vocab_size=400, max_files=20, max_sentences=5000)
+    prepare(PrepareConfig(["stdlib"], str(tokenizer), str(corpus), max_files=20, val_fraction=0.2, progress=False))
+    real_data = {"data.builder": "data_pipeline.datasets:build_datasets", "data.corpora": f"[{corpus}]",
+                 "data.tokenizer": str(tokenizer), "model.vocab_size": 400, "train.train_steps": 3,
+                 "eval.num_samples": 8, "checkpoint.interval": 0}
+    process = _plain(run, **real_data)
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, stderr[-3000:]
+
+    model_dir = tmp_path / "model"
+    result = subprocess.run([PYTHON, "-m", "odegpt", "convert", "--checkpoint", str(run / "checkpoints"),
+                             "--output", str(model_dir)], env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    _check(result)
+    assert (model_dir / "tokenizer.json").is_file()  # the run's tokenizer travels with the model
+    result = subprocess.run([PYTHON, "-m", "odegpt", "evaluate", "--model", str(model_dir), "--data", str(corpus),
+                             "--step-sizes", "1,2", "--seq-len", "16", "--num-samples", "8", "--json"],
+                            env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    _check(result)
+    table = json.loads(result.stdout.strip().splitlines()[-1])
+
+    # The training run evaluated the same 8 evenly spread validation samples at its last step.
+    logged = _valid_metrics(run)[3]
+    assert table["1"] == pytest.approx(logged["ppl_a1"], rel=1e-5)
+    assert table["2"] == pytest.approx(logged["ppl_a2"], rel=1e-5)
