@@ -125,14 +125,19 @@ def main() -> int:
     parser.add_argument("--throughput-steps", type=int, default=40)
     parser.add_argument("--quality-steps", type=int, default=600, help="optimizer steps of 16 x 128 tokens")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run, e.g. --set model.hidden_size=512 to measure "
+                             "throughput on a larger model (ZeRO-3's per-module cost is fixed, so tiny "
+                             "models exaggerate it)")
     args = parser.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer, data_dir = prepare_data(work, Path(args.reuse_data))
-    common = [f"--set=data.corpora=[{data_dir}]", f"--set=data.tokenizer={tokenizer}"]
+    common = [f"--set=data.corpora=[{data_dir}]", f"--set=data.tokenizer={tokenizer}",
+              *(f"--set={override}" for override in args.overrides)]
     results: dict = {"throughput": {}, "quality": {}}
 
-    print(f"throughput: quickstart model, fp32, micro-batch 8, global batch 16 x 128 tokens, a=1, "
+    print(f"throughput: quickstart model{' with ' + ' '.join(args.overrides) if args.overrides else ''}, fp32, micro-batch 8, global batch 16 x 128 tokens, a=1, "
           f"{os.cpu_count()} cores", flush=True)
     plain = pytorch_throughput(common, args.throughput_steps)
     results["throughput"]["pytorch_1proc"] = plain
