@@ -172,6 +172,28 @@ def test_plain_process_stage0_sigterm_saves_and_resumes(tmp_path):
     assert latest_complete_tag(run / "checkpoints") == f"step_{stopped_at + 1:08d}"
 
 
+def test_stage0_bf16_converts_from_the_fp32_master_weights(tmp_path):
+    import torch
+
+    from launcher.convert import load_state_dict
+
+    run = tmp_path / "run"
+    process = _plain(run, **{"deepspeed.zero_stage": 0, "train.precision": "bf16", "train.train_steps": 3,
+                             "checkpoint.interval": 0, "eval.interval": 0})
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, stderr[-3000:]
+    state_dict, _ = load_state_dict(run / "checkpoints", "step_00000003")
+    module = torch.load(run / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)["module"]
+    assert set(state_dict) >= set(module)
+    differs = False
+    for name, weight in module.items():
+        assert weight.dtype == torch.bfloat16 and state_dict[name].dtype == torch.float32
+        torch.testing.assert_close(state_dict[name].bfloat16(), weight, rtol=0, atol=0)  # same weights ...
+        differs |= bool((state_dict[name] != weight.float()).any())
+    assert differs  # ... at fp32 precision, not the bf16 copy
+
+
 def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     env = _env(ODEGPT_FAULT_NONFINITE_STEPS="2,3,4")  # optimizer steps 3, 4, 5 (1-based)
