@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +20,14 @@ from pathlib import Path
 PROPAGATED_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                   "TOKENIZERS_PARALLELISM", "ODEGPT_FAULT_NONFINITE_STEPS", "ODEGPT_FAULT_KILL",
                   "ODEGPT_FAULT_KILL_IN_SAVE")
+
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a single-node rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass

@@ -12,19 +12,14 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .launch import free_port
+
 STEP_SIZES = (0.5, 1.0, 2.0, 4.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Stages:
@@ -86,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     stages.begin(f"pretrain: {config.model.segments} at a ~ {t.step_size}, {t.train_steps} steps x "
                  f"{t.global_batch_size} x {t.seq_len} tokens, {args.ranks} CPU ranks, "
                  f"ZeRO-{config.deepspeed.zero_stage}, deepspeed launcher")
-    stages.run(odegpt + ["launch", "--num-gpus", str(args.ranks), "--master-port", str(_free_port()), "--quiet",
+    stages.run(odegpt + ["launch", "--num-gpus", str(args.ranks), "--master-port", str(free_port()), "--quiet",
                          "--config", args.config, *[f"--set={o}" for o in overrides]], env=env)
 
     stages.begin("convert the final DeepSpeed checkpoint to a native odegpt folder")

@@ -13,11 +13,12 @@ import datetime
 import json
 import math
 import os
-import socket
 import sys
 import time
 import warnings
 from pathlib import Path
+
+from .launch import free_port
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -35,18 +36,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 # ---- process set-up ---------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _prepare_environment() -> None:
     """Make a plain process a world of one, pick the accelerator, and keep CPU threads per rank sane
     (the deepspeed launcher does not set OMP_NUM_THREADS; oversubscribed ranks run ~40x slower)."""
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     import torch
 
     if not torch.cuda.is_available():
