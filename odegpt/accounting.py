@@ -38,7 +38,7 @@ def model_cost(
 ) -> ModelCost:
     """Cost of ``config`` solved at ``step_size`` (default: the config's) with ``seq_len`` context."""
     step_size = config.step_size if step_size is None else check_step_size(step_size)
-    steps = len(plan_solve(config.segments, step_size))
+    steps = len(plan_solve(config.segments, step_size, config.max_solver_steps))
     matmul, per_block = block_parameter_count(config)
     d, vocab = config.hidden_size, config.vocab_size
     blocks = num_blocks(config.segments) * per_block

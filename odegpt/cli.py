@@ -11,6 +11,11 @@ import sys
 from importlib.metadata import entry_points
 
 
+class CommandError(Exception):
+    """Bad input to a subcommand: ``main`` prints ``odegpt COMMAND: message`` (one line, no traceback)
+    and exits with 2. Raise it for anything the user can fix; let real bugs raise as they are."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="odegpt",
@@ -34,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as error:
+        print(f"odegpt {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

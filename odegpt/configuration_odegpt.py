@@ -2,11 +2,14 @@
 
 A segment ``{"depth": D, "shared": True}`` is ONE block integrated over time D (an ODE solve);
 ``{"depth": D, "shared": False}`` is D separate blocks, each taking step 1 (ordinary layers).
-This file is copied verbatim into exported model folders, so it imports only transformers.
+This file is copied verbatim into exported model folders, so it imports only transformers and
+its sibling ``solver``.
 """
 from __future__ import annotations
 
 from transformers import PretrainedConfig
+
+from .solver import DEFAULT_MAX_SOLVER_STEPS, check_solve_length
 
 
 def _check_segments(segments: object) -> list[dict]:
@@ -52,6 +55,7 @@ class OdeGPTConfig(PretrainedConfig):
         segments: list[dict] | None = None,
         step_size: float = 1.0,
         solver: str = "euler",
+        max_solver_steps: int = DEFAULT_MAX_SOLVER_STEPS,
         initializer_range: float = 0.02,
         use_cache: bool = True,
         bos_token_id: int | None = None,
@@ -70,6 +74,7 @@ class OdeGPTConfig(PretrainedConfig):
         self.segments = _check_segments([{"depth": 12, "shared": True}] if segments is None else segments)
         self.step_size = check_step_size(step_size)
         self.solver = solver
+        self.max_solver_steps = max_solver_steps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         kwargs.pop("num_hidden_layers", None)  # derived from segments; older folders may carry it
@@ -84,7 +89,7 @@ class OdeGPTConfig(PretrainedConfig):
 
     def _validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
+                     "num_key_value_heads", "max_position_embeddings", "max_solver_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -102,6 +107,7 @@ class OdeGPTConfig(PretrainedConfig):
                              f"got {self.hidden_size // self.num_attention_heads}")
         if self.solver != "euler":
             raise ValueError(f"solver must be 'euler' (the only one implemented), got {self.solver!r}")
+        check_solve_length(self.segments, self.step_size, self.max_solver_steps)
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
 
@@ -113,3 +119,9 @@ class OdeGPTConfig(PretrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def solver_steps(self, step_size: float | None = None) -> int:
+        """Executed steps at ``step_size`` (default: the config's); raises ``SolveTooLongError`` beyond
+        ``max_solver_steps`` and ``ValueError`` for a step size that is not a finite real > 0."""
+        step_size = self.step_size if step_size is None else check_step_size(step_size)
+        return check_solve_length(self.segments, step_size, self.max_solver_steps)

@@ -71,7 +71,7 @@ def llama_config_for(config: OdeGPTConfig, num_layers: int) -> LlamaConfig:
 def unroll_to_llama(model: OdeGPTForCausalLM, step_size: float) -> LlamaForCausalLM:
     """A ``LlamaForCausalLM`` computing ``model`` solved at ``step_size``: one layer per executed step."""
     config = model.config
-    plan = plan_solve(config.segments, step_size)
+    plan = plan_solve(config.segments, step_size, config.max_solver_steps)
     source = model.state_dict()
     state = {
         "model.embed_tokens.weight": source["model.embed_tokens.weight"],

@@ -163,7 +163,7 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         step_size = self.config.step_size if step_size is None else check_step_size(step_size)
-        plan = plan_solve(self.config.segments, step_size)
+        plan = plan_solve(self.config.segments, step_size, self.config.max_solver_steps)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds

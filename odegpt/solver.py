@@ -18,6 +18,14 @@ import torch
 # Slack for float step sizes: D / a may land a hair above an integer (12 / 0.3 = 40.000000000000004),
 # which must not add a step of length 1e-15.
 _STEP_COUNT_TOLERANCE = 1e-9
+# A solve longer than this is refused before anything is planned or computed (a typo such as
+# --step-size 1e-6 would otherwise run for hours or exhaust memory). Models carry their own limit
+# in ``config.max_solver_steps``; this is its default.
+DEFAULT_MAX_SOLVER_STEPS = 1024
+
+
+class SolveTooLongError(ValueError):
+    """A step size so small that the solve would exceed the allowed number of steps."""
 
 
 class SolverStep(NamedTuple):
@@ -27,10 +35,31 @@ class SolverStep(NamedTuple):
     dt: float
 
 
+def _segment_num_steps(depth: int, step_size: float) -> int:
+    return max(1, math.ceil(depth / step_size - _STEP_COUNT_TOLERANCE))
+
+
 def segment_step_sizes(depth: int, step_size: float) -> tuple[float, ...]:
     """Step lengths of a shared segment's solve: ``ceil(depth / a)`` steps summing to ``depth``."""
-    num_steps = max(1, math.ceil(depth / step_size - _STEP_COUNT_TOLERANCE))
+    num_steps = _segment_num_steps(depth, step_size)
     return (step_size,) * (num_steps - 1) + (depth - (num_steps - 1) * step_size,)
+
+
+def count_steps(segments: list[dict], step_size: float) -> int:
+    """How many steps a solve at ``step_size`` executes, computed without planning them."""
+    return sum(_segment_num_steps(s["depth"], step_size) if s["shared"] else s["depth"] for s in segments)
+
+
+def check_solve_length(segments: list[dict], step_size: float, max_steps: int = DEFAULT_MAX_SOLVER_STEPS) -> int:
+    """The step count at ``step_size``; raise :class:`SolveTooLongError` if it exceeds ``max_steps``."""
+    steps = count_steps(segments, step_size)
+    if steps > max_steps:
+        depth = sum(s["depth"] for s in segments)
+        raise SolveTooLongError(
+            f"step size {step_size:g} needs {steps:,} solver steps (trained depth {depth}), more than the "
+            f"maximum of {max_steps:,}; use a step size >= {depth / max_steps:.3g} or raise max_solver_steps"
+        )
+    return steps
 
 
 @lru_cache(maxsize=256)
@@ -47,8 +76,11 @@ def _plan(segments: tuple[tuple[int, bool], ...], step_size: float) -> tuple[Sol
     return tuple(plan)
 
 
-def plan_solve(segments: list[dict], step_size: float) -> tuple[SolverStep, ...]:
-    """Every step the model executes at step size ``a``, in order; one KV-cache slot per step."""
+def plan_solve(segments: list[dict], step_size: float, max_steps: int = DEFAULT_MAX_SOLVER_STEPS
+               ) -> tuple[SolverStep, ...]:
+    """Every step the model executes at step size ``a``, in order; one KV-cache slot per step.
+    A solve of more than ``max_steps`` steps is refused before it is planned."""
+    check_solve_length(segments, step_size, max_steps)
     return _plan(tuple((s["depth"], s["shared"]) for s in segments), float(step_size))
 
 

@@ -142,3 +142,31 @@ def test_flops_and_kv_cache_fall_with_the_step_size():
     assert costs[1].kv_cache_bytes_per_token == 2 * costs[2].kv_cache_bytes_per_token == 4 * costs[4].kv_cache_bytes_per_token
     assert 1 < costs[1].flops_per_token / costs[2].flops_per_token < 2
     assert np.isclose(costs[1].training_flops_per_token, 3 * costs[1].flops_per_token)
+
+
+@pytest.mark.parametrize("step_size", [1e-3, 1e-9, 1e-300])
+def test_a_solve_over_the_step_limit_is_refused_before_planning(step_size):
+    from odegpt.solver import SolveTooLongError, count_steps
+
+    segments = [{"depth": 12, "shared": True}]
+    with pytest.raises(SolveTooLongError, match=r"more than the maximum of 1,024"):
+        plan_solve(segments, step_size)  # 1e-300 would need 1.2e301 steps: must not be materialised
+    assert count_steps(segments, 0.5) == 24
+    assert len(plan_solve(segments, 1e-3, max_steps=12_000)) == 12_000
+
+
+def test_the_step_limit_is_a_config_field_and_guards_forward_and_cost(shared_model):
+    from odegpt.accounting import model_cost
+    from odegpt.solver import SolveTooLongError
+
+    tokens = torch.tensor([[1, 2, 3]])
+    with pytest.raises(SolveTooLongError):
+        shared_model(tokens, step_size=1e-4)
+    with pytest.raises(SolveTooLongError):
+        model_cost(shared_model.config, 1e-4)
+    config = tiny_config(max_solver_steps=8)
+    assert config.solver_steps(0.5) == 8
+    with pytest.raises(SolveTooLongError, match="maximum of 8"):
+        config.solver_steps(0.25)
+    with pytest.raises(ValueError, match="max_solver_steps"):
+        tiny_config(max_solver_steps=0)
