@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--num-samples", type=int, default=None,
                         help="prepared corpora: validation sequences, spread evenly over the split (default: all)")
     parser.add_argument("--text-key", default="text", help="raw .jsonl/.parquet inputs: the text field")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default: %(default)s)")
     parser.add_argument("--no-speed", action="store_true", help="skip the decode speed measurement")
     parser.add_argument("--decode-tokens", type=int, default=64,

@@ -165,3 +165,23 @@ def test_bad_inputs_are_one_line_errors(folder, capsys, args, message):
     assert captured.out == ""
     assert captured.err.count("\n") == 1 and captured.err.startswith("odegpt evaluate: ")
     assert message in captured.err
+
+
+def test_prepared_corpus_and_raw_text_mix_in_one_report(folder, tmp_path, capsys):
+    from data_pipeline.prepare import PrepareConfig, prepare
+
+    corpus = tmp_path / "corpus"
+    prepare(PrepareConfig([str(folder / "corpus.txt"), str(folder / "src")], str(folder / "tokenizer"), str(corpus),
+                          val_fraction=0.9, progress=False))
+    common = ["--model", str(folder / "model"), "--seq-len", "16", "--step-sizes", "1,4", "--no-speed"]
+    prepared = _evaluate(capsys, *common, "--data", str(corpus), "--num-samples", "4")
+    assert prepared["num_tokens"] == 4 * 16 and prepared["stride"] == 16
+    raw = _evaluate(capsys, *common, "--data", str(folder / "src" / "beta.py"))
+    both = _evaluate(capsys, *common, "--data", str(corpus), str(folder / "src" / "beta.py"), "--num-samples", "4")
+    assert both["num_tokens"] == prepared["num_tokens"] + raw["num_tokens"]
+    for mixed, one, other in zip(both["results"], prepared["results"], raw["results"]):
+        assert mixed["nll"] * mixed["num_tokens"] == pytest.approx(
+            one["nll"] * one["num_tokens"] + other["nll"] * other["num_tokens"], rel=1e-6)
+    # A stride means nothing for prepared samples: refused rather than silently ignored.
+    assert odegpt_main(["evaluate", *common, "--data", str(corpus), "--stride", "8"]) == 2
+    assert "--stride applies to raw text" in capsys.readouterr().err
