@@ -67,7 +67,8 @@ def plot_pareto(document: dict, path: str | Path) -> None:
     axes.plot([xs[i] for i in order], [ys[i] for i in order], "-", color="tab:blue", alpha=0.3)
     axes.plot(xs, ys, "o", color="tab:blue", markersize=7)
     for x, y, row in zip(xs, ys, rows):
-        axes.annotate(f"a={row['step_size']:g} ({row['solver_steps']} steps)", (x, y),
+        steps = row["solver_steps"]
+        axes.annotate(f"a={row['step_size']:g} ({steps} step{'' if steps == 1 else 's'})", (x, y),
                       textcoords="offset points", xytext=(6, 6), fontsize=9)
     axes.set_xlabel(xlabel)
     axes.set_ylabel("perplexity (lower is better)")
