@@ -113,9 +113,9 @@ def train_and_evaluate(work: Path, common: list[str], name: str, step_size: str,
                    f"--set=train.step_size={step_size}", f"--set=train.train_steps={steps}",
                    "--set=eval.interval=0", "--set=logging.progress_bar=false"], env=env)
     _run(ODEGPT + ["convert", "--checkpoint", str(out / "checkpoints"), "--output", str(out / "model")])
-    table = _run(ODEGPT + ["evaluate", "--model", str(out / "model"), "--data", str(data_dir), "--step-sizes",
-                           "1,2,4", "--seq-len", "128", "--json"], env=env, capture=True)
-    return json.loads(table.strip().splitlines()[-1])
+    report = _run(ODEGPT + ["evaluate", "--model", str(out / "model"), "--data", str(data_dir), "--step-sizes",
+                            "1,2,4", "--seq-len", "128", "--no-speed", "--json"], env=env, capture=True)
+    return {f"{row['step_size']:g}": row["perplexity"] for row in json.loads(report)["results"]}
 
 
 def main() -> int:

@@ -88,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     stages.run(odegpt + ["convert", "--checkpoint", str(config.checkpoint_dir), "--output", str(model_dir)])
 
     stages.begin("validation perplexity at each step size")
-    table = json.loads(stages.run(odegpt + ["evaluate", "--model", str(model_dir), "--data", str(data_dir),
-                                            "--step-sizes", ",".join(f"{a:g}" for a in STEP_SIZES),
-                                            "--seq-len", str(t.seq_len), "--num-samples", "256", "--json"],
-                                  capture=True, env=env))
+    report = json.loads(stages.run(odegpt + ["evaluate", "--model", str(model_dir), "--data", str(data_dir),
+                                             "--step-sizes", ",".join(f"{a:g}" for a in STEP_SIZES),
+                                             "--seq-len", str(t.seq_len), "--num-samples", "256", "--no-speed",
+                                             "--json"], capture=True, env=env))
+    table = {f"{row['step_size']:g}": row["perplexity"] for row in report["results"]}
     for a, ppl in table.items():
         print(f"  a={a:<4} perplexity {ppl:.2f}")
 
