@@ -127,6 +127,29 @@ def peak_flops_per_device(config, device_type: str, say: Callable[[str], None]) 
     return tflops * 1e12
 
 
+def initialize_partitions(model, seed: int, rank: int) -> None:
+    """Initialize a model built under ``deepspeed.zero.Init`` where it lies: each rank draws its own slice of
+    every parameter (``ds_tensor``) with the model's own ``_init_weights`` (normal(0, initializer_range) for
+    matrices, ones for norms: element-wise rules, so a flat slice takes them as well as the whole tensor).
+    Nothing is gathered, so no rank ever holds a whole layer twice; the random stream is seeded by
+    (``train.seed``, rank), so the initial weights depend on the number of ranks (resumes are exact)."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+        for module in model.modules():
+            parameters = list(module.parameters(recurse=False))
+            placeholders = [p.data for p in parameters]
+            for parameter in parameters:
+                parameter.data = parameter.ds_tensor.data
+            try:
+                model._init_weights(module)
+            finally:
+                for parameter, placeholder in zip(parameters, placeholders):
+                    parameter.data = placeholder
+
+
 # ---- the trainer ------------------------------------------------------------------------------
 
 @dataclass
@@ -239,9 +262,8 @@ class Trainer:
                 print(message, file=sys.stderr, flush=True)
 
     def _build_model(self, ds_config: dict):
-        """``OdeGPTForCausalLM``, created partitioned under ZeRO-3 (``deepspeed.zero.Init``): no rank ever holds
-        the whole model. Transformers' ZeRO-3 initializer gathers one module at a time for rank 0 to
-        initialize, then scatters it again."""
+        """``OdeGPTForCausalLM``; under ZeRO-3 created partitioned (``deepspeed.zero.Init``) and initialized
+        partition by partition (:func:`initialize_partitions`): no rank ever holds the whole model."""
         import deepspeed
         import torch
 
@@ -256,11 +278,10 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         if zero_init:
             from transformers.initialization import no_init_weights
-            from transformers.integrations.deepspeed import initialize_weights_zero3
 
             with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
                 model = OdeGPTForCausalLM(model_config)
-            initialize_weights_zero3(model)
+            initialize_partitions(model, t.seed, self.rank)
             model.tie_weights()
         else:
             model = OdeGPTForCausalLM(model_config)
@@ -272,10 +293,12 @@ class Trainer:
                 block.mlp_branch = torch.compile(block.mlp_branch)
         memory = [(b / GIB, a / GIB) for b, a in zip(gather_floats(float(before)),
                                                       gather_floats(float(peak_memory_bytes(self.device_type))))]
+        held = {id(p): p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters()}
         parameters = model_cost(model_config, seq_len=t.seq_len).parameters
         model_gib = parameters * (2 if self.config.precision_for(self.device_type) == "bf16" else 4) / GIB
         self.metrics.record("build", self.step, {
             "parameters": parameters, "model_gib": model_gib, "zero_init": zero_init,
+            "parameters_held_per_rank": [int(n) for n in gather_floats(float(sum(held.values())))],
             "seconds": time.perf_counter() - start, "peak_memory_gib_before": [b for b, _ in memory],
             "peak_memory_gib_after": [a for _, a in memory]})
         self.say(f"built {parameters:,} parameters ({model_gib:.2f} GiB) in {time.perf_counter() - start:.1f}s"

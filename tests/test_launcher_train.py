@@ -92,6 +92,13 @@ def test_resume_is_bit_exact_and_converts(tmp_path, stage):
     _check(_launch(full, **{"deepspeed.zero_stage": stage}))
     checkpoints = full / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000002", "step_00000004"]
+    build = next(json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "build")
+    held, total = build["parameters_held_per_rank"], build["parameters"]
+    if stage == 3:  # created partitioned (zero.Init): each rank holds half, never the whole model
+        assert build["zero_init"] and all(total / 2 <= n < total / 2 + 64 for n in held), build
+    else:
+        assert not build["zero_init"] and held == [total, total], build
     assert (checkpoints / "latest").read_text() == "step_00000004"
     assert list((full / "tensorboard").glob("events.out.tfevents.*"))
 
