@@ -92,13 +92,18 @@ def safe_loading() -> Iterator[None]:
 
 def load_file(path: Path, mmap: bool = False):
     """One checkpoint file, loaded safely; a file that is not a readable checkpoint is a CheckpointError."""
+    import zipfile
+
     import torch
 
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} is missing")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; a cut one loses its directory
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} cannot be read (not a PyTorch zip archive: "
+                              f"truncated, or not a checkpoint at all)")
     try:
         with safe_loading():
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path.parent}: {path.name} is missing") from None
     except Exception as error:  # truncated zip, garbage, a global outside the allowlist, ...
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path.parent}: {path.name} cannot be read ({reason})") from None

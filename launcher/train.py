@@ -321,12 +321,8 @@ class Trainer:
             self.log(result, last=self.step == t.train_steps or result.stop)
             self.guard.update(self.step, result.loss, math.isfinite(result.loss))
             if result.stop:
-                if not self.guard.streak:  # never checkpoint a step with a non-finite loss
-                    self.save()
-                self.say(f"stopping on {self.stop.signal_name or 'a signal on another rank'} at step {self.step}; "
-                         f"resume with --resume auto")
-                return 0
-            if not self.guard.streak:
+                return self.stop_on_signal()
+            if not self.guard.streak:  # never evaluate or checkpoint a step with a non-finite loss
                 self.maybe_evaluate(last=False)
                 self.maybe_save()
         self.maybe_evaluate(last=True)
@@ -376,6 +372,13 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "executed_steps": cost.executed_steps}, tokens=tokens, flops=cost.training_flops_per_token * tokens,
             peak_flops=self.peak_flops, device_type=self.device_type, last=last)
+
+    def stop_on_signal(self) -> int:
+        if not self.guard.streak:  # never checkpoint a step with a non-finite loss
+            self.save()
+        self.say(f"stopping on {self.stop.signal_name or 'a signal on another rank'} at step {self.step}; "
+                 f"resume with --resume auto")
+        return 0
 
     def maybe_evaluate(self, last: bool) -> None:
         if not self.evaluator.due(self.step, last) or (not last and self.step == self.config.train.train_steps):
