@@ -124,10 +124,11 @@ class Checkpoint:
         return self.directory / self.tag
 
 
-def verify(checkpoint_dir: Path, tag: str) -> Checkpoint:
+def verify(checkpoint_dir: Path, tag: str, rng: bool = True) -> Checkpoint:
     """Check that every file the ``COMPLETE`` marker lists is there with its saved size, that every
     ``.pt`` file is a checkpoint that loads safely (structure only: tensors are memory-mapped), and
-    read odegpt's state. Raises :class:`CheckpointError` naming the checkpoint and the file."""
+    read odegpt's state. Raises :class:`CheckpointError` naming the checkpoint and the file.
+    ``rng=False`` leaves the RNG states out (``odegpt convert`` never reads them)."""
     path = checkpoint_dir / tag
     try:
         marker = json.loads((path / COMPLETE).read_text())
@@ -144,7 +145,8 @@ def verify(checkpoint_dir: Path, tag: str) -> Checkpoint:
     if not files:
         raise CheckpointError(f"checkpoint {path}: no checkpoint files (*.pt) in it")
     for file in files:
-        load_file(file, mmap=True)
+        if rng or not file.name.startswith("rng_state_"):
+            load_file(file, mmap=True)
     return Checkpoint(checkpoint_dir, tag, _read_state(path, files))
 
 
