@@ -1,13 +1,12 @@
-"""Training benchmark (a script, not a test): ``python benchmarks/bench_training.py``.
+"""Training throughput benchmark (a script, not a test): ``python benchmarks/bench_training.py``.
 
-1. Throughput: tokens/s of the DeepSpeed engine under ZeRO 0-3 on 1 and 2 CPU ranks, each against
-   a plain PyTorch loop (AdamW, clipping, the same model, micro-batch, accumulation and a = 1) in
-   one process with the same threads. Median step time after warm-up, from the run's metrics.
-2. The paper's claim: after the same token budget on the stdlib corpus, validation perplexity at
-   a = 1, 2, 4 of a model trained at a = 1 only against one trained with a ~ {0.5, 1, 2, 4}.
+Tokens/s of the DeepSpeed engine under ZeRO 0-3 on 1 and 2 CPU ranks, each against a plain
+PyTorch loop (AdamW, clipping, the same model, micro-batch, accumulation and a = 1) in one process
+with the same threads. Median step time after warm-up, from the run's metrics. DeepSpeed runs go
+through ``odegpt launch`` on the quickstart model; results go to ``<work-dir>/results.json``.
 
-Everything runs through the public commands (``odegpt launch / convert / evaluate``) on the
-quickstart model; results go to ``<work-dir>/results.json``.
+Quality (perplexity per step size after equal budgets, per objective) is the ablation's job:
+``python benchmarks/ablation.py``.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.config import add_config_arguments
 from launcher.launch import free_port
 
 ODEGPT = [sys.executable, "-m", "odegpt"]
@@ -100,36 +98,22 @@ def pytorch_throughput(common: list[str], steps: int) -> float:
     return statistics.median(rates[steps // 5:])
 
 
-def train_and_evaluate(work: Path, common: list[str], name: str, step_size: str, steps: int,
-                       data_dir: Path) -> dict[str, float]:
-    out = work / name
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    _run(ODEGPT + ["launch", "--num-gpus", "2", "--master-port", str(free_port()), "--quiet", "--resume", "none",
-                   "--config", "quickstart", *common, f"--set=run.output_dir={out}",
-                   f"--set=train.step_size={step_size}", f"--set=train.train_steps={steps}",
-                   "--set=eval.interval=0", "--set=logging.progress_bar=false"], env=env)
-    _run(ODEGPT + ["convert", "--checkpoint", str(out / "checkpoints"), "--output", str(out / "model")])
-    report = _run(ODEGPT + ["evaluate", "--model", str(out / "model"), "--data", str(data_dir), "--step-sizes",
-                            "1,2,4", "--seq-len", "128", "--no-speed", "--json"], env=env, capture=True)
-    return {f"{row['step_size']:g}": row["perplexity"] for row in json.loads(report)["results"]}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work-dir", default="runs/bench")
     parser.add_argument("--reuse-data", default="runs/quickstart", help="tokenizer/ and data/ from here if present")
     parser.add_argument("--throughput-steps", type=int, default=40)
-    parser.add_argument("--quality-steps", type=int, default=600, help="optimizer steps of 16 x 128 tokens")
-    parser.add_argument("--skip-quality", action="store_true")
-    add_config_arguments(parser, configs=False)  # e.g. --set model.hidden_size=512: ZeRO-3's per-module
-    # cost is fixed, so tiny models exaggerate it
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run, e.g. --set model.hidden_size=512 to measure "
+                             "throughput on a larger model (ZeRO-3's per-module cost is fixed, so tiny "
+                             "models exaggerate it)")
     args = parser.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer, data_dir = prepare_data(work, Path(args.reuse_data))
     common = [f"--set=data.corpora=[{data_dir}]", f"--set=data.tokenizer={tokenizer}",
               *(f"--set={override}" for override in args.overrides)]
-    results: dict = {"throughput": {}, "quality": {}}
+    results: dict = {"throughput": {}}
 
     print(f"throughput: quickstart model{' with ' + ' '.join(args.overrides) if args.overrides else ''}, fp32, micro-batch 8, global batch 16 x 128 tokens, a=1, "
           f"{os.cpu_count()} cores", flush=True)
@@ -143,18 +127,6 @@ def main() -> int:
             print(f"  {f'DeepSpeed ZeRO-{stage}, {ranks} rank(s)':<28}{rate:>10.0f} tokens/s  "
                   f"ratio to plain {rate / plain:.2f}", flush=True)
 
-    if not args.skip_quality:
-        tokens = args.quality_steps * 16 * 128
-        print(f"\nquality: {args.quality_steps} steps = {tokens / 1e6:.2f}M tokens each, 2 ranks ZeRO-2; "
-              f"validation perplexity", flush=True)
-        for name, step_size in (("a=1 only", "{choices: [1.0]}"), ("a ~ {0.5,1,2,4}", "{choices: [0.5, 1.0, 2.0, 4.0]}")):
-            ppl = train_and_evaluate(work, common, "quality-" + ("fixed" if "only" in name else "random"),
-                                     step_size, args.quality_steps, data_dir)
-            results["quality"][name] = ppl
-            print(f"  trained {name:<16}" + "  ".join(f"a={a}: {p:8.2f}" for a, p in ppl.items()), flush=True)
-        fixed, randomized = results["quality"].values()
-        print("  degradation from a=1 to a=4: "
-              f"a=1-only x{fixed['4'] / fixed['1']:.2f}, randomized x{randomized['4'] / randomized['1']:.2f}")
     (work / "results.json").write_text(json.dumps(results, indent=2))
     return 0
 

@@ -68,9 +68,11 @@ class TrainSection:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = True
     seed: int = 1234
-    # Distribution of the step size `a`, sampled once per optimizer step (odegpt.objective).
+    # Distribution of the step size `a`, sampled once per optimizer step (odegpt.objective), e.g.
+    # {choices: [0.5, 1, 2, 4], weights: [1, 3, 1, 1], curriculum_steps: 300} or {low: 0.5, high: 4}.
     step_size: dict = field(default_factory=lambda: {"choices": [1.0]})
-    consistency_weight: float = 0.0
+    consistency_weight: float = 0.0  # KL(p_1 || p_a) towards the detached a=1 solve, on steps with a != 1
+    reference_weight: float = 0.0  # also the a=1 loss (this weight) on steps with a != 1: one more pass
     max_nonfinite_steps: int = 3  # stop after this many optimizer steps in a row with a non-finite loss
     dist_timeout_s: int = 600  # collectives with a dead peer fail after this long
     compile: bool = False  # torch.compile each block's attention and MLP branches (ZeRO 0-2)
@@ -200,7 +202,7 @@ class RunConfig:
             _positive(f"train.{name}", getattr(t, name))
         for name in ("lr", "adam_eps"):
             _positive(f"train.{name}", getattr(t, name))
-        for name in ("min_lr", "weight_decay", "grad_clip", "consistency_weight"):
+        for name in ("min_lr", "weight_decay", "grad_clip", "consistency_weight", "reference_weight"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)!r}")
         if t.min_lr > t.lr:

@@ -251,7 +251,7 @@ class Trainer:
         self.stop = faults.StopRequest().install()
         self.guard = faults.NonFiniteGuard(t.max_nonfinite_steps)
         faults.FaultPlan.from_environment().install(self)
-        self._costs: dict[float, Any] = {}
+        self._costs: dict[float, tuple[int, float]] = {}  # a -> (solver steps, training FLOPs per token)
 
     def say(self, message: str) -> None:
         if self.rank == 0:
@@ -354,23 +354,29 @@ class Trainer:
     def micro_batch_loss(self, tokens, step_size: float):
         from odegpt.objective import language_model_loss
 
-        return language_model_loss(self.engine, tokens, step_size, self.config.train.consistency_weight)
+        t = self.config.train
+        return language_model_loss(self.engine, tokens, step_size, t.consistency_weight, t.reference_weight)
 
     # ---- what the loop delegates to: each decides its own interval ---------------------------------
 
     def log(self, result: StepResult, last: bool) -> None:
         from odegpt.accounting import model_cost
+        from odegpt.objective import objective_flops_per_token
 
         t = self.config.train
-        cost = self._costs.get(result.step_size)
-        if cost is None:
-            cost = self._costs[result.step_size] = model_cost(self.config.model_config(), result.step_size, t.seq_len)
+        a = result.step_size
+        if a not in self._costs:  # solver steps at a; training FLOPs/token, the objective's a=1 passes included
+            model_config = self.config.model_config()
+            self._costs[a] = (model_cost(model_config, a, t.seq_len).executed_steps,
+                              objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight,
+                                                        t.reference_weight))
+        executed_steps, flops_per_token = self._costs[a]
         grad_norm = self.engine.get_global_grad_norm()
         tokens = t.global_batch_size * t.seq_len
         self.metrics.train_step(self.step, {
-            "loss": result.loss, "step_size": result.step_size, "lr": self.scheduler.get_last_lr()[0],
+            "loss": result.loss, "step_size": a, "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-            "executed_steps": cost.executed_steps}, tokens=tokens, flops=cost.training_flops_per_token * tokens,
+            "executed_steps": executed_steps}, tokens=tokens, flops=flops_per_token * tokens,
             peak_flops=self.peak_flops, device_type=self.device_type, last=last)
 
     def stop_on_signal(self) -> int:

@@ -4,6 +4,16 @@ Each optimizer step draws one step size ``a`` and trains the model solved at ``a
 weights learns a vector field that stays accurate at many step sizes. The draw depends only on
 (seed, optimizer step): every data-parallel rank and every micro-batch of a step sees the same
 ``a`` without communicating, and a resumed run draws the same sequence.
+
+Two knobs keep the fine solve (``a = 1``, the trained depth's own resolution) as good as a model
+trained at ``a = 1`` only, while the coarse solves learn to follow it:
+
+- ``curriculum_steps`` in the distribution: the first N optimizer steps train at ``a = 1``, then
+  the draws begin.
+- ``reference_weight`` in the loss: a step that draws ``a != 1`` also adds the ``a = 1`` loss, so
+  every step trains the fine solve (one more forward and backward at ``a = 1``).
+
+``consistency_weight`` adds ``KL(p_1 || p_a)`` towards the (detached) fine solve.
 """
 from __future__ import annotations
 
@@ -14,22 +24,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .configuration_odegpt import check_step_size
+from .accounting import model_cost
+from .configuration_odegpt import OdeGPTConfig, check_step_size
 from .loss import shifted_cross_entropy
+
+# The solve every other step size is measured against: the trained depth's own resolution.
+REFERENCE_STEP_SIZE = 1.0
 
 
 @dataclass(frozen=True)
 class StepSizeDistribution:
     """Either a finite set ``choices`` (optional ``weights``) or a range ``[low, high]``
-    (uniform, or log-uniform so that small and large steps are drawn equally often by ratio)."""
+    (uniform, or log-uniform so that small and large steps are drawn equally often by ratio);
+    optionally preceded by ``curriculum_steps`` optimizer steps at ``a = 1``."""
 
     choices: tuple[float, ...] | None = None
     weights: tuple[float, ...] | None = None
     low: float | None = None
     high: float | None = None
     log_uniform: bool = False
+    curriculum_steps: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.curriculum_steps, bool) or not isinstance(self.curriculum_steps, int) \
+                or self.curriculum_steps < 0:
+            raise ValueError(f"step-size distribution: 'curriculum_steps' must be an integer >= 0, "
+                             f"got {self.curriculum_steps!r}")
         if (self.choices is None) == (self.low is None and self.high is None):
             raise ValueError("step-size distribution: give either 'choices' or 'low' and 'high', not both or neither")
         if self.choices is not None:
@@ -71,7 +91,8 @@ class StepSizeDistribution:
         return cls(**spec)
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
+                if v is not None and not (k == "curriculum_steps" and v == 0)}
 
 
 class StepSizeSampler:
@@ -85,8 +106,10 @@ class StepSizeSampler:
             self._probabilities = weights / weights.sum()
 
     def sample(self, optimizer_step: int) -> float:
-        rng = np.random.default_rng([self.seed, int(optimizer_step)])
         d = self.distribution
+        if optimizer_step < d.curriculum_steps:
+            return REFERENCE_STEP_SIZE
+        rng = np.random.default_rng([self.seed, int(optimizer_step)])
         if d.choices is not None:
             return d.choices[int(rng.choice(len(d.choices), p=self._probabilities))]
         if d.log_uniform:
@@ -102,23 +125,46 @@ class StepSizeSampler:
 
 
 def language_model_loss(
-    model: torch.nn.Module, tokens: torch.Tensor, step_size: float, consistency_weight: float = 0.0
+    model: torch.nn.Module, tokens: torch.Tensor, step_size: float, consistency_weight: float = 0.0,
+    reference_weight: float = 0.0,
 ) -> torch.Tensor:
     """Next-token loss of ``tokens`` (batch, seq_len + 1) solved at ``step_size``.
 
-    With ``consistency_weight > 0`` and ``a != 1``, adds ``KL(p_1 || p_a)`` per token, where
-    ``p_1`` is a detached solve at step size 1 (the trained depth's own resolution), pulling the
-    coarse solve towards the fine one.
+    Away from ``a = 1`` two optional terms use the fine solve ``p_1`` (the trained depth's own
+    resolution): ``reference_weight * CE(p_1)`` trains it on the same tokens (the loss is then
+    ``CE(p_a) + w * CE(p_1)``), and ``consistency_weight * KL(p_1 || p_a)`` per token pulls the
+    coarse solve towards it, with ``p_1`` detached. At ``a = 1`` the loss is ``CE(p_1)`` alone.
     """
     inputs = tokens[:, :-1]
-    logits = model(input_ids=inputs, step_size=step_size, use_cache=False).logits.float()
+
+    def solve(a: float) -> torch.Tensor:
+        return model(input_ids=inputs, step_size=a, use_cache=False).logits.float()
+
+    logits = solve(step_size)
     loss = shifted_cross_entropy(logits, tokens)
-    if consistency_weight > 0 and step_size != 1.0:
+    if step_size == REFERENCE_STEP_SIZE or (reference_weight <= 0 and consistency_weight <= 0):
+        return loss
+    if reference_weight > 0:
+        reference = solve(REFERENCE_STEP_SIZE)
+        loss = loss + reference_weight * shifted_cross_entropy(reference, tokens)
+        reference = reference.detach()
+    else:
         with torch.no_grad():
-            reference = model(input_ids=inputs, step_size=1.0, use_cache=False).logits.float()
-        kl = F.kl_div(
-            logits.flatten(0, 1).log_softmax(-1), reference.flatten(0, 1).log_softmax(-1),
-            log_target=True, reduction="batchmean",
-        )
+            reference = solve(REFERENCE_STEP_SIZE)
+    if consistency_weight > 0:
+        kl = F.kl_div(logits.flatten(0, 1).log_softmax(-1), reference.flatten(0, 1).log_softmax(-1),
+                      log_target=True, reduction="batchmean")
         loss = loss + consistency_weight * kl
     return loss
+
+
+def objective_flops_per_token(config: OdeGPTConfig, step_size: float, seq_len: int, consistency_weight: float = 0.0,
+                              reference_weight: float = 0.0) -> float:
+    """Training FLOPs per token of one :func:`language_model_loss` at ``step_size``: the solve at
+    ``a`` forward and backward, plus the ``a = 1`` solve forward and backward (``reference_weight``)
+    or forward only (``consistency_weight`` alone) when ``a != 1``."""
+    cost = model_cost(config, step_size=step_size, seq_len=seq_len).training_flops_per_token
+    if step_size != REFERENCE_STEP_SIZE and (reference_weight > 0 or consistency_weight > 0):
+        reference = model_cost(config, step_size=REFERENCE_STEP_SIZE, seq_len=seq_len)
+        cost += reference.training_flops_per_token if reference_weight > 0 else reference.flops_per_token
+    return cost
