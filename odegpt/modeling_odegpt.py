@@ -7,7 +7,7 @@ forward pass is one loop over that plan. Read top to bottom: norm, rotary, atten
 decoder, LM head.
 
 This file is copied verbatim into exported model folders, so it imports only torch, transformers
-and its sibling files (configuration_odegpt, solver, cache).
+and its sibling files (configuration_odegpt, solver, cache, speculative).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache import OdeCache
 from .configuration_odegpt import OdeGPTConfig, check_step_size
 from .solver import STEP_FUNCTIONS, num_blocks, plan_solve
+from .speculative import self_speculative_generate
 
 
 class OdeGPTRMSNorm(nn.Module):
@@ -249,6 +250,15 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def generate(self, *args, draft_step_size: float | None = None, draft_tokens: int = 4, **kwargs):
+        """transformers' ``generate``; with ``draft_step_size=B`` it decodes self-speculatively: the same
+        weights solved at ``B`` draft ``draft_tokens`` tokens that one forward at the target step size
+        verifies. Greedy output is identical and sampled output follows the target's distribution."""
+        if draft_step_size is None:
+            return super().generate(*args, **kwargs)
+        return self_speculative_generate(self, *args, draft_step_size=draft_step_size, draft_tokens=draft_tokens,
+                                         **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """The model owns its cache layout: one slot per executed step, not per trained layer."""
