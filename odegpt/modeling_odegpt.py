@@ -251,14 +251,16 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
-    def generate(self, *args, draft_step_size: float | None = None, draft_tokens: int = 4, **kwargs):
+    def generate(self, *args, draft_step_size: float | None = None, draft_tokens: int | None = None, **kwargs):
         """transformers' ``generate``; with ``draft_step_size=B`` it decodes self-speculatively: the same
-        weights solved at ``B`` draft ``draft_tokens`` tokens that one forward at the target step size
-        verifies. Greedy output is identical and sampled output follows the target's distribution."""
+        weights solved at ``B`` draft ``draft_tokens`` tokens (default 4) that one forward at the target
+        step size verifies. Greedy output is identical; sampled output follows the target's distribution."""
         if draft_step_size is None:
+            if draft_tokens is not None:
+                raise ValueError("draft_tokens applies to self-speculative decoding: give draft_step_size too")
             return super().generate(*args, **kwargs)
-        return self_speculative_generate(self, *args, draft_step_size=draft_step_size, draft_tokens=draft_tokens,
-                                         **kwargs)
+        return self_speculative_generate(self, *args, draft_step_size=draft_step_size,
+                                         draft_tokens=4 if draft_tokens is None else draft_tokens, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """The model owns its cache layout: one slot per executed step, not per trained layer."""

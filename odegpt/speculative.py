@@ -152,9 +152,10 @@ def _check_supported(config, model_kwargs: dict) -> None:
 @torch.no_grad()
 def self_speculative_generate(
     model,
-    input_ids: torch.LongTensor,
+    inputs: torch.LongTensor | None = None,
     generation_config=None,
     *,
+    input_ids: torch.LongTensor | None = None,
     draft_step_size: float,
     draft_tokens: int = 4,
     step_size: float | None = None,
@@ -168,6 +169,7 @@ def self_speculative_generate(
     ``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``, ``return_dict_in_generate``, a
     ``generation_config``) and a left-padded batch with its ``attention_mask``.
     """
+    input_ids = inputs if inputs is not None else input_ids
     config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
     _check_supported(config, model_kwargs)
     target_step = model.config.step_size if step_size is None else step_size

@@ -183,10 +183,11 @@ def test_a_streamer_sees_the_prompt_then_every_token_once():
     (dict(draft_tokens=0), "draft_tokens must be an integer >= 1"),
     (dict(draft_step_size=0.0), "must be a real number > 0"),
     (dict(draft_step_size=1e-6), "solver steps"),
+    (dict(draft_step_size=None, draft_tokens=3), "give draft_step_size too"),
 ])
 def test_unsupported_settings_are_refused(kwargs, message):
     model = tiny_model(FULLY_SHARED)
-    settings = dict(max_new_tokens=4, pad_token_id=0, draft_step_size=4, **kwargs)
+    settings = dict(max_new_tokens=4, pad_token_id=0, draft_step_size=4) | kwargs
     with pytest.raises(ValueError, match=message):
         model.generate(torch.randint(1, 97, (1, 4)), **settings)
 
