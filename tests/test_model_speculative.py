@@ -1,18 +1,11 @@
 """Self-speculative decoding: drafts at step size B, verification at a, output as if decoded at a alone."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from transformers.generation.streamers import BaseStreamer
 
 from odegpt import OdeCache
-from odegpt.export import save_native
 from odegpt.speculative import _Sampler
-from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, UNSHARED, tiny_model
-from tests.test_model_export import NO_ODEGPT
+from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, UNSHARED, left_padded, tiny_model
 
 
 @pytest.fixture(params=["fully_shared", "partially_shared"])
@@ -25,16 +18,6 @@ def drafting_model(request):
             block.self_attn.o_proj.weight.mul_(0.05)
             block.mlp.down_proj.weight.mul_(0.05)
     return model
-
-
-def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = row
-        attention_mask[i, width - len(row):] = 1
-    return input_ids, attention_mask
 
 
 @pytest.mark.parametrize("a, draft_step_size, k", [(1, 4, 2), (1, 2, 4), (0.5, 2, 3), (2, 4, 1), (1, 4, 6)])
@@ -124,7 +107,7 @@ def test_sampled_tokens_follow_the_target_distribution():
             third = next_probs(torch.cat([prompt, torch.tensor([[x1, x2]])], 1))
             for x3 in third.nonzero().flatten().tolist():
                 exact[(x1, x2, x3)] = float(first[x1] * second[x2] * third[x3])
-    runs, counts, accepted, drafted = 1500, {}, 0, 0
+    runs, counts, accepted, drafted = 800, {}, 0, 0
     for seed in range(runs):
         torch.manual_seed(seed)
         out = model.generate(prompt, max_new_tokens=3, step_size=1, draft_step_size=4, draft_tokens=2,
@@ -132,7 +115,7 @@ def test_sampled_tokens_follow_the_target_distribution():
         key = tuple(out.sequences[0, 4:].tolist())
         counts[key] = counts.get(key, 0) + 1
         accepted, drafted = accepted + out.accepted_tokens, drafted + out.drafted_tokens
-    assert 0.2 < accepted / drafted < 0.95  # both acceptances and rejections were exercised
+    assert 0.1 < accepted / drafted < 0.9  # both acceptances and rejections were exercised
     assert set(counts) <= set(exact)
     # Pearson's chi-square over the 8 cells (7 degrees of freedom): 29.9 is its 1e-4 quantile.
     chi_square = sum((counts.get(key, 0) - runs * prob) ** 2 / (runs * prob) for key, prob in exact.items())
@@ -190,37 +173,3 @@ def test_unsupported_settings_are_refused(kwargs, message):
     settings = dict(max_new_tokens=4, pad_token_id=0, draft_step_size=4) | kwargs
     with pytest.raises(ValueError, match=message):
         model.generate(torch.randint(1, 97, (1, 4)), **settings)
-
-
-def test_native_folder_decodes_self_speculatively_without_odegpt(tmp_path):
-    model = tiny_model(PARTIALLY_SHARED)
-    folder = tmp_path / "native"
-    save_native(model, folder)
-    assert (folder / "speculative.py").is_file()
-    rows = [torch.randint(1, 97, (n,)) for n in (6, 3)]
-    input_ids, attention_mask = left_padded(rows)
-    expected = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False,
-                              step_size=1, pad_token_id=0)
-    torch.save({"input_ids": input_ids, "attention_mask": attention_mask, "expected": expected}, tmp_path / "io.pt")
-    script = NO_ODEGPT + textwrap.dedent(f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        try:
-            import odegpt
-            raise SystemExit("odegpt is importable: the test proves nothing")
-        except ImportError:
-            pass
-        io = torch.load({str(tmp_path / 'io.pt')!r})
-        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        out = model.generate(io["input_ids"], attention_mask=io["attention_mask"], max_new_tokens=10,
-                             do_sample=False, step_size=1, pad_token_id=0, draft_step_size=4, draft_tokens=3,
-                             return_dict_in_generate=True)
-        assert torch.equal(out.sequences, io["expected"]), (out.sequences, io["expected"])
-        print("speculative ok", type(out).__name__, out.drafted_tokens > 0)
-    """)
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "speculative ok SelfSpeculativeOutput True" in result.stdout
