@@ -177,10 +177,17 @@ def test_folders_that_are_not_models_are_named(model_folder, tmp_path, capsys):
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_tokenizer / name).write_bytes((model_folder / name).read_bytes())
+    damaged = tmp_path / "damaged"  # a model folder whose config.json holds an impossible value
+    damaged.mkdir()
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (damaged / name).write_bytes((model_folder / name).read_bytes())
+    config = json.loads((model_folder / "config.json").read_text())
+    (damaged / "config.json").write_text(json.dumps(config | {"hidden_size": -3}))
     cases = [(run, f"{run} is not a model folder (no config.json with a model_type); it looks like a training run: "
                    f"write its model with `odegpt convert --checkpoint {run / 'checkpoints'}"),
              (tmp_path / "missing", "is not a folder"),
-             (no_tokenizer, "has no tokenizer (tokenizer.json or tokenizer.model)")]
+             (no_tokenizer, "has no tokenizer (tokenizer.json or tokenizer.model)"),
+             (damaged, f"cannot load the configuration of {damaged}: hidden_size must be a positive integer, got -3")]
     for folder, message in cases:
         capsys.readouterr()
         assert odegpt_main(["generate", "--model", str(folder)]) == 2
