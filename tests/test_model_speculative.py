@@ -96,6 +96,7 @@ def test_sampled_tokens_follow_the_target_distribution():
     settings = dict(do_sample=True, temperature=1.5, top_k=2, pad_token_id=0)
     sampler = _Sampler(type("Config", (), dict(do_sample=True, temperature=1.5, top_k=2, top_p=1.0))())
 
+    @torch.no_grad()
     def next_probs(tokens):
         return sampler.probs(model(tokens, step_size=1).logits[:, -1].float())[0]
 
@@ -107,7 +108,7 @@ def test_sampled_tokens_follow_the_target_distribution():
             third = next_probs(torch.cat([prompt, torch.tensor([[x1, x2]])], 1))
             for x3 in third.nonzero().flatten().tolist():
                 exact[(x1, x2, x3)] = float(first[x1] * second[x2] * third[x3])
-    runs, counts, accepted, drafted = 800, {}, 0, 0
+    runs, counts, accepted, drafted = 500, {}, 0, 0
     for seed in range(runs):
         torch.manual_seed(seed)
         out = model.generate(prompt, max_new_tokens=3, step_size=1, draft_step_size=4, draft_tokens=2,
