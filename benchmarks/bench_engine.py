@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from launcher.config import add_config_arguments
+
 
 def measure(stage: int, steps: int, overrides: list[str]) -> tuple[float, float]:
     import deepspeed
@@ -68,7 +70,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, configs=False)
     parser.add_argument("--one-stage", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_stage is not None:

@@ -14,20 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from launcher.config import add_config_arguments
+from launcher.launch import free_port
+
 ODEGPT = [sys.executable, "-m", "odegpt"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(cmd: list[str], env: dict | None = None, capture: bool = False) -> str:
@@ -59,7 +55,7 @@ def median_tokens_per_s(output_dir: Path, skip: int) -> float:
 def deepspeed_throughput(work: Path, common: list[str], stage: int, ranks: int, steps: int) -> float:
     out = work / f"throughput-zero{stage}-{ranks}rank"
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks)), "DS_ACCELERATOR": "cpu"}
-    _run(ODEGPT + ["launch", "--num-gpus", str(ranks), "--master-port", str(_free_port()), "--quiet",
+    _run(ODEGPT + ["launch", "--num-gpus", str(ranks), "--master-port", str(free_port()), "--quiet",
                    "--resume", "none", "--config", "quickstart", *common,
                    f"--set=run.output_dir={out}", f"--set=deepspeed.zero_stage={stage}",
                    f"--set=train.train_steps={steps}", "--set=train.step_size={choices: [1.0]}",
@@ -108,14 +104,14 @@ def train_and_evaluate(work: Path, common: list[str], name: str, step_size: str,
                        data_dir: Path) -> dict[str, float]:
     out = work / name
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    _run(ODEGPT + ["launch", "--num-gpus", "2", "--master-port", str(_free_port()), "--quiet", "--resume", "none",
+    _run(ODEGPT + ["launch", "--num-gpus", "2", "--master-port", str(free_port()), "--quiet", "--resume", "none",
                    "--config", "quickstart", *common, f"--set=run.output_dir={out}",
                    f"--set=train.step_size={step_size}", f"--set=train.train_steps={steps}",
                    "--set=eval.interval=0", "--set=logging.progress_bar=false"], env=env)
     _run(ODEGPT + ["convert", "--checkpoint", str(out / "checkpoints"), "--output", str(out / "model")])
-    table = _run(ODEGPT + ["evaluate", "--model", str(out / "model"), "--data", str(data_dir), "--step-sizes",
-                           "1,2,4", "--seq-len", "128", "--json"], env=env, capture=True)
-    return json.loads(table.strip().splitlines()[-1])
+    report = _run(ODEGPT + ["evaluate", "--model", str(out / "model"), "--data", str(data_dir), "--step-sizes",
+                            "1,2,4", "--seq-len", "128", "--no-speed", "--json"], env=env, capture=True)
+    return {f"{row['step_size']:g}": row["perplexity"] for row in json.loads(report)["results"]}
 
 
 def main() -> int:
@@ -125,10 +121,8 @@ def main() -> int:
     parser.add_argument("--throughput-steps", type=int, default=40)
     parser.add_argument("--quality-steps", type=int, default=600, help="optimizer steps of 16 x 128 tokens")
     parser.add_argument("--skip-quality", action="store_true")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every run, e.g. --set model.hidden_size=512 to measure "
-                             "throughput on a larger model (ZeRO-3's per-module cost is fixed, so tiny "
-                             "models exaggerate it)")
+    add_config_arguments(parser, configs=False)  # e.g. --set model.hidden_size=512: ZeRO-3's per-module
+    # cost is fixed, so tiny models exaggerate it
     args = parser.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ Modules, one idea each:
 * `shards`, `manifest` - the on-disk format (``.bin``/``.idx`` + ``manifest.json``) and its checks.
 * `datasets`  - `build_datasets` (packing, seeded epochs, blending, validation) and
   `DistributedBatchSampler` (exact resume from ``consumed_samples``).
+* `files`     - atomic writes and content digests (shared by `odegpt` and `launcher` too).
 * `cli`       - ``odegpt tokenizer | prepare | inspect``.
 
 Importing this package is cheap; nothing here imports torch, `odegpt` or `launcher`.

@@ -14,12 +14,11 @@ _INPUT_HELP = ("input files, directories or globs (quote globs): .txt/.md/.py (a
                "standard-library sources")
 
 
-def _fmt(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.4g}{unit}"
-        n /= 1000
-    return f"{n:.4g}P"
+def _si(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M': tqdm's own SI formatting, as its progress bars print it."""
+    from tqdm import tqdm
+
+    return tqdm.format_sizeof(n, unit)
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
@@ -112,7 +111,7 @@ def run_prepare(args) -> int:
     print(f"  skipped    {m.skipped['empty_documents']} empty documents; repaired "
           f"{m.repaired['documents_with_undecodable_bytes']} documents "
           f"({m.repaired['replaced_characters']} undecodable bytes replaced)")
-    print(f"  speed      {_fmt(m.inputs['bytes'] / seconds / 1e6)} MB/s, {_fmt(tokens / seconds)} tokens/s "
+    print(f"  speed      {_si(m.inputs['bytes'] / seconds, 'B/s')}, {_si(tokens / seconds)} tokens/s "
           f"({seconds:.1f}s, {args.workers} workers)")
     return 0
 
@@ -141,7 +140,7 @@ def run_inspect(args) -> int:
     tok = m.tokenizer
     print(f"corpus     {args.directory} (format {m.format_version})")
     print(f"  inputs     {' '.join(m.inputs.get('patterns', []))} ({m.inputs.get('files')} files, "
-          f"{_fmt(m.inputs.get('bytes', 0))}B)")
+          f"{_si(m.inputs.get('bytes', 0), 'B')})")
     print(f"  tokenizer  {tok.get('path')} ({tok.get('model_type')}, vocab {tok['vocab_size']}, "
           f"eos {tok['eos_id']}, fingerprint {tok['fingerprint']})")
     print(f"  documents  {m.totals.get('documents')} (train {m.split_documents('train')}, "

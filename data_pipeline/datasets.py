@@ -26,7 +26,6 @@ needs no torch.distributed and works on node-local disks. Token shards are never
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import xxhash
 
+from .files import json_digest
 from .manifest import Manifest
 from .shards import open_tokens, verify_corpus
 
@@ -115,7 +114,7 @@ def cached_array(path: Path, build: Callable[[Path], None]) -> np.ndarray:
 
 
 def _key(*parts) -> str:
-    return xxhash.xxh3_64_hexdigest(json.dumps(parts, sort_keys=True).encode())
+    return json_digest(parts)
 
 
 def _corpus_key(manifest: Manifest) -> str:

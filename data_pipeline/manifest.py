@@ -20,6 +20,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .files import write_json_atomic
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -91,14 +93,3 @@ class Manifest:
                              f"this odegpt reads version {FORMAT_VERSION}; re-run `odegpt prepare`")
         d["shards"] = [ShardRecord.from_dict(s) for s in d["shards"]]
         return cls(**d)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write, fsync, then rename: a reader sees the old file or the whole new one, never half."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

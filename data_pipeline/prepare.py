@@ -6,7 +6,10 @@ How it works, and why each property holds:
   to train or val by a seeded hash of its ordinal, and groups them into *chunks* of about
   `chunk_chars` characters. Chunk boundaries depend only on the input, never on `workers`.
 * Worker processes tokenize chunks with SentencePiece and append EOS to every document. At
-  most ``2 * workers`` chunks are in flight, so peak memory does not grow with the corpus.
+  most ``2 * workers`` chunks are in flight, so peak memory does not grow with the corpus. A
+  document over `SEGMENT_CHARS` (1 Mi characters) is tokenized in segments cut at line breaks
+  (see `segments`), so memory grows with the largest document's size (a ``.txt`` file is read
+  whole: about 3x its size), not with the tokenizer's ~40x of it.
 * Results are consumed in chunk order and appended to the current shard; a shard is closed
   after the chunk that brings its train split to `shard_tokens`. Hence the bytes written are
   identical whatever `workers` is.
@@ -30,7 +33,8 @@ from typing import Iterator
 import numpy as np
 import xxhash
 
-from .manifest import FORMAT_VERSION, MANIFEST, Manifest, ShardRecord, write_json_atomic
+from .files import json_digest, write_json_atomic
+from .manifest import FORMAT_VERSION, MANIFEST, Manifest, ShardRecord
 from .readers import Source, iter_documents, resolve_inputs
 from .shards import ShardWriter, choose_dtype, open_tokens
 from .tokenizer import MODEL_FILE, TokenizerInfo, tokenizer_fingerprint
@@ -118,7 +122,7 @@ def _init_worker(model_file: str, eos_id: int, dtype: str) -> None:
     _EOS, _DTYPE = eos_id, np.dtype(dtype)
 
 
-def _pack(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+def _pack(ids: list) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(x) + 1 for x in ids), np.int64, count=len(ids))
     out = np.empty(int(lengths.sum()), _DTYPE)
     pos = 0
@@ -130,8 +134,43 @@ def _pack(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return out, lengths
 
 
+# A document longer than this is tokenized segment by segment, each segment's ids packed at once: the
+# tokenizer's working memory grows ~40x the length of the string it is given (2.2 GB for one 50 MB line).
+SEGMENT_CHARS = 1 << 20
+
+
+def segments(text: str, size: int = SEGMENT_CHARS) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``size`` characters. A piece ends after a line break in the
+    second half of its window if there is one, else before a run of spaces, else anywhere. The tokenizer
+    is trained on lines, so none of its pieces spans a line break, and SentencePiece starts a word at a
+    run of spaces: cutting there gives exactly the tokens of the whole text."""
+    start = 0
+    while len(text) - start > size:
+        low, end = start + size // 2, start + size
+        cut = text.rfind("\n", low, end) + 1
+        if cut <= start:
+            cut = text.rfind(" ", low, end)
+            while cut > start and text[cut - 1] == " ":
+                cut -= 1
+            if cut <= start:
+                cut = end  # no line break or space: a cut inside a word changes the tokens around it
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _encode_long(text: str) -> np.ndarray:
+    return np.concatenate([np.asarray(_SP.encode(piece, out_type=int), dtype=_DTYPE) for piece in segments(text)])
+
+
 def _tokenize_chunk(chunk: Chunk) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    ids = _SP.encode(chunk.texts, out_type=int, num_threads=1)
+    short = [i for i, text in enumerate(chunk.texts) if len(text) <= SEGMENT_CHARS]
+    ids: list = [None] * len(chunk.texts)
+    for i, encoded in zip(short, _SP.encode([chunk.texts[i] for i in short], out_type=int, num_threads=1)):
+        ids[i] = encoded
+    for i, text in enumerate(chunk.texts):
+        if ids[i] is None:
+            ids[i] = _encode_long(text)
     out = {}
     for split, want in (("train", False), ("val", True)):
         out[split] = _pack([x for x, v in zip(ids, chunk.is_val) if v == want])
@@ -146,7 +185,7 @@ def _config_key(cfg: PrepareConfig, sources: list[Source], fingerprint: str, dty
         "shard_tokens": cfg.shard_tokens, "chunk_chars": cfg.chunk_chars,
         "sources": [(s.path, s.kind, s.compression, s.size()) for s in sources],
     }
-    return xxhash.xxh3_64_hexdigest(json.dumps(desc, sort_keys=True).encode())
+    return json_digest(desc)
 
 
 def _splits(cfg: PrepareConfig) -> tuple[str, ...]:

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .files import write_json_atomic
+
 MODEL_FILE = "tokenizer.model"
 INFO_FILE = "odegpt_tokenizer.json"
 
@@ -48,7 +50,7 @@ class TokenizerInfo:
     sampled_sentences: int = 0
 
     def save(self, directory: str | os.PathLike) -> None:
-        Path(directory, INFO_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_json_atomic(Path(directory, INFO_FILE), asdict(self))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "TokenizerInfo":

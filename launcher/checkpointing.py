@@ -1,30 +1,39 @@
-"""DeepSpeed checkpoints that survive a crash mid-save, keep the last K, and resume exactly.
+"""DeepSpeed checkpoints that survive a crash mid-save, keep the last K, resume exactly, and load safely.
 
 Layout under ``<output_dir>/checkpoints``: one DeepSpeed tag directory per save (``step_00000100``)
-holding DeepSpeed's own files, our per-rank RNG states, and — written by rank 0 only after every
-rank has finished — a ``COMPLETE`` marker. ``latest`` (DeepSpeed's pointer file, so its own tools
-still work) is replaced atomically after the marker. Resume only ever picks a tag with a marker,
-so a save killed half-way is ignored and the previous checkpoint stays usable.
+holding DeepSpeed's own files, our per-rank RNG states, ``odegpt_state.json`` (the optimizer step,
+consumed samples, step-size sampler and run config: what the engine does not know) and — written
+by rank 0 only after every rank has finished — a ``COMPLETE`` marker listing every file and its
+size. ``latest`` (DeepSpeed's pointer file, so its own tools still work) is replaced atomically
+after the marker. Resume only ever picks a tag with a marker, so a save killed half-way is ignored.
 
-The client state (in DeepSpeed's model-states file) carries what the engine does not know: the
-optimizer step, consumed samples, the step-size sampler and the run config.
+Nothing here unpickles arbitrary objects: our own files are tensors and plain types, and every
+``torch.load`` of a checkpoint — ours and DeepSpeed's own inside ``load_checkpoint`` and
+``zero_to_fp32`` — runs under :func:`safe_loading`, i.e. ``weights_only=True`` with an allowlist of
+the few DeepSpeed types its files hold. A damaged checkpoint (a file missing, truncated or not a
+checkpoint at all) is a :class:`CheckpointError` naming the checkpoint and the file.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
-from . import faults
+from data_pipeline.files import write_atomic, write_json_atomic
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+STATE = "odegpt_state.json"
 TAG_PREFIX = "step_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the checkpoint and the bad file."""
 
 
 def tag_for(step: int) -> str:
@@ -41,7 +50,8 @@ def complete_tags(checkpoint_dir: str | Path) -> list[str]:
     if not root.is_dir():
         return []
     tags = [p.name for p in root.iterdir()
-            if p.is_dir() and p.name.startswith(TAG_PREFIX) and (p / COMPLETE).is_file()]
+            if p.is_dir() and p.name.startswith(TAG_PREFIX) and p.name[len(TAG_PREFIX):].isdigit()
+            and (p / COMPLETE).is_file()]
     return sorted(tags, key=step_of)
 
 
@@ -50,65 +60,230 @@ def latest_complete_tag(checkpoint_dir: str | Path) -> str | None:
     return tags[-1] if tags else None
 
 
-def resolve_resume(resume: str | None, checkpoint_dir: Path) -> tuple[Path, str] | None:
-    """``--resume`` to (checkpoint dir, tag): ``auto`` = newest complete here (or none),
-    a tag directory, or a checkpoints directory (its newest complete tag)."""
+# ---- loading without unpickling arbitrary objects ----------------------------------------------
+
+def _deepspeed_safe_globals() -> list:
+    """The classes DeepSpeed 0.16-0.19 pickles into its checkpoint files (besides tensors and plain
+    containers): loss scalers and fragment addresses (ZeRO 1/2 optimizer states) and the ZeRO stage enum."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_loading() -> Iterator[None]:
+    """Every ``torch.load`` inside runs with ``weights_only=True`` (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``,
+    which overrides DeepSpeed's own ``weights_only=False``) and admits only DeepSpeed's types above."""
+    import torch
+
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def load_file(path: Path, mmap: bool = False):
+    """One checkpoint file, loaded safely; a file that is not a readable checkpoint is a CheckpointError."""
+    import zipfile
+
+    import torch
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} is missing")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; a cut one loses its directory
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} cannot be read (not a PyTorch zip archive: "
+                              f"truncated, or not a checkpoint at all)")
+    try:
+        with safe_loading():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # truncated zip, garbage, a global outside the allowlist, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} cannot be read ({reason})") from None
+
+
+# ---- what a checkpoint holds --------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    """A complete, verified checkpoint and odegpt's state in it."""
+
+    directory: Path  # the checkpoints/ directory
+    tag: str
+    state: dict  # step, consumed_samples, config, step_size_sampler, world_size
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.tag
+
+
+def verify(checkpoint_dir: Path, tag: str, rng: bool = True) -> Checkpoint:
+    """Check that every file the ``COMPLETE`` marker lists is there with its saved size, that every
+    ``.pt`` file is a checkpoint that loads safely (structure only: tensors are memory-mapped), and
+    read odegpt's state. Raises :class:`CheckpointError` naming the checkpoint and the file.
+    ``rng=False`` leaves the RNG states out (``odegpt convert`` never reads them)."""
+    path = checkpoint_dir / tag
+    try:
+        marker = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError):
+        marker = None  # a marker from before file lists were recorded ("<step>\n")
+    if isinstance(marker, dict):
+        for name, size in sorted(marker.get("files", {}).items()):
+            if not (path / name).is_file():
+                raise CheckpointError(f"checkpoint {path}: {name} is missing")
+            if (actual := (path / name).stat().st_size) != size:
+                raise CheckpointError(f"checkpoint {path}: {name} is {actual} bytes, {size} when saved "
+                                      f"(truncated or overwritten)")
+    files = sorted(path.glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"checkpoint {path}: no checkpoint files (*.pt) in it")
+    for file in files:
+        if rng or not file.name.startswith("rng_state_"):
+            load_file(file, mmap=True)
+    return Checkpoint(checkpoint_dir, tag, _read_state(path, files))
+
+
+def _read_state(path: Path, files: list[Path]) -> dict:
+    if (path / STATE).is_file():
+        try:
+            return json.loads((path / STATE).read_text())
+        except ValueError as error:
+            raise CheckpointError(f"checkpoint {path}: {STATE} is not valid JSON ({error})") from None
+    # Checkpoints written before odegpt_state.json kept the state in DeepSpeed's model-states file.
+    model_states = [f for f in files if f.name.endswith("model_states.pt")]
+    state = load_file(model_states[0], mmap=True).get("odegpt") if model_states else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: no {STATE}; not written by odegpt's launcher")
+    return state
+
+
+def choose(resume: str | None, checkpoint_dir: Path, note: Callable[[str], None] = print) -> Checkpoint | None:
+    """``--resume`` to a verified checkpoint: ``none`` = start fresh; ``auto`` = the newest complete one
+    in ``checkpoint_dir`` (none there: start fresh); a tag directory = that one; a checkpoints directory =
+    its newest complete one. With ``auto`` or a directory, a newest checkpoint that cannot be read is
+    passed over for the previous complete one, and ``note`` says so; a named tag must itself be good."""
     if resume in (None, "", "none", "no"):
         return None
-    if resume == "auto":
-        tag = latest_complete_tag(checkpoint_dir)
-        return (checkpoint_dir, tag) if tag else None
-    path = Path(resume)
-    if (path / COMPLETE).is_file():
-        return path.parent, path.name
-    tag = latest_complete_tag(path)
-    if tag is None:
-        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (a tag directory with a "
-                                f"{COMPLETE} marker, or a directory of them)")
-    return path, tag
+    if resume != "auto":
+        path = Path(resume)
+        if (path / COMPLETE).is_file():
+            return verify(path.parent, path.name)
+        if not complete_tags(path):
+            raise CheckpointError(f"--resume {resume}: no complete checkpoint there (a tag directory with a "
+                                  f"{COMPLETE} marker, or a directory of them)")
+        checkpoint_dir = path
+    tags = complete_tags(checkpoint_dir)
+    if not tags:
+        return None
+    failures = []
+    for tag in reversed(tags):
+        try:
+            checkpoint = verify(checkpoint_dir, tag)
+        except CheckpointError as error:
+            failures.append(str(error))
+            continue
+        for failure in failures:
+            note(f"{failure}; resuming from the previous complete checkpoint, {checkpoint.path}")
+        return checkpoint
+    raise CheckpointError(f"no complete checkpoint in {checkpoint_dir} can be read: {'; '.join(failures)}. "
+                          f"Start over in another run.output_dir, or with --resume none")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
+# ---- saving and restoring (collective: every rank calls these) ------------------------------------
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """This process's RNG states as tensors and plain types (loads with ``weights_only=True``)."""
+    import numpy as np
+    import torch
+
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, checkpoint_dir: Path, step: int, client_state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the tag directory."""
-    rank = dist.get_rank()
-    tag = tag_for(step)
-    tag_dir = checkpoint_dir / tag
-    if rank == 0:
-        # A leftover from a crashed save at this step must not look complete while being rewritten.
-        (tag_dir / COMPLETE).unlink(missing_ok=True)
-    dist.barrier()
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), tag_dir / f"rng_state_rank{rank:05d}.pt")
-    faults.maybe_kill(rank, step, "ODEGPT_FAULT_KILL_IN_SAVE")
-    dist.barrier()  # every rank's shards are on disk
-    if rank == 0:
-        _write_atomically(tag_dir / COMPLETE, f"{step}\n")
-        _write_atomically(checkpoint_dir / LATEST, tag)
-        prune(checkpoint_dir, keep_last)
-    dist.barrier()
-    return tag_dir
+class Checkpointer:
+    """Saves every ``interval`` optimizer steps (0 = only when asked) and keeps the newest ``keep_last``."""
+
+    def __init__(self, engine, checkpoint_dir: Path, interval: int, keep_last: int,
+                 saved_step: int | None = None) -> None:
+        self.engine, self.directory, self.interval, self.keep_last = engine, checkpoint_dir, interval, keep_last
+        self.saved_step = saved_step  # the step of the checkpoint on disk that matches the engine
+        self.after_files_written: Callable[[int], None] | None = None  # test hook (launcher.faults)
+
+    def maybe_save(self, step: int, state: dict) -> Path | None:
+        if self.interval and step % self.interval == 0:
+            return self.save(step, state)
+        return None
+
+    def save(self, step: int, state: dict) -> Path | None:
+        """Collective. Returns the tag directory, or None when this step is already saved."""
+        import torch
+        import torch.distributed as dist
+
+        if self.saved_step == step:
+            return None
+        rank = dist.get_rank()
+        tag_dir = self.directory / tag_for(step)
+        if rank == 0:
+            # A leftover from a crashed save at this step must not look complete while being rewritten.
+            (tag_dir / COMPLETE).unlink(missing_ok=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(self.directory), tag=tag_for(step), save_latest=False)
+        torch.save(rng_state(), tag_dir / f"rng_state_rank{rank:05d}.pt")
+        if self.after_files_written is not None:
+            self.after_files_written(step)
+        dist.barrier()  # every rank's files are on disk
+        if rank == 0:
+            write_json_atomic(tag_dir / STATE, state)
+            files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != COMPLETE}
+            write_json_atomic(tag_dir / COMPLETE, {"step": step, "files": files})
+            write_atomic(self.directory / LATEST, tag_for(step))
+            prune(self.directory, self.keep_last)
+        dist.barrier()
+        self.saved_step = step
+        return tag_dir
+
+    def load(self, checkpoint: Checkpoint) -> None:
+        """Collective: restore the engine, optimizer, scheduler and this rank's RNG from a verified checkpoint."""
+        import torch.distributed as dist
+
+        try:
+            with safe_loading():
+                path, _ = self.engine.load_checkpoint(str(checkpoint.directory), tag=checkpoint.tag,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+        except CheckpointError:
+            raise
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"checkpoint {checkpoint.path} cannot be loaded: {reason}") from None
+        if path is None:
+            raise CheckpointError(f"checkpoint {checkpoint.path}: DeepSpeed found nothing to load in it")
+        rng_file = checkpoint.path / f"rng_state_rank{dist.get_rank():05d}.pt"
+        if rng_file.is_file():  # absent when resuming on more ranks than saved
+            set_rng_state(load_file(rng_file))
+        self.saved_step = checkpoint.state["step"]
 
 
 def prune(checkpoint_dir: Path, keep_last: int) -> None:
@@ -117,19 +292,8 @@ def prune(checkpoint_dir: Path, keep_last: int) -> None:
     keep = set(tags[-keep_last:])
     newest = step_of(tags[-1]) if tags else -1
     for path in checkpoint_dir.iterdir():
-        if not (path.is_dir() and path.name.startswith(TAG_PREFIX)) or path.name in keep:
+        if not (path.is_dir() and path.name.startswith(TAG_PREFIX) and path.name[len(TAG_PREFIX):].isdigit()) \
+                or path.name in keep:
             continue
         if (path / COMPLETE).is_file() or step_of(path.name) < newest:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def load(engine, checkpoint_dir: Path, tag: str) -> dict:
-    """Collective: restore engine, optimizer, scheduler and this rank's RNG; returns the client state."""
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir / tag}")
-    rng_file = checkpoint_dir / tag / f"rng_state_rank{dist.get_rank():05d}.pt"
-    if rng_file.is_file():  # absent when resuming on a different number of ranks
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state

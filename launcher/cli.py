@@ -1,15 +1,13 @@
-"""`odegpt train | launch | convert | plan`: argument parsing only; work is imported inside handlers."""
+"""`odegpt train | launch | convert | plan`: the argument parsers, registered with the `odegpt` command.
+
+Registering imports only this module, `launcher.config` (yaml) and `launcher.train`'s parser; each
+handler imports what its work needs (DeepSpeed, the data pipeline) when it runs.
+"""
 from __future__ import annotations
 
 import argparse
 
-
-def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", nargs="+", required=True, metavar="YAML",
-                        help="config files merged in order: paths, or names under configs/ "
-                             "(e.g. quickstart, or model/125m-shared train/pretrain deepspeed/zero2)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key after merging, e.g. --set train.lr=3e-4 (repeatable)")
+from .config import add_config_arguments
 
 
 def register_train(subparsers) -> None:
@@ -35,7 +33,7 @@ def register_launch(subparsers) -> None:
         "launch", help="start training on one or many nodes through the deepspeed launcher",
         description="Build and run the `deepspeed` launcher command for `launcher.train`. The config is "
                     "validated against the resulting world size before any node starts.")
-    _config_arguments(parser)
+    add_config_arguments(parser)
     parser.add_argument("--resume", default="auto", help="passed to every rank (default: %(default)s)")
     parser.add_argument("--hostfile", help="DeepSpeed hostfile: one 'hostname slots=N' per line")
     parser.add_argument("--num-nodes", type=int, help="use the first N hosts")
@@ -81,9 +79,15 @@ def register_convert(subparsers) -> None:
 
 
 def _convert(args) -> int:
+    from odegpt.cli import CommandError
+
+    from .checkpointing import CheckpointError
     from .convert import convert
 
-    path = convert(args.checkpoint, args.output, tokenizer_dir=args.tokenizer)
+    try:
+        path = convert(args.checkpoint, args.output, tokenizer_dir=args.tokenizer)
+    except CheckpointError as error:
+        raise CommandError(str(error)) from None
     print(f"wrote {path}")
     return 0
 
@@ -94,11 +98,14 @@ def register_plan(subparsers) -> None:
         description="Print what a config costs: parameters, FLOPs per token at each step size, model-state "
                     "memory per GPU under ZeRO 0-3 (DeepSpeed's estimators), activation and KV-cache memory, "
                     "and tokens/s and days for the token budget at an assumed MFU.")
-    _config_arguments(parser)
+    add_config_arguments(parser)
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--num-gpus", type=int, default=8, help="GPUs per node (default: %(default)s)")
-    parser.add_argument("--gpu-tflops", type=float, default=312.0,
-                        help="peak dense TFLOP/s per GPU (default: %(default)s, A100 bf16)")
+    parser.add_argument("--gpu", default="A100",
+                        help="GPU model whose dense bf16 peak to assume, e.g. A100, H100, H200, L40S "
+                             "(odegpt.accounting.PEAK_TFLOPS; default: %(default)s)")
+    parser.add_argument("--gpu-tflops", type=float, default=None,
+                        help="peak dense TFLOP/s per GPU, overriding --gpu")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default: %(default)s)")
     parser.add_argument("--all-models", action="store_true",
                         help="one table row per model preset in configs/model (125M to 13B), each merged with --config")

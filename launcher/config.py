@@ -10,9 +10,13 @@ two cannot disagree.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
+import functools
+import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,22 +32,20 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the offending key."""
 
 
-@dataclass
-class ModelSection:
-    """The odegpt model shape; passed verbatim to ``OdeGPTConfig``."""
+@functools.cache
+def model_section() -> type:
+    """The ``model`` section: exactly ``OdeGPTConfig``'s keyword arguments, with its defaults and types.
 
-    vocab_size: int = 32000
-    hidden_size: int = 768
-    intermediate_size: int = 2048
-    num_attention_heads: int = 12
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-    segments: list = field(default_factory=lambda: [{"depth": 12, "shared": True}])
-    step_size: float = 1.0
+    A model setting is declared once, in the model's own config class; the run config takes its
+    fields from there (built on first use: it imports transformers), so the two cannot drift.
+    """
+    from odegpt.configuration_odegpt import OdeGPTConfig
+
+    hints = typing.get_type_hints(OdeGPTConfig.__init__)
+    fields = [(name, hints[name], field(default_factory=functools.partial(copy.deepcopy, parameter.default)))
+              for name, parameter in inspect.signature(OdeGPTConfig.__init__).parameters.items()
+              if name != "self" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    return dataclasses.make_dataclass("ModelSection", fields)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class TrainSection:
     consistency_weight: float = 0.0
     max_nonfinite_steps: int = 3  # stop after this many optimizer steps in a row with a non-finite loss
     dist_timeout_s: int = 600  # collectives with a dead peer fail after this long
+    compile: bool = False  # torch.compile each block's attention and MLP branches (ZeRO 0-2)
 
 
 @dataclass
@@ -99,9 +102,10 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
-    interval: int = 10
+    interval: int = 10  # optimizer steps between metric records (metrics.jsonl, TensorBoard)
     tensorboard: bool = True
-    peak_tflops_per_device: float | None = None  # for MFU; None = 312 on GPU (A100 bf16), 0.1 per CPU thread
+    # For MFU; None = the GPU's dense bf16 peak from its name (odegpt.accounting.PEAK_TFLOPS), 0.1 per CPU thread
+    peak_tflops_per_device: float | None = None
     progress_bar: bool = True
 
 
@@ -118,7 +122,10 @@ class DeepSpeedSection:
     allgather_bucket_size: int = 500_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
-    torch_adam: bool | None = None  # None = torch's Adam on CPU (FusedAdam would compile), fused on GPU
+    zero3_init: bool = True  # ZeRO-3: create parameters partitioned (deepspeed.zero.Init), never whole on a rank
+    # None = torch's AdamW (fused=True on CUDA: no extension to build), except DeepSpeed's CPU Adam
+    # for an optimizer offloaded from GPUs; false = DeepSpeed's FusedAdam/CPUAdam (built on first use)
+    torch_adam: bool | None = None
 
 
 @dataclass
@@ -129,7 +136,7 @@ class RunSection:
 
 @dataclass
 class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: Any = field(default_factory=lambda: model_section()(), metadata={"section": model_section})
     train: TrainSection = field(default_factory=TrainSection)
     data: DataSection = field(default_factory=DataSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -164,6 +171,26 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    # Model settings that do not change the weights or what they compute: a resume may change them.
+    RESUMABLE_MODEL_FIELDS = frozenset({"step_size", "max_solver_steps", "use_cache", "initializer_range",
+                                        "bos_token_id", "eos_token_id", "pad_token_id"})
+
+    def check_resumable(self, saved: dict, where: str) -> None:
+        """Refuse to resume the checkpoint at ``where`` (saved with run config ``saved``) with another model,
+        naming every differing ``model.`` field."""
+        from odegpt.configuration_odegpt import OdeGPTConfig
+
+        def normalized(section: dict) -> dict:  # OdeGPTConfig fills defaults (num_key_value_heads, segments)
+            model = OdeGPTConfig(**section)
+            return {name: getattr(model, name) for name in dataclasses.asdict(model_section()())}
+
+        old, new = normalized(saved["model"]), normalized(dataclasses.asdict(self.model))
+        differing = [f"model.{name} (checkpoint {old[name]!r}, now {new[name]!r})" for name in old
+                     if old[name] != new[name] and name not in self.RESUMABLE_MODEL_FIELDS]
+        if differing:
+            raise ConfigError(f"cannot resume {where} with another model: {'; '.join(differing)}. Resume with the "
+                              f"checkpoint's model settings, or start a new run with another run.output_dir")
+
     # ---- validation ---------------------------------------------------------------------------
     def validate(self, world_size: int | None = None) -> "RunConfig":
         """Check everything that can be checked; with ``world_size`` also the batch geometry."""
@@ -188,17 +215,16 @@ class RunConfig:
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({t.micro_batch_size})")
-        try:
-            from odegpt.objective import StepSizeDistribution
-        except ImportError:  # the objective module is not there yet: check the shape only
-            if not isinstance(t.step_size, dict):
-                raise ConfigError(f"train.step_size must be a mapping, got {t.step_size!r}") from None
-        else:
-            try:
-                StepSizeDistribution.from_dict(t.step_size)
-            except (ValueError, TypeError) as error:
-                raise ConfigError(f"train.step_size: {error}") from None
+        from odegpt.objective import StepSizeDistribution
+        from odegpt.solver import SolveTooLongError
 
+        if not isinstance(t.step_size, dict):
+            raise ConfigError(f"train.step_size must be a mapping ({{choices: [...]}} or {{low: ..., high: ...}}), "
+                              f"got {t.step_size!r}")
+        try:
+            distribution = StepSizeDistribution.from_dict(t.step_size)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"train.step_size: {error}") from None
         try:
             model_config = self.model_config()
         except (ValueError, TypeError) as error:
@@ -206,15 +232,22 @@ class RunConfig:
         if t.seq_len > model_config.max_position_embeddings:
             raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_position_embeddings "
                               f"({model_config.max_position_embeddings})")
-
+        # The smallest step size is the longest solve: refuse it here, not after hours of set-up.
+        smallest = ("train.step_size.low", distribution.low) if distribution.choices is None else \
+            ("train.step_size.choices", min(distribution.choices))
         e = self.eval
+        for index, a in enumerate(e.step_sizes):
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < math.inf:
+                raise ConfigError(f"eval.step_sizes[{index}] must be a finite number > 0, got {a!r}")
+        for key, a in [smallest, *((f"eval.step_sizes[{i}]", a) for i, a in enumerate(e.step_sizes))]:
+            try:
+                model_config.solver_steps(a)
+            except SolveTooLongError as error:
+                raise ConfigError(f"{key}: {error} (model.max_solver_steps)") from None
         if e.interval < 0 or e.num_samples < 0:
             raise ConfigError("eval.interval and eval.num_samples must be >= 0")
         if e.micro_batch_size is not None:
             _positive("eval.micro_batch_size", e.micro_batch_size)
-        for index, a in enumerate(e.step_sizes):
-            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < math.inf:
-                raise ConfigError(f"eval.step_sizes[{index}] must be a finite number > 0, got {a!r}")
         if self.checkpoint.interval < 0 or self.checkpoint.keep_last < 1:
             raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
         _positive("logging.interval", self.logging.interval)
@@ -230,6 +263,9 @@ class RunConfig:
             raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage: 3")
         if z.offload_optimizer and z.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        if t.compile and z.zero_stage == 3:
+            raise ConfigError("train.compile needs deepspeed.zero_stage <= 2: ZeRO-3 gathers parameters in "
+                              "module hooks that torch.compile does not trace")
         if world_size is not None:
             if world_size < 1:
                 raise ConfigError(f"world size must be >= 1, got {world_size}")
@@ -246,7 +282,12 @@ class RunConfig:
         """The DeepSpeed config dict, derived entirely from this run config."""
         self.validate(world_size)
         t, z = self.train, self.deepspeed
-        torch_adam = (device_type != "cuda") if z.torch_adam is None else z.torch_adam
+        cuda = device_type == "cuda"
+        torch_adam = not (cuda and z.offload_optimizer) if z.torch_adam is None else z.torch_adam
+        optimizer = {"lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps,
+                     "weight_decay": t.weight_decay, "torch_adam": torch_adam}
+        if torch_adam and cuda and not z.offload_optimizer:
+            optimizer["fused"] = True  # torch.optim.AdamW's fused CUDA kernel
         zero: dict[str, Any] = {"stage": z.zero_stage}
         if z.zero_stage >= 1:
             zero.update(reduce_bucket_size=z.reduce_bucket_size, allgather_bucket_size=z.allgather_bucket_size,
@@ -266,11 +307,7 @@ class RunConfig:
             "train_micro_batch_size_per_gpu": t.micro_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps(world_size),
             "gradient_clipping": t.grad_clip,
-            "optimizer": {
-                "type": "AdamW",
-                "params": {"lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps,
-                           "weight_decay": t.weight_decay, "torch_adam": torch_adam},
-            },
+            "optimizer": {"type": "AdamW", "params": optimizer},
             "bf16": {"enabled": self.precision_for(device_type) == "bf16"},
             "fp16": {"enabled": False},
             "zero_optimization": zero,
@@ -280,6 +317,20 @@ class RunConfig:
 
 
 # ---- building from YAML -----------------------------------------------------------------------
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: list[str] | None = None,
+                         configs: bool = True) -> None:
+    """``--config A B ...`` (required unless there is a ``default``; left out with ``configs=False``) and
+    repeatable ``--set KEY=VALUE``: how every command that runs or plans a run takes its config."""
+    if configs:
+        parser.add_argument("--config", nargs="+", required=default is None, default=default, metavar="YAML",
+                            help="config files merged in order: paths, or names under configs/ (e.g. quickstart, "
+                                 "or model/125m-shared train/pretrain deepspeed/zero2)"
+                                 + (f" (default: {' '.join(default)})" if default else ""))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key after merging, e.g. --set train.lr=3e-4 (repeatable; the value "
+                             "is parsed as YAML)")
+
 
 def _positive(name: str, value: Any) -> None:
     if not value > 0:
@@ -300,8 +351,10 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     path = resolve_config_path(path)
     if path in _seen:
         raise ConfigError(f"config {path} includes itself through defaults: {' -> '.join(map(str, _seen))}")
-    with open(path) as handle:
-        data = yaml.safe_load(handle) or {}
+    try:
+        data = _parse_yaml(path.read_text(), str(path)) or {}
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     merged: dict = {}
@@ -309,6 +362,29 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         include_path = path.parent / include
         merged = merge(merged, load_yaml(include_path if include_path.is_file() else include, _seen + (path,)))
     return merge(merged, data)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that ``3e-4`` and ``1e6`` are numbers (YAML 1.2 and most
+    users agree; PyYAML alone wants ``3.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML (see :class:`_Loader`), with a syntax error as one line naming ``where``, the line and the column."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        position = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML: {problem}{position}") from None
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -330,7 +406,7 @@ def apply_override(tree: dict, assignment: str) -> dict:
     keys = dotted.strip().split(".")
     if len(keys) < 2 or not all(keys):
         raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _parse_yaml(raw, f"--set {assignment}: the value") if raw.strip() else None
     node = tree
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -362,6 +438,7 @@ def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
+    sections = {f.name: f.metadata["section"]() for f in dataclasses.fields(cls) if "section" in f.metadata}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -371,7 +448,7 @@ def _build(cls, data: Any, where: str):
     values = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
-        hint = hints[name]
+        hint = sections.get(name, hints[name])
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, key)
         else:

@@ -4,7 +4,11 @@ ZeRO 1-3 checkpoints hold the fp32 master weights as per-rank flat partitions; D
 ``get_fp32_state_dict_from_zero_checkpoint`` consolidates them. Stage 0 has no partitions (and
 that tool refuses it): in fp32 its weights are the ``module`` entry of the model-states file; in
 bf16 the fp32 master copies are the optimizer's ``fp32_groups``, in the order of the launcher's
-parameter groups. The model shape comes from the run config stored in the checkpoint's client state.
+parameter groups. The model shape comes from the run config saved with the checkpoint.
+
+The checkpoint is verified first (every file listed in its ``COMPLETE`` marker present with its
+saved size, every file a checkpoint that loads with ``weights_only=True``), and every load —
+DeepSpeed's included — runs under ``checkpointing.safe_loading``: a crafted checkpoint cannot run code.
 """
 from __future__ import annotations
 
@@ -13,40 +17,44 @@ import io
 from pathlib import Path
 
 from . import checkpointing
+from .checkpointing import CheckpointError
 
 
-def _locate(checkpoint: str | Path) -> tuple[Path, str]:
-    resolved = checkpointing.resolve_resume(str(checkpoint), Path(checkpoint))
-    if resolved is None:
-        raise FileNotFoundError(f"no complete checkpoint at {checkpoint}")
-    return resolved
+def _locate(checkpoint: str | Path) -> checkpointing.Checkpoint:
+    """A checkpoint tag directory, or a checkpoints directory (its newest complete checkpoint), verified."""
+    path = Path(checkpoint)
+    if (path / checkpointing.COMPLETE).is_file():
+        return checkpointing.verify(path.parent, path.name, rng=False)
+    tag = checkpointing.latest_complete_tag(path)
+    if tag is None:
+        raise CheckpointError(f"no complete checkpoint at {checkpoint} (a directory of step_* checkpoints, or one "
+                              f"of them, with a {checkpointing.COMPLETE} marker)")
+    return checkpointing.verify(path, tag, rng=False)
 
 
 def load_state_dict(checkpoint_dir: Path, tag: str) -> tuple[dict, dict]:
-    """(fp32 model state dict, the run's client state) of one checkpoint tag."""
-    import torch
+    """(fp32 model state dict, odegpt's saved state with the run config) of one verified checkpoint tag."""
+    checkpoint = checkpointing.verify(Path(checkpoint_dir), tag, rng=False)
+    return _load_weights(checkpoint), checkpoint.state
 
-    # ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt; the others mp_rank_00_model_states.pt.
-    candidates = [checkpoint_dir / tag / name for name in ("mp_rank_00_model_states.pt",
-                                                            "zero_pp_rank_0_mp_rank_00_model_states.pt")]
-    path = next((c for c in candidates if c.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"{checkpoint_dir / tag} holds no DeepSpeed model-states file")
-    model_states = torch.load(path, map_location="cpu", weights_only=False)
-    client = model_states.get("odegpt")
-    if client is None:
-        raise ValueError(f"{checkpoint_dir / tag} was not written by odegpt's launcher (no 'odegpt' client state)")
-    if client["config"]["deepspeed"]["zero_stage"] == 0:
+
+def _load_weights(checkpoint: checkpointing.Checkpoint) -> dict:
+    run_config = checkpoint.state["config"]
+    if run_config["deepspeed"]["zero_stage"] == 0:
+        model_states = checkpointing.load_file(checkpoint.path / "mp_rank_00_model_states.pt")
         state_dict = {name: tensor.float() for name, tensor in model_states["module"].items()}
         master = (model_states.get("optimizer") or {}).get("fp32_groups")
         if master is not None:  # bf16/fp16 training: prefer the fp32 master weights
-            state_dict.update(_stage0_master_weights(client["config"], master, checkpoint_dir / tag))
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            state_dict.update(_stage0_master_weights(run_config, master, checkpoint.path))
+        return state_dict
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it reconstructs
-            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    return state_dict, client
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), checkpointing.safe_loading():  # it prints every tensor
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.directory), tag=checkpoint.tag)
+    except Exception as error:  # files that verified but do not fit together
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {checkpoint.path} cannot be consolidated: {reason}") from None
 
 
 def _stage0_master_weights(run_config: dict, fp32_groups: list[list], where: Path) -> dict:
@@ -63,13 +71,13 @@ def _stage0_master_weights(run_config: dict, fp32_groups: list[list], where: Pat
     names = {id(p): n for n, p in model.named_parameters()}
     groups = parameter_groups(model, run_config["train"]["weight_decay"])
     if [len(g["params"]) for g in groups] != [len(g) for g in fp32_groups]:
-        raise ValueError(f"{where}: the optimizer's fp32 groups do not match the model's parameter groups")
+        raise CheckpointError(f"{where}: the optimizer's fp32 groups do not match the model's parameter groups")
     weights = {}
     for group, masters in zip(groups, fp32_groups):
         for parameter, master in zip(group["params"], masters):
             if tuple(master.shape) != tuple(parameter.shape):
-                raise ValueError(f"{where}: fp32 master of {names[id(parameter)]} has shape "
-                                 f"{tuple(master.shape)}, the model {tuple(parameter.shape)}")
+                raise CheckpointError(f"{where}: fp32 master of {names[id(parameter)]} has shape "
+                                      f"{tuple(master.shape)}, the model {tuple(parameter.shape)}")
             weights[names[id(parameter)]] = master.float()
     return weights
 
@@ -79,26 +87,30 @@ def convert(checkpoint: str | Path, output_dir: str | Path, tokenizer_dir: str |
     from odegpt import OdeGPTConfig, OdeGPTForCausalLM
     from odegpt.export import save_native
 
-    checkpoint_dir, tag = _locate(checkpoint)
-    state_dict, client = load_state_dict(checkpoint_dir, tag)
-    run_config = client["config"]
+    located = _locate(checkpoint)
+    state_dict = _load_weights(located)
+    run_config = located.state["config"]
     tokenizer_dir = tokenizer_dir or run_config["data"].get("tokenizer")
-    special = {}
+    model_fields = dict(run_config["model"])
     if tokenizer_dir and Path(tokenizer_dir, "tokenizer.json").is_file():
         from data_pipeline.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_dir)
-        special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                   "pad_token_id": tokenizer.pad_token_id}
+        model_fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
     else:
         tokenizer_dir = None
-    config = OdeGPTConfig(**run_config["model"], **special)
+    config = OdeGPTConfig(**model_fields)
     model = OdeGPTForCausalLM(config)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # a tensor of another shape
+        raise CheckpointError(f"checkpoint {located.path} does not match its model config: "
+                              f"{str(error).strip().splitlines()[-1].strip()}") from None
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise ValueError(f"checkpoint {checkpoint_dir / tag} does not match the model: "
-                         f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+        raise CheckpointError(f"checkpoint {located.path} does not match its model config: "
+                              f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
     if tied:
         model.tie_weights()
     return save_native(model.eval(), output_dir, tokenizer_dir=tokenizer_dir)

@@ -25,6 +25,41 @@ def load_builder(spec: str):
         raise ConfigError(f"data.builder {spec!r} cannot be imported: {error}") from None
 
 
+DEFAULT_BUILDER = "data_pipeline.datasets:build_datasets"
+
+
+def check_corpora(config: RunConfig) -> None:
+    """Before anything starts: every corpus is prepared, and its token ids — and the tokenizer's — fit
+    ``model.vocab_size`` (an id beyond it would end the run deep inside the embedding)."""
+    from data_pipeline.manifest import Manifest
+
+    vocab_size = config.model.vocab_size
+    if config.data.tokenizer:
+        from data_pipeline.tokenizer import load_tokenizer
+
+        try:
+            tokenizer_vocab = len(load_tokenizer(config.data.tokenizer))
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"data.tokenizer: {error}") from None
+        if tokenizer_vocab > vocab_size:
+            raise ConfigError(f"model.vocab_size ({vocab_size}) is smaller than the tokenizer's vocabulary "
+                              f"({tokenizer_vocab}, data.tokenizer {config.data.tokenizer})")
+    if config.data.builder != DEFAULT_BUILDER:
+        return  # a plugged-in builder (synthetic data in the tests) has no manifests
+    if not config.data.corpora:
+        raise ConfigError("data.corpora is empty: list at least one prepared corpus directory")
+    for index, corpus in enumerate(config.data.corpora):
+        try:
+            manifest = Manifest.load(corpus)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"data.corpora[{index}]: {error}") from None
+        corpus_vocab = int(manifest.tokenizer["vocab_size"])
+        if corpus_vocab > vocab_size:
+            raise ConfigError(f"data.corpora[{index}] ({corpus}) holds token ids up to {corpus_vocab - 1} (its "
+                              f"manifest's tokenizer has {corpus_vocab} tokens) but model.vocab_size is "
+                              f"{vocab_size}; set model.vocab_size >= {corpus_vocab}")
+
+
 def build_datasets(config: RunConfig):
     """(train, valid) datasets sized for the whole run."""
     if not config.data.corpora:

@@ -2,11 +2,23 @@
 
 SIGTERM/SIGINT only set a flag; the training loop checks it once per optimizer step (agreed across
 ranks by the step's all-reduce), saves and exits 0, so a preempted job loses at most one step.
+
+Fault injection (for the tests) is read from the environment once, at start-up, and installed as
+wrappers around the trainer's methods only when asked for: the training loop itself knows nothing
+of it. ``ODEGPT_FAULT_KILL=RANK:STEP`` kills that rank as it starts that optimizer step,
+``ODEGPT_FAULT_KILL_IN_SAVE=RANK:STEP`` kills it in the middle of that step's checkpoint, and
+``ODEGPT_FAULT_NONFINITE_STEPS=3,4,5`` makes the loss of those optimizer steps NaN.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# Environment variables of the fault injection; `odegpt launch` passes them on to every rank.
+FAULT_VARIABLES = ("ODEGPT_FAULT_KILL", "ODEGPT_FAULT_KILL_IN_SAVE", "ODEGPT_FAULT_NONFINITE_STEPS")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,23 +62,53 @@ class NonFiniteGuard:
                 f"train.lr or raise train.max_nonfinite_steps ({self.limit}) to tolerate longer streaks.")
 
 
-# ---- fault injection for the tests (environment variables, never set in real runs) ----------
+# ---- fault injection for the tests ----------------------------------------------------------------
 
-def _steps(variable: str) -> set[int]:
-    value = os.environ.get(variable, "")
-    return {int(s) for s in value.split(",") if s.strip()}
-
-
-def inject_nonfinite(step: int) -> bool:
-    """ODEGPT_FAULT_NONFINITE_STEPS=3,4,5: pretend the loss of those optimizer steps is NaN."""
-    return step in _steps("ODEGPT_FAULT_NONFINITE_STEPS")
+def _rank_step(spec: str | None) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    rank, step = (int(x) for x in spec.split(":"))
+    return rank, step
 
 
-def maybe_kill(rank: int, step: int, variable: str = "ODEGPT_FAULT_KILL") -> None:
-    """ODEGPT_FAULT_KILL=RANK:STEP: that rank dies (SIGKILL) when it reaches that optimizer step;
-    ODEGPT_FAULT_KILL_IN_SAVE=RANK:STEP: it dies in the middle of that step's checkpoint."""
-    spec = os.environ.get(variable)
-    if spec:
-        kill_rank, kill_step = (int(x) for x in spec.split(":"))
-        if (rank, step) == (kill_rank, kill_step):
-            os.kill(os.getpid(), signal.SIGKILL)
+@dataclass(frozen=True)
+class FaultPlan:
+    kill: tuple[int, int] | None = None  # (rank, optimizer step)
+    kill_in_save: tuple[int, int] | None = None
+    nonfinite_steps: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "FaultPlan":
+        return cls(kill=_rank_step(environ.get("ODEGPT_FAULT_KILL")),
+                   kill_in_save=_rank_step(environ.get("ODEGPT_FAULT_KILL_IN_SAVE")),
+                   nonfinite_steps=frozenset(int(s) for s in environ.get("ODEGPT_FAULT_NONFINITE_STEPS", "").split(",")
+                                             if s.strip()))
+
+    def install(self, trainer) -> None:
+        """Wrap the trainer's ``train_step``, ``micro_batch_loss`` and checkpoint writer where this plan asks."""
+        rank = trainer.rank
+
+        def die_at(target: tuple[int, int] | None, step: int) -> None:
+            if target == (rank, step):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        if self.kill is not None:
+            train_step = trainer.train_step
+
+            @functools.wraps(train_step)
+            def killing_train_step(*args, **kwargs):
+                die_at(self.kill, trainer.step)
+                return train_step(*args, **kwargs)
+
+            trainer.train_step = killing_train_step
+        if self.nonfinite_steps:
+            micro_batch_loss = trainer.micro_batch_loss
+
+            @functools.wraps(micro_batch_loss)
+            def nonfinite_loss(*args, **kwargs):
+                loss = micro_batch_loss(*args, **kwargs)
+                return loss * float("nan") if trainer.step in self.nonfinite_steps else loss
+
+            trainer.micro_batch_loss = nonfinite_loss
+        if self.kill_in_save is not None:
+            trainer.checkpointer.after_files_written = functools.partial(die_at, self.kill_in_save)

@@ -16,11 +16,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .faults import FAULT_VARIABLES
+
 # Variables every rank needs; copied from this environment when set (DS_ACCELERATOR is derived).
 PROPAGATED_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                  "TOKENIZERS_PARALLELISM", "ODEGPT_FAULT_NONFINITE_STEPS", "ODEGPT_FAULT_KILL",
-                  "ODEGPT_FAULT_KILL_IN_SAVE")
-
+                  "TOKENIZERS_PARALLELISM", *FAULT_VARIABLES)
 
 
 def free_port() -> int:
@@ -126,11 +126,11 @@ def _is_rank(cmdline: list[str]) -> bool:
 def run(spec: LaunchSpec, dry_run: bool = False) -> int:
     from .config import ConfigError, load_config
 
-    if spec.no_ssh and not spec.master_addr:
-        raise ConfigError("--no-ssh needs --master-addr (the address of node rank 0)")
     try:
+        if spec.no_ssh and not spec.master_addr:
+            raise ConfigError("--no-ssh needs --master-addr (the address of node rank 0)")
         config = load_config(spec.configs, spec.overrides, world_size=world_size(spec))
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # ConfigError, or a hostfile that cannot be read
         print(f"odegpt launch: config error: {error}", file=sys.stderr)
         return 2
     cmd = build_command(spec)

@@ -12,6 +12,7 @@ checkpointing is on. All numbers are estimates for bf16 mixed precision on GPUs.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class Plan:
     flops_per_token: dict[float, float]
     expected_training_flops_per_token: float
     model_states_bytes: dict[str, float]  # per GPU
+    build_cpu_bytes: dict[str, float]  # CPU memory per node while ZeRO-3 builds the model, with/without zero.Init
     activation_bytes: float  # per GPU, one micro-batch
     kv_cache_bytes: dict[float, float]  # one sequence of seq_len tokens
     train_tokens: float
@@ -45,15 +47,27 @@ def model_states_per_gpu(parameters: int, largest_layer: int, gpus_per_node: int
 
     gpus = gpus_per_node * nodes
     kwargs = dict(num_gpus_per_node=gpus_per_node, num_nodes=nodes)
+    # ZeRO-3 as odegpt train runs it: parameters created partitioned (zero_init=True).
+    zero3 = dict(largest_layer_params=largest_layer, zero_init=True, **kwargs)
     return {
         "zero0": 20 * parameters,
         "zero1": 4 * parameters + int(16 * parameters / gpus),
         "zero2": estimate_zero2_model_states_mem_needs(parameters, cpu_offload=False, **kwargs)[1],
         "zero2+offload": estimate_zero2_model_states_mem_needs(parameters, cpu_offload=True, **kwargs)[1],
-        "zero3": estimate_zero3_model_states_mem_needs(parameters, largest_layer, cpu_offload=False, **kwargs)[1],
-        "zero3+offload": estimate_zero3_model_states_mem_needs(parameters, largest_layer, cpu_offload=True,
-                                                               **kwargs)[1],
+        "zero3": estimate_zero3_model_states_mem_needs(parameters, cpu_offload=False, **zero3)[1],
+        "zero3+offload": estimate_zero3_model_states_mem_needs(parameters, cpu_offload=True, **zero3)[1],
     }
+
+
+def build_cpu_memory_per_node(parameters: int, largest_layer: int, gpus_per_node: int, nodes: int) -> dict[str, float]:
+    """CPU bytes per node while ZeRO-3 builds the model (DeepSpeed's estimator): with ``zero.Init`` each rank
+    holds at most one layer whole; without it every rank holds the whole fp32 model first."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    kwargs = dict(largest_layer_params=largest_layer, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
+                  cpu_offload=False)
+    return {"zero_init": estimate_zero3_model_states_mem_needs(parameters, zero_init=True, **kwargs)[0],
+            "no_zero_init": estimate_zero3_model_states_mem_needs(parameters, zero_init=False, **kwargs)[0]}
 
 
 def expected_step_sizes(distribution: dict, seed: int, draws: int = 2000) -> list[tuple[float, float]]:
@@ -99,6 +113,7 @@ def make_plan(config, nodes: int, gpus_per_node: int, gpu_tflops: float, mfu: fl
         flops_per_token={a: c.flops_per_token for a, c in costs.items()},
         expected_training_flops_per_token=expected_flops,
         model_states_bytes=model_states_per_gpu(parameters, largest_layer, gpus_per_node, nodes),
+        build_cpu_bytes=build_cpu_memory_per_node(parameters, largest_layer, gpus_per_node, nodes),
         activation_bytes=activations,
         kv_cache_bytes={a: c.kv_cache_bytes_per_token * t.seq_len for a, c in costs.items()},
         train_tokens=train_tokens, tokens_per_s=tokens_per_s, days=train_tokens / tokens_per_s / 86400)
@@ -118,6 +133,10 @@ def format_plan(plan: Plan, config, gpu_tflops: float, mfu: float) -> str:
                  f"{format_count(plan.expected_training_flops_per_token)}FLOP per token")
     lines.append("  model states per GPU: " + "  ".join(f"{stage} {value / GIB:.2f} GiB"
                                                          for stage, value in plan.model_states_bytes.items()))
+    if config.deepspeed.zero_stage == 3:
+        lines.append(f"  ZeRO-3 builds the model partitioned (zero.Init): {plan.model_states_bytes['zero3'] / GIB:.2f} GiB "
+                     f"per GPU, {plan.build_cpu_bytes['zero_init'] / GIB:.1f} GiB CPU per node while building "
+                     f"(without zero.Init: {plan.build_cpu_bytes['no_zero_init'] / GIB:.1f} GiB)")
     lines.append(f"  activations per GPU: {plan.activation_bytes / GIB:.2f} GiB (micro-batch {t.micro_batch_size}, "
                  f"checkpointing {'on' if t.activation_checkpointing else 'off'})")
     lines.append(f"  budget {format_count(plan.train_tokens)} tokens ({t.train_steps} steps x {t.global_batch_size} x "
@@ -153,9 +172,17 @@ def format_table(plans: list[Plan]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from odegpt.accounting import PEAK_TFLOPS, peak_tflops
+
     from .config import ConfigError, load_config
 
     world = args.num_nodes * args.num_gpus
+    if args.gpu_tflops is None:
+        args.gpu_tflops = peak_tflops(args.gpu)
+        if args.gpu_tflops is None:
+            print(f"odegpt plan: --gpu {args.gpu} is not a known GPU ({', '.join(PEAK_TFLOPS)}); "
+                  f"give its peak with --gpu-tflops", file=sys.stderr)
+            return 2
     try:
         if args.all_models:
             plans = []
@@ -171,7 +198,7 @@ def main(args: argparse.Namespace) -> int:
             return 0
         config = load_config(args.config, args.overrides, world_size=world)
     except ConfigError as error:
-        print(f"odegpt plan: config error: {error}")
+        print(f"odegpt plan: config error: {error}", file=sys.stderr)
         return 2
     name = " + ".join(Path(c).name.removesuffix(".yaml") for c in args.config)
     plan = make_plan(config, args.num_nodes, args.num_gpus, args.gpu_tflops, args.mfu, name=name)

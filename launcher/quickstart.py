@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config import add_config_arguments
 from .launch import free_port
 
 STEP_SIZES = (0.5, 1.0, 2.0, 4.0)
@@ -43,9 +44,7 @@ class Stages:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.quickstart", description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="runs/quickstart", help="everything goes here (default: %(default)s)")
-    parser.add_argument("--config", default="quickstart", help="run config (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set train.train_steps=100")
+    add_config_arguments(parser, default=["quickstart"])
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks (default: %(default)s)")
     parser.add_argument("--prompt", default="def ", help="generation prompt (default: %(default)r)")
     args = parser.parse_args(argv)
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     native_dir, unrolled_dir = out / "export" / "native", out / "export" / "unrolled-a2"
     overrides = [f"data.corpora=[{data_dir}]", f"data.tokenizer={tokenizer_dir}", f"run.output_dir={out}",
                  *args.overrides]
-    config = load_config([args.config], overrides, world_size=args.ranks)
+    config = load_config(args.config, overrides, world_size=args.ranks)
     odegpt = [sys.executable, "-m", "odegpt"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DS_ACCELERATOR": "cpu",
            "TOKENIZERS_PARALLELISM": "false"}
@@ -82,16 +81,17 @@ def main(argv: list[str] | None = None) -> int:
                  f"{t.global_batch_size} x {t.seq_len} tokens, {args.ranks} CPU ranks, "
                  f"ZeRO-{config.deepspeed.zero_stage}, deepspeed launcher")
     stages.run(odegpt + ["launch", "--num-gpus", str(args.ranks), "--master-port", str(free_port()), "--quiet",
-                         "--config", args.config, *[f"--set={o}" for o in overrides]], env=env)
+                         "--config", *args.config, *[f"--set={o}" for o in overrides]], env=env)
 
     stages.begin("convert the final DeepSpeed checkpoint to a native odegpt folder")
     stages.run(odegpt + ["convert", "--checkpoint", str(config.checkpoint_dir), "--output", str(model_dir)])
 
     stages.begin("validation perplexity at each step size")
-    table = json.loads(stages.run(odegpt + ["evaluate", "--model", str(model_dir), "--data", str(data_dir),
-                                            "--step-sizes", ",".join(f"{a:g}" for a in STEP_SIZES),
-                                            "--seq-len", str(t.seq_len), "--num-samples", "256", "--json"],
-                                  capture=True, env=env))
+    report = json.loads(stages.run(odegpt + ["evaluate", "--model", str(model_dir), "--data", str(data_dir),
+                                             "--step-sizes", ",".join(f"{a:g}" for a in STEP_SIZES),
+                                             "--seq-len", str(t.seq_len), "--num-samples", "256", "--no-speed",
+                                             "--json"], capture=True, env=env))
+    table = {f"{row['step_size']:g}": row["perplexity"] for row in report["results"]}
     for a, ppl in table.items():
         print(f"  a={a:<4} perplexity {ppl:.2f}")
 

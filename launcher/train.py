@@ -1,35 +1,37 @@
 """Pretraining entry point: ``python -m launcher.train --config ...`` (or ``odegpt train``).
 
 Runs the same way under the ``deepspeed`` launcher, under ``torchrun`` and as one plain process
-(a world of one). The model is plain ``OdeGPTForCausalLM``; everything distributed — ZeRO, the
-optimizer, checkpointing — is wrapped around it here. One optimizer step = one step size ``a``
-(drawn from (seed, step), identical on every rank), ``gradient_accumulation_steps`` micro-batches
-per rank, one all-reduce of the loss and the stop flag.
+(a world of one). The model is plain ``OdeGPTForCausalLM``; everything distributed — ZeRO (with
+parameters created partitioned under ZeRO-3), the optimizer, checkpointing — is wrapped around it
+here. One optimizer step = one step size ``a`` (drawn from (seed, step), identical on every rank),
+``gradient_accumulation_steps`` micro-batches per rank, one all-reduce of the loss and the stop flag.
+
+:class:`Trainer` sets a run up (checks first, writes after, builds last) and :meth:`Trainer.train`
+is the loop; evaluation, checkpoints and metrics each decide their own interval.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
 import time
-import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .config import add_config_arguments
 from .launch import free_port
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", nargs="+", required=True, metavar="YAML",
-                        help="config files merged in order (paths, or names under configs/, e.g. quickstart)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. --set train.lr=3e-4 (repeatable; value parsed as YAML)")
+    add_config_arguments(parser)
     parser.add_argument("--resume", default="auto",
-                        help="'auto' (newest complete checkpoint in run.output_dir, else start fresh), "
-                             "'none', or a checkpoint directory (default: %(default)s)")
+                        help="'auto' (newest complete checkpoint in run.output_dir that can be read, else start "
+                             "fresh), 'none', a checkpoints directory or one checkpoint (default: %(default)s)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -51,22 +53,363 @@ def _prepare_environment() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
-def _log(rank: int, message: str) -> None:
-    if rank == 0:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
+class TrainingError(Exception):
+    """A run that cannot start, agreed by every rank: printed once, as one line, exit 2."""
 
 
-def peak_flops(config, device_type: str) -> float:
-    """Peak FLOP/s of one rank's device for MFU: configured, else an A100's bf16 312 TFLOP/s on GPU,
-    or 100 GFLOP/s per thread on CPU (an AVX2 core: 2 FMA units x 8 fp32 lanes x 2 x ~3 GHz)."""
+def _describe(error: Exception) -> str:
+    from .config import ConfigError
+
+    return f"config error: {error}" if isinstance(error, ConfigError) else str(error)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What bad input (config, checkpoints, corpora) raises during set-up."""
+    from data_pipeline.shards import ShardError
+
+    from .checkpointing import CheckpointError
+    from .config import ConfigError
+
+    return ConfigError, CheckpointError, ShardError, TrainingError, ValueError, OSError
+
+
+def decided_by_rank_zero(decide: Callable[[], Any]) -> Any:
+    """Rank 0 runs ``decide`` (reading files, say) and every rank gets its result — or every rank raises
+    its error, so the job ends with one message instead of a stack per rank or a hang."""
+    import torch.distributed as dist
+
+    payload: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload = [(decide(), None)]
+        except _user_errors() as error:
+            payload = [(None, _describe(error))]
+    dist.broadcast_object_list(payload, src=0)
+    result, message = payload[0]
+    if message is not None:
+        raise TrainingError(message)
+    return result
+
+
+def on_every_rank(action: Callable[[], Any]) -> Any:
+    """Every rank runs ``action``; if it fails on any of them, every rank raises the first failure."""
+    import torch.distributed as dist
+
+    try:
+        result, message = action(), None
+    except _user_errors() as error:
+        result, message = None, _describe(error)
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    first = next((m for m in messages if m is not None), None)
+    if first is not None:
+        raise TrainingError(first)
+    return result
+
+
+def peak_flops_per_device(config, device_type: str, say: Callable[[str], None]) -> float:
+    """Peak FLOP/s of one rank's device for MFU: ``logging.peak_tflops_per_device``, else the GPU's dense bf16
+    peak from its name (``odegpt.accounting.PEAK_TFLOPS``), else 100 GFLOP/s per CPU thread (an AVX2 core:
+    2 FMA units x 8 fp32 lanes x 2 x ~3 GHz)."""
     import torch
 
+    from odegpt.accounting import peak_tflops
+
     tflops = config.logging.peak_tflops_per_device
-    if tflops is None:
-        tflops = 312.0 if device_type == "cuda" else 0.1 * torch.get_num_threads()
+    if tflops is None and device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        tflops = peak_tflops(name)
+        if tflops is None:
+            tflops = 312.0
+            say(f"MFU: no peak known for {name!r}; assuming 312 TFLOP/s, set logging.peak_tflops_per_device")
+    elif tflops is None:
+        tflops = 0.1 * torch.get_num_threads()
     return tflops * 1e12
+
+
+def initialize_partitions(model, seed: int, rank: int) -> None:
+    """Initialize a model built under ``deepspeed.zero.Init`` where it lies: each rank draws its own slice of
+    every parameter (``ds_tensor``) with the model's own ``_init_weights`` (normal(0, initializer_range) for
+    matrices, ones for norms: element-wise rules, so a flat slice takes them as well as the whole tensor).
+    Nothing is gathered, so no rank ever holds a whole layer twice; the random stream is seeded by
+    (``train.seed``, rank), so the initial weights depend on the number of ranks (resumes are exact)."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+        for module in model.modules():
+            parameters = list(module.parameters(recurse=False))
+            placeholders = [p.data for p in parameters]
+            for parameter in parameters:
+                parameter.data = parameter.ds_tensor.data
+            try:
+                model._init_weights(module)
+            finally:
+                for parameter, placeholder in zip(parameters, placeholders):
+                    parameter.data = placeholder
+
+
+# ---- the trainer ------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    loss: float  # mean over ranks and micro-batches
+    step_size: float
+    stop: bool  # a stop signal arrived on some rank
+
+
+class Evaluator:
+    """Validation perplexity at ``eval.step_sizes`` on a fixed, evenly spread subset of the validation split."""
+
+    def __init__(self, model, batches: list, step_sizes: list[float], interval: int, at_end: bool) -> None:
+        self.model, self.batches, self.step_sizes = model, batches, step_sizes
+        self.interval, self.at_end = interval, at_end
+
+    def due(self, step: int, last: bool) -> bool:
+        if not self.batches:
+            return False
+        return self.at_end if last else bool(self.interval) and step % self.interval == 0
+
+    def run(self) -> dict[float, float]:
+        """Collective: every rank scores its share, the sums are all-reduced."""
+        import torch
+        import torch.distributed as dist
+
+        from odegpt.evaluation import nll_sums, perplexity
+
+        sums = nll_sums(self.model, self.batches, self.step_sizes)
+        device = self.batches[0].device
+        totals = torch.tensor([[s, n] for s, n in sums.values()], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)  # NCCL needs device tensors; gloo takes CPU ones
+        return {a: perplexity(float(s), int(n)) for a, (s, n) in zip(sums, totals.tolist())}
+
+
+class Trainer:
+    def __init__(self, config, resume: str | None, rank: int, world_size: int, device_type: str) -> None:
+        import deepspeed
+        from torch.optim.lr_scheduler import LambdaLR
+
+        from odegpt.objective import StepSizeDistribution, StepSizeSampler
+
+        from . import checkpointing, data, faults
+        from .metrics import MetricsLogger
+        from .optim import parameter_groups, schedule_for
+
+        self.config, self.rank, self.world_size, self.device_type = config, rank, world_size, device_type
+        config.validate(world_size)
+        t = self.config.train
+        self.output_dir, self.checkpoint_dir = Path(config.run.output_dir), config.checkpoint_dir
+
+        # 1. Check everything a user can get wrong before writing or building anything.
+        def check() -> checkpointing.Checkpoint | None:
+            data.check_corpora(config)
+            checkpoint = checkpointing.choose(resume, self.checkpoint_dir, note=self.say)
+            if checkpoint is not None:
+                config.check_resumable(checkpoint.state["config"], str(checkpoint.path))
+            return checkpoint
+
+        checkpoint = decided_by_rank_zero(check)
+        train_ds, valid_ds = on_every_rank(lambda: data.build_datasets(config))
+
+        # 2. Only now write: the run's config and metrics.
+        if rank == 0:
+            from data_pipeline.files import write_json_atomic
+
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.output_dir / "config.json", config.to_dict())
+        self.step = checkpoint.state["step"] if checkpoint else 0
+        self.consumed_samples = checkpoint.state["consumed_samples"] if checkpoint else 0
+        self.metrics = MetricsLogger(self.output_dir, rank, config.logging.interval, t.train_steps, self.step,
+                                     config.logging.tensorboard, config.logging.progress_bar, fresh=checkpoint is None)
+
+        # 3. Build: the model (partitioned from birth under ZeRO-3), the engine, the data streams.
+        ds_config = config.to_deepspeed_config(world_size, device_type)
+        self.model = self._build_model(ds_config)
+        schedule = schedule_for(t)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, model_parameters=parameter_groups(self.model, t.weight_decay), config=ds_config,
+            # A plain function, so the schedule is not restored from a checkpoint: after a resume the
+            # configured schedule (perhaps with a new train.train_steps) applies from the saved step on.
+            lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda index: schedule(index)))
+        self.device = self.engine.device
+        self.checkpointer = checkpointing.Checkpointer(self.engine, self.checkpoint_dir, config.checkpoint.interval,
+                                                       config.checkpoint.keep_last)
+        if checkpoint is not None:
+            self.checkpointer.load(checkpoint)
+            self.say(f"resumed from {checkpoint.path}: step {self.step}, {self.consumed_samples} samples consumed")
+        self.sampler = StepSizeSampler(StepSizeDistribution.from_dict(t.step_size), t.seed)
+        self.grad_accum = config.gradient_accumulation_steps(world_size)
+        self.batches = data.train_micro_batches(train_ds, self.consumed_samples, t.micro_batch_size, rank, world_size)
+        eval_micro = config.eval.micro_batch_size or t.micro_batch_size
+        eval_batches = [batch.to(self.device) for batch in data.valid_batches(
+            valid_ds, config.eval.num_samples, eval_micro, rank, world_size)] \
+            if valid_ds is not None and config.eval.num_samples else []
+        self.evaluator = Evaluator(self.engine.module, eval_batches, config.eval_step_sizes, config.eval.interval,
+                                   config.eval.at_end)
+        self.peak_flops = peak_flops_per_device(config, device_type, self.say) * world_size
+        self.stop = faults.StopRequest().install()
+        self.guard = faults.NonFiniteGuard(t.max_nonfinite_steps)
+        faults.FaultPlan.from_environment().install(self)
+        self._costs: dict[float, Any] = {}
+
+    def say(self, message: str) -> None:
+        if self.rank == 0:
+            metrics = getattr(self, "metrics", None)
+            if metrics is not None:
+                metrics.say(message)
+            else:
+                print(message, file=sys.stderr, flush=True)
+
+    def _build_model(self, ds_config: dict):
+        """``OdeGPTForCausalLM``; under ZeRO-3 created partitioned (``deepspeed.zero.Init``) and initialized
+        partition by partition (:func:`initialize_partitions`): no rank ever holds the whole model."""
+        import deepspeed
+        import torch
+
+        from odegpt import OdeGPTForCausalLM
+        from odegpt.accounting import model_cost
+
+        from .metrics import GIB, gather_floats, peak_memory_bytes
+
+        t, model_config = self.config.train, self.config.model_config()
+        zero_init = self.config.deepspeed.zero_stage == 3 and self.config.deepspeed.zero3_init
+        before, start = peak_memory_bytes(self.device_type), time.perf_counter()
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        if zero_init:
+            from transformers.initialization import no_init_weights
+
+            with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = OdeGPTForCausalLM(model_config)
+            initialize_partitions(model, t.seed, self.rank)
+            model.tie_weights()
+        else:
+            model = OdeGPTForCausalLM(model_config)
+        if t.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if t.compile:
+            for block in model.model.blocks:  # the solver calls the two branches of each block
+                block.attention_branch = torch.compile(block.attention_branch)
+                block.mlp_branch = torch.compile(block.mlp_branch)
+        memory = [(b / GIB, a / GIB) for b, a in zip(gather_floats(float(before)),
+                                                      gather_floats(float(peak_memory_bytes(self.device_type))))]
+        held = {id(p): p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters()}
+        parameters = model_cost(model_config, seq_len=t.seq_len).parameters
+        model_gib = parameters * (2 if self.config.precision_for(self.device_type) == "bf16" else 4) / GIB
+        self.metrics.record("build", self.step, {
+            "parameters": parameters, "model_gib": model_gib, "zero_init": zero_init,
+            "parameters_held_per_rank": [int(n) for n in gather_floats(float(sum(held.values())))],
+            "seconds": time.perf_counter() - start, "peak_memory_gib_before": [b for b, _ in memory],
+            "peak_memory_gib_after": [a for _, a in memory]})
+        self.say(f"built {parameters:,} parameters ({model_gib:.2f} GiB) in {time.perf_counter() - start:.1f}s"
+                 + (f", created partitioned over {self.world_size} rank(s) (zero.Init)" if zero_init else "")
+                 + "; peak memory per rank " + ", ".join(f"{a:.2f} GiB" for _, a in memory))
+        return model
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def train(self) -> int:
+        """Optimizer steps until ``train.train_steps``; stop (after saving) on SIGTERM/SIGINT. Returns the exit code."""
+        t = self.config.train
+        self.say(f"training on {self.world_size} rank(s), ZeRO-{self.config.deepspeed.zero_stage}, "
+                 f"{self.config.precision_for(self.device_type)}, {self.grad_accum} micro-batch(es) of "
+                 f"{t.micro_batch_size} per rank per step")
+        while self.step < t.train_steps:
+            result = self.train_step()
+            self.step += 1
+            self.consumed_samples += t.global_batch_size
+            self.log(result, last=self.step == t.train_steps or result.stop)
+            self.guard.update(self.step, result.loss, math.isfinite(result.loss))
+            if result.stop:
+                return self.stop_on_signal()
+            if not self.guard.streak:  # never evaluate or checkpoint a step with a non-finite loss
+                self.maybe_evaluate(last=False)
+                self.maybe_save()
+        self.maybe_evaluate(last=True)
+        self.save()
+        self.say(f"done: {self.step} steps, {self.consumed_samples} samples; checkpoints in {self.checkpoint_dir}, "
+                 f"metrics in {self.output_dir / 'metrics.jsonl'}")
+        return 0
+
+    def train_step(self) -> StepResult:
+        """One optimizer step at this step's ``a``: ``grad_accum`` micro-batches, then one all-reduce of the
+        loss and the stop flag (so every rank stops at the same step)."""
+        import torch
+        import torch.distributed as dist
+
+        a = self.sampler.sample(self.step)
+        self.engine.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for _ in range(self.grad_accum):
+            loss = self.micro_batch_loss(next(self.batches).to(self.device), a)
+            loss_sum += loss.detach().double()
+            # A non-finite micro-batch back-propagates zero instead (collectives stay aligned).
+            self.engine.backward(torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)))
+            self.engine.step()
+        stop = torch.tensor(float(self.stop.requested), dtype=torch.float64, device=self.device)
+        reduced = torch.stack([loss_sum / self.grad_accum, stop])
+        dist.all_reduce(reduced)
+        return StepResult(loss=reduced[0].item() / self.world_size, step_size=a, stop=reduced[1].item() > 0)
+
+    def micro_batch_loss(self, tokens, step_size: float):
+        from odegpt.objective import language_model_loss
+
+        return language_model_loss(self.engine, tokens, step_size, self.config.train.consistency_weight)
+
+    # ---- what the loop delegates to: each decides its own interval ---------------------------------
+
+    def log(self, result: StepResult, last: bool) -> None:
+        from odegpt.accounting import model_cost
+
+        t = self.config.train
+        cost = self._costs.get(result.step_size)
+        if cost is None:
+            cost = self._costs[result.step_size] = model_cost(self.config.model_config(), result.step_size, t.seq_len)
+        grad_norm = self.engine.get_global_grad_norm()
+        tokens = t.global_batch_size * t.seq_len
+        self.metrics.train_step(self.step, {
+            "loss": result.loss, "step_size": result.step_size, "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "executed_steps": cost.executed_steps}, tokens=tokens, flops=cost.training_flops_per_token * tokens,
+            peak_flops=self.peak_flops, device_type=self.device_type, last=last)
+
+    def stop_on_signal(self) -> int:
+        if not self.guard.streak:  # never checkpoint a step with a non-finite loss
+            self.save()
+        self.say(f"stopping on {self.stop.signal_name or 'a signal on another rank'} at step {self.step}; "
+                 f"resume with --resume auto")
+        return 0
+
+    def maybe_evaluate(self, last: bool) -> None:
+        if not self.evaluator.due(self.step, last) or (not last and self.step == self.config.train.train_steps):
+            return
+        start = time.perf_counter()
+        result = self.evaluator.run()
+        self.metrics.record("valid", self.step, {f"ppl_a{a:g}": p for a, p in result.items()})
+        self.say(f"step {self.step}: validation perplexity " + "  ".join(f"a={a:g}: {p:.2f}" for a, p in result.items()))
+        self.metrics.exclude(time.perf_counter() - start)
+
+    def maybe_save(self) -> None:
+        start = time.perf_counter()
+        path = self.checkpointer.maybe_save(self.step, self.state_dict())
+        if path is not None:
+            self.say(f"step {self.step}: saved checkpoint {path}")
+            self.metrics.exclude(time.perf_counter() - start)
+
+    def save(self) -> None:
+        path = self.checkpointer.save(self.step, self.state_dict())
+        if path is not None:
+            self.say(f"step {self.step}: saved checkpoint {path}")
+
+    def state_dict(self) -> dict:
+        """What the engine does not know, saved beside its files as ``odegpt_state.json``."""
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "config": self.config.to_dict(),
+                "step_size_sampler": self.sampler.state_dict(), "world_size": self.world_size}
+
+    def close(self) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -80,213 +423,41 @@ def run(args: argparse.Namespace) -> int:
         print(f"odegpt train: config error: {error}", file=sys.stderr)
         return 2
     _prepare_environment()
-    # DeepSpeed's ZeRO-2 still calls torch's deprecated all_gather_into_tensor: one warning per call.
+    import warnings
+
+    # DeepSpeed's ZeRO-2/3 still call torch's deprecated all_gather_into_tensor: one warning per call.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
     import deepspeed
     import torch
     import torch.distributed as dist
 
+    from .checkpointing import CheckpointError
+    from .faults import NonFiniteLossError
+
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
                                timeout=datetime.timedelta(seconds=config.train.dist_timeout_s))
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
+    trainer = None
     try:
-        return _train(config, args, rank, world_size, device_type)
-    except ConfigError as error:
-        _log(rank, f"odegpt train: config error: {error}")
+        trainer = Trainer(config, args.resume, rank, dist.get_world_size(), device_type)
+        return trainer.train()
+    except (ConfigError, CheckpointError, TrainingError) as error:
+        if rank == 0:
+            print(f"odegpt train: {_describe(error)}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteLossError as error:
+        if rank == 0:
+            print(f"odegpt train: {error}", file=sys.stderr, flush=True)
+        return 3
     finally:
+        if trainer is not None:
+            trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _train(config, args, rank: int, world_size: int, device_type: str) -> int:
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-    from torch.optim.lr_scheduler import LambdaLR
-    from tqdm import tqdm
-
-    from odegpt import OdeGPTForCausalLM
-    from odegpt.accounting import model_cost
-    from odegpt.evaluation import nll_sums, perplexity
-    from odegpt.objective import StepSizeDistribution, StepSizeSampler, language_model_loss
-
-    from . import checkpointing, data, faults
-    from .config import ConfigError
-    from .optim import parameter_groups, schedule_for
-
-    config.validate(world_size)
-    t = config.train
-    output_dir = Path(config.run.output_dir)
-    checkpoint_dir = config.checkpoint_dir
-    if rank == 0:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-
-    model_config = config.model_config()
-    if config.data.tokenizer:
-        from data_pipeline.tokenizer import load_tokenizer
-
-        tokenizer_vocab = len(load_tokenizer(config.data.tokenizer))
-        if tokenizer_vocab > model_config.vocab_size:
-            raise ConfigError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the tokenizer's "
-                              f"vocabulary ({tokenizer_vocab}, {config.data.tokenizer})")
-
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = OdeGPTForCausalLM(model_config)
-    num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-    if t.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    schedule = schedule_for(t)
-    ds_config = config.to_deepspeed_config(world_size, device_type)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model, t.weight_decay), config=ds_config,
-        # A plain function, so the schedule is not restored from a checkpoint: after a resume the
-        # configured schedule (perhaps with a new train.train_steps) applies from the saved step on.
-        lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda index: schedule(index)))
-    grad_accum = config.gradient_accumulation_steps(world_size)
-
-    train_ds, valid_ds = data.build_datasets(config)
-    sampler = StepSizeSampler(StepSizeDistribution.from_dict(t.step_size), t.seed)
-
-    # ---- resume ----
-    step, consumed_samples = 0, 0
-    resume = checkpointing.resolve_resume(args.resume, checkpoint_dir)
-    if resume is not None:
-        client = checkpointing.load(engine, *resume)["odegpt"]
-        if client["config"]["model"] != config.to_dict()["model"]:
-            raise ConfigError(f"the model section differs from the checkpoint's ({resume[0] / resume[1]})")
-        step, consumed_samples = client["step"], client["consumed_samples"]
-        _log(rank, f"resumed from {resume[0] / resume[1]}: step {step}, {consumed_samples} samples consumed")
-    elif rank == 0 and (output_dir / "metrics.jsonl").exists():
-        (output_dir / "metrics.jsonl").unlink()  # a fresh run does not append to an old run's metrics
-
-    def client_state() -> dict:
-        return {"odegpt": {"step": step, "consumed_samples": consumed_samples, "config": config.to_dict(),
-                           "step_size_sampler": sampler.state_dict(), "world_size": world_size}}
-
-    writer = None
-    if rank == 0 and config.logging.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=step)
-    metrics_file = open(output_dir / "metrics.jsonl", "a") if rank == 0 else None
-
-    def record(kind: str, values: dict) -> None:
-        if rank != 0:
-            return
-        metrics_file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
-        metrics_file.flush()
-        if writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    writer.add_scalar(f"{kind}/{key}", value, step)
-
-    device = engine.device
-    eval_micro = config.eval.micro_batch_size or t.micro_batch_size
-    eval_batches = [batch.to(device) for batch in
-                    data.valid_batches(valid_ds, config.eval.num_samples, eval_micro, rank, world_size)] \
-        if valid_ds is not None and config.eval.num_samples else []
-
-    def evaluate() -> dict[float, float]:
-        sums = nll_sums(engine.module, eval_batches, config.eval_step_sizes)
-        totals = torch.tensor([[s, n] for s, n in sums.values()], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)  # NCCL needs device tensors; gloo takes CPU ones
-        result = {a: perplexity(float(s), int(n)) for a, (s, n) in zip(sums, totals.tolist())}
-        record("valid", {f"ppl_a{a:g}": p for a, p in result.items()})
-        _log(rank, f"step {step}: validation perplexity " +
-             "  ".join(f"a={a:g}: {p:.2f}" for a, p in result.items()))
-        return result
-
-    saved_step = step if resume is not None else None
-
-    def save() -> None:
-        nonlocal saved_step
-        if saved_step == step:
-            return
-        path = checkpointing.save(engine, checkpoint_dir, step, client_state(), config.checkpoint.keep_last)
-        saved_step = step
-        _log(rank, f"step {step}: saved checkpoint {path}")
-
-    stop = faults.StopRequest().install()
-    guard = faults.NonFiniteGuard(t.max_nonfinite_steps)
-    batches = data.train_micro_batches(train_ds, consumed_samples, t.micro_batch_size, rank, world_size)
-    tokens_per_step = t.global_batch_size * t.seq_len
-    peak = peak_flops(config, device_type) * world_size
-    costs: dict[float, object] = {}
-    progress = tqdm(total=t.train_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=rank != 0 or not config.logging.progress_bar, file=sys.stderr)
-    _log(rank, f"training {num_parameters:,} parameters on {world_size} rank(s), "
-               f"ZeRO-{config.deepspeed.zero_stage}, {config.precision_for(device_type)}, "
-               f"{grad_accum} micro-batch(es) of {t.micro_batch_size} per rank per step")
-    exit_code = 0
-    try:
-        while step < t.train_steps:
-            step_start = time.perf_counter()
-            a = sampler.sample(step)
-            faults.maybe_kill(rank, step)
-            engine.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for _ in range(grad_accum):
-                tokens = next(batches).to(device)
-                loss = language_model_loss(engine, tokens, a, t.consistency_weight)
-                if faults.inject_nonfinite(step):
-                    loss = loss * float("nan")
-                loss_sum += loss.detach().double()
-                # A non-finite micro-batch back-propagates zero instead (collectives stay aligned).
-                engine.backward(torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)))
-                engine.step()
-            reduced = torch.stack([loss_sum / grad_accum,
-                                   torch.tensor(float(stop.requested), dtype=torch.float64, device=device)])
-            dist.all_reduce(reduced)
-            step_loss, stop_now = reduced[0].item() / world_size, reduced[1].item() > 0
-            step += 1
-            consumed_samples += t.global_batch_size
-
-            tokens_per_s = tokens_per_step / max(time.perf_counter() - step_start, 1e-9)  # excludes eval/saves
-            if a not in costs:
-                costs[a] = model_cost(model_config, step_size=a, seq_len=t.seq_len)
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else math.nan
-            record("train", {"loss": step_loss, "step_size": a, "lr": scheduler.get_last_lr()[0],
-                             "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                             "mfu": costs[a].training_flops_per_token * tokens_per_s / peak,
-                             "executed_steps": costs[a].executed_steps})
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", a=f"{a:g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            guard.update(step, step_loss, math.isfinite(step_loss))
-            if stop_now:
-                if not guard.streak:  # never checkpoint a step with a non-finite loss
-                    save()
-                _log(rank, f"stopping on {stop.signal_name or 'a signal on another rank'} at step {step}; "
-                           f"resume with --resume auto")
-                return 0
-            if guard.streak:
-                continue
-            if config.eval.interval and step % config.eval.interval == 0 and step < t.train_steps and eval_batches:
-                evaluate()
-            if config.checkpoint.interval and step % config.checkpoint.interval == 0:
-                save()
-        if config.eval.at_end and eval_batches:
-            evaluate()
-        save()
-    except faults.NonFiniteLossError as error:
-        _log(rank, f"odegpt train: {error}")
-        exit_code = 3
-    finally:
-        progress.close()
-        if writer is not None:
-            writer.close()
-        if metrics_file is not None:
-            metrics_file.close()
-    if exit_code == 0:
-        _log(rank, f"done: {step} steps, {consumed_samples} samples; checkpoints in {checkpoint_dir}, "
-                   f"metrics in {output_dir / 'metrics.jsonl'}")
-    return exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,23 @@ def model_cost(
     )
 
 
+# Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets; the first name
+# found in the device name wins, so more specific names come first. Training's MFU and `odegpt plan`
+# read it; `logging.peak_tflops_per_device` (or `odegpt plan --gpu-tflops`) overrides it.
+PEAK_TFLOPS = {
+    "GB200": 2500.0, "B200": 2250.0, "B100": 1750.0,
+    "GH200": 989.0, "H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "H800": 989.0,
+    "A100": 312.0, "A800": 312.0, "A30": 165.0, "A10": 125.0,
+    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "RTX 6000 Ada": 364.0, "RTX A6000": 155.0,
+    "MI355X": 2500.0, "MI325X": 1307.0, "MI300X": 1307.0, "MI250X": 383.0,
+}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a device from its name (``torch.cuda.get_device_name()``), None if unknown."""
+    return next((tflops for name, tflops in PEAK_TFLOPS.items() if name.lower() in device_name.lower()), None)
+
+
 def format_count(n: float) -> str:
     """1234567 -> '1.23M'."""
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):

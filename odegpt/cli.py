@@ -1,8 +1,11 @@
 """The `odegpt` command: one entry point whose subcommands come from the installed packages.
 
 Subcommands are registered through the ``odegpt.commands`` entry-point group (see
-pyproject.toml), so this module knows nothing of the packages that provide them and importing
-it stays cheap: `odegpt --help` does not import torch.
+pyproject.toml), so this module knows nothing of the packages that provide them. Registering is
+cheap for the parsers themselves, but importing anything under ``odegpt`` runs the package's
+``__init__``, which registers the model with transformers' Auto classes and so imports torch and
+transformers: `odegpt --help` takes a few seconds. DeepSpeed and the data pipeline are imported
+only by the subcommand that runs.
 """
 from __future__ import annotations
 

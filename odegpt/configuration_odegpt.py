@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .solver import DEFAULT_MAX_SOLVER_STEPS, check_solve_length
+from .solver import DEFAULT_MAX_SOLVER_STEPS, check_solve_length, check_step_size
 
 
 def _check_segments(segments: object) -> list[dict]:
@@ -26,15 +26,6 @@ def _check_segments(segments: object) -> list[dict]:
             raise ValueError(f"segments[{index}].shared must be true or false, got {shared!r}")
         checked.append({"depth": depth, "shared": shared})
     return checked
-
-
-def check_step_size(step_size: object, name: str = "step_size") -> float:
-    """Return ``step_size`` as a float, or raise if it is not a real number > 0."""
-    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0:
-        raise ValueError(f"{name} must be a real number > 0, got {step_size!r}")
-    if step_size == float("inf"):
-        raise ValueError(f"{name} must be finite, got {step_size!r}")
-    return float(step_size)
 
 
 class OdeGPTConfig(PretrainedConfig):

@@ -7,7 +7,7 @@ forward pass is one loop over that plan. Read top to bottom: norm, rotary, atten
 decoder, LM head.
 
 This file is copied verbatim into exported model folders, so it imports only torch, transformers
-and its sibling files (configuration_odegpt, solver, cache, speculative).
+and its sibling files (configuration_odegpt, solver, cache, loss, speculative).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache import OdeCache
 from .configuration_odegpt import OdeGPTConfig, check_step_size
+from .loss import shifted_cross_entropy
 from .solver import STEP_FUNCTIONS, num_blocks, plan_solve
 from .speculative import self_speculative_generate
 
@@ -244,11 +245,7 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         )
         h = outputs.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
+        loss = None if labels is None else shifted_cross_entropy(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
     def generate(self, *args, draft_step_size: float | None = None, draft_tokens: int | None = None, **kwargs):

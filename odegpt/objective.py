@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .configuration_odegpt import check_step_size
+from .loss import shifted_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,9 @@ def language_model_loss(
     ``p_1`` is a detached solve at step size 1 (the trained depth's own resolution), pulling the
     coarse solve towards the fine one.
     """
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    inputs = tokens[:, :-1]
     logits = model(input_ids=inputs, step_size=step_size, use_cache=False).logits.float()
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss = shifted_cross_entropy(logits, tokens)
     if consistency_weight > 0 and step_size != 1.0:
         with torch.no_grad():
             reference = model(input_ids=inputs, step_size=1.0, use_cache=False).logits.float()

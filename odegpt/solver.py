@@ -35,6 +35,15 @@ class SolverStep(NamedTuple):
     dt: float
 
 
+def check_step_size(step_size: object, name: str = "step_size") -> float:
+    """Return ``step_size`` as a float, or raise if it is not a real number > 0."""
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0:
+        raise ValueError(f"{name} must be a real number > 0, got {step_size!r}")
+    if step_size == float("inf"):
+        raise ValueError(f"{name} must be finite, got {step_size!r}")
+    return float(step_size)
+
+
 def _segment_num_steps(depth: int, step_size: float) -> int:
     return max(1, math.ceil(depth / step_size - _STEP_COUNT_TOLERANCE))
 
@@ -51,8 +60,9 @@ def count_steps(segments: list[dict], step_size: float) -> int:
 
 
 def check_solve_length(segments: list[dict], step_size: float, max_steps: int = DEFAULT_MAX_SOLVER_STEPS) -> int:
-    """The step count at ``step_size``; raise :class:`SolveTooLongError` if it exceeds ``max_steps``."""
-    steps = count_steps(segments, step_size)
+    """The step count at ``step_size``; raise :class:`SolveTooLongError` if it exceeds ``max_steps``
+    (and ``ValueError`` if ``step_size`` is not a finite real > 0)."""
+    steps = count_steps(segments, check_step_size(step_size))
     if steps > max_steps:
         depth = sum(s["depth"] for s in segments)
         raise SolveTooLongError(
@@ -80,6 +90,7 @@ def plan_solve(segments: list[dict], step_size: float, max_steps: int = DEFAULT_
                ) -> tuple[SolverStep, ...]:
     """Every step the model executes at step size ``a``, in order; one KV-cache slot per step.
     A solve of more than ``max_steps`` steps is refused before it is planned."""
+    step_size = check_step_size(step_size)
     check_solve_length(segments, step_size, max_steps)
     return _plan(tuple((s["depth"], s["shared"]) for s in segments), float(step_size))
 

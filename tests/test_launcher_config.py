@@ -57,7 +57,7 @@ def test_deepspeed_config_is_derived():
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["bf16"]["enabled"] is False
     assert ds["optimizer"]["params"]["lr"] == config.train.lr
     gpu = load_config(["model/125m-shared", "train/pretrain"]).to_deepspeed_config(world_size=8, device_type="cuda")
-    assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["torch_adam"] is False
+    assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["fused"] is True
     with pytest.raises(ConfigError, match="world size"):
         config.to_deepspeed_config(world_size=3)
 
@@ -144,19 +144,28 @@ def test_plan_agrees_with_deepspeed_estimators(capsys):
 
 
 def test_checkpoint_bookkeeping(tmp_path):
-    from launcher.checkpointing import COMPLETE, complete_tags, prune, resolve_resume, tag_for
+    import json
+
+    import torch
+
+    from launcher.checkpointing import COMPLETE, STATE, CheckpointError, choose, complete_tags, prune, tag_for
 
     for step in (1, 2, 3, 4):
-        (tmp_path / tag_for(step)).mkdir()
+        tag_dir = tmp_path / tag_for(step)
+        tag_dir.mkdir()
+        torch.save({"module": {}}, tag_dir / "mp_rank_00_model_states.pt")
+        (tag_dir / STATE).write_text(json.dumps({"step": step}))
         if step != 4:  # step 4: a save that crashed half-way
-            (tmp_path / tag_for(step) / COMPLETE).write_text(f"{step}\n")
+            files = {p.name: p.stat().st_size for p in tag_dir.iterdir()}
+            (tag_dir / COMPLETE).write_text(json.dumps({"step": step, "files": files}))
     assert complete_tags(tmp_path) == [tag_for(1), tag_for(2), tag_for(3)]
-    assert resolve_resume("auto", tmp_path) == (tmp_path, tag_for(3))
-    assert resolve_resume(str(tmp_path / tag_for(2)), tmp_path) == (tmp_path, tag_for(2))
-    assert resolve_resume("none", tmp_path) is None
-    assert resolve_resume("auto", tmp_path / "empty") is None
-    with pytest.raises(FileNotFoundError):
-        resolve_resume(str(tmp_path / tag_for(4)), tmp_path)
+    assert choose("auto", tmp_path).tag == tag_for(3) and choose("auto", tmp_path).state == {"step": 3}
+    assert choose(str(tmp_path / tag_for(2)), tmp_path).tag == tag_for(2)
+    assert choose(str(tmp_path), tmp_path / "elsewhere").tag == tag_for(3)
+    assert choose("none", tmp_path) is None
+    assert choose("auto", tmp_path / "empty") is None
+    with pytest.raises(CheckpointError, match="no complete checkpoint there"):
+        choose(str(tmp_path / tag_for(4)), tmp_path)
     prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(2), tag_for(3), tag_for(4)]
 

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from launcher.launch import free_port
 
 TESTS_DIR = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -40,12 +41,6 @@ def build_synthetic(corpora, weights, seq_len, seed, num_train_samples, num_vali
     return SyntheticTokens(num_train_samples, seq_len, 64, seed), SyntheticTokens(valid, seq_len, 64, seed + 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _overrides(output_dir: Path, **extra) -> list[str]:
     values = {"data.builder": "test_launcher_train:build_synthetic", "data.corpora": "[synthetic]",
               "data.tokenizer": "null", "run.output_dir": str(output_dir), "model.vocab_size": 64,
@@ -54,7 +49,7 @@ def _overrides(output_dir: Path, **extra) -> list[str]:
               "train.global_batch_size": 4, "train.train_steps": 4, "train.warmup_steps": 1,
               "train.step_size": "{choices: [0.5, 1, 2]}", "eval.interval": 2, "eval.num_samples": 4,
               "eval.step_sizes": "[1, 2]", "checkpoint.interval": 2, "checkpoint.keep_last": 2,
-              "logging.progress_bar": "false", **extra}
+              "logging.progress_bar": "false", "logging.interval": 1, **extra}
     return [f"--set={key}={value}" for key, value in values.items()]
 
 
@@ -63,14 +58,15 @@ def _env(**extra) -> dict:
 
 
 def _launch(output_dir: Path, ranks: int = 2, env: dict | None = None, **extra) -> subprocess.CompletedProcess:
-    cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", str(ranks), "--master-port", str(_free_port()),
+    cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", str(ranks), "--master-port", str(free_port()),
            "--config", "quickstart", *_overrides(output_dir, **extra)]
     return subprocess.run(cmd, env=env or _env(), cwd=output_dir.parent, capture_output=True, text=True,
                           timeout=TIMEOUT)
 
 
-def _plain(output_dir: Path, env: dict | None = None, **extra) -> subprocess.Popen:
-    cmd = [PYTHON, "-m", "launcher.train", "--config", "quickstart", *_overrides(output_dir, **extra)]
+def _plain(output_dir: Path, env: dict | None = None, resume: str = "auto", **extra) -> subprocess.Popen:
+    cmd = [PYTHON, "-m", "launcher.train", "--config", "quickstart", *_overrides(output_dir, **extra),
+           "--resume", resume]
     return subprocess.Popen(cmd, env=env or _env(), cwd=output_dir.parent, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -96,6 +92,13 @@ def test_resume_is_bit_exact_and_converts(tmp_path, stage):
     _check(_launch(full, **{"deepspeed.zero_stage": stage}))
     checkpoints = full / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000002", "step_00000004"]
+    build = next(json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "build")
+    held, total = build["parameters_held_per_rank"], build["parameters"]
+    if stage == 3:  # created partitioned (zero.Init): each rank holds half, never the whole model
+        assert build["zero_init"] and all(total / 2 <= n < total / 2 + 64 for n in held), build
+    else:
+        assert not build["zero_init"] and held == [total, total], build
     assert (checkpoints / "latest").read_text() == "step_00000004"
     assert list((full / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -184,7 +187,7 @@ def test_stage0_bf16_converts_from_the_fp32_master_weights(tmp_path):
     assert process.returncode == 0, stderr[-3000:]
     state_dict, _ = load_state_dict(run / "checkpoints", "step_00000003")
     module = torch.load(run / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt",
-                        map_location="cpu", weights_only=False)["module"]
+                        map_location="cpu", weights_only=True)["module"]
     assert set(state_dict) >= set(module)
     differs = False
     for name, weight in module.items():
@@ -225,7 +228,7 @@ def test_rank_killed_during_a_save_fails_the_job_and_the_previous_checkpoint_res
 def test_sigint_to_launch_checkpoints_every_rank_and_exits_zero(tmp_path):
     """Ctrl-C on `odegpt launch` (2 ranks, ZeRO-3, activation checkpointing): all ranks save, exit 0."""
     run = tmp_path / "run"
-    cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", "2", "--master-port", str(_free_port()), "--config",
+    cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", "2", "--master-port", str(free_port()), "--config",
            "quickstart", *_overrides(run, **{"deepspeed.zero_stage": 3, "train.activation_checkpointing": "true",
                                              "train.train_steps": 100000, "checkpoint.interval": 0,
                                              "eval.interval": 0})]
@@ -264,10 +267,10 @@ def test_real_corpus_trains_converts_with_tokenizer_and_evaluates(tmp_path):
     _check(result)
     assert (model_dir / "tokenizer.json").is_file()  # the run's tokenizer travels with the model
     result = subprocess.run([PYTHON, "-m", "odegpt", "evaluate", "--model", str(model_dir), "--data", str(corpus),
-                             "--step-sizes", "1,2", "--seq-len", "16", "--num-samples", "8", "--json"],
+                             "--step-sizes", "1,2", "--seq-len", "16", "--num-samples", "8", "--no-speed", "--json"],
                             env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     _check(result)
-    table = json.loads(result.stdout.strip().splitlines()[-1])
+    table = {f"{row['step_size']:g}": row["perplexity"] for row in json.loads(result.stdout)["results"]}
 
     # The training run evaluated the same 8 evenly spread validation samples at its last step.
     logged = _valid_metrics(run)[3]

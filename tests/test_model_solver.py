@@ -170,3 +170,12 @@ def test_the_step_limit_is_a_config_field_and_guards_forward_and_cost(shared_mod
         config.solver_steps(0.25)
     with pytest.raises(ValueError, match="max_solver_steps"):
         tiny_config(max_solver_steps=0)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
+def test_a_step_size_set_on_the_config_after_loading_is_still_validated(shared_model, bad):
+    """`from_pretrained(dir, step_size=X)` (as lm-eval's model_args do) sets the attribute unchecked;
+    the solver must refuse it rather than run a negative, empty or endless solve."""
+    shared_model.config.step_size = bad
+    with pytest.raises(ValueError, match="step_size must be"):
+        shared_model(torch.tensor([[1, 2, 3]]))
