@@ -33,3 +33,11 @@ class OdeCache(DynamicCache):
             )
         else:
             self.num_steps = num_steps
+
+    def crop_to(self, length: int) -> None:
+        """Keep the first ``length`` positions of every step's keys and values (e.g. drop rejected drafts)."""
+        excess = self.get_seq_length() - length
+        if length < 0 or excess < 0:
+            raise ValueError(f"cannot crop a cache of {self.get_seq_length()} positions to {length}")
+        if excess:
+            self.crop(-excess)  # transformers' DynamicCache.crop takes how many positions to remove

@@ -1,57 +1,265 @@
-"""`odegpt generate`: sample text from a native odegpt folder or an unrolled Llama export."""
+"""`odegpt generate`: text from a native odegpt folder or an unrolled Llama export, for people and for scripts.
+
+The text goes to stdout (or one JSON object per prompt with ``--json``); the timing summary goes to
+stderr, so ``odegpt generate ... > out.txt`` keeps only the text. Bad input (a step size that is not a
+positive finite number or needs too many solver steps, an empty or too long prompt, a folder that is
+not a model) is refused with one line before any work.
+"""
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+from pathlib import Path
+
+from .cli import CommandError
+
+DEFAULT_PROMPT = "def "
+WEIGHT_FILES = ("*.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="generate text with the KV cache at a chosen step size",
-        description="Generate from a model folder (native odegpt or unrolled Llama) that holds its tokenizer.",
+        description="Generate from a model folder (native odegpt or unrolled Llama) that holds its tokenizer. "
+                    "Text goes to stdout, the timing summary to stderr.",
     )
-    parser.add_argument("--model", required=True, help="model folder (with tokenizer files)")
-    parser.add_argument("--prompt", default="def ", help="text to continue (default: %(default)r)")
+    parser.add_argument("--model", required=True, help="model folder (odegpt convert / export, with tokenizer files)")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", default=None,
+                         help=f"text to continue; '-' reads it from stdin (default: {DEFAULT_PROMPT!r})")
+    prompts.add_argument("--prompt-file", default=None,
+                         help="one prompt per line ('-': stdin), generated in left-padded batches")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --prompt-file (default: 8)")
     parser.add_argument("--step-size", type=float, default=None,
                         help="solver step size a for a native odegpt model (default: config.step_size)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 = all (default: 50)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="sample from the smallest set of tokens with probability >= p (default: 1.0 = off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every token")
+    parser.add_argument("--draft-step-size", type=float, default=None, metavar="B",
+                        help="self-speculative decoding: draft with the same weights at step size B (e.g. 4) and "
+                             "verify at --step-size; greedy output is unchanged, sampling keeps its distribution")
+    parser.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                        help="tokens drafted per verification with --draft-step-size (default: %(default)s)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    output.add_argument("--json", action="store_true",
+                        help="print one JSON object per prompt (prompt, completion, token counts, timing, settings)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
     import time
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
     import odegpt  # noqa: F401  (registers the odegpt model type with the Auto classes)
 
+    _check_options(args)
+    _check_model_folder(Path(args.model))
+    config = _load("configuration", AutoConfig.from_pretrained, args.model)
+    native = config.model_type == "odegpt"
+    if not native and (args.step_size is not None or args.draft_step_size is not None):
+        option = "--step-size" if args.step_size is not None else "--draft-step-size"
+        raise CommandError(f"{option} applies to native odegpt models; {args.model} is {config.model_type!r} "
+                           f"(an unrolled export has its step size baked in)")
+    step_size = _checked_step_size(config, "--step-size", args.step_size) if native else None
+    if args.draft_step_size is not None:
+        _checked_step_size(config, "--draft-step-size", args.draft_step_size)
+
+    tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, args.model)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = _read_prompts(args)
+    prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    _check_prompt_lengths(prompts, prompt_ids, args.max_new_tokens, getattr(config, "max_position_embeddings", None))
+
+    model = _load("model", AutoModelForCausalLM.from_pretrained, args.model).eval()
+    settings = dict(max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if args.temperature > 0:
+        settings.update(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    else:
+        settings.update(do_sample=False)
+    if native:
+        settings["step_size"] = step_size
+    if args.draft_step_size is not None:
+        settings.update(draft_step_size=args.draft_step_size, draft_tokens=args.draft_tokens,
+                        return_dict_in_generate=True)
+
     torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    extra = {}
-    if args.step_size is not None:
-        if model.config.model_type != "odegpt":
-            print(f"odegpt generate: --step-size applies to native odegpt models; {args.model} is "
-                  f"{model.config.model_type!r} (an unrolled export has its step size baked in)")
-            return 2
-        extra["step_size"] = args.step_size
-    inputs = tokenizer(args.prompt, return_tensors="pt")
-    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k) if args.temperature > 0 \
-        else dict(do_sample=False)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
-                                pad_token_id=tokenizer.pad_token_id, **sampling, **extra)
-    seconds = time.perf_counter() - start
-    new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
-    print(tokenizer.decode(output[0], skip_special_tokens=True))
-    step = extra.get("step_size", getattr(model.config, "step_size", None))
-    where = f"step size {step:g}" if step is not None else f"{model.config.model_type}"
-    print(f"-- {new_tokens} tokens in {seconds:.2f}s ({new_tokens / seconds:.1f} tokens/s, {where}, "
-          f"{'no cache' if args.no_cache else 'KV cache'})")
+    batch_size = 1 if args.stream else args.batch_size
+    total_tokens, total_seconds, drafted, accepted = 0, 0.0, 0, 0
+    for start in range(0, len(prompts), batch_size):
+        batch = list(range(start, min(start + batch_size, len(prompts))))
+        inputs = tokenizer.pad({"input_ids": [prompt_ids[i] for i in batch]}, return_tensors="pt")
+        streamer = TextStreamer(tokenizer, skip_special_tokens=True) if args.stream else None
+        began = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                    streamer=streamer, **settings)
+        seconds = time.perf_counter() - began
+        sequences = output.sequences if args.draft_step_size is not None else output
+        if args.draft_step_size is not None:
+            drafted, accepted = drafted + output.drafted_tokens, accepted + output.accepted_tokens
+        width = inputs["input_ids"].shape[1]
+        results = [_result(tokenizer, prompt_ids[i], sequences[row, width:].tolist()) for row, i in enumerate(batch)]
+        batch_tokens = sum(r["completion_tokens"] for r in results)
+        total_tokens, total_seconds = total_tokens + batch_tokens, total_seconds + seconds
+        for i, result in zip(batch, results):
+            text = result.pop("text")
+            if args.json:
+                record = dict(prompt=prompts[i], **result, seconds=round(seconds, 4),
+                              tokens_per_second=round(batch_tokens / seconds, 2), batch_size=len(batch),
+                              step_size=step_size, draft_step_size=args.draft_step_size,
+                              draft_tokens=args.draft_tokens if args.draft_step_size is not None else None,
+                              acceptance_rate=_rate(output) if args.draft_step_size is not None else None,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              model=args.model)
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            elif not args.stream:  # the streamer has printed it already
+                print(text, flush=True)
+
+    where = f"step size {step_size:g}" if native else config.model_type
+    cache = "no cache" if args.no_cache else "KV cache"
+    speculative = ""
+    if args.draft_step_size is not None:
+        rate = f"{accepted / drafted:.0%}" if drafted else "n/a"
+        speculative = (f", self-speculative: drafts at step size {args.draft_step_size:g}, {args.draft_tokens} per "
+                       f"verification, {rate} accepted")
+    for_prompts = f" for {len(prompts)} prompts" if len(prompts) > 1 else ""
+    print(f"-- {total_tokens} tokens{for_prompts} in {total_seconds:.2f}s "
+          f"({total_tokens / total_seconds:.1f} tokens/s, {where}, {cache}{speculative})", file=sys.stderr)
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise CommandError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature:g}")
+    if args.top_k < 0:
+        raise CommandError(f"--top-k must be >= 0 (0 = no top-k filter), got {args.top_k}")
+    if not 0 < args.top_p <= 1:  # false for nan too
+        raise CommandError(f"--top-p must be in (0, 1], got {args.top_p:g}")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.draft_tokens < 1:
+        raise CommandError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
+    if args.draft_step_size is not None and args.no_cache:
+        raise CommandError("--draft-step-size needs the KV cache; drop --no-cache")
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A model folder holds config.json with a model_type, weights and a tokenizer; say what is missing."""
+    import json
+
+    if not folder.is_dir():
+        raise CommandError(f"{folder} is not a folder")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    has_weights = any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES)
+    if not model_type or not has_weights:
+        missing = "config.json with a model_type" if not model_type else "weights (*.safetensors)"
+        hint = ""
+        if (folder / "model" / "config.json").is_file():
+            hint = f"; did you mean {folder / 'model'}?"
+        elif (folder / "checkpoints").is_dir():
+            hint = (f"; it looks like a training run: write its model with "
+                    f"`odegpt convert --checkpoint {folder / 'checkpoints'} --output {folder / 'model'}`")
+        raise CommandError(f"{folder} is not a model folder (no {missing}){hint}")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CommandError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model): copy the tokenizer "
+                           f"files of the corpus it was trained on into it")
+
+
+def _load(what: str, load, folder: str):
+    """``load(folder)``, with a damaged or foreign file reported in one line."""
+    try:
+        return load(folder)
+    except (OSError, ValueError, KeyError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CommandError(f"cannot load the {what} of {folder}: {reason}") from None
+
+
+def _checked_step_size(config, option: str, step_size: float | None) -> float:
+    """The step size, refused before any work if it is not a finite real > 0 or needs too many solver steps."""
+    from .configuration_odegpt import check_step_size
+
+    try:
+        step_size = config.step_size if step_size is None else check_step_size(step_size, option)
+        config.solver_steps(step_size)
+    except ValueError as error:  # includes SolveTooLongError
+        raise CommandError(f"{option}: {error}" if not str(error).startswith(option) else str(error)) from None
+    return step_size
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt_file is not None:
+        source = "stdin" if args.prompt_file == "-" else args.prompt_file
+        try:
+            text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise CommandError(f"cannot read --prompt-file {source}: {error}") from None
+        prompts = text.splitlines()
+        if not prompts:
+            raise CommandError(f"--prompt-file {source} holds no prompts")
+        for number, prompt in enumerate(prompts, start=1):
+            if not prompt:
+                raise CommandError(f"--prompt-file {source}: line {number} is empty (one prompt per line)")
+        return prompts
+    if args.prompt == "-":
+        prompt = sys.stdin.read()
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt
+        if not prompt:
+            raise CommandError("--prompt -: stdin gave an empty prompt")
+        return [prompt]
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    if not prompt:
+        raise CommandError("--prompt is empty: give some text to continue")
+    return [prompt]
+
+
+def _check_prompt_lengths(prompts: list[str], prompt_ids: list[list[int]], max_new_tokens: int,
+                          context: int | None) -> None:
+    for prompt, ids in zip(prompts, prompt_ids):
+        if not ids:
+            raise CommandError(f"prompt {prompt!r} encodes to no tokens")
+    if context is None:
+        return
+    longest = max(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    length, which = len(prompt_ids[longest]), "" if len(prompts) == 1 else f" (prompt {longest + 1})"
+    if length >= context:
+        raise CommandError(f"the prompt{which} is {length} tokens, the model's context is {context} "
+                           f"(max_position_embeddings): shorten it")
+    if length + max_new_tokens > context:
+        raise CommandError(f"the prompt{which} is {length} tokens and --max-new-tokens {max_new_tokens} would end at "
+                           f"position {length + max_new_tokens}, beyond the model's context of {context} "
+                           f"(max_position_embeddings); use --max-new-tokens {context - length} or less")
+
+
+def _result(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> dict:
+    """Completion text and counts of one row; generation ends at the first end-of-sequence token."""
+    finish_reason = "length"
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new_ids:
+        new_ids, finish_reason = new_ids[: new_ids.index(tokenizer.eos_token_id) + 1], "eos"
+    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    text = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    completion = text[len(prompt_text):] if text.startswith(prompt_text) else \
+        tokenizer.decode(new_ids, skip_special_tokens=True)
+    return dict(completion=completion, text=text, prompt_tokens=len(prompt_ids), completion_tokens=len(new_ids),
+                finish_reason=finish_reason)
+
+
+def _rate(output) -> float | None:
+    return round(output.accepted_tokens / output.drafted_tokens, 4) if output.drafted_tokens else None

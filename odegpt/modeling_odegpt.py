@@ -7,7 +7,7 @@ forward pass is one loop over that plan. Read top to bottom: norm, rotary, atten
 decoder, LM head.
 
 This file is copied verbatim into exported model folders, so it imports only torch, transformers
-and its sibling files (configuration_odegpt, solver, cache, loss).
+and its sibling files (configuration_odegpt, solver, cache, loss, speculative).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .cache import OdeCache
 from .configuration_odegpt import OdeGPTConfig, check_step_size
 from .loss import shifted_cross_entropy
 from .solver import STEP_FUNCTIONS, num_blocks, plan_solve
+from .speculative import self_speculative_generate
 
 
 class OdeGPTRMSNorm(nn.Module):
@@ -246,6 +247,17 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None if labels is None else shifted_cross_entropy(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def generate(self, *args, draft_step_size: float | None = None, draft_tokens: int | None = None, **kwargs):
+        """transformers' ``generate``; with ``draft_step_size=B`` it decodes self-speculatively: the same
+        weights solved at ``B`` draft ``draft_tokens`` tokens (default 4) that one forward at the target
+        step size verifies. Greedy output is identical; sampled output follows the target's distribution."""
+        if draft_step_size is None:
+            if draft_tokens is not None:
+                raise ValueError("draft_tokens applies to self-speculative decoding: give draft_step_size too")
+            return super().generate(*args, **kwargs)
+        return self_speculative_generate(self, *args, draft_step_size=draft_step_size,
+                                         draft_tokens=4 if draft_tokens is None else draft_tokens, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """The model owns its cache layout: one slot per executed step, not per trained layer."""

@@ -26,3 +26,14 @@ def tiny_model(segments=FULLY_SHARED, seed=0, **overrides) -> OdeGPTForCausalLM:
 @pytest.fixture(params=["fully_shared", "partially_shared"])
 def shared_model(request):
     return tiny_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED)
+
+
+def left_padded(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one left-padded batch: (input_ids, attention_mask)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = row
+        attention_mask[i, width - len(row):] = 1
+    return input_ids, attention_mask

@@ -3,6 +3,7 @@ import torch
 
 from odegpt import OdeCache
 from odegpt.solver import plan_solve
+from tests.conftest import left_padded
 
 STEP_SIZES = [0.5, 1, 2, 3, 4]
 
@@ -28,12 +29,8 @@ def test_cache_holds_one_slot_per_executed_step(shared_model, a):
 @pytest.mark.parametrize("a", [1, 2.5])
 def test_left_padded_batch_equals_each_row_alone(shared_model, a):
     rows = [torch.randint(1, 97, (n,)) for n in (7, 3, 5)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = row
-        attention_mask[i, width - len(row):] = 1
+    input_ids, attention_mask = left_padded(rows)
+    width = input_ids.shape[1]
     kwargs = dict(max_new_tokens=10, do_sample=False, step_size=a, pad_token_id=0)
     batched = shared_model.generate(input_ids, attention_mask=attention_mask, **kwargs)
     for i, row in enumerate(rows):

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from odegpt.cli import main as odegpt_main
 from odegpt.export import from_llama, save_native, save_unrolled, unroll_to_llama
 from odegpt.solver import plan_solve
-from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, tiny_model
+from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, left_padded, tiny_model
 
 
 def test_unshared_odegpt_is_llama():
@@ -69,7 +69,13 @@ def test_native_folder_loads_without_odegpt(tmp_path):
     assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))
     x = torch.randint(1, 97, (1, 7))
     expected = model.generate(x, max_new_tokens=8, do_sample=False, step_size=2, pad_token_id=0)
-    torch.save({"x": x, "expected": expected, "logits": model(x, step_size=3).logits}, tmp_path / "io.pt")
+    # self-speculative decoding (speculative.py travels with the modeling file) on a left-padded batch
+    batch, mask = left_padded([torch.randint(1, 97, (n,)) for n in (6, 3)])
+    batch_expected = model.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False, step_size=1,
+                                    pad_token_id=0)
+    assert (folder / "speculative.py").is_file()
+    torch.save({"x": x, "expected": expected, "logits": model(x, step_size=3).logits, "batch": batch, "mask": mask,
+                "batch_expected": batch_expected}, tmp_path / "io.pt")
     script = NO_ODEGPT + textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForCausalLM
@@ -84,6 +90,10 @@ def test_native_folder_loads_without_odegpt(tmp_path):
         out = model.generate(io["x"], max_new_tokens=8, do_sample=False, step_size=2, pad_token_id=0)
         assert torch.equal(out, io["expected"]), (out, io["expected"])
         assert (model(io["x"], step_size=3).logits - io["logits"]).abs().max() < 1e-5
+        out = model.generate(io["batch"], attention_mask=io["mask"], max_new_tokens=10, do_sample=False, step_size=1,
+                             pad_token_id=0, draft_step_size=4, draft_tokens=3, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, io["batch_expected"]), (out.sequences, io["batch_expected"])
+        assert type(out).__name__ == "SelfSpeculativeOutput" and out.drafted_tokens > 0
         print("loaded", type(model).__name__)
     """)
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")

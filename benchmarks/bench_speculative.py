@@ -1,0 +1,168 @@
+"""Self-speculative decoding against plain decoding, on a trained odegpt model folder.
+
+    python benchmarks/bench_speculative.py --model runs/quickstart/export/native [MORE_MODELS ...]
+                                           [--new-tokens 96] [--rounds 3]
+
+For every target step size a, draft step size B and draft length k it reports the share of drafted
+tokens accepted and the decode tokens/s, beside plain decoding (transformers' ``generate``) at a = 1
+and at a itself, and beside a bare decoding loop (the model's forward and KV cache, no ``generate``
+machinery), which shows how much of a speedup is the leaner loop rather than the drafts. All
+variants run interleaved, round after round, in this one process; each reports the median of its
+rounds (the machine is shared and noisy, so only ratios measured side by side mean anything). Every
+speculative output is checked token for token against plain greedy decoding at a.
+
+It also prints what one round costs, in units of a one-token forward at a = 1: a draft forward at
+each B, and the verification forward at a over k + 1 tokens. Speculation pays when
+k * draft + verify is well under the tokens a round keeps, 1 + (accepted drafts).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import odegpt  # noqa: F401  (registers the odegpt model type)
+from odegpt import OdeCache
+from odegpt.accounting import format_count
+
+PROMPTS = [
+    "def ",
+    "import os\nimport sys\n\n\ndef main(argv):\n    ",
+    "class Parser:\n    def __init__(self, ",
+    "    for index, item in enumerate(",
+    "if __name__ == '__main__':\n    ",
+]
+
+
+def plain_loop(model, prompt: torch.Tensor, new_tokens: int, step_size: float) -> torch.Tensor:
+    """Greedy decoding with the model's forward and cache only: the least a decoding loop can cost."""
+    cache = OdeCache()
+    logits = model(prompt, past_key_values=cache, step_size=step_size, logits_to_keep=1).logits
+    tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(new_tokens - 1):
+        logits = model(tokens[-1], past_key_values=cache, step_size=step_size, logits_to_keep=1).logits
+        tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat([prompt, *tokens], dim=1)
+
+
+def forward_costs(model, prompt: torch.Tensor, cases: list[tuple[float, int]], rounds: int = 9) -> dict:
+    """Median seconds of one cached forward over ``q`` new tokens at step size ``a``, for each (a, q)."""
+    caches = {}
+    for a, q in cases:
+        caches[a, q] = OdeCache()
+        model(prompt, past_key_values=caches[a, q], step_size=a)
+    seconds = {case: [] for case in cases}
+    for _ in range(rounds):
+        for a, q in cases:  # interleaved
+            tokens = prompt[:, -q:]
+            start = time.perf_counter()
+            for _ in range(20):
+                model(tokens, past_key_values=caches[a, q], step_size=a)
+                caches[a, q].crop_to(prompt.shape[1])
+            seconds[a, q].append((time.perf_counter() - start) / 20)
+    return {case: statistics.median(s) for case, s in seconds.items()}
+
+
+def parse_floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def bench_model(path: str, args: argparse.Namespace) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    prompts = [tokenizer(p, return_tensors="pt").input_ids for p in PROMPTS]
+    settings = dict(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+                    pad_token_id=tokenizer.pad_token_id)
+    targets = sorted(set([1.0, *args.step_sizes]))
+
+    def run_generate(a, **extra):
+        return [model.generate(p, step_size=a, **settings, **extra) for p in prompts]
+
+    variants = {f"generate a={a:g}": lambda a=a: run_generate(a) for a in targets}
+    variants |= {f"bare loop a={a:g}": lambda a=a: [plain_loop(model, p, args.new_tokens, a) for p in prompts]
+                 for a in targets}
+    combos = list(itertools.product(args.step_sizes, args.draft_step_sizes, args.draft_tokens))
+    for a, b, k in combos:
+        variants[f"speculative a={a:g} B={b:g} k={k}"] = (
+            lambda a=a, b=b, k=k: run_generate(a, draft_step_size=b, draft_tokens=k, return_dict_in_generate=True))
+
+    print(f"\n{path}: {format_count(sum(p.numel() for p in model.parameters()))} parameters, segments "
+          f"{model.config.segments}; {len(prompts)} prompts x {args.new_tokens} new tokens, greedy, batch 1, "
+          f"{args.rounds} interleaved rounds, {args.threads} thread(s); torch {torch.__version__}", flush=True)
+    seconds = {name: [] for name in variants}
+    outputs: dict[str, list] = {}
+    with torch.inference_mode():
+        for name, run in variants.items():  # warm-up, and the outputs to check
+            outputs[name] = run()
+        for round_ in range(args.rounds):
+            for name, run in variants.items():
+                start = time.perf_counter()
+                run()
+                seconds[name].append(time.perf_counter() - start)
+            print(f"  round {round_ + 1}/{args.rounds} done", flush=True)
+        cases = [(1.0, 1)] + [(b, 1) for b in args.draft_step_sizes] + [(a, k + 1) for a in args.step_sizes
+                                                                         for k in args.draft_tokens]
+        cost = forward_costs(model, torch.cat(prompts, dim=1), list(dict.fromkeys(cases)))
+    tokens = len(prompts) * args.new_tokens
+    rate = {name: tokens / statistics.median(s) for name, s in seconds.items()}
+
+    unit = cost[1.0, 1]
+    print(f"\none forward, relative to one token at a=1 ({unit * 1e3:.2f} ms): "
+          + ", ".join(f"{'draft' if q == 1 and (a, q) != (1.0, 1) else 'verify' if q > 1 else 'target'} "
+                      f"a={a:g} x {q} token{'s' if q > 1 else ''}: {c / unit:.2f}" for (a, q), c in cost.items()))
+
+    print(f"\n{'baseline':<22}{'tokens/s':>10}")
+    for a in targets:
+        for kind in ("generate", "bare loop"):
+            print(f"{f'{kind} a={a:g}':<22}{rate[f'{kind} a={a:g}']:>10.1f}")
+        plain = outputs[f"generate a={a:g}"]
+        assert all(torch.equal(x, y) for x, y in zip(plain, outputs[f"bare loop a={a:g}"])), f"bare loop a={a:g}"
+    print(f"\n{'a':>4}{'B':>5}{'k':>4}{'accepted':>10}{'tokens/s':>10}{'vs generate a':>15}{'vs generate a=1':>17}"
+          f"{'vs bare loop a':>16}  greedy text")
+    rows = []
+    for a, b, k in combos:
+        name = f"speculative a={a:g} B={b:g} k={k}"
+        results = outputs[name]
+        accepted = sum(r.accepted_tokens for r in results) / sum(r.drafted_tokens for r in results)
+        identical = all(torch.equal(r.sequences, p) for r, p in zip(results, outputs[f"generate a={a:g}"]))
+        row = dict(a=a, B=b, k=k, acceptance_rate=accepted, tokens_per_s=rate[name],
+                   speedup_vs_generate_a=rate[name] / rate[f"generate a={a:g}"],
+                   speedup_vs_generate_a1=rate[name] / rate["generate a=1"],
+                   speedup_vs_bare_loop_a=rate[name] / rate[f"bare loop a={a:g}"], identical=identical)
+        rows.append(row)
+        print(f"{a:>4g}{b:>5g}{k:>4}{accepted:>10.0%}{rate[name]:>10.1f}{row['speedup_vs_generate_a']:>14.2f}x"
+              f"{row['speedup_vs_generate_a1']:>16.2f}x{row['speedup_vs_bare_loop_a']:>15.2f}x  "
+              f"{'identical' if identical else 'DIFFERENT'}")
+    return dict(model=path, baselines={n: rate[n] for n in rate if "speculative" not in n}, speculative=rows,
+                forward_cost_vs_one_token_a1={f"a={a:g} q={q}": c / unit for (a, q), c in cost.items()},
+                new_tokens=args.new_tokens, rounds=args.rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", required=True, help="native odegpt model folder(s) with a tokenizer")
+    parser.add_argument("--new-tokens", type=int, default=96, help="tokens generated per prompt (end-of-text ignored)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--step-sizes", type=parse_floats, default=[1.0, 2.0], help="target a (default: 1,2)")
+    parser.add_argument("--draft-step-sizes", type=parse_floats, default=[2.0, 4.0], help="draft B (default: 2,4)")
+    parser.add_argument("--draft-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6],
+                        help="k (default: 2,4,6)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = [bench_model(path, args) for path in args.model]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if not all(row["identical"] for result in results for row in result["speculative"]):
+        raise SystemExit("self-speculative greedy output differs from plain greedy decoding")
+
+
+if __name__ == "__main__":
+    main()
