@@ -444,6 +444,8 @@ def run(args: argparse.Namespace) -> int:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        skip_shared_memory_allreduce()
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
                                timeout=datetime.timedelta(seconds=config.train.dist_timeout_s))
     rank = dist.get_rank()
@@ -464,6 +466,22 @@ def run(args: argparse.Namespace) -> int:
             trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def skip_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce in this process.
+
+    DeepSpeed JIT-compiles that op (``deepspeed_shm_comm``) in every process that starts its
+    communication backend on CPU, and every rank of a launch then creates a 66 MB buffer in
+    /dev/shm that nothing removes. Only tensor-parallel inference (``inference_all_reduce``) uses it;
+    training's collectives go through gloo. Skipping it saves the first run's compile (which needs a
+    C++ toolchain), the shared memory leaked per run, and the hang of every later start when a
+    killed build leaves its lock file behind.
+    """
+    import importlib
+
+    # By module name: the attribute deepspeed.comm.torch is the torch package deepspeed.comm imports.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def main(argv: list[str] | None = None) -> int:
