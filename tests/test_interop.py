@@ -1,0 +1,84 @@
+"""Interoperability: exports every Llama client reads the same way (transformers 4.x and 5.x), DeepSpeed
+configs users extend, DeepSpeed universal checkpoints. transformers 4.x is not installed here, so what it
+reads is checked as JSON; what 5.x reads is checked by loading."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline.tokenizer import PORTABLE_TOKENIZER_CLASS, load_sentencepiece, train_tokenizer
+from odegpt.export import save_native, save_unrolled
+from tests.conftest import PARTIALLY_SHARED, tiny_model
+
+TEXTS = ["def f(x):\n\treturn x  # tabs, spaces", "a literal </s> and <s> are text", "ünïcödé 12345"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tok")
+    train_tokenizer(["stdlib"], directory, vocab_size=400, max_files=10, max_sentences=3000)
+    return directory
+
+
+def _ids(folder: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return [tokenizer(text)["input_ids"] for text in TEXTS]
+
+
+# ---- tokenizer_config.json names a class transformers 4.x has -------------------------------------
+
+def test_tokenizer_config_names_a_class_transformers_4_has(tokenizer_dir):
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == PORTABLE_TOKENIZER_CLASS == "PreTrainedTokenizerFast"
+    sp = load_sentencepiece(tokenizer_dir)
+    assert _ids(tokenizer_dir) == [sp.encode(text) for text in TEXTS]
+
+
+def test_exports_give_old_tokenizers_a_portable_class_with_the_same_ids(tokenizer_dir, tmp_path):
+    """A tokenizer written before the fix (TokenizersBackend) is repaired in every folder an export writes."""
+    old = tmp_path / "old_tok"
+    old.mkdir()
+    for file in tokenizer_dir.iterdir():
+        (old / file.name).write_bytes(file.read_bytes())
+    config = json.loads((old / "tokenizer_config.json").read_text())
+    (old / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "TokenizersBackend"}))
+    model = tiny_model(PARTIALLY_SHARED, vocab_size=400)
+    save_native(model, tmp_path / "native", tokenizer_dir=old)
+    save_unrolled(model, tmp_path / "unrolled", step_size=2, tokenizer_dir=old)
+    expected = _ids(old)
+    for folder in (tmp_path / "native", tmp_path / "unrolled"):
+        assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+            "PreTrainedTokenizerFast", folder
+        assert _ids(folder) == expected, folder
+
+
+# ---- config.json carries the fields transformers 4.x reads ----------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unrolled_config_has_what_transformers_4_reads(tmp_path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(PARTIALLY_SHARED, rope_theta=500000.0).to(dtype)
+    save_unrolled(model, tmp_path, step_size=2)
+    config = json.loads((tmp_path / "config.json").read_text())
+    # transformers 4.57 LlamaConfig: rope_theta=10000.0 and rope_scaling=None unless given; dtype from torch_dtype
+    # before 4.56; 5.x keeps theta in rope_parameters.
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 500000.0
+    assert config["rope_parameters"]["rope_type"] == "default" and config["rope_scaling"] is None
+    assert config["torch_dtype"] == config["dtype"] == str(dtype).removeprefix("torch.")
+    llama = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert llama.config.rope_parameters == {"rope_type": "default", "rope_theta": 500000.0}
+    x = torch.randint(0, 97, (1, 9))
+    reference = model.float()(x, step_size=2).logits
+    assert (llama(x).logits - reference).abs().max() <= 1e-4 * (1 if dtype == torch.float32 else 1e3)
+
+
+def test_native_config_has_what_transformers_4_reads(tmp_path):
+    save_native(tiny_model(PARTIALLY_SHARED, rope_theta=500000.0), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rope_theta"] == 500000.0 and config["torch_dtype"] == config["dtype"] == "float32"
