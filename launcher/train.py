@@ -200,6 +200,8 @@ class Trainer:
         config.validate(world_size)
         t = self.config.train
         self.output_dir, self.checkpoint_dir = Path(config.run.output_dir), config.checkpoint_dir
+        # The DeepSpeed config, with the user's own merged in (clashes said once, a bad key refused by every rank).
+        ds_config = decided_by_rank_zero(lambda: config.to_deepspeed_config(world_size, device_type, note=self.say))
 
         # 1. Check everything a user can get wrong before writing or building anything.
         def check() -> checkpointing.Checkpoint | None:
@@ -218,13 +220,13 @@ class Trainer:
 
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.output_dir / "config.json", config.to_dict())
+            write_json_atomic(self.output_dir / "deepspeed_config.json", ds_config)  # what the engine is given
         self.step = checkpoint.state["step"] if checkpoint else 0
         self.consumed_samples = checkpoint.state["consumed_samples"] if checkpoint else 0
         self.metrics = MetricsLogger(self.output_dir, rank, config.logging.interval, t.train_steps, self.step,
                                      config.logging.tensorboard, config.logging.progress_bar, fresh=checkpoint is None)
 
         # 3. Build: the model (partitioned from birth under ZeRO-3), the engine, the data streams.
-        ds_config = config.to_deepspeed_config(world_size, device_type)
         self.model = self._build_model(ds_config)
         schedule = schedule_for(t)
         self.engine, _, _, self.scheduler = deepspeed.initialize(

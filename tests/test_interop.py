@@ -82,3 +82,43 @@ def test_native_config_has_what_transformers_4_reads(tmp_path):
     save_native(tiny_model(PARTIALLY_SHARED, rope_theta=500000.0), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["rope_theta"] == 500000.0 and config["torch_dtype"] == config["dtype"] == "float32"
+
+
+# ---- a DeepSpeed config users extend -----------------------------------------------------------------
+
+def test_user_deepspeed_config_is_merged_with_our_keys_winning_and_said(tmp_path):
+    from launcher.config import ConfigError, build_config, load_config
+    from launcher.train import build_parser
+
+    ds_file = tmp_path / "ds_config.json"
+    ds_file.write_text(json.dumps({"wall_clock_breakdown": True, "zero_optimization": {
+        "stage": 3, "zero_hpz_partition_size": 1}, "comms_logger": {"enabled": True}}))
+    args = build_parser().parse_args(["--config", "quickstart", "--deepspeed-config", str(ds_file), "--set",
+                                      "deepspeed.extra={flops_profiler: {enabled: true}, comms_logger: "
+                                      "{enabled: false}, gradient_clipping: 5.0}"])
+    config = load_config(args.config, args.overrides)
+    assert config.deepspeed.config_file == str(ds_file)
+    notes: list[str] = []
+    ds = config.to_deepspeed_config(1, note=notes.append)
+    assert ds["wall_clock_breakdown"] is True and ds["flops_profiler"] == {"enabled": True}
+    assert ds["zero_optimization"]["zero_hpz_partition_size"] == 1  # passed through
+    assert ds["comms_logger"] == {"enabled": False}  # deepspeed.extra over the file
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == config.train.grad_clip  # ours win
+    assert len(notes) == 2, notes
+    assert f"zero_optimization.stage=3 from deepspeed.config_file {ds_file}" in notes[0]
+    assert "deepspeed.zero_stage" in notes[0]
+    assert "gradient_clipping=5.0 from deepspeed.extra" in notes[1] and "train.grad_clip" in notes[1]
+
+    bad = [(["deepspeed.extra={zero_optimization: {stage3_prefetch_bucket_sizee: 1}}"],
+            "DeepSpeed rejects the config merged from deepspeed.extra: DeepSpeedZeroConfig: "
+            "stage3_prefetch_bucket_sizee: Extra inputs are not permitted"),
+           ([f"deepspeed.config_file={tmp_path / 'missing.json'}"], "missing.json: cannot be read"),
+           (["deepspeed.extra=[1]"], "deepspeed.extra must be dict"),
+           (["deepspeed.extra={fp16: {enabled: true}}", "train.precision=bf16"], "needs train.precision: fp32")]
+    (tmp_path / "broken.json").write_text('{"wall_clock_breakdown": tru}')
+    bad.append(([f"deepspeed.config_file={tmp_path / 'broken.json'}"], "broken.json: not valid JSON"))
+    for overrides, message in bad:
+        with pytest.raises(ConfigError) as error:
+            load_config(["quickstart"], overrides).to_deepspeed_config(1)
+        assert message in str(error.value) and "\n" not in str(error.value), (overrides, str(error.value))
+    assert build_config({}).user_deepspeed_config() == {}
