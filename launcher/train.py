@@ -212,6 +212,8 @@ class Trainer:
             return checkpoint
 
         checkpoint = decided_by_rank_zero(check)
+        if checkpoint is not None and checkpoint.universal:  # DeepSpeed then reads zero/ for any world size
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         train_ds, valid_ds = on_every_rank(lambda: data.build_datasets(config))
 
         # 2. Only now write: the run's config and metrics.
@@ -235,11 +237,20 @@ class Trainer:
             # configured schedule (perhaps with a new train.train_steps) applies from the saved step on.
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda index: schedule(index)))
         self.device = self.engine.device
+        engine_config = self.engine._config  # DeepSpeed's parse of ds_config: what the engine runs with
+        self.metrics.record("engine", self.step, {
+            "zero_stage": self.engine.zero_optimization_stage(),
+            "wall_clock_breakdown": self.engine.wall_clock_breakdown(),
+            "flops_profiler": engine_config.flops_profiler_config.enabled,
+            "load_universal_checkpoint": self.engine.load_universal_checkpoint()})
         self.checkpointer = checkpointing.Checkpointer(self.engine, self.checkpoint_dir, config.checkpoint.interval,
                                                        config.checkpoint.keep_last)
         if checkpoint is not None:
             self.checkpointer.load(checkpoint)
-            self.say(f"resumed from {checkpoint.path}: step {self.step}, {self.consumed_samples} samples consumed")
+            saved_on = checkpoint.state.get("world_size")
+            self.say(f"resumed from {checkpoint.path}" + (f" (DeepSpeed universal checkpoint, saved on {saved_on} "
+                                                          f"rank(s), now {world_size})" if checkpoint.universal else "")
+                     + f": step {self.step}, {self.consumed_samples} samples consumed")
         self.sampler = StepSizeSampler(StepSizeDistribution.from_dict(t.step_size), t.seed)
         self.grad_accum = config.gradient_accumulation_steps(world_size)
         self.batches = data.train_micro_batches(train_ds, self.consumed_samples, t.micro_batch_size, rank, world_size)

@@ -122,3 +122,58 @@ def test_user_deepspeed_config_is_merged_with_our_keys_winning_and_said(tmp_path
             load_config(["quickstart"], overrides).to_deepspeed_config(1)
         assert message in str(error.value) and "\n" not in str(error.value), (overrides, str(error.value))
     assert build_config({}).user_deepspeed_config() == {}
+
+
+# ---- DeepSpeed universal checkpoints: change the number of ranks between runs ------------------------
+
+def test_universal_checkpoint_resumes_on_another_world_size_and_user_deepspeed_config_reaches_the_engine(tmp_path):
+    """2 ranks -> ds_to_universal (no --inject_missing_state) -> 1 rank -> ds_to_universal -> 2 ranks: the
+    loss continues as in one uninterrupted 2-rank run. The first run also carries a user DeepSpeed config."""
+    import subprocess
+
+    from launcher.launch import free_port
+    from tests.test_launcher_train import PYTHON, TIMEOUT, _check, _env, _overrides, _train_metrics
+
+    def launch(output_dir: Path, ranks: int, *args: str, **extra) -> subprocess.CompletedProcess:
+        # One learning-rate schedule for every run, whatever its train.train_steps.
+        extra = {"train.decay_steps": 5, **extra}
+        cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", str(ranks), "--master-port", str(free_port()),
+               "--config", "quickstart", *_overrides(output_dir, **extra), *args]
+        return subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+
+    def to_universal(tag_dir: Path, output: Path) -> Path:
+        result = subprocess.run([PYTHON, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+                                 "--output_folder", str(output), "--num_extract_workers", "1",
+                                 "--num_merge_workers", "1"], env=_env(), capture_output=True, text=True,
+                                timeout=TIMEOUT)
+        _check(result)
+        return output
+
+    ds_file = tmp_path / "ds_config.json"
+    ds_file.write_text(json.dumps({"wall_clock_breakdown": True, "flops_profiler": {"enabled": True,
+                                                                                    "profile_step": 1000}}))
+    straight, one, two = tmp_path / "straight", tmp_path / "one_rank", tmp_path / "two_ranks"
+    result = launch(straight, 2, "--deepspeed-config", str(ds_file), **{"train.train_steps": 6,
+                                                                          "checkpoint.keep_last": 3})
+    _check(result)
+    engine = next(r for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())
+                  if r["kind"] == "engine")
+    assert engine["wall_clock_breakdown"] is True and engine["flops_profiler"] is True, engine
+    assert engine["load_universal_checkpoint"] is False and engine["zero_stage"] == 2
+
+    universal = to_universal(straight / "checkpoints" / "step_00000002", tmp_path / "universal" / "step_00000002")
+    _check(result := launch(one, 1, "--resume", str(universal), **{"train.train_steps": 4}))
+    assert "DeepSpeed universal checkpoint, saved on 2 rank(s), now 1" in result.stderr + result.stdout
+    universal = to_universal(one / "checkpoints" / "step_00000004", tmp_path / "universal" / "step_00000004")
+    _check(result := launch(two, 2, "--resume", str(universal), **{"train.train_steps": 6}))
+    assert "saved on 1 rank(s), now 2" in result.stderr + result.stdout
+
+    reference, after_one, after_two = _train_metrics(straight), _train_metrics(one), _train_metrics(two)
+    assert sorted(after_one) == [3, 4] and sorted(after_two) == [5, 6]
+    engine = next(r for r in map(json.loads, (two / "metrics.jsonl").read_text().splitlines())
+                  if r["kind"] == "engine")
+    assert engine["load_universal_checkpoint"] is True
+    for step, record in {**after_one, **after_two}.items():
+        assert record["step_size"] == reference[step]["step_size"] and record["lr"] == reference[step]["lr"]
+        assert record["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), (step, record, reference[step])
+        assert record["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-4), step
