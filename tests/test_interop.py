@@ -137,9 +137,14 @@ def test_universal_checkpoint_resumes_on_another_world_size_and_user_deepspeed_c
     def launch(output_dir: Path, ranks: int, *args: str, **extra) -> subprocess.CompletedProcess:
         # One learning-rate schedule for every run, whatever its train.train_steps.
         extra = {"train.decay_steps": 5, **extra}
-        cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", str(ranks), "--master-port", str(free_port()),
+        port = free_port()
+        cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", str(ranks), "--master-port", str(port),
                "--config", "quickstart", *_overrides(output_dir, **extra), *args]
-        return subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+        try:
+            return subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+        finally:  # DeepSpeed's CPU all-reduce buffers outlive the ranks
+            for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+                buffer.unlink(missing_ok=True)
 
     def to_universal(tag_dir: Path, output: Path) -> Path:
         result = subprocess.run([PYTHON, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
