@@ -200,6 +200,8 @@ class Trainer:
         config.validate(world_size)
         t = self.config.train
         self.output_dir, self.checkpoint_dir = Path(config.run.output_dir), config.checkpoint_dir
+        # The DeepSpeed config, with the user's own merged in (clashes said once, a bad key refused by every rank).
+        ds_config = decided_by_rank_zero(lambda: config.to_deepspeed_config(world_size, device_type, note=self.say))
 
         # 1. Check everything a user can get wrong before writing or building anything.
         def check() -> checkpointing.Checkpoint | None:
@@ -210,6 +212,8 @@ class Trainer:
             return checkpoint
 
         checkpoint = decided_by_rank_zero(check)
+        if checkpoint is not None and checkpoint.universal:  # DeepSpeed then reads zero/ for any world size
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         train_ds, valid_ds = on_every_rank(lambda: data.build_datasets(config))
 
         # 2. Only now write: the run's config and metrics.
@@ -218,13 +222,13 @@ class Trainer:
 
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.output_dir / "config.json", config.to_dict())
+            write_json_atomic(self.output_dir / "deepspeed_config.json", ds_config)  # what the engine is given
         self.step = checkpoint.state["step"] if checkpoint else 0
         self.consumed_samples = checkpoint.state["consumed_samples"] if checkpoint else 0
         self.metrics = MetricsLogger(self.output_dir, rank, config.logging.interval, t.train_steps, self.step,
                                      config.logging.tensorboard, config.logging.progress_bar, fresh=checkpoint is None)
 
         # 3. Build: the model (partitioned from birth under ZeRO-3), the engine, the data streams.
-        ds_config = config.to_deepspeed_config(world_size, device_type)
         self.model = self._build_model(ds_config)
         schedule = schedule_for(t)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -233,11 +237,20 @@ class Trainer:
             # configured schedule (perhaps with a new train.train_steps) applies from the saved step on.
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda index: schedule(index)))
         self.device = self.engine.device
+        engine_config = self.engine._config  # DeepSpeed's parse of ds_config: what the engine runs with
+        self.metrics.record("engine", self.step, {
+            "zero_stage": self.engine.zero_optimization_stage(),
+            "wall_clock_breakdown": self.engine.wall_clock_breakdown(),
+            "flops_profiler": engine_config.flops_profiler_config.enabled,
+            "load_universal_checkpoint": self.engine.load_universal_checkpoint()})
         self.checkpointer = checkpointing.Checkpointer(self.engine, self.checkpoint_dir, config.checkpoint.interval,
                                                        config.checkpoint.keep_last)
         if checkpoint is not None:
             self.checkpointer.load(checkpoint)
-            self.say(f"resumed from {checkpoint.path}: step {self.step}, {self.consumed_samples} samples consumed")
+            saved_on = checkpoint.state.get("world_size")
+            self.say(f"resumed from {checkpoint.path}" + (f" (DeepSpeed universal checkpoint, saved on {saved_on} "
+                                                          f"rank(s), now {world_size})" if checkpoint.universal else "")
+                     + f": step {self.step}, {self.consumed_samples} samples consumed")
         self.sampler = StepSizeSampler(StepSizeDistribution.from_dict(t.step_size), t.seed)
         self.grad_accum = config.gradient_accumulation_steps(world_size)
         self.batches = data.train_micro_batches(train_ds, self.consumed_samples, t.micro_batch_size, rank, world_size)
