@@ -140,11 +140,9 @@ def test_universal_checkpoint_resumes_on_another_world_size_and_user_deepspeed_c
         port = free_port()
         cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", str(ranks), "--master-port", str(port),
                "--config", "quickstart", *_overrides(output_dir, **extra), *args]
-        try:
-            return subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
-        finally:  # DeepSpeed's CPU all-reduce buffers outlive the ranks
-            for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-                buffer.unlink(missing_ok=True)
+        result = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "leaked /dev/shm buffers"
+        return result
 
     def to_universal(tag_dir: Path, output: Path) -> Path:
         result = subprocess.run([PYTHON, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
