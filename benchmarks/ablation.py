@@ -275,18 +275,18 @@ def write_plots(summary: dict, out: Path) -> list[Path]:
     plt.close(fig)
     written.append(out / "perplexity.png")
 
-    measured = all(r.get("decode_speedup") for v in summary["variants"] for r in v["evaluation"]["results"])
+    measured = all(r.get("decode_tokens_per_s") for v in summary["variants"] for r in v["evaluation"]["results"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for v in summary["variants"]:
         results = v["evaluation"]["results"]
         one = next(r for r in results if math.isclose(r["step_size"], 1.0))
-        xs = [r["decode_speedup"] if measured else one["flops_per_token"] / r["flops_per_token"] for r in results]
+        xs = [r["decode_tokens_per_s"] if measured else one["flops_per_token"] / r["flops_per_token"] for r in results]
         ys = [r["perplexity"] for r in results]
         (line,) = ax.plot(xs, ys, marker="o", label=v["label"])
         for x, y, r in zip(xs, ys, results):
             ax.annotate(f"a={r['step_size']:g}", (x, y), fontsize=6, color=line.get_color(),
                         textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("decode speedup over a=1 (measured, batch 1)" if measured
+    ax.set_xlabel("decode tokens/s (batch 1, every variant timed interleaved in one process)" if measured
                   else "FLOP speedup over a=1 (decode speed not measured)")
     ax.set_ylabel("validation perplexity")
     ax.set_title("Perplexity against speed: one set of weights per line")
