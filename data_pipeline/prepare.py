@@ -41,6 +41,8 @@ from .shards import ShardWriter, choose_dtype, open_tokens
 from .tokenizer import MODEL_FILE, TokenizerInfo, tokenizer_fingerprint
 
 PARTS = ".parts"
+# Fewer undecodable bytes than this never make a document "binary": a short text with a stray byte is repaired.
+MIN_UNDECODABLE_TO_SKIP = 64
 
 
 @dataclass
@@ -95,7 +97,7 @@ def iter_chunks(sources: list[Source], cfg: PrepareConfig, counters: ReadCounter
     size = 0
     index = 0
     for doc in iter_documents(sources, text_key=cfg.text_key):
-        if doc.replaced and doc.undecodable_fraction > cfg.max_undecodable_fraction:
+        if doc.replaced >= MIN_UNDECODABLE_TO_SKIP and doc.undecodable_fraction > cfg.max_undecodable_fraction:
             counters.undecodable_documents += 1
             if len(counters.undecodable_sources) < 100:
                 counters.undecodable_sources.append(doc.source)
