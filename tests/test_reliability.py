@@ -18,7 +18,9 @@ import pytest
 from launcher.launch import free_port
 from tests.test_launcher_train import PYTHON, TIMEOUT, _env, _overrides
 
-BUILT_SHM_OP = Path.home() / ".cache" / "torch_extensions" / "py311_cpu" / "deepspeed_shm_comm"
+# DeepSpeed's shm op built by (and for) this environment, once: the shared ~/.cache folder is rebuilt (a minute
+# or two) whenever another environment built it last, since its build file names that environment's sources.
+TEST_EXTENSIONS = Path(sys.prefix) / "torch_extensions_for_tests"
 
 
 # ---- 1. stale torch-extension build locks, signals during start-up, leaked /dev/shm buffers ------------
@@ -49,19 +51,17 @@ def test_a_stale_build_lock_is_removed_and_a_held_one_reported(tmp_path):
 def test_launch_removes_a_stale_build_lock_and_leaves_no_shared_memory(tmp_path):
     """The hang: a build lock left by a killed rank made every later launch wait forever, silently. And every
     CPU launch left a 66 MB /dev/shm buffer per rank behind."""
-    extensions = tmp_path / "torch_extensions"
-    if BUILT_SHM_OP.is_dir():  # reuse this machine's build: a fresh one compiles for a minute
-        shutil.copytree(BUILT_SHM_OP, extensions / BUILT_SHM_OP.name, ignore=shutil.ignore_patterns("lock"))
-    lock = extensions / BUILT_SHM_OP.name / "lock"
+    lock = TEST_EXTENSIONS / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.touch()
+    os.utime(lock, (time.time() - 600, time.time() - 600))  # left by a build killed 10 minutes ago
     port = free_port()
     output_dir = tmp_path / "run"
     cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", "2", "--master-port", str(port), "--config",
            "quickstart", *_overrides(output_dir, **{"train.train_steps": 1, "eval.interval": 0,
                                                     "checkpoint.interval": 0})]
     try:
-        result = subprocess.run(cmd, env=_env(TORCH_EXTENSIONS_DIR=str(extensions)), cwd=tmp_path,
+        result = subprocess.run(cmd, env=_env(TORCH_EXTENSIONS_DIR=str(TEST_EXTENSIONS)), cwd=tmp_path,
                                 capture_output=True, text=True, timeout=TIMEOUT)
     finally:
         leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
@@ -78,8 +78,8 @@ def test_sigterm_during_start_up_exits_143_and_leaves_nothing(tmp_path):
     cmd = [PYTHON, "-m", "launcher.train", "--config", "quickstart",
            *_overrides(output_dir, **{"train.train_steps": 50, "model.hidden_size": 256,
                                       "model.intermediate_size": 512})]
-    process = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(cmd, env=_env(TORCH_EXTENSIONS_DIR=str(TEST_EXTENSIONS)), cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + TIMEOUT
     while not (output_dir / "config.json").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
