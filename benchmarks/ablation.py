@@ -139,13 +139,14 @@ def check_same_run(config: RunConfig, run_dir: Path, name: str) -> None:
 
 
 def evaluate(model_dir: Path, data_dir: Path, eval_dir: Path, args, env: dict, progress: Progress) -> dict:
-    """The evaluation report of one model (`odegpt evaluate --output`): perplexity, solver steps,
-    FLOPs/token and batch-1 decode speed per step size, kept in ``eval_dir``."""
+    """The evaluation report of one model (`odegpt evaluate --output --no-speed`): perplexity, solver
+    steps and FLOPs/token per step size, kept in ``eval_dir``. Decode speed is measured apart, every
+    variant side by side (:func:`decode_speeds`)."""
     report = eval_dir / "results.json"
     if not report.is_file():
         progress.run(ODEGPT + ["evaluate", "--model", str(model_dir), "--data", str(data_dir), "--step-sizes",
                                args.step_sizes, "--seq-len", str(args.seq_len), "--num-samples",
-                               str(args.num_samples), "--output", str(eval_dir)], env)
+                               str(args.num_samples), "--output", str(eval_dir), "--no-speed"], env)
     else:
         print(f"exists: {report}")
     return json.loads(report.read_text())
@@ -165,6 +166,53 @@ def ensure_data(data_from: Path, vocab_size: int, env: dict, progress: Progress)
         progress.run(ODEGPT + ["prepare", "--input", "stdlib", "--tokenizer", str(tokenizer), "--output", str(data),
                                "--val-fraction", "0.01", "--workers", "2"], env)
     return tokenizer, data
+
+
+def decode_speeds(model_dirs: dict[str, Path], step_sizes: list[float], rounds: int, new_tokens: int) -> dict:
+    """Batch-1 greedy decode tokens/s of every (variant, a).
+
+    Speed depends on the architecture and the blocks the solve executes, not on the weights, so each
+    distinct (architecture, executed blocks) is timed once, with one of the models that has it: the
+    variants trained alike at another objective share a measurement, an unshared model is one
+    measurement at every a. All of them are timed interleaved in this one process
+    (``odegpt.throughput``, the timing loop of `odegpt evaluate` and `odegpt bench`), so that they
+    compare with each other on a noisy shared machine."""
+    import torch
+    from tqdm import tqdm
+
+    from odegpt import OdeGPTForCausalLM
+    from odegpt.solver import plan_solve
+    from odegpt.throughput import Variant as Timed, measure_interleaved, random_prompt
+
+    torch.set_num_threads(1)
+    models = {name: OdeGPTForCausalLM.from_pretrained(path).eval() for name, path in model_dirs.items()}
+    shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                    "tie_word_embeddings")
+    work: dict[tuple, tuple[str, float]] = {}  # what is timed -> (a model that has it, a)
+    key_of: dict[tuple[str, float], tuple] = {}
+    for name, model in models.items():
+        config = model.config
+        for a in step_sizes:
+            blocks = tuple(step.block for step in plan_solve(config.segments, a, config.max_solver_steps))
+            key = (tuple(getattr(config, f) for f in shape_fields), json.dumps(config.segments), blocks)
+            work.setdefault(key, (name, a))
+            key_of[name, a] = key
+    timed = {key: Timed(models[name], {"step_size": a}) for key, (name, a) in work.items()}
+    vocab_size = min(model.config.vocab_size for model in models.values())
+    with tqdm(total=rounds * len(timed), desc=f"decode speed, {len(timed)} distinct solves interleaved",
+              unit="run") as bar:
+        measured = measure_interleaved(timed, {"batch 1": random_prompt(vocab_size, 1, 32)}, new_tokens, rounds,
+                                       on_measurement=bar.update)
+    return {pair: measured[key, "batch 1"].decode_tokens_per_s for pair, key in key_of.items()}
+
+
+def with_decode_speeds(report: dict, name: str, speeds: dict) -> dict:
+    """The evaluation report with the side-by-side decode speeds filled in."""
+    one = next(v for (n, a), v in speeds.items() if n == name and math.isclose(a, 1.0))
+    for row in report["results"]:
+        speed = next(v for (n, a), v in speeds.items() if n == name and math.isclose(a, row["step_size"]))
+        row["decode_tokens_per_s"], row["decode_speedup"] = speed, speed / one
+    return report
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -272,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="validation sequences per step size (default: %(default)s)")
     parser.add_argument("--reference", default="b-shared-a1",
                         help="variant whose a=1 perplexity the 'a=1 cost' column compares to (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=15,
+                        help="decode speed: interleaved rounds over every (variant, a), median (default: %(default)s)")
+    parser.add_argument("--decode-tokens", type=int, default=128,
+                        help="decode speed: greedy tokens per timed run, batch 1 (default: %(default)s)")
     args = parser.parse_args(argv)
 
     variants = [Variant.from_argument(spec) for spec in args.variants]
@@ -279,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DS_ACCELERATOR": "cpu",
            "TOKENIZERS_PARALLELISM": "false"}
-    progress = Progress(1 + 3 * len(variants))
+    progress = Progress(2 + 3 * len(variants))
     load_start = os.getloadavg()
     base = load_config([variants[0].path], args.overrides)
     tokenizer, data_dir = ensure_data(Path(args.data_from), base.model.vocab_size, env, progress)
@@ -325,6 +377,15 @@ def main(argv: list[str] | None = None) -> int:
             "budget": {**budget, "training_seconds": training_seconds(run_dir)},
             "evaluation": report,
         })
+
+    progress.stage(f"decode speed at batch 1 of {len(variants)} variants x {len(summary['step_sizes'])} step sizes, "
+                   f"interleaved, {args.rounds} rounds")
+    speeds = decode_speeds({v["name"]: out / v["name"] / "model" for v in summary["variants"]}, summary["step_sizes"],
+                           args.rounds, args.decode_tokens)
+    for v in summary["variants"]:
+        with_decode_speeds(v["evaluation"], v["name"], speeds)
+    summary["decode"] = {"batch_size": 1, "prompt_tokens": 32, "new_tokens": args.decode_tokens,
+                         "rounds": args.rounds, "threads": 1, "measured_once_per": "architecture and executed blocks"}
 
     summary["load_average_at_end"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps(summary, indent=2))

@@ -30,6 +30,10 @@ from .files import write_json_atomic
 
 MODEL_FILE = "tokenizer.model"
 INFO_FILE = "odegpt_tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"
+# transformers 5 saves a fast tokenizer as "TokenizersBackend", a class transformers 4 lacks ("Tokenizer class
+# TokenizersBackend does not exist"); "PreTrainedTokenizerFast" names the same tokenizer in both (5 aliases it).
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 # Fixed ids: every odegpt tokenizer has the same layout, so configs never need to guess.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -189,6 +193,19 @@ def write_hf_tokenizer(directory: str | os.PathLike) -> None:
         clean_up_tokenization_spaces=False, model_max_length=1 << 30,
     )
     hf.save_pretrained(str(directory))
+    make_tokenizer_config_portable(directory)
+
+
+def make_tokenizer_config_portable(directory: str | os.PathLike) -> None:
+    """Name the tokenizer class in ``directory/tokenizer_config.json`` so transformers 4.x and 5.x both load it
+    (and 4.x, knowing the class, never needs the model's config or its custom code to pick one)."""
+    path = Path(directory, HF_CONFIG_FILE)
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+        write_json_atomic(path, config)
 
 
 def load_tokenizer(directory: str | os.PathLike):

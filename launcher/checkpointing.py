@@ -29,6 +29,9 @@ from data_pipeline.files import write_atomic, write_json_atomic
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE = "odegpt_state.json"
+STATE_KEY = "odegpt"  # odegpt's state inside DeepSpeed's model-states file
+MODEL_STATES = "mp_rank_00_model_states.pt"
+UNIVERSAL_DIR = "zero"  # DeepSpeed's universal checkpoint: one folder per parameter under zero/
 TAG_PREFIX = "step_"
 
 
@@ -118,6 +121,7 @@ class Checkpoint:
     directory: Path  # the checkpoints/ directory
     tag: str
     state: dict  # step, consumed_samples, config, step_size_sampler, world_size
+    universal: bool = False  # DeepSpeed's universal (world-size independent) layout, from ds_to_universal
 
     @property
     def path(self) -> Path:
@@ -158,10 +162,37 @@ def _read_state(path: Path, files: list[Path]) -> dict:
             raise CheckpointError(f"checkpoint {path}: {STATE} is not valid JSON ({error})") from None
     # Checkpoints written before odegpt_state.json kept the state in DeepSpeed's model-states file.
     model_states = [f for f in files if f.name.endswith("model_states.pt")]
-    state = load_file(model_states[0], mmap=True).get("odegpt") if model_states else None
+    state = load_file(model_states[0], mmap=True).get(STATE_KEY) if model_states else None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path}: no {STATE}; not written by odegpt's launcher")
     return state
+
+
+def is_universal(path: Path) -> bool:
+    return (path / UNIVERSAL_DIR).is_dir() and (path / MODEL_STATES).is_file()
+
+
+def verify_universal(path: Path) -> Checkpoint:
+    """A DeepSpeed universal checkpoint (``ds_to_universal``'s output for one of our checkpoints), checked as far
+    as it can be: its model-states file loads safely and holds odegpt's state, and every parameter it lists
+    has its fp32 weights and optimizer states under ``zero/``, each a file that loads safely. (DeepSpeed's tool
+    writes no marker of completion; a conversion cut short misses files, and this finds them.)"""
+    model_states = load_file(path / MODEL_STATES, mmap=True)
+    state = model_states.get(STATE_KEY)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: {MODEL_STATES} holds no odegpt state; a universal checkpoint "
+                              f"must be converted from a checkpoint written by odegpt's launcher")
+    names = [name for group in model_states.get("param_shapes") or [] for name in group]
+    if not names:
+        raise CheckpointError(f"checkpoint {path}: {MODEL_STATES} lists no parameters (param_shapes)")
+    for name in names:
+        for file in ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt"):
+            if not (path / UNIVERSAL_DIR / name / file).is_file():
+                raise CheckpointError(f"checkpoint {path}: {UNIVERSAL_DIR}/{name}/{file} is missing "
+                                      f"(an incomplete ds_to_universal conversion?)")
+    for file in sorted((path / UNIVERSAL_DIR).rglob("*.pt")):
+        load_file(file, mmap=True)
+    return Checkpoint(path.parent, path.name, state, universal=True)
 
 
 def choose(resume: str | None, checkpoint_dir: Path, note: Callable[[str], None] = print) -> Checkpoint | None:
@@ -175,9 +206,12 @@ def choose(resume: str | None, checkpoint_dir: Path, note: Callable[[str], None]
         path = Path(resume)
         if (path / COMPLETE).is_file():
             return verify(path.parent, path.name)
+        if is_universal(path):
+            return verify_universal(path)
         if not complete_tags(path):
             raise CheckpointError(f"--resume {resume}: no complete checkpoint there (a tag directory with a "
-                                  f"{COMPLETE} marker, or a directory of them)")
+                                  f"{COMPLETE} marker, a directory of them, or a DeepSpeed universal checkpoint "
+                                  f"made from one by ds_to_universal)")
         checkpoint_dir = path
     tags = complete_tags(checkpoint_dir)
     if not tags:
@@ -250,7 +284,10 @@ class Checkpointer:
             # A leftover from a crashed save at this step must not look complete while being rewritten.
             (tag_dir / COMPLETE).unlink(missing_ok=True)
         dist.barrier()
-        self.engine.save_checkpoint(str(self.directory), tag=tag_for(step), save_latest=False)
+        # odegpt's state rides along in the model-states file too: DeepSpeed's ds_to_universal copies that file
+        # into a universal checkpoint, which can then be resumed on another number of ranks.
+        self.engine.save_checkpoint(str(self.directory), tag=tag_for(step), save_latest=False,
+                                    client_state={**universal_checkpoint_info(), STATE_KEY: state})
         torch.save(rng_state(), tag_dir / f"rng_state_rank{rank:05d}.pt")
         if self.after_files_written is not None:
             self.after_files_written(step)
@@ -281,9 +318,20 @@ class Checkpointer:
         if path is None:
             raise CheckpointError(f"checkpoint {checkpoint.path}: DeepSpeed found nothing to load in it")
         rng_file = checkpoint.path / f"rng_state_rank{dist.get_rank():05d}.pt"
-        if rng_file.is_file():  # absent when resuming on more ranks than saved
+        if rng_file.is_file():  # absent when resuming on more ranks than saved, and in universal checkpoints
             set_rng_state(load_file(rng_file))
-        self.saved_step = checkpoint.state["step"]
+        # A universal checkpoint lives outside checkpoints/: the first save writes one there, even at this step.
+        self.saved_step = None if checkpoint.universal else checkpoint.state["step"]
+
+
+def universal_checkpoint_info() -> dict:
+    """What DeepSpeed's ``ds_to_universal`` needs in the model-states file to convert a checkpoint to its
+    universal (world-size independent) form without ``--inject_missing_state``: the format version. The model
+    has no tensor or pipeline parallelism, so no parameter patterns to merge."""
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
 def prune(checkpoint_dir: Path, keep_last: int) -> None:

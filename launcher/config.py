@@ -6,7 +6,9 @@ right, then ``--set section.key=value`` overrides (values parsed as YAML). The r
 into dataclasses before anything starts: an unknown key, a wrong type, a batch that does not fit
 the world size or a ``seq_len`` beyond the model's positions is a :class:`ConfigError` naming the
 key. The DeepSpeed config is *generated* from the validated object, never written by hand, so the
-two cannot disagree.
+two cannot disagree; what odegpt has no setting for (the flops profiler, the comms logger, NVMe
+offload, ZeRO++, ...) a user adds as DeepSpeed config (``deepspeed.extra``, ``--deepspeed-config``),
+deep-merged in, with odegpt's own keys winning.
 """
 from __future__ import annotations
 
@@ -15,10 +17,13 @@ import copy
 import dataclasses
 import functools
 import inspect
+import json
+import logging
 import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +133,11 @@ class DeepSpeedSection:
     # None = torch's AdamW (fused=True on CUDA: no extension to build), except DeepSpeed's CPU Adam
     # for an optimizer offloaded from GPUs; false = DeepSpeed's FusedAdam/CPUAdam (built on first use)
     torch_adam: bool | None = None
+    # DeepSpeed config of your own, deep-merged into the generated one (flops_profiler, comms_logger, NVMe
+    # offload, ZeRO++ ...): `config_file` (a ds_config.json; --deepspeed-config FILE) first, then `extra` on top.
+    # Keys odegpt derives from its own settings win, with a message naming the setting to change instead.
+    config_file: str | None = None
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -268,6 +278,10 @@ class RunConfig:
         if t.compile and z.zero_stage == 3:
             raise ConfigError("train.compile needs deepspeed.zero_stage <= 2: ZeRO-3 gathers parameters in "
                               "module hooks that torch.compile does not trace")
+        user = self.user_deepspeed_config()
+        if self.precision_for("cuda") == "bf16" and (user.get("fp16") or {}).get("enabled"):
+            raise ConfigError("deepspeed fp16.enabled: true needs train.precision: fp32 (DeepSpeed's fp16 mixed "
+                              f"precision; bf16 is train.precision: bf16), got train.precision: {t.precision}")
         if world_size is not None:
             if world_size < 1:
                 raise ConfigError(f"world size must be >= 1, got {world_size}")
@@ -280,8 +294,59 @@ class RunConfig:
         return self
 
     # ---- DeepSpeed ----------------------------------------------------------------------------
-    def to_deepspeed_config(self, world_size: int, device_type: str = "cpu") -> dict:
-        """The DeepSpeed config dict, derived entirely from this run config."""
+    def user_deepspeed_config(self) -> dict:
+        """The user's own DeepSpeed config: ``deepspeed.config_file`` with ``deepspeed.extra`` merged over it."""
+        z = self.deepspeed
+        if not isinstance(z.extra, dict):
+            raise ConfigError(f"deepspeed.extra must be a mapping of DeepSpeed config keys, got {z.extra!r}")
+        from_file: Any = {}
+        if z.config_file is not None:
+            try:
+                from_file = json.loads(Path(z.config_file).read_text())
+            except OSError as error:
+                raise ConfigError(f"deepspeed.config_file {z.config_file}: cannot be read "
+                                  f"({error.strerror or error})") from None
+            except ValueError as error:
+                raise ConfigError(f"deepspeed.config_file {z.config_file}: not valid JSON ({error})") from None
+            if not isinstance(from_file, dict):
+                raise ConfigError(f"deepspeed.config_file {z.config_file}: must hold a JSON object of DeepSpeed "
+                                  f"config keys, got {type(from_file).__name__}")
+        return merge(from_file, z.extra)
+
+    def to_deepspeed_config(self, world_size: int, device_type: str = "cpu",
+                            note: Callable[[str], None] | None = None) -> dict:
+        """The DeepSpeed config dict: generated from this run config, with the user's own DeepSpeed config
+        (:meth:`user_deepspeed_config`) merged in. Where the user sets a key odegpt derives from a setting of
+        its own, odegpt's value wins and ``note`` is told which key and which setting; the merged config is
+        checked by DeepSpeed's own parser (a ConfigError naming the key) before anything is built."""
+        generated = self._generated_deepspeed_config(world_size, device_type)
+        user = self.user_deepspeed_config()
+        if not user:
+            return generated
+        merged = merge(user, generated)
+        for path, theirs, ours in _clashes(user, generated):
+            if path.split(".")[0] in USER_DEFAULTS:
+                _set_path(merged, path, theirs)  # a default odegpt has no setting for: the user's value stands
+                continue
+            if note is not None:
+                note(f"DeepSpeed config: {path}={json.dumps(theirs)} from {self._user_source(path)} is replaced by "
+                     f"{json.dumps(ours)}, which odegpt derives from {_setting_for(path)}; set that instead")
+        _check_with_deepspeed(merged, self._user_source())
+        return merged
+
+    def _user_source(self, path: str | None = None) -> str:
+        """Where the user's DeepSpeed config (or its key ``path``) comes from: deepspeed.extra and/or the file."""
+        z = self.deepspeed
+        if path is not None:
+            node: Any = z.extra
+            for key in path.split("."):
+                node = node.get(key, KeyError) if isinstance(node, dict) else KeyError
+            return "deepspeed.extra" if node is not KeyError else f"deepspeed.config_file {z.config_file}"
+        sources = ([f"deepspeed.config_file {z.config_file}"] if z.config_file else []) + \
+            (["deepspeed.extra"] if z.extra else [])
+        return " and ".join(sources)
+
+    def _generated_deepspeed_config(self, world_size: int, device_type: str) -> dict:
         self.validate(world_size)
         t, z = self.train, self.deepspeed
         cuda = device_type == "cuda"
@@ -318,6 +383,81 @@ class RunConfig:
         }
 
 
+# Generated DeepSpeed keys the user's own config may change: odegpt has no setting of its own for them.
+USER_DEFAULTS = frozenset({"steps_per_print", "wall_clock_breakdown", "fp16"})
+# Where odegpt's other generated keys come from (the longest matching prefix names the setting to change).
+_DEEPSPEED_KEY_SOURCES = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / train.micro_batch_size / the world size",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.lr, train.adam_*, train.weight_decay and deepspeed.torch_adam",
+    "bf16": "train.precision",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param": "deepspeed.offload_param",
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": "odegpt convert (reads the fp32 partitions)",
+    "checkpoint": "odegpt's checkpoint loading (--resume)",
+}
+
+
+def _setting_for(path: str) -> str:
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        source = _DEEPSPEED_KEY_SOURCES.get(".".join(parts[:end]))
+        if source is not None:
+            return source
+    if parts[0] == "zero_optimization" and len(parts) > 1 and parts[1] in {f.name for f in
+                                                                           dataclasses.fields(DeepSpeedSection)}:
+        return f"deepspeed.{parts[1]}"
+    return "the run config"
+
+
+def _clashes(user: dict, generated: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, user value, generated value) wherever both set a key to different values."""
+    found = []
+    for key, theirs in user.items():
+        if key not in generated:
+            continue
+        ours, path = generated[key], f"{prefix}{key}"
+        if isinstance(theirs, dict) and isinstance(ours, dict):
+            found += _clashes(theirs, ours, f"{path}.")
+        elif theirs != ours:
+            found.append((path, theirs, ours))
+    return found
+
+
+def _set_path(tree: dict, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for key in parents:
+        tree = tree[key]
+    tree[last] = copy.deepcopy(value)
+
+
+def _check_with_deepspeed(config: dict, source: str) -> None:
+    """Parse ``config`` with DeepSpeed's own ``DeepSpeedConfig`` (its section models refuse unknown keys and
+    wrong types): a user's typo is a one-line ConfigError here, not a stack trace on every rank."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger
+
+    # The batch size is checked against the world size here already; DeepSpeed would check it against one rank.
+    check = {key: value for key, value in config.items() if key != "train_batch_size"}
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        DeepSpeedConfig(check)
+    except Exception as error:  # pydantic's ValidationError, DeepSpeed's asserts and ValueErrors
+        errors = getattr(error, "errors", None)
+        if callable(errors):
+            reason = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors())
+            reason = f"{getattr(error, 'title', '')}: {reason}"
+        else:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"DeepSpeed rejects the config merged from {source}: {reason}") from None
+    finally:
+        logger.setLevel(level)
+
+
 # ---- building from YAML -----------------------------------------------------------------------
 
 def add_config_arguments(parser: argparse.ArgumentParser, default: list[str] | None = None,
@@ -332,6 +472,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, default: list[str] | N
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key after merging, e.g. --set train.lr=3e-4 (repeatable; the value "
                              "is parsed as YAML)")
+    parser.add_argument("--deepspeed-config", dest="overrides", action=_DeepSpeedConfigFile, metavar="JSON",
+                        help="a DeepSpeed config file (ds_config.json) merged into the generated DeepSpeed config; "
+                             "keys odegpt derives from its own settings win, with a message "
+                             "(= --set deepspeed.config_file=JSON)")
+
+
+class _DeepSpeedConfigFile(argparse.Action):
+    """``--deepspeed-config FILE`` as the override ``deepspeed.config_file=<absolute FILE>`` (in order with --set)."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        overrides = list(getattr(namespace, self.dest, None) or [])
+        overrides.append(f"deepspeed.config_file={json.dumps(str(Path(value).resolve()))}")
+        setattr(namespace, self.dest, overrides)
 
 
 def _positive(name: str, value: Any) -> None:

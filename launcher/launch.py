@@ -142,7 +142,7 @@ def run(spec: LaunchSpec, dry_run: bool = False) -> int:
             print(f"#   {key}={value}")
         print(shlex.join(cmd))
         return 0
-    from .leftovers import clear_stale_build_locks, remove_shm_buffers
+    from .leftovers import clear_stale_build_locks
 
     clear_stale_build_locks(lambda message: print(f"odegpt launch: {message}", file=sys.stderr, flush=True))
     created_output_dir = not env_file.parent.exists()
@@ -176,7 +176,6 @@ def run(spec: LaunchSpec, dry_run: bool = False) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        remove_shm_buffers(spec.master_port)  # DeepSpeed never unlinks them; ranks killed by a signal cannot
         if created_output_dir and [p.name for p in env_file.parent.iterdir()] == [env_file.name]:
             env_file.unlink()  # the job wrote nothing (stopped during start-up): leave no run folder behind
             env_file.parent.rmdir()

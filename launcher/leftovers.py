@@ -1,18 +1,13 @@
-"""What earlier jobs leave behind on this machine, found and cleared before and after a launch.
+"""Torch-extension build locks left by killed builds, found and cleared before a launch.
 
-- **Extension build locks.** DeepSpeed JIT-builds its CPU shared-memory op (``deepspeed_shm_comm``) with
-  ``torch.utils.cpp_extension``, which serializes builds with a ``lock`` file in the extension's build
-  directory and waits *forever*, silently, while that file exists. A process killed during the build
-  leaves it behind, and every later launch hangs. The builder creates the file with ``O_EXCL`` and keeps
-  it open until it removes it, so a lock that no process has open is stale: its owner died. That test
-  cannot be fooled by a slow build or a reused pid, which an age or a pid file could; it sees only this
-  machine's processes, hence a lock file owned by another user (a shared ``TORCH_EXTENSIONS_DIR``,
-  perhaps over NFS) is reported but never removed.
-- **Shared-memory all-reduce buffers.** DeepSpeed's CPU all-reduce (``shm.cpp``) creates
-  ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (66 MB per rank) and never unlinks
-  it: /dev/shm is RAM, and a few hundred runs fill it. Each rank removes its own at exit and
-  ``odegpt launch`` removes the job's (its master port's) after the launcher returns; other jobs' files
-  are never touched.
+DeepSpeed JIT-builds its ops (fused Adam, the CPU shared-memory all-reduce, ...) with
+``torch.utils.cpp_extension``, which serializes builds with a ``lock`` file in the extension's build
+directory and waits *forever*, silently, while that file exists. A process killed during a build
+leaves it behind, and every later launch needing that op hangs. The builder creates the file with
+``O_EXCL`` and keeps it open until it removes it, so a lock that no process has open is stale: its
+owner died. That test cannot be fooled by a slow build or a reused pid, which an age or a pid file
+could; it sees only this machine's processes, hence a lock file owned by another user (a shared
+``TORCH_EXTENSIONS_DIR``, perhaps over NFS) is reported but never removed.
 """
 from __future__ import annotations
 
@@ -22,11 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "deepspeed_allreduce_buffer"
-
-
-# ---- extension build locks ----------------------------------------------------------------------
 
 def extension_roots() -> list[Path]:
     """Where torch builds JIT extensions: ``$TORCH_EXTENSIONS_DIR``, else one folder per Python/accelerator
@@ -117,27 +107,3 @@ def clear_stale_build_locks(say: Callable[[str], None], roots: list[Path] | None
             say(f"torch-extension build lock {lock.path} (age {_age(lock.age_s)}) is held by {who}; the launch "
                 f"waits until it is released. If that build is stuck, stop it, or remove the lock: rm {lock.path}")
     return locks
-
-
-# ---- shared-memory all-reduce buffers --------------------------------------------------------------
-
-def shm_buffer(master_addr: str, master_port: int | str, rank: int) -> Path:
-    """The /dev/shm file DeepSpeed's CPU all-reduce creates for ``rank`` of the job at (addr, port)."""
-    return SHM_DIR / f"{SHM_PREFIX}_{os.getuid()}_{master_addr}_{master_port}_{rank}"
-
-
-def remove_shm_buffers(master_port: int | str, master_addr: str | None = None, rank: int | None = None) -> list[Path]:
-    """Unlink this user's buffers of the job on ``master_port`` (all its ranks, or just ``rank``; any
-    address unless ``master_addr``). Only one job can listen on a port at a time, so these are the job's."""
-    addr = master_addr if master_addr is not None else "*"
-    ranks = str(rank) if rank is not None else "[0-9]*"
-    removed = []
-    for path in SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_{addr}_{master_port}_{ranks}"):
-        if not path.name.rsplit("_", 1)[1].isdigit():
-            continue
-        try:
-            path.unlink()
-            removed.append(path)
-        except FileNotFoundError:
-            pass
-    return removed

@@ -200,6 +200,8 @@ class Trainer:
         config.validate(world_size)
         t = self.config.train
         self.output_dir, self.checkpoint_dir = Path(config.run.output_dir), config.checkpoint_dir
+        # The DeepSpeed config, with the user's own merged in (clashes said once, a bad key refused by every rank).
+        ds_config = decided_by_rank_zero(lambda: config.to_deepspeed_config(world_size, device_type, note=self.say))
 
         # 1. Check everything a user can get wrong before writing or building anything.
         def check() -> checkpointing.Checkpoint | None:
@@ -210,6 +212,8 @@ class Trainer:
             return checkpoint
 
         checkpoint = decided_by_rank_zero(check)
+        if checkpoint is not None and checkpoint.universal:  # DeepSpeed then reads zero/ for any world size
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         train_ds, valid_ds = on_every_rank(lambda: data.build_datasets(config))
 
         # 2. Only now write: the run's config and metrics.
@@ -218,13 +222,13 @@ class Trainer:
 
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.output_dir / "config.json", config.to_dict())
+            write_json_atomic(self.output_dir / "deepspeed_config.json", ds_config)  # what the engine is given
         self.step = checkpoint.state["step"] if checkpoint else 0
         self.consumed_samples = checkpoint.state["consumed_samples"] if checkpoint else 0
         self.metrics = MetricsLogger(self.output_dir, rank, config.logging.interval, t.train_steps, self.step,
                                      config.logging.tensorboard, config.logging.progress_bar, fresh=checkpoint is None)
 
         # 3. Build: the model (partitioned from birth under ZeRO-3), the engine, the data streams.
-        ds_config = config.to_deepspeed_config(world_size, device_type)
         self.model = self._build_model(ds_config)
         schedule = schedule_for(t)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -233,11 +237,20 @@ class Trainer:
             # configured schedule (perhaps with a new train.train_steps) applies from the saved step on.
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda index: schedule(index)))
         self.device = self.engine.device
+        engine_config = self.engine._config  # DeepSpeed's parse of ds_config: what the engine runs with
+        self.metrics.record("engine", self.step, {
+            "zero_stage": self.engine.zero_optimization_stage(),
+            "wall_clock_breakdown": self.engine.wall_clock_breakdown(),
+            "flops_profiler": engine_config.flops_profiler_config.enabled,
+            "load_universal_checkpoint": self.engine.load_universal_checkpoint()})
         self.checkpointer = checkpointing.Checkpointer(self.engine, self.checkpoint_dir, config.checkpoint.interval,
                                                        config.checkpoint.keep_last)
         if checkpoint is not None:
             self.checkpointer.load(checkpoint)
-            self.say(f"resumed from {checkpoint.path}: step {self.step}, {self.consumed_samples} samples consumed")
+            saved_on = checkpoint.state.get("world_size")
+            self.say(f"resumed from {checkpoint.path}" + (f" (DeepSpeed universal checkpoint, saved on {saved_on} "
+                                                          f"rank(s), now {world_size})" if checkpoint.universal else "")
+                     + f": step {self.step}, {self.consumed_samples} samples consumed")
         self.sampler = StepSizeSampler(StepSizeDistribution.from_dict(t.step_size), t.seed)
         self.grad_accum = config.gradient_accumulation_steps(world_size)
         self.batches = data.train_micro_batches(train_ds, self.consumed_samples, t.micro_batch_size, rank, world_size)
@@ -472,17 +485,11 @@ def run(args: argparse.Namespace) -> int:
             trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-        from .leftovers import remove_shm_buffers
-
-        # DeepSpeed's CPU all-reduce never unlinks its /dev/shm buffer (66 MB): this rank removes its own.
-        if "MASTER_PORT" in os.environ:
-            remove_shm_buffers(os.environ["MASTER_PORT"], os.environ.get("MASTER_ADDR", ""), rank)
 
 
 def _start_process() -> str:
-    """Everything before the rendezvous, interruptible: the environment, stale build locks, and (on CPU)
-    DeepSpeed's shared-memory op, built here so that a signal during its build releases the build lock
-    (the rendezvous then finds it built). Returns the device type."""
+    """Everything before the rendezvous, interruptible: the environment, the accelerator, and torch-extension
+    build locks left by killed builds (DeepSpeed would wait on them forever). Returns the device type."""
     import warnings
 
     _prepare_environment()
@@ -500,14 +507,8 @@ def _start_process() -> str:
         # Only locks from before this job's ranks started: a sibling rank may be building right now.
         clear_stale_build_locks(lambda message: print(f"odegpt train: {message}", file=sys.stderr, flush=True),
                                 older_than=psutil.Process().create_time() - 10)
-    if device_type == "cpu":  # DeepSpeed's CPU backend builds (or loads) it in init_distributed
-        import contextlib
-        import io
-
-        from deepspeed.comm.torch import build_shm_op
-
-        with contextlib.redirect_stdout(io.StringIO()):  # init_distributed says "built successfully" anyway
-            build_shm_op()
+    if device_type == "cpu":
+        skip_shared_memory_allreduce()
     return device_type
 
 
@@ -523,7 +524,7 @@ def _remove_startup_outputs(config, started: float) -> list[str]:
     if complete_tags(config.checkpoint_dir):
         return []
     removed = []
-    for name in ("config.json", "metrics.jsonl", "tensorboard"):
+    for name in ("config.json", "deepspeed_config.json", "metrics.jsonl", "tensorboard"):
         path = output_dir / name
         if path.exists() and path.stat().st_mtime >= started:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -534,6 +535,22 @@ def _remove_startup_outputs(config, started: float) -> list[str]:
         except OSError:
             pass
     return removed
+
+
+def skip_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce in this process.
+
+    DeepSpeed JIT-compiles that op (``deepspeed_shm_comm``) in every process that starts its
+    communication backend on CPU, and every rank of a launch then creates a 66 MB buffer in
+    /dev/shm that nothing removes. Only tensor-parallel inference (``inference_all_reduce``) uses it;
+    training's collectives go through gloo. Skipping it saves the first run's compile (which needs a
+    C++ toolchain), the shared memory leaked per run, and the hang of every later start when a
+    killed build leaves its lock file behind.
+    """
+    import importlib
+
+    # By module name: the attribute deepspeed.comm.torch is the torch package deepspeed.comm imports.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def main(argv: list[str] | None = None) -> int:

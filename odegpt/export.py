@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -29,12 +30,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def copy_tokenizer(source: str | Path | None, output_dir: str | Path) -> list[str]:
-    """Copy the tokenizer files found in ``source`` into ``output_dir``; return their names."""
+    """Copy the tokenizer files found in ``source`` into ``output_dir``; return their names. A tokenizer written
+    before its config named a class transformers 4.x knows gets one in the copy."""
+    from data_pipeline.tokenizer import make_tokenizer_config_portable
+
     if source is None or Path(source).resolve() == Path(output_dir).resolve():
         return []
     copied = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
     for name in copied:
         shutil.copyfile(Path(source) / name, Path(output_dir) / name)
+    make_tokenizer_config_portable(output_dir)
     return copied
 
 
@@ -42,8 +47,35 @@ def save_native(model: OdeGPTForCausalLM, output_dir: str | Path, tokenizer_dir:
     """Write a self-contained Hugging Face folder (safetensors + modeling code via auto_map)."""
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
+    add_fields_older_clients_read(output_dir)
     copy_tokenizer(tokenizer_dir, output_dir)
     return output_dir
+
+
+def add_fields_older_clients_read(output_dir: str | Path) -> dict:
+    """Write into ``output_dir/config.json`` the fields transformers 4.x reads where 5.x moved them, so one folder
+    means the same model to every client (and the engines that read config.json the 4.x way, e.g. ctranslate2):
+
+    - ``rope_theta`` at the top level: 4.x never looks inside ``rope_parameters`` and silently uses 10000;
+    - ``rope_scaling: null``: 4.x's name for "default rotary positions" (the only kind exported);
+    - ``torch_dtype``: the weights' dtype as transformers before 4.56 reads it.
+
+    transformers 5 reads them too (``rope_parameters`` and ``dtype`` win, and they agree). Returns the config."""
+    from data_pipeline.files import write_json_atomic
+
+    path = Path(output_dir) / "config.json"
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters")
+    if rope is not None:
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"only default rotary positions are exported, got {rope!r}")
+        config["rope_theta"] = rope["rope_theta"]
+        config["rope_scaling"] = None
+    if config.get("dtype") is not None:
+        config["torch_dtype"] = config["dtype"]
+    config = dict(sorted(config.items()))
+    write_json_atomic(path, config)
+    return config
 
 
 def llama_config_for(config: OdeGPTConfig, num_layers: int) -> LlamaConfig:
@@ -95,6 +127,7 @@ def save_unrolled(
 ) -> Path:
     output_dir = Path(output_dir)
     unroll_to_llama(model, step_size).save_pretrained(output_dir)
+    add_fields_older_clients_read(output_dir)
     copy_tokenizer(tokenizer_dir, output_dir)
     return output_dir
 

@@ -47,7 +47,8 @@ def _overrides(output_dir: Path, **extra) -> list[str]:
               "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_attention_heads": 2,
               "model.segments": "[{depth: 2, shared: true}]", "train.seq_len": 16, "train.micro_batch_size": 2,
               "train.global_batch_size": 4, "train.train_steps": 4, "train.warmup_steps": 1,
-              "train.step_size": "{choices: [0.5, 1, 2]}", "eval.interval": 2, "eval.num_samples": 4,
+              "train.step_size": "{choices: [0.5, 1, 2]}", "train.reference_weight": 0, "eval.interval": 2,
+              "eval.num_samples": 4,
               "eval.step_sizes": "[1, 2]", "checkpoint.interval": 2, "checkpoint.keep_last": 2,
               "logging.progress_bar": "false", "logging.interval": 1, **extra}
     return [f"--set={key}={value}" for key, value in values.items()]
@@ -58,10 +59,14 @@ def _env(**extra) -> dict:
 
 
 def _launch(output_dir: Path, ranks: int = 2, env: dict | None = None, **extra) -> subprocess.CompletedProcess:
-    cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", str(ranks), "--master-port", str(free_port()),
+    port = free_port()
+    cmd = [PYTHON, "-m", "odegpt", "launch", "--num-gpus", str(ranks), "--master-port", str(port),
            "--config", "quickstart", *_overrides(output_dir, **extra)]
-    return subprocess.run(cmd, env=env or _env(), cwd=output_dir.parent, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    result = subprocess.run(cmd, env=env or _env(), cwd=output_dir.parent, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    # DeepSpeed's CPU shared-memory all-reduce (66 MB of /dev/shm per rank, never removed) is not started.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "leaked /dev/shm buffers"
+    return result
 
 
 def _plain(output_dir: Path, env: dict | None = None, resume: str = "auto", **extra) -> subprocess.Popen:
