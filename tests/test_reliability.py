@@ -17,7 +17,7 @@ import pytest
 
 from tests.test_launcher_train import PYTHON, TIMEOUT, _env, _overrides
 
-# ---- 1. stale torch-extension build locks, signals during start-up, leaked /dev/shm buffers ------------
+# ---- 1. stale torch-extension build locks, signals during start-up ----------------------------------------
 
 def test_a_stale_build_lock_is_removed_and_a_held_one_reported(tmp_path):
     from launcher.leftovers import clear_stale_build_locks
