@@ -101,7 +101,7 @@ def clear_stale_build_locks(say: Callable[[str], None], roots: list[Path] | None
             except FileNotFoundError:
                 continue
             say(f"removed a stale torch-extension build lock {lock.path} (age {_age(lock.age_s)}; no process "
-                f"holds it: its builder was killed), which would have made this launch wait forever")
+                f"holds it: its builder was killed); building that extension would have waited on it forever")
         else:
             who = ", ".join(f"pid {pid} ({name})" for pid, name in lock.holders) or "another user"
             say(f"torch-extension build lock {lock.path} (age {_age(lock.age_s)}) is held by {who}; the launch "
