@@ -207,3 +207,20 @@ def test_a_truncated_tokenizer_record_and_an_edited_manifest_are_named(tokenizer
     code, _, err = _prepare(capsys, "--input", tmp_path / "text.txt", "--tokenizer", truncated,
                             "--output", tmp_path / "d")
     assert code == 1 and f"{record} is not valid JSON" in err and err.count("\n") == 1, err
+
+
+def test_convert_refuses_a_checkpoint_with_nonfinite_weights(tmp_path, capsys, monkeypatch):
+    """Consolidated weights are checked before the model folder is written (the checkpoint itself verified)."""
+    import torch
+
+    from launcher import checkpointing, convert
+
+    checkpoint = checkpointing.Checkpoint(tmp_path / "checkpoints", "step_00000002", {"config": {}})
+    weights = {"model.embed_tokens.weight": torch.zeros(4, 2),
+               "model.norm.weight": torch.tensor([1.0, float("inf")])}
+    monkeypatch.setattr(convert, "_locate", lambda path: checkpoint)
+    monkeypatch.setattr(convert, "_load_weights", lambda located: weights)
+    code, err = _odegpt(capsys, "convert", "--checkpoint", tmp_path / "checkpoints", "--output", tmp_path / "model")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"checkpoint {checkpoint.path} has non-finite weights (NaN or infinity): model.norm.weight (1 of 2)" in err
+    assert not (tmp_path / "model").exists()
