@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 _INPUT_HELP = ("input files, directories or globs (quote globs): .txt/.md/.py (a file is a document), "
                ".jsonl/.json (field --text-key), .parquet, .gz/.zst compressed text or json, a "
@@ -85,6 +86,9 @@ def register_prepare(subparsers) -> None:
                    help="token dtype (auto: uint16 if the vocabulary fits)")
     p.add_argument("--max-files", type=int, default=None, help="use only the first N input files")
     p.add_argument("--seed", type=int, default=1234, help="seed of the train/validation assignment")
+    p.add_argument("--max-undecodable-fraction", type=float, default=0.1,
+                   help="skip (count, name in the manifest, and warn about) a document with more undecodable "
+                        "bytes per character than this: a binary file; fewer are replaced by U+FFFD")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_prepare)
 
@@ -95,6 +99,7 @@ def run_prepare(args) -> int:
     cfg = PrepareConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output, workers=args.workers,
                         text_key=args.text_key, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
                         dtype=args.dtype, max_files=args.max_files, seed=args.seed,
+                        max_undecodable_fraction=args.max_undecodable_fraction,
                         progress=not args.no_progress)
     try:
         m = prepare(cfg)
@@ -108,7 +113,8 @@ def run_prepare(args) -> int:
     print(f"  documents  {t['documents']} ({t.get('train_documents', 0)} train, {t.get('val_documents', 0)} val)")
     print(f"  tokens     {tokens} ({t.get('train_tokens', 0)} train, {t.get('val_tokens', 0)} val), {m.dtype}")
     print(f"  shards     {t['shards']}")
-    print(f"  skipped    {m.skipped['empty_documents']} empty documents; repaired "
+    print(f"  skipped    {m.skipped['empty_documents']} empty documents, "
+          f"{m.skipped.get('undecodable_documents', 0)} not text (binary); repaired "
           f"{m.repaired['documents_with_undecodable_bytes']} documents "
           f"({m.repaired['replaced_characters']} undecodable bytes replaced)")
     print(f"  speed      {_si(m.inputs['bytes'] / seconds, 'B/s')}, {_si(tokens / seconds)} tokens/s "
@@ -126,6 +132,24 @@ def register_inspect(subparsers) -> None:
     p.add_argument("directory", metavar="DIR", help="prepared corpus directory")
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification (sizes still checked)")
     p.set_defaults(func=run_inspect)
+
+
+def _check_tokenizer_record(m) -> None:
+    """The manifest's tokenizer fields (vocab size, special ids, fingerprint) against the tokenizer directory
+    it names, when that is here: an edited manifest would make training build a model of the wrong size."""
+    from .tokenizer import TokenizerInfo, tokenizer_fingerprint
+
+    directory = Path(m.tokenizer.get("path") or "")
+    if not directory.is_dir():
+        return
+    info = TokenizerInfo.load(directory)
+    actual = {"vocab_size": info.vocab_size, "eos_id": info.eos_id, "bos_id": info.bos_id, "pad_id": info.pad_id,
+              "unk_id": info.unk_id, "fingerprint": tokenizer_fingerprint(directory)}
+    differing = [f"{key} {m.tokenizer.get(key)!r} (tokenizer: {value!r})" for key, value in actual.items()
+                 if key in m.tokenizer and m.tokenizer[key] != value]
+    if differing:
+        raise ValueError(f"manifest.json does not match its tokenizer {directory}: {', '.join(differing)}; the "
+                         f"manifest was edited or the tokenizer replaced; re-run `odegpt prepare`")
 
 
 def run_inspect(args) -> int:
@@ -151,9 +175,12 @@ def run_inspect(args) -> int:
     print(f"  repaired   {m.repaired}")
     try:
         verify_corpus(args.directory, m, checksum=not args.no_verify)
-    except ShardError as error:
+        _check_tokenizer_record(m)
+    except (ShardError, ValueError) as error:
         print(f"odegpt inspect: error: {error}", file=sys.stderr)
         return 1
     files = sum(len(s.splits) for s in m.shards)
+    print(f"  tokenizer  matches {tok.get('path')}" if Path(tok.get("path") or "").is_dir() else
+          f"  tokenizer  {tok.get('path')} is not here: vocabulary and special ids not checked")
     print(f"  verified   {files} shard files: sizes, offsets{'' if args.no_verify else ' and checksums'} OK")
     return 0

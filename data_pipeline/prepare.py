@@ -24,11 +24,12 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import xxhash
@@ -40,6 +41,8 @@ from .shards import ShardWriter, choose_dtype, open_tokens
 from .tokenizer import MODEL_FILE, TokenizerInfo, tokenizer_fingerprint
 
 PARTS = ".parts"
+# Fewer undecodable bytes than this never make a document "binary": a short text with a stray byte is repaired.
+MIN_UNDECODABLE_TO_SKIP = 64
 
 
 @dataclass
@@ -57,6 +60,7 @@ class PrepareConfig:
     dtype: str = "auto"
     max_files: int | None = None
     seed: int = 1234                     # val assignment
+    max_undecodable_fraction: float = 0.1  # skip a document with more undecodable bytes per character (binary)
     progress: bool = True
     stop_after_shards: int | None = None  # testing: simulate an interruption
 
@@ -72,6 +76,8 @@ class Chunk:
 class ReadCounters:
     documents: int = 0
     empty_documents: int = 0
+    undecodable_documents: int = 0
+    undecodable_sources: list = field(default_factory=list)  # files of the skipped documents (first 100)
     repaired_documents: int = 0
     replaced_chars: int = 0
     chars: int = 0
@@ -83,13 +89,23 @@ def _is_val(ordinal: int, seed: int, fraction: float) -> bool:
     return xxhash.xxh64_intdigest(ordinal.to_bytes(8, "little"), seed=seed) < fraction * 2.0**64
 
 
-def iter_chunks(sources: list[Source], cfg: PrepareConfig, counters: ReadCounters) -> Iterator[Chunk]:
+def iter_chunks(sources: list[Source], cfg: PrepareConfig, counters: ReadCounters,
+                warn: Callable[[str], None] | None = None) -> Iterator[Chunk]:
     """Group non-empty documents into chunks of ~`chunk_chars` characters, deterministically."""
     texts: list[str] = []
     flags: list[bool] = []
     size = 0
     index = 0
     for doc in iter_documents(sources, text_key=cfg.text_key):
+        if doc.replaced >= MIN_UNDECODABLE_TO_SKIP and doc.undecodable_fraction > cfg.max_undecodable_fraction:
+            counters.undecodable_documents += 1
+            if len(counters.undecodable_sources) < 100:
+                counters.undecodable_sources.append(doc.source)
+            if warn is not None:
+                warn(f"skipped a document of {doc.source}: {doc.undecodable_fraction:.0%} of it is not UTF-8 text "
+                     f"({doc.replaced} undecodable bytes; a binary file? the limit is --max-undecodable-fraction "
+                     f"{cfg.max_undecodable_fraction:g})")
+            continue
         if doc.replaced:
             counters.repaired_documents += 1
             counters.replaced_chars += doc.replaced
@@ -183,6 +199,7 @@ def _config_key(cfg: PrepareConfig, sources: list[Source], fingerprint: str, dty
         "format_version": FORMAT_VERSION, "tokenizer": fingerprint, "dtype": dtype.name,
         "text_key": cfg.text_key, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
         "shard_tokens": cfg.shard_tokens, "chunk_chars": cfg.chunk_chars,
+        "max_undecodable_fraction": cfg.max_undecodable_fraction,
         "sources": [(s.path, s.kind, s.compression, s.size()) for s in sources],
     }
     return json_digest(desc)
@@ -230,6 +247,8 @@ def prepare(cfg: PrepareConfig) -> Manifest:
 
     if not 0 <= cfg.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    if not 0 <= cfg.max_undecodable_fraction <= 1:
+        raise ValueError(f"--max-undecodable-fraction must be in [0, 1], got {cfg.max_undecodable_fraction}")
     if cfg.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {cfg.workers}")
     sources = resolve_inputs(cfg.inputs, max_files=cfg.max_files)
@@ -291,7 +310,7 @@ def prepare(cfg: PrepareConfig) -> Manifest:
                 return False
         return True
 
-    chunks = (c for c in iter_chunks(sources, cfg, counters) if c.index >= skip_chunks)
+    chunks = (c for c in iter_chunks(sources, cfg, counters, warn=lambda message: bar.write(message, file=sys.stderr)) if c.index >= skip_chunks)
     model_file = str(tok_dir / MODEL_FILE)
     last_index = skip_chunks - 1
     stopped = False
@@ -342,7 +361,9 @@ def prepare(cfg: PrepareConfig) -> Manifest:
         inputs={"patterns": list(cfg.inputs), "files": len(sources), "bytes": input_bytes,
                 "text_key": cfg.text_key, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
                 "shard_tokens": cfg.shard_tokens},
-        skipped={"empty_documents": counters.empty_documents},
+        skipped={"empty_documents": counters.empty_documents,
+                 "undecodable_documents": counters.undecodable_documents,
+                 "undecodable_files": counters.undecodable_sources},
         repaired={"documents_with_undecodable_bytes": counters.repaired_documents,
                   "replaced_characters": counters.replaced_chars},
     )

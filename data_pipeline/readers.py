@@ -60,6 +60,12 @@ class Document:
 
     text: str
     replaced: int = 0
+    source: str = ""  # the file it came from (set by iter_documents)
+
+    @property
+    def undecodable_fraction(self) -> float:
+        """Replaced characters per character: ~0 for text with a stray bad byte, ~0.4 for random bytes."""
+        return self.replaced / max(1, len(self.text))
 
 
 def stdlib_files() -> list[str]:
@@ -257,4 +263,6 @@ def iter_source(source: Source, text_key: str = "text") -> Iterator[Document]:
 def iter_documents(sources: list[Source], text_key: str = "text") -> Iterator[Document]:
     """All documents of all sources, in order."""
     for source in sources:
-        yield from iter_source(source, text_key)
+        for document in iter_source(source, text_key):
+            document.source = source.path
+            yield document

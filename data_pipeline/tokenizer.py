@@ -62,7 +62,13 @@ class TokenizerInfo:
         if not path.is_file():
             raise FileNotFoundError(f"{directory} is not an odegpt tokenizer directory (no {INFO_FILE}); "
                                     f"create one with `odegpt tokenizer`")
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): truncated or edited; copy it again from "
+                             f"the tokenizer directory, or retrain with `odegpt tokenizer`") from None
+        except TypeError as error:  # missing or unknown fields
+            raise ValueError(f"{path} is not an odegpt tokenizer record ({error})") from None
 
 
 def fingerprint_file(path: str | os.PathLike) -> str:

@@ -87,8 +87,14 @@ def convert(checkpoint: str | Path, output_dir: str | Path, tokenizer_dir: str |
     from odegpt import OdeGPTConfig, OdeGPTForCausalLM
     from odegpt.export import save_native
 
+    from odegpt.integrity import check_finite_weights
+
     located = _locate(checkpoint)
     state_dict = _load_weights(located)
+    try:
+        check_finite_weights(state_dict.items(), f"checkpoint {located.path}")
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
     run_config = located.state["config"]
     tokenizer_dir = tokenizer_dir or run_config["data"].get("tokenizer")
     model_fields = dict(run_config["model"])

@@ -2,6 +2,9 @@
 
 SIGTERM/SIGINT only set a flag; the training loop checks it once per optimizer step (agreed across
 ranks by the step's all-reduce), saves and exits 0, so a preempted job loses at most one step.
+Before the loop (:func:`interruptible_startup`) they raise :class:`StartupInterrupted` instead, so
+whatever start-up holds is released on the way out (a torch-extension build lock above all) and the
+process exits 143 (SIGTERM) or 130 (SIGINT).
 
 Fault injection (for the tests) is read from the environment once, at start-up, and installed as
 wrappers around the trainer's methods only when asked for: the training loop itself knows nothing
@@ -11,10 +14,11 @@ of it. ``ODEGPT_FAULT_KILL=RANK:STEP`` kills that rank as it starts that optimiz
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 # Environment variables of the fault injection; `odegpt launch` passes them on to every rank.
@@ -44,6 +48,37 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+
+class StartupInterrupted(BaseException):
+    """SIGTERM/SIGINT before the training loop. A BaseException, so ``except Exception`` never swallows it
+    and every ``finally`` on the way out runs (torch's extension builder releases its lock in one)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process killed by that signal
+
+
+@contextlib.contextmanager
+def interruptible_startup() -> Iterator[None]:
+    """SIGTERM/SIGINT raise :class:`StartupInterrupted` inside this block. Python runs signal handlers only
+    between bytecodes, so use it around Python-level work (checks, the extension build, whose compiler
+    runs as a subprocess), never around a blocking C call such as the rendezvous, where the handler would
+    wait until that call times out: there the default action, dying at once, is the better one."""
+    def interrupt(signum, frame):
+        raise StartupInterrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if signal.getsignal(signum) is interrupt:  # unless the block installed its own (StopRequest)
+                signal.signal(signum, handler)
 
 
 class NonFiniteGuard:

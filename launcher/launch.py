@@ -142,6 +142,10 @@ def run(spec: LaunchSpec, dry_run: bool = False) -> int:
             print(f"#   {key}={value}")
         print(shlex.join(cmd))
         return 0
+    from .leftovers import clear_stale_build_locks
+
+    clear_stale_build_locks(lambda message: print(f"odegpt launch: {message}", file=sys.stderr, flush=True))
+    created_output_dir = not env_file.parent.exists()
     env_file.parent.mkdir(parents=True, exist_ok=True)
     env_file.write_text("".join(f"{key}={value}\n" for key, value in env.items()))
     process_env = {**os.environ, **env, "DS_ENV_FILE": str(env_file)}
@@ -172,3 +176,6 @@ def run(spec: LaunchSpec, dry_run: bool = False) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if created_output_dir and [p.name for p in env_file.parent.iterdir()] == [env_file.name]:
+            env_file.unlink()  # the job wrote nothing (stopped during start-up): leave no run folder behind
+            env_file.parent.rmdir()

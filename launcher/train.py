@@ -435,37 +435,43 @@ class Trainer:
 
 def run(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
+    from .faults import StartupInterrupted, interruptible_startup
 
+    started = time.time()
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:
         print(f"odegpt train: config error: {error}", file=sys.stderr)
         return 2
-    _prepare_environment()
-    import warnings
-
-    # DeepSpeed's ZeRO-2/3 still call torch's deprecated all_gather_into_tensor: one warning per call.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    try:
+        with interruptible_startup():
+            device_type = _start_process()
+    except StartupInterrupted as interrupted:
+        print(f"odegpt train: stopped by {interrupted} during start-up; nothing was written", file=sys.stderr)
+        return interrupted.exit_code
 
     import deepspeed
-    import torch
     import torch.distributed as dist
 
     from .checkpointing import CheckpointError
     from .faults import NonFiniteLossError
 
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        skip_shared_memory_allreduce()
+    # The rendezvous blocks in C, where a Python signal handler would wait for its timeout: default signals here.
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
                                timeout=datetime.timedelta(seconds=config.train.dist_timeout_s))
     rank = dist.get_rank()
     trainer = None
     try:
-        trainer = Trainer(config, args.resume, rank, dist.get_world_size(), device_type)
+        with interruptible_startup():
+            trainer = Trainer(config, args.resume, rank, dist.get_world_size(), device_type)
         return trainer.train()
+    except StartupInterrupted as interrupted:
+        if rank == 0:
+            removed = _remove_startup_outputs(config, started)
+            print(f"odegpt train: stopped by {interrupted} during start-up"
+                  + (f"; removed what it had written ({', '.join(removed)})" if removed else ""),
+                  file=sys.stderr, flush=True)
+        return interrupted.exit_code
     except (ConfigError, CheckpointError, TrainingError) as error:
         if rank == 0:
             print(f"odegpt train: {_describe(error)}", file=sys.stderr, flush=True)
@@ -479,6 +485,56 @@ def run(args: argparse.Namespace) -> int:
             trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _start_process() -> str:
+    """Everything before the rendezvous, interruptible: the environment, the accelerator, and torch-extension
+    build locks left by killed builds (DeepSpeed would wait on them forever). Returns the device type."""
+    import warnings
+
+    _prepare_environment()
+    # DeepSpeed's ZeRO-2/3 still call torch's deprecated all_gather_into_tensor: one warning per call.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    import psutil
+    import torch
+
+    from .leftovers import clear_stale_build_locks
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        # Only locks from before this job's ranks started: a sibling rank may be building right now.
+        clear_stale_build_locks(lambda message: print(f"odegpt train: {message}", file=sys.stderr, flush=True),
+                                older_than=psutil.Process().create_time() - 10)
+    if device_type == "cpu":
+        skip_shared_memory_allreduce()
+    return device_type
+
+
+def _remove_startup_outputs(config, started: float) -> list[str]:
+    """After a start-up interrupted by a signal: remove the files this process wrote into a run that has no
+    checkpoint (its config.json, metrics, an empty checkpoints/ folder). A run with a checkpoint is left as
+    it is: its config.json was checked against the checkpoint, and its metrics are the run's history."""
+    import shutil
+
+    from .checkpointing import complete_tags
+
+    output_dir = Path(config.run.output_dir)
+    if complete_tags(config.checkpoint_dir):
+        return []
+    removed = []
+    for name in ("config.json", "deepspeed_config.json", "metrics.jsonl", "tensorboard"):
+        path = output_dir / name
+        if path.exists() and path.stat().st_mtime >= started:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(name)
+    for folder in (config.checkpoint_dir, output_dir):
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
+    return removed
 
 
 def skip_shared_memory_allreduce() -> None:

@@ -88,7 +88,14 @@ def load_native_model(path: str, config, dtype: str):
 
     from odegpt import OdeGPTForCausalLM
 
-    return OdeGPTForCausalLM.from_pretrained(path, config=config).to(getattr(torch, dtype)).eval()
+    from .integrity import check_finite_weights
+
+    model = OdeGPTForCausalLM.from_pretrained(path, config=config)
+    try:
+        check_finite_weights(model.named_parameters(), path)  # before a cast could hide or add infinities
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    return model.to(getattr(torch, dtype)).eval()
 
 
 def _prepared_batches(corpora: list[str], args, seq_len: int) -> list:

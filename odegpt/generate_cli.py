@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     _check_prompt_lengths(prompts, prompt_ids, args.max_new_tokens, getattr(config, "max_position_embeddings", None))
 
     model = _load("model", AutoModelForCausalLM.from_pretrained, args.model).eval()
+    _check_finite(model, args.model)
     settings = dict(max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if args.temperature > 0:
@@ -190,6 +191,15 @@ def _load(what: str, load, folder: str):
     except (OSError, ValueError, KeyError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CommandError(f"cannot load the {what} of {folder}: {reason}") from None
+
+
+def _check_finite(model, folder: str) -> None:
+    from .integrity import check_finite_weights
+
+    try:
+        check_finite_weights(model.named_parameters(), folder)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
 
 
 def _checked_step_size(config, option: str, step_size: float | None) -> float:

@@ -168,7 +168,7 @@ def test_undecodable_bytes_are_replaced_and_empty_docs_skipped_and_counted(tok_d
     (src / "2.txt").write_bytes(b"")
     (src / "3.jsonl").write_text('{"text": ""}\n{"text": "   \\n"}\n{"text": "kept"}\n{"text": "lone \\ud800"}\n')
     m = prepare(PrepareConfig([str(src)], str(tok_dir), str(tmp_path / "out"), progress=False))
-    assert m.skipped == {"empty_documents": 3}
+    assert m.skipped == {"empty_documents": 3, "undecodable_documents": 0, "undecodable_files": []}
     assert m.repaired == {"documents_with_undecodable_bytes": 2, "replaced_characters": 3}
     assert m.totals["documents"] == 3
     sp = load_sentencepiece(tok_dir)
