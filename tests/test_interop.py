@@ -180,3 +180,22 @@ def test_universal_checkpoint_resumes_on_another_world_size_and_user_deepspeed_c
         assert record["step_size"] == reference[step]["step_size"] and record["lr"] == reference[step]["lr"]
         assert record["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), (step, record, reference[step])
         assert record["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-4), step
+
+
+def test_native_tokenizer_loads_with_trust_remote_code_unset_and_stdin_closed(tokenizer_dir, tmp_path):
+    """What a script does (no odegpt import, so transformers does not know the model type): the tokenizer
+    loads with the same ids and does not wait for an answer. Under transformers 5 the question is still
+    printed (it reads the model config first; see the README), under 4.x it is not asked."""
+    import subprocess
+    import sys
+
+    save_native(tiny_model(PARTIALLY_SHARED, vocab_size=400), tmp_path / "native", tokenizer_dir=tokenizer_dir)
+    script = ("import json, sys\nfrom transformers import AutoTokenizer\n"
+              f"tokenizer = AutoTokenizer.from_pretrained({str(tmp_path / 'native')!r})\n"
+              f"print('ids:', json.dumps([tokenizer(text)['input_ids'] for text in {TEXTS!r}]))\n"
+              "assert 'odegpt' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", script], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # transformers 5 prints its question, unanswered (no newline after "[y/N] "), on stdout too.
+    assert json.loads(result.stdout.split("ids:")[-1]) == _ids(tokenizer_dir)
