@@ -72,6 +72,15 @@ def model_cost(
     )
 
 
+def adaptive_flops_per_token(config: OdeGPTConfig, executed_steps: float, readouts: float, kv_projections: float = 0.0,
+                             continued_steps: float = 0.0, seq_len: int = 2048) -> float:
+    """Forward FLOPs of an adaptive solve (odegpt/adaptive.py) from its per-token counts: executed and
+    lazily continued steps, LM-head read-outs (the final one included) and key/value fill projections.
+    With one read-out and a fixed step count it is ``model_cost(...).flops_per_token``."""
+    return float((executed_steps + continued_steps) * step_flops(config, seq_len) + readouts * readout_flops(config)
+                 + kv_projections * kv_projection_flops(config))
+
+
 # Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets; the first name
 # found in the device name wins, so more specific names come first. Training's MFU and `odegpt plan`
 # read it; `logging.peak_tflops_per_device` (or `odegpt plan --gpu-tflops`) overrides it.

@@ -168,7 +168,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of softmax(logits) over the last dimension (float32, >= 0)."""
     logits = logits.float()
     log_probs = logits.log_softmax(-1)
-    return -(log_probs.exp() * log_probs).sum(-1).clamp(min=0)
+    return (-(log_probs.exp() * log_probs).sum(-1)).clamp(min=0)
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
