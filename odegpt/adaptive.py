@@ -314,6 +314,7 @@ class AdaptiveGenerateOutput(ModelOutput):
     sequences: torch.LongTensor | None = None
     executed_steps_per_token: float | None = None
     readouts_per_token: float | None = None
+    counted_tokens: int | None = None  # the tokens those means are over
 
 
 @torch.no_grad()
@@ -349,7 +350,7 @@ def adaptive_generate(model, inputs: torch.LongTensor | None = None, generation_
     sampler, cache = _Sampler(config), AdaptiveCache()
     tokens, mask, feed = input_ids, attention_mask, input_ids
     unfinished = torch.ones(batch, dtype=torch.bool, device=tokens.device)
-    steps = readouts = counted = 0.0
+    steps, readouts, counted = 0.0, 0.0, 0
     if streamer is not None:
         streamer.put(tokens.cpu())
     for _ in range(max_new):
@@ -373,5 +374,6 @@ def adaptive_generate(model, inputs: torch.LongTensor | None = None, generation_
         streamer.end()
     if config.return_dict_in_generate:
         return AdaptiveGenerateOutput(sequences=tokens, executed_steps_per_token=steps / counted if counted else None,
-                                      readouts_per_token=readouts / counted if counted else None)
+                                      readouts_per_token=readouts / counted if counted else None,
+                                      counted_tokens=int(counted))
     return tokens

@@ -74,19 +74,20 @@ def calibrate_energy(model, batches: Iterable[Batch], settings: AdaptiveDepth, t
                 energy_temperature=settings.energy_temperature, seq_len=seq_len, num_tokens=len(energies))
 
 
-def _matches(record: dict, target: float, settings: AdaptiveDepth, seq_len: int) -> bool:
+def _matches(record: dict, target: float, settings: AdaptiveDepth, seq_len: int | None) -> bool:
     return (math.isclose(record["target_compute"], target) and record["step_size"] == settings.step_size
-            and record["swift_step_size"] == settings.swift_step_size and record["seq_len"] == seq_len
-            and record["energy_temperature"] == settings.energy_temperature)
+            and record["swift_step_size"] == settings.swift_step_size
+            and seq_len in (None, record["seq_len"]) and record["energy_temperature"] == settings.energy_temperature)
 
 
-def load_calibration(model_dir: str | Path, target: float, settings: AdaptiveDepth, seq_len: int) -> dict | None:
-    """The saved record for these settings, or None."""
+def load_calibration(model_dir: str | Path, target: float, settings: AdaptiveDepth, seq_len: int | None = None
+                     ) -> dict | None:
+    """The saved record for these settings (any context length if ``seq_len`` is None: the longest), or None."""
     path = Path(model_dir) / CALIBRATION_FILE
     if not path.is_file():
         return None
-    records = json.loads(path.read_text()).get("route_energy", [])
-    return next((r for r in records if _matches(r, target, settings, seq_len)), None)
+    records = [r for r in json.loads(path.read_text()).get("route_energy", []) if _matches(r, target, settings, seq_len)]
+    return max(records, key=lambda r: r["seq_len"], default=None)
 
 
 def save_calibration(model_dir: str | Path, record: dict, data: list[str]) -> Path:
