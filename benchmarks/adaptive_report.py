@@ -124,7 +124,7 @@ def evaluate_model(path: str, args) -> dict:
                          "energy routing a=4 -> a=1", f"F={FILL_TARGET:g}"))
             jobs.append((replace(exit_mid, exit_entropy=FILL_ENTROPY, kv_fill=fill), "early exit (read-out at t=2)",
                          f"H<{FILL_ENTROPY:g}"))
-        for settings, method, label in tqdm(jobs, desc=f"{Path(path).parent.name}: {corpus}", unit="setting"):
+        for settings, method, label in tqdm(jobs, desc=f"{Path(path).name}: {corpus}", unit="setting"):
             rows.append(adaptive_row(model, config, batches, settings, seq_len, method, label))
         reference = next(r for r in rows if r["label"] == "a=1")
         for row in rows:
