@@ -214,3 +214,33 @@ def test_generate_keywords_are_checked():
         model.generate(prompt, kv_fill="copy", max_new_tokens=2)
     with pytest.raises(ValueError, match="separate decoders"):
         model.generate(prompt, exit_entropy=1.0, draft_step_size=4, max_new_tokens=2)
+
+
+def test_evaluate_reports_adaptive_rows_and_saves_the_calibration_beside_the_model(tmp_path, capsys):
+    import json
+
+    from data_pipeline.tokenizer import train_tokenizer
+    from odegpt.export import save_native
+
+    text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 1\n" * 30
+    (tmp_path / "corpus.txt").write_text(text)
+    info = train_tokenizer([str(tmp_path / "corpus.txt")], tmp_path / "tokenizer", vocab_size=300)
+    torch.manual_seed(0)
+    model = OdeGPTForCausalLM(tiny_config(FULLY_SHARED, vocab_size=info.vocab_size, pad_token_id=info.pad_id,
+                                          eos_token_id=info.eos_id, bos_token_id=info.bos_id))
+    folder = save_native(model, tmp_path / "model", tokenizer_dir=tmp_path / "tokenizer")
+    common = ["evaluate", "--model", str(folder), "--data", str(tmp_path / "corpus.txt"), "--seq-len", "32",
+              "--step-sizes", "1,4", "--no-speed", "--json"]
+    assert odegpt_main([*common, "--exit-entropy", "0", "--target-compute", "0.8"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    fixed = {row["step_size"]: row for row in document["results"]}
+    never_exits, routed = document["adaptive"]
+    assert never_exits["executed_steps"] == 4 and never_exits["perplexity"] == pytest.approx(fixed[1.0]["perplexity"])
+    assert 1 < routed["executed_steps"] < 4
+    saved = json.loads((folder / "adaptive_calibration.json").read_text())["route_energy"]
+    assert [record["target_compute"] for record in saved] == [0.8]
+    assert routed["route_energy"] == saved[0]["route_energy"]
+    # generate reads the saved threshold
+    assert odegpt_main(["generate", "--model", str(folder), "--prompt", "def ", "--max-new-tokens", "4",
+                        "--target-compute", "0.8"]) == 0
+    assert "adaptive depth: route energy >" in capsys.readouterr().err
