@@ -325,7 +325,7 @@ def adaptive_generate(model, inputs: torch.LongTensor | None = None, generation_
     """``model.generate`` decoding one token per forward with a per-token adaptive solve and its own
     ``AdaptiveCache``. Takes the generation settings self-speculative decoding takes (greedy or sampled
     with temperature, top-k, top-p; EOS and padding; a left-padded batch with its attention mask)."""
-    from .speculative import _UNSUPPORTED_UNLESS, _Sampler
+    from .speculative import _UNSUPPORTED_UNLESS, _Sampler, decoding_limits
 
     input_ids = inputs if inputs is not None else input_ids
     config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
@@ -340,13 +340,8 @@ def adaptive_generate(model, inputs: torch.LongTensor | None = None, generation_
     if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("adaptive depth decoding needs input_ids of shape (batch, prompt length >= 1)")
 
-    batch, prompt_len = input_ids.shape
-    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
-    eos = config.eos_token_id
-    eos = None if eos is None else torch.tensor(eos if isinstance(eos, list) else [eos], device=input_ids.device)
-    pad = config.pad_token_id if config.pad_token_id is not None else (None if eos is None else int(eos[0]))
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
+    batch = input_ids.shape[0]
+    max_new, eos, pad, attention_mask = decoding_limits(config, input_ids, attention_mask)
     sampler, cache = _Sampler(config), AdaptiveCache()
     tokens, mask, feed = input_ids, attention_mask, input_ids
     unfinished = torch.ones(batch, dtype=torch.bool, device=tokens.device)
