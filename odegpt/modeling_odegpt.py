@@ -173,8 +173,11 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         step_size: float | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """``output_hidden_states=True`` also returns the state before the first step and after every
+        executed step (before the final norm), e.g. to read out intermediate times."""
         step_size = self.config.step_size if step_size is None else check_step_size(step_size)
         plan = plan_solve(self.config.segments, step_size, self.config.max_solver_steps)
         if (input_ids is None) == (inputs_embeds is None):
@@ -193,14 +196,18 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         cos, sin, mask = self.attention_inputs(h, attention_mask, position_ids, past_len)
 
         step_function = STEP_FUNCTIONS[self.config.solver]
+        states = [h] if output_hidden_states else None
         for slot, (block, dt) in enumerate(plan):
             inputs = dict(cos=cos, sin=sin, mask=mask, cache=past_key_values, slot=slot)
             if self.gradient_checkpointing and self.training:
                 h = self._gradient_checkpointing_func(step_function, self.blocks[block], h, dt, **inputs)
             else:
                 h = step_function(self.blocks[block], h, dt, **inputs)
+            if states is not None:
+                states.append(h)
 
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values,
+                                       hidden_states=None if states is None else tuple(states))
 
     def attention_inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None,
                          position_ids: torch.LongTensor | None, past_len: int):
@@ -248,6 +255,7 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         step_size: float | None = None,
         logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``step_size`` overrides ``config.step_size`` for this call; ``labels`` follow the HF
@@ -257,12 +265,13 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            step_size=step_size,
+            step_size=step_size, output_hidden_states=output_hidden_states,
         )
         h = outputs.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None if labels is None else shifted_cross_entropy(logits, labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states)
 
     def generate(self, *args, draft_step_size: float | None = None, draft_tokens: int | None = None,
                  exit_entropy: float | None = None, route_energy: float | None = None, kv_fill: str | None = None,
