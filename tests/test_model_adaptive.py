@@ -244,3 +244,42 @@ def test_evaluate_reports_adaptive_rows_and_saves_the_calibration_beside_the_mod
     assert odegpt_main(["generate", "--model", str(folder), "--prompt", "def ", "--max-new-tokens", "4",
                         "--target-compute", "0.8"]) == 0
     assert "adaptive depth: route energy >" in capsys.readouterr().err
+
+
+def test_readout_losses_add_the_weighted_loss_of_the_solve_cut_at_each_time():
+    from odegpt.loss import shifted_cross_entropy
+    from odegpt.objective import language_model_loss, objective_flops_per_token, readout_slots
+
+    with torch.enable_grad():
+        model = tiny_model(FULLY_SHARED).train()
+        tokens = torch.randint(1, 97, (2, 13))
+        cut = {}
+        for depth in (1, 2):
+            cut[depth] = OdeGPTForCausalLM(tiny_config([{"depth": depth, "shared": True}])).train()
+            cut[depth].load_state_dict(model.state_dict())
+
+        def cross_entropy(m, a=1.0):
+            return shifted_cross_entropy(m(tokens[:, :-1], step_size=a, use_cache=False).logits.float(), tokens)
+
+        weights = {1: 0.5, 2: 0.25, 2.5: 1.0}  # 2.5 is no step boundary at a = 1 or 2: skipped
+        expected = cross_entropy(model) + 0.5 * cross_entropy(cut[1]) + 0.25 * cross_entropy(cut[2])
+        torch.testing.assert_close(language_model_loss(model, tokens, 1.0, readout_weights=weights), expected)
+        expected = cross_entropy(model, 2.0) + 0.25 * shifted_cross_entropy(
+            cut[2](tokens[:, :-1], step_size=2.0, use_cache=False).logits.float(), tokens)
+        torch.testing.assert_close(language_model_loss(model, tokens, 2.0, readout_weights=weights), expected)
+    assert readout_slots(model.config, 4.0, weights) == []
+    head = 2 * model.config.vocab_size * model.config.hidden_size
+    assert objective_flops_per_token(model.config, 1.0, 16, readout_weights=weights) == \
+        objective_flops_per_token(model.config, 1.0, 16) + 3 * 2 * head
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.readout_weights={4: 0.3}", r"time 4 must be a number in \(0, 4\)"),
+    ("train.readout_weights={2: -1}", "weight -1 at time 2 must be >= 0"),
+    ("train.readout_weights=[2]", "train.readout_weights must be dict"),
+])
+def test_readout_weights_config_errors_name_the_key(override, message):
+    from launcher.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(["quickstart"], [override])
