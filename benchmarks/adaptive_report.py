@@ -134,8 +134,11 @@ def evaluate_model(path: str, args) -> dict:
             row["gain_vs_fixed_at_equal_flops"] = None if fixed is None else 1 - row["perplexity"] / fixed
         report["corpora"][corpus] = rows
 
+    never = AdaptiveDepth(exit_entropy=0.0, check_every=1000)  # no read-out before the end: the fixed solve
     report["decode"] = decode_times(model, config, {
         "fixed a=1 (generate)": None,
+        "fixed a=1 (the adaptive loop, no read-outs)": never,
+        "fixed a=4 (the adaptive loop, no read-outs)": replace(never, step_size=4.0),
         f"routing F={FILL_TARGET:g}, copy": replace(routing, route_energy=thresholds[FILL_TARGET]),
         f"routing F={FILL_TARGET:g}, interpolate": replace(routing, route_energy=thresholds[FILL_TARGET],
                                                            kv_fill="interpolate"),
