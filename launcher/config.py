@@ -240,6 +240,10 @@ class RunConfig:
                 raise ConfigError(f"train.readout_weights must be a mapping {{time: weight}}, e.g. {{2: 0.5}}, "
                                   f"got {t.readout_weights!r}")
             for time, weight in t.readout_weights.items():
+                try:  # a saved config.json holds the times as strings
+                    time = float(time) if isinstance(time, str) else time
+                except ValueError:
+                    pass
                 if isinstance(time, bool) or not isinstance(time, (int, float)) or not 0 < time < depth:
                     raise ConfigError(f"train.readout_weights: time {time!r} must be a number in (0, {depth}) "
                                       f"(the trained depth)")
