@@ -63,6 +63,41 @@ def fixed_at(rows: list[dict], flops: float) -> float | None:
     return min(affordable, default=None)
 
 
+def routing_headroom(model, config, batches, seq_len: int) -> dict:
+    """How good energy is as a routing signal: per-token NLL at a=4 and a=1, the correlation of the swift
+    energy with the gain (NLL at 4 - NLL at 1), and for routed fractions r the perplexity of exact
+    routing (super logits for routed tokens, as the lazy fill gives) by energy and by an oracle that
+    routes the tokens a=1 helps most (it reads the labels: an upper bound, not a method)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from odegpt.adaptive import energy
+
+    nll, energies = {1.0: [], 4.0: []}, []
+    for batch in batches:
+        for a in nll:
+            logits = model(batch[:, :-1], step_size=a, use_cache=False).logits.float()
+            nll[a].append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none"))
+            if a == 4.0:
+                energies.append(energy(logits).flatten())
+    nll = {a: torch.cat(v) for a, v in nll.items()}
+    energies, gain = torch.cat(energies), nll[4.0] - nll[1.0]
+    super_flops = model_cost(config, 1.0, seq_len=seq_len).flops_per_token
+    rows = []
+    for fraction in (0.1, 0.25, 0.5):
+        count = int(fraction * len(gain))
+        for name, order in (("energy", energies.argsort(descending=True)), ("oracle", gain.argsort(descending=True))):
+            routed = torch.zeros_like(gain, dtype=torch.bool)
+            routed[order[:count]] = True
+            mixed = torch.where(routed, nll[1.0], nll[4.0]).mean()
+            flops = adaptive_flops_per_token(config, 1 + 4 * fraction, 1 + fraction, seq_len=seq_len)
+            rows.append(dict(signal=name, routed_fraction=fraction, flops_vs_a1=flops / super_flops,
+                             perplexity=math.exp(float(mixed))))
+    correlation = float(torch.corrcoef(torch.stack([energies, gain]))[0, 1])
+    return dict(energy_gain_correlation=correlation, rows=rows)
+
+
 def decode_times(model, config, settings_by_name: dict, rounds: int, new_tokens: int) -> dict:
     """Median seconds per generated token (batch 1, greedy, 32-token prompt), interleaved rounds, and the
     KV cache entries per token (solver steps cached, summed over the cache's solves)."""
@@ -110,7 +145,8 @@ def evaluate_model(path: str, args) -> dict:
     thresholds = {target: calibrate_energy(model, calibration, routing, target, seq_len)["route_energy"]
                   for target in TARGETS}
 
-    report = {"model": path, "seq_len": seq_len, "corpora": {}}
+    report = {"model": path, "seq_len": seq_len, "corpora": {}, "routing_headroom": routing_headroom(
+        model, config, held_out, seq_len)}
     for corpus, batches in corpora.items():
         rows = fixed_rows(model, config, batches, seq_len)
         jobs = []
@@ -166,6 +202,18 @@ def markdown(reports: list[dict]) -> str:
                              f"| {row['perplexity']:.3f} | {'-' if fixed is None else f'{fixed:.3f}'} "
                              f"| {'-' if gain is None else f'{gain:+.1%}'} |")
             lines.append("")
+        headroom = report["routing_headroom"]
+        lines += [f"### Routing 4 -> 1 by energy vs an oracle, `{report['model']}`, stdlib held out (exact super "
+                  f"logits for routed tokens; the oracle reads the labels: an upper bound)", "",
+                  f"correlation of the swift energy with the gain NLL(a=4) - NLL(a=1): "
+                  f"{headroom['energy_gain_correlation']:.3f}", "",
+                  "| routed fraction | FLOPs vs a=1 | perplexity, by energy | perplexity, oracle |",
+                  "| ---: | ---: | ---: | ---: |"]
+        by = {(r["signal"], r["routed_fraction"]): r for r in headroom["rows"]}
+        for fraction in sorted({r["routed_fraction"] for r in headroom["rows"]}):
+            lines.append(f"| {fraction:g} | {by['energy', fraction]['flops_vs_a1']:.2f} "
+                         f"| {by['energy', fraction]['perplexity']:.3f} | {by['oracle', fraction]['perplexity']:.3f} |")
+        lines.append("")
         lines += [f"### Decode time per token, `{report['model']}` (batch 1, median of interleaved rounds)", "",
                   "| decoder | ms/token | KV cache (solver steps cached per token) |", "| --- | ---: | ---: |"]
         for name, measured in report["decode"].items():
