@@ -58,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                "(odegpt evaluate --target-compute F saves it in the model folder)")
     adaptive.add_argument("--kv-fill", default="copy", metavar="FILL",
                           help="keys/values at steps a token skipped: lazy, copy or interpolate (default: %(default)s)")
+    adaptive.add_argument("--check-every", type=int, default=1, metavar="N",
+                          help="early exit: read out every N steps (default: %(default)s)")
+    adaptive.add_argument("--min-time", type=float, default=0.0,
+                          help="early exit: no exit before this solver time (default: %(default)s)")
     adaptive.add_argument("--swift-step-size", type=float, default=4.0, metavar="B",
                           help="energy routing: the swift step size (default: %(default)s)")
     output = parser.add_mutually_exclusive_group()
@@ -110,9 +114,7 @@ def run(args: argparse.Namespace) -> int:
         settings.update(draft_step_size=args.draft_step_size, draft_tokens=args.draft_tokens,
                         return_dict_in_generate=True)
     if adaptive is not None:
-        settings.update(exit_entropy=adaptive.exit_entropy, route_energy=adaptive.route_energy,
-                        kv_fill=adaptive.kv_fill, swift_step_size=adaptive.swift_step_size,
-                        return_dict_in_generate=True)
+        settings.update(adaptive=adaptive, return_dict_in_generate=True)
 
     torch.manual_seed(args.seed)
     batch_size = 1 if args.stream else args.batch_size
@@ -204,9 +206,11 @@ def _adaptive_settings(args: argparse.Namespace, config, step_size: float):
     if args.no_cache:
         raise CommandError(f"{chosen[0]} decodes with its own KV cache; drop --no-cache")
     names = {"exit_entropy": "--exit-entropy", "route_energy": "--route-energy", "kv_fill": "--kv-fill",
-             "swift_step_size": "--swift-step-size", "step_size": "--step-size"}
+             "swift_step_size": "--swift-step-size", "step_size": "--step-size", "check_every": "--check-every",
+             "min_time": "--min-time"}
     settings = AdaptiveDepth(exit_entropy=args.exit_entropy, kv_fill=args.kv_fill, step_size=step_size,
-                             swift_step_size=args.swift_step_size,
+                             swift_step_size=args.swift_step_size, check_every=args.check_every,
+                             min_time=args.min_time,
                              route_energy=0.0 if args.target_compute is not None else args.route_energy)
     try:
         settings = settings.checked(config, names)

@@ -275,7 +275,7 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
 
     def generate(self, *args, draft_step_size: float | None = None, draft_tokens: int | None = None,
                  exit_entropy: float | None = None, route_energy: float | None = None, kv_fill: str | None = None,
-                 swift_step_size: float | None = None, **kwargs):
+                 swift_step_size: float | None = None, adaptive: AdaptiveDepth | None = None, **kwargs):
         """transformers' ``generate``; with ``draft_step_size=B`` it decodes self-speculatively: the same
         weights solved at ``B`` draft ``draft_tokens`` tokens (default 4) that one forward at the target
         step size verifies. Greedy output is identical; sampled output follows the target's distribution.
@@ -283,7 +283,21 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         With ``exit_entropy=H`` each token stops integrating once its read-out's entropy is below ``H`` nats;
         with ``route_energy=E`` each token is solved at ``swift_step_size`` (default 4) and re-solved at
         ``step_size`` where its energy exceeds ``E``; ``kv_fill`` (lazy, copy, interpolate) says what later
-        tokens attend to at the steps a token skipped (see odegpt/adaptive.py)."""
+        tokens attend to at the steps a token skipped (see odegpt/adaptive.py). ``adaptive=AdaptiveDepth(...)``
+        gives every setting at once (read-out interval, minimum and maximum time, energy temperature)."""
+        if adaptive is not None:
+            if exit_entropy is not None or route_energy is not None or kv_fill is not None or swift_step_size is not None:
+                raise ValueError("give adaptive=AdaptiveDepth(...) or its keywords (exit_entropy, route_energy, "
+                                 "kv_fill, swift_step_size), not both")
+            if draft_step_size is not None:
+                raise ValueError("adaptive depth and self-speculative decoding (draft_step_size) are separate "
+                                 "decoders: give one")
+            step_size = kwargs.pop("step_size", None)
+            if step_size is not None and adaptive.step_size not in (None, step_size):
+                raise ValueError(f"step_size={step_size} and adaptive.step_size={adaptive.step_size} disagree")
+            if adaptive.step_size is None and step_size is not None:
+                adaptive = AdaptiveDepth(**{**adaptive.__dict__, "step_size": step_size})
+            return adaptive_generate(self, *args, settings=adaptive, **kwargs)
         if exit_entropy is not None or route_energy is not None:
             if draft_step_size is not None:
                 raise ValueError("adaptive depth (exit_entropy, route_energy) and self-speculative decoding "

@@ -283,3 +283,17 @@ def test_readout_weights_config_errors_name_the_key(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(["quickstart"], [override])
+
+
+def test_generate_takes_the_settings_as_one_object():
+    model = tiny_model(FULLY_SHARED)
+    prompt = torch.randint(1, 97, (1, 5))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    by_keywords = model.generate(prompt, exit_entropy=4.0, kv_fill="interpolate", step_size=0.5, **kwargs)
+    settings = AdaptiveDepth(exit_entropy=4.0, kv_fill="interpolate", step_size=0.5)
+    assert torch.equal(model.generate(prompt, adaptive=settings, **kwargs), by_keywords)
+    out = model.generate(prompt, adaptive=AdaptiveDepth(exit_entropy=1e9, check_every=2), step_size=1.0,
+                         return_dict_in_generate=True, **kwargs)
+    assert out.executed_steps_per_token == 2.0 and out.readouts_per_token == 1.0
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(prompt, adaptive=settings, kv_fill="copy", **kwargs)
