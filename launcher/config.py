@@ -78,6 +78,9 @@ class TrainSection:
     step_size: dict = field(default_factory=lambda: {"choices": [1.0]})
     consistency_weight: float = 0.0  # KL(p_1 || p_a) towards the detached a=1 solve, on steps with a != 1
     reference_weight: float = 0.0  # also the a=1 loss (this weight) on steps with a != 1: one more pass
+    # Auxiliary read-out losses {time: weight} at intermediate solver times of the drawn solve (where it
+    # has a step boundary), e.g. {1: 0.3, 2: 0.3, 3: 0.3}: early read-outs for entropy early exit.
+    readout_weights: dict | None = None
     max_nonfinite_steps: int = 3  # stop after this many optimizer steps in a row with a non-finite loss
     dist_timeout_s: int = 600  # collectives with a dead peer fail after this long
     compile: bool = False  # torch.compile each block's attention and MLP branches (ZeRO 0-2)
@@ -241,6 +244,21 @@ class RunConfig:
             model_config = self.model_config()
         except (ValueError, TypeError) as error:
             raise ConfigError(f"model: {error}") from None
+        if t.readout_weights is not None:
+            depth = model_config.num_hidden_layers
+            if not isinstance(t.readout_weights, dict):
+                raise ConfigError(f"train.readout_weights must be a mapping {{time: weight}}, e.g. {{2: 0.5}}, "
+                                  f"got {t.readout_weights!r}")
+            for time, weight in t.readout_weights.items():
+                try:  # a saved config.json holds the times as strings
+                    time = float(time) if isinstance(time, str) else time
+                except ValueError:
+                    pass
+                if isinstance(time, bool) or not isinstance(time, (int, float)) or not 0 < time < depth:
+                    raise ConfigError(f"train.readout_weights: time {time!r} must be a number in (0, {depth}) "
+                                      f"(the trained depth)")
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                    raise ConfigError(f"train.readout_weights: weight {weight!r} at time {time} must be >= 0")
         if t.seq_len > model_config.max_position_embeddings:
             raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_position_embeddings "
                               f"({model_config.max_position_embeddings})")

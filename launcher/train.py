@@ -368,7 +368,8 @@ class Trainer:
         from odegpt.objective import language_model_loss
 
         t = self.config.train
-        return language_model_loss(self.engine, tokens, step_size, t.consistency_weight, t.reference_weight)
+        return language_model_loss(self.engine, tokens, step_size, t.consistency_weight, t.reference_weight,
+                                   t.readout_weights)
 
     # ---- what the loop delegates to: each decides its own interval ---------------------------------
 
@@ -382,7 +383,7 @@ class Trainer:
             model_config = self.config.model_config()
             self._costs[a] = (model_cost(model_config, a, t.seq_len).executed_steps,
                               objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight,
-                                                        t.reference_weight))
+                                                        t.reference_weight, t.readout_weights))
         executed_steps, flops_per_token = self._costs[a]
         grad_norm = self.engine.get_global_grad_norm()
         tokens = t.global_batch_size * t.seq_len

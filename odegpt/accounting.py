@@ -33,18 +33,33 @@ def block_parameter_count(config: OdeGPTConfig) -> tuple[int, int]:
     return attention + mlp, attention + mlp + 2 * d
 
 
+def step_flops(config: OdeGPTConfig, seq_len: int = 2048) -> int:
+    """Forward FLOPs of one executed solver step for one token with ``seq_len`` keys of context."""
+    matmul, _ = block_parameter_count(config)
+    return 2 * matmul + 4 * config.num_attention_heads * config.head_dim * seq_len
+
+
+def readout_flops(config: OdeGPTConfig) -> int:
+    """Forward FLOPs of one read-out (the LM head) of one token; the final norm is not a matmul."""
+    return 2 * config.vocab_size * config.hidden_size
+
+
+def kv_projection_flops(config: OdeGPTConfig) -> int:
+    """Forward FLOPs of a block's key and value projections for one token (an adaptive solve's KV fill)."""
+    return 2 * 2 * config.hidden_size * config.num_key_value_heads * config.head_dim
+
+
 def model_cost(
     config: OdeGPTConfig, step_size: float | None = None, seq_len: int = 2048, dtype_bytes: int = 2
 ) -> ModelCost:
     """Cost of ``config`` solved at ``step_size`` (default: the config's) with ``seq_len`` context."""
     step_size = config.step_size if step_size is None else check_step_size(step_size)
     steps = len(plan_solve(config.segments, step_size, config.max_solver_steps))
-    matmul, per_block = block_parameter_count(config)
+    _, per_block = block_parameter_count(config)
     d, vocab = config.hidden_size, config.vocab_size
     blocks = num_blocks(config.segments) * per_block
     embeddings = vocab * d * (1 if config.tie_word_embeddings else 2)
-    attention_flops = 4 * config.num_attention_heads * config.head_dim * seq_len
-    forward = steps * (2 * matmul + attention_flops) + 2 * vocab * d
+    forward = steps * step_flops(config, seq_len) + readout_flops(config)
     kv = steps * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
     return ModelCost(
         step_size=step_size,
@@ -55,6 +70,15 @@ def model_cost(
         training_flops_per_token=float(3 * forward),
         kv_cache_bytes_per_token=kv,
     )
+
+
+def adaptive_flops_per_token(config: OdeGPTConfig, executed_steps: float, readouts: float, kv_projections: float = 0.0,
+                             continued_steps: float = 0.0, seq_len: int = 2048) -> float:
+    """Forward FLOPs of an adaptive solve (odegpt/adaptive.py) from its per-token counts: executed and
+    lazily continued steps, LM-head read-outs (the final one included) and key/value fill projections.
+    With one read-out and a fixed step count it is ``model_cost(...).flops_per_token``."""
+    return float((executed_steps + continued_steps) * step_flops(config, seq_len) + readouts * readout_flops(config)
+                 + kv_projections * kv_projection_flops(config))
 
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets; the first name

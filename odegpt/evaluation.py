@@ -125,3 +125,66 @@ def window_batches(documents: Iterable[torch.Tensor], seq_len: int, stride: int,
             targets[row, :len(piece_targets)] = piece_targets
         batches.append((inputs, targets))
     return batches
+
+
+@dataclass(frozen=True)
+class AdaptiveScore:
+    """Teacher-forced NLL of an adaptive solve and what it executed, summed over the scored tokens."""
+
+    nll_sum: float
+    num_tokens: int
+    executed_steps: float  # solver steps of the tokens' own schedules
+    readouts: float  # LM-head read-outs, the final one included
+    kv_projections: float  # key/value projections that filled skipped steps (copy, interpolate)
+    continued_steps: float  # steps a lazy fill continued a solve for, counted as a deferred fill would run them
+
+    def per_token(self, name: str) -> float:
+        return getattr(self, name) / self.num_tokens if self.num_tokens else math.nan
+
+
+def _deferred_lazy_steps(counts, settings, real: torch.Tensor, full_steps: int) -> torch.Tensor:
+    """Steps a deferred lazy fill would continue each token for: up to the deepest step any later token of
+    its row executes (early exit), or the whole super solve if any later token is routed."""
+    if settings.routing:
+        routed = (counts.readouts > 1) & real  # a routed token is read out twice: swift and super
+        later_routed = (routed.flip(-1).cumsum(-1).flip(-1) - routed.long()) > 0
+        return (later_routed & ~routed).float() * full_steps * real
+    own = counts.executed_steps * real
+    deepest_later = own.flip(-1).cummax(-1).values.flip(-1)
+    return (deepest_later - own) * real
+
+
+@torch.no_grad()
+def adaptive_nll_sums(model: torch.nn.Module, batches: Iterable[Batch], settings) -> AdaptiveScore:
+    """Score ``batches`` with a per-token adaptive solve (``odegpt.adaptive.AdaptiveDepth``), one
+    teacher-forced pass per batch: causal attention gives every token the schedule and logits it would
+    have in decoding."""
+    from .adaptive import adaptive_forward
+    from .solver import plan_solve
+
+    was_training = model.training
+    model.eval()
+    settings = settings.checked(model.config)
+    full_steps = len(plan_solve(model.config.segments, settings.step_size, model.config.max_solver_steps))
+    totals = dict(nll_sum=0.0, num_tokens=0, executed_steps=0.0, readouts=0.0, kv_projections=0.0,
+                  continued_steps=0.0)
+    try:
+        for batch in batches:
+            inputs, targets = (batch[:, :-1], batch[:, 1:]) if isinstance(batch, torch.Tensor) else batch
+            out = adaptive_forward(model, inputs, settings)
+            scored = targets != IGNORE_INDEX
+            # Real tokens: everything up to a row's last scored target (a right-padded tail scores nothing).
+            last = torch.where(scored, torch.arange(scored.shape[1]), -1).max(-1, keepdim=True).values
+            real = torch.arange(scored.shape[1])[None] <= last
+            nll = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                  reduction="sum")
+            counts = out.counts
+            if settings.kv_fill == "lazy":
+                counts.continued_steps = _deferred_lazy_steps(counts, settings, real, full_steps)
+            totals["nll_sum"] += float(nll)
+            totals["num_tokens"] += int(scored.sum())
+            for name in ("executed_steps", "readouts", "kv_projections", "continued_steps"):
+                totals[name] += float(getattr(counts, name)[scored].sum())
+    finally:
+        model.train(was_training)
+    return AdaptiveScore(**totals)

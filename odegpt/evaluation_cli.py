@@ -42,6 +42,34 @@ def register(subparsers) -> None:
                         help="decode speed: greedy tokens per timed run, batch 1 (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="decode speed: interleaved rounds over the step sizes, median (default: %(default)s)")
+    adaptive = parser.add_argument_group(
+        "adaptive depth", "per-token depth with the same weights (odegpt/adaptive.py), one report row per value; "
+                          "the fixed step sizes stay the reference curve")
+    adaptive.add_argument("--exit-entropy", default=None, metavar="H[,H...]",
+                          help="early exit: a token stops integrating at step size --adaptive-step-size once its "
+                               "read-out's entropy is below H nats (>= 0; 0 never exits)")
+    adaptive.add_argument("--route-energy", default=None, metavar="E[,E...]",
+                          help="energy routing: tokens solved at --swift-step-size whose energy "
+                               "-T*logsumexp(logits/T) exceeds E are re-solved at --adaptive-step-size")
+    adaptive.add_argument("--target-compute", default=None, metavar="F[,F...]",
+                          help="energy routing at F x the super solve's FLOPs per token, F in (0, 1]: the threshold "
+                               "saved in the model folder (adaptive_calibration.json), or calibrated on "
+                               "--calibration-data and saved there")
+    adaptive.add_argument("--calibration-data", nargs="+", default=None, metavar="PATH",
+                          help="prepared corpora (their validation split) to calibrate --target-compute on "
+                               "(default: --data; use other text to keep the evaluation held out)")
+    adaptive.add_argument("--kv-fill", default="copy", metavar="FILL[,FILL...]",
+                          help="keys/values at the steps a token skipped: lazy (continue its solve), copy (its "
+                               "nearest computed state), interpolate (in time between its states) "
+                               "(default: %(default)s)")
+    adaptive.add_argument("--adaptive-step-size", type=float, default=None, metavar="A",
+                          help="early exit's step size and routing's super step size (default: config.step_size)")
+    adaptive.add_argument("--swift-step-size", type=float, default=4.0, metavar="B",
+                          help="routing: the swift step size (default: %(default)s)")
+    adaptive.add_argument("--check-every", type=int, default=1, metavar="N",
+                          help="early exit: read out every N steps (default: %(default)s)")
+    adaptive.add_argument("--min-time", type=float, default=0.0,
+                          help="early exit: no exit before this solver time (default: %(default)s)")
     parser.add_argument("--output", default=None, metavar="DIR", help="write results.json, results.md, pareto.png")
     parser.add_argument("--json", action="store_true", help="print the results.json document on stdout")
     parser.set_defaults(func=run)
@@ -65,6 +93,105 @@ def parse_step_sizes(text: str, config) -> list[float]:
     if not step_sizes:
         raise CommandError(f"--step-sizes: no step size in {text!r}")
     return step_sizes
+
+
+ADAPTIVE_FLAGS = {"exit_entropy": "--exit-entropy", "route_energy": "--route-energy", "kv_fill": "--kv-fill",
+                  "step_size": "--adaptive-step-size", "swift_step_size": "--swift-step-size",
+                  "check_every": "--check-every", "min_time": "--min-time", "target_compute": "--target-compute"}
+
+
+def _numbers(text: str | None, flag: str) -> list[float]:
+    if text is None:
+        return []
+    values = []
+    for item in (part.strip() for part in text.split(",")):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise CommandError(f"{flag}: {item!r} is not a number") from None
+    return values
+
+
+def parse_adaptive(args, config) -> list[dict]:
+    """The adaptive rows asked for: ``{"settings": AdaptiveDepth, "target_compute": F | None}``, each checked
+    (a one-line CommandError names the flag) before any work."""
+    from odegpt.adaptive import AdaptiveDepth
+    from odegpt.calibration import check_target_compute
+
+    fills = [fill.strip() for fill in args.kv_fill.split(",")]
+    common = dict(step_size=args.adaptive_step_size, swift_step_size=args.swift_step_size,
+                  check_every=args.check_every, min_time=args.min_time)
+    rows = []
+    for fill in fills:
+        rows += [dict(settings=AdaptiveDepth(exit_entropy=h, kv_fill=fill, **common), target_compute=None)
+                 for h in _numbers(args.exit_entropy, "--exit-entropy")]
+        rows += [dict(settings=AdaptiveDepth(route_energy=e, kv_fill=fill, **common), target_compute=None)
+                 for e in _numbers(args.route_energy, "--route-energy")]
+        for target in _numbers(args.target_compute, "--target-compute"):
+            try:
+                check_target_compute(target, "--target-compute")
+            except ValueError as error:
+                raise CommandError(str(error)) from None
+            rows.append(dict(settings=AdaptiveDepth(route_energy=0.0, kv_fill=fill, **common), target_compute=target))
+    for row in rows:
+        try:
+            row["settings"] = row["settings"].checked(config, ADAPTIVE_FLAGS)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+    return rows
+
+
+def _adaptive_results(model, config, rows: list[dict], batches: list, args, seq_len: int) -> list[dict]:
+    """One result per adaptive row: perplexity and what the solve executed per token, as FLOPs too."""
+    import sys
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from odegpt.accounting import adaptive_flops_per_token
+    from odegpt.calibration import calibrate_energy, load_calibration, save_calibration
+    from odegpt.evaluation import adaptive_nll_sums, perplexity
+
+    results = []
+    calibration_batches = None
+    for row in rows:
+        settings = row["settings"]
+        if row["target_compute"] is not None:
+            record = load_calibration(args.model, row["target_compute"], settings, seq_len)
+            if record is None:
+                if calibration_batches is None:
+                    calibration_batches = (_prepared_batches(args.calibration_data, args, seq_len)
+                                           if args.calibration_data else batches)
+                try:
+                    record = calibrate_energy(model, calibration_batches, settings, row["target_compute"], seq_len)
+                except ValueError as error:
+                    raise CommandError(f"--target-compute: {error}") from None
+                path = save_calibration(args.model, record, list(args.calibration_data or args.data))
+                print(f"calibrated --target-compute {row['target_compute']:g}: route energy > "
+                      f"{record['route_energy']:.4g} ({record['routed_fraction']:.1%} of {record['num_tokens']:,} "
+                      f"tokens), saved in {path}", file=sys.stderr)
+            settings = replace(settings, route_energy=record["route_energy"])
+        label = (f"exit entropy < {settings.exit_entropy:g}" if not settings.routing else
+                 f"route energy > {settings.route_energy:.4g}" + (
+                     f" (target {row['target_compute']:g})" if row["target_compute"] is not None else ""))
+        progress = tqdm(batches, desc=f"{label}, {settings.kv_fill}", unit="batch", file=sys.stderr, leave=False)
+        score = adaptive_nll_sums(model, progress, settings)
+        per = {name: score.per_token(name) for name in ("executed_steps", "readouts", "kv_projections",
+                                                        "continued_steps")}
+        results.append({
+            "method": "energy routing" if settings.routing else "early exit",
+            "label": label,
+            "exit_entropy": settings.exit_entropy, "route_energy": settings.route_energy,
+            "target_compute": row["target_compute"], "kv_fill": settings.kv_fill,
+            "step_size": settings.step_size, "swift_step_size": settings.swift_step_size if settings.routing else None,
+            **per,
+            "schedule_flops_per_token": adaptive_flops_per_token(config, per["executed_steps"], per["readouts"],
+                                                                 seq_len=seq_len),
+            "flops_per_token": adaptive_flops_per_token(config, **per, seq_len=seq_len),
+            "nll": score.nll_sum / score.num_tokens, "num_tokens": score.num_tokens,
+            "perplexity": perplexity(score.nll_sum, score.num_tokens),
+        })
+    return results
 
 
 def load_native_config(path: str):
@@ -171,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
 
     from odegpt.accounting import model_cost
     from odegpt.evaluation import nll_sums, perplexity
-    from odegpt.report import describe, markdown_table, write_report
+    from odegpt.report import adaptive_table, describe, markdown_table, write_report
     from odegpt.throughput import Variant, measure_interleaved, random_prompt
 
     # Everything the user typed is checked before the weights are loaded.
@@ -188,6 +315,12 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    adaptive_rows = parse_adaptive(args, config)
+    if args.calibration_data and args.target_compute is None:
+        raise CommandError("--calibration-data applies to --target-compute")
+    for corpus in args.calibration_data or []:
+        if not (Path(corpus) / "manifest.json").is_file():
+            raise CommandError(f"--calibration-data: {corpus} is not a prepared corpus (no manifest.json)")
     prepared = [d for d in args.data if (Path(d) / "manifest.json").is_file()]
     raw = [d for d in args.data if d not in prepared]
     if args.stride is not None and not raw:
@@ -216,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
         decode = {"batch_size": 1, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                   "rounds": args.rounds}
 
+    adaptive_results = _adaptive_results(model, config, adaptive_rows, batches, args, seq_len)
     num_tokens = next(iter(sums.values()))[1]
     results = []
     for a in step_sizes:
@@ -233,10 +367,14 @@ def run(args: argparse.Namespace) -> int:
         })
     document = {"model": args.model, "data": list(args.data), "seq_len": seq_len, "stride": stride,
                 "num_tokens": num_tokens, "dtype": args.dtype, "decode": decode, "results": results}
+    if adaptive_results:
+        document["adaptive"] = adaptive_results
     if args.json:
         print(json.dumps(document, indent=2))
     else:
         print(describe(document) + "\n" + markdown_table(document), end="")
+        if adaptive_results:
+            print("\n" + adaptive_table(document), end="")
     if args.output:
         paths = write_report(document, args.output)
         print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr if args.json else sys.stdout)

@@ -46,6 +46,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "verify at --step-size; greedy output is unchanged, sampling keeps its distribution")
     parser.add_argument("--draft-tokens", type=int, default=4, metavar="K",
                         help="tokens drafted per verification with --draft-step-size (default: %(default)s)")
+    adaptive = parser.add_argument_group("adaptive depth", "per-token depth with the same weights (native models)")
+    adaptive.add_argument("--exit-entropy", type=float, default=None, metavar="H",
+                          help="early exit: a token stops integrating at --step-size once its read-out's entropy "
+                               "is below H nats")
+    adaptive.add_argument("--route-energy", type=float, default=None, metavar="E",
+                          help="energy routing: tokens solved at --swift-step-size whose energy exceeds E are "
+                               "re-solved at --step-size")
+    adaptive.add_argument("--target-compute", type=float, default=None, metavar="F",
+                          help="energy routing with the threshold calibrated for F x the --step-size solve's FLOPs "
+                               "(odegpt evaluate --target-compute F saves it in the model folder)")
+    adaptive.add_argument("--kv-fill", default="copy", metavar="FILL",
+                          help="keys/values at steps a token skipped: lazy, copy or interpolate (default: %(default)s)")
+    adaptive.add_argument("--check-every", type=int, default=1, metavar="N",
+                          help="early exit: read out every N steps (default: %(default)s)")
+    adaptive.add_argument("--min-time", type=float, default=0.0,
+                          help="early exit: no exit before this solver time (default: %(default)s)")
+    adaptive.add_argument("--swift-step-size", type=float, default=4.0, metavar="B",
+                          help="energy routing: the swift step size (default: %(default)s)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     output.add_argument("--json", action="store_true",
@@ -73,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     step_size = _checked_step_size(config, "--step-size", args.step_size) if native else None
     if args.draft_step_size is not None:
         _checked_step_size(config, "--draft-step-size", args.draft_step_size)
+    adaptive = _adaptive_settings(args, config, step_size) if native else None
 
     tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, args.model)
     tokenizer.padding_side = "left"
@@ -95,10 +114,13 @@ def run(args: argparse.Namespace) -> int:
     if args.draft_step_size is not None:
         settings.update(draft_step_size=args.draft_step_size, draft_tokens=args.draft_tokens,
                         return_dict_in_generate=True)
+    if adaptive is not None:
+        settings.update(adaptive=adaptive, return_dict_in_generate=True)
 
     torch.manual_seed(args.seed)
     batch_size = 1 if args.stream else args.batch_size
     total_tokens, total_seconds, drafted, accepted = 0, 0.0, 0, 0
+    executed_steps, counted_tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         batch = list(range(start, min(start + batch_size, len(prompts))))
         inputs = tokenizer.pad({"input_ids": [prompt_ids[i] for i in batch]}, return_tensors="pt")
@@ -108,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
             output = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                     streamer=streamer, **settings)
         seconds = time.perf_counter() - began
-        sequences = output.sequences if args.draft_step_size is not None else output
+        sequences = output.sequences if args.draft_step_size is not None or adaptive is not None else output
+        if adaptive is not None and output.counted_tokens:
+            executed_steps += output.executed_steps_per_token * output.counted_tokens
+            counted_tokens += output.counted_tokens
         if args.draft_step_size is not None:
             drafted, accepted = drafted + output.drafted_tokens, accepted + output.accepted_tokens
         width = inputs["input_ids"].shape[1]
@@ -123,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
                               step_size=step_size, draft_step_size=args.draft_step_size,
                               draft_tokens=args.draft_tokens if args.draft_step_size is not None else None,
                               acceptance_rate=_rate(output) if args.draft_step_size is not None else None,
+                              **(_adaptive_record(adaptive, output) if adaptive is not None else {}),
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               model=args.model)
                 print(json.dumps(record, ensure_ascii=False), flush=True)
@@ -136,6 +162,12 @@ def run(args: argparse.Namespace) -> int:
         rate = f"{accepted / drafted:.0%}" if drafted else "n/a"
         speculative = (f", self-speculative: drafts at step size {args.draft_step_size:g}, {args.draft_tokens} per "
                        f"verification, {rate} accepted")
+    if adaptive is not None:
+        method = (f"exit at entropy < {adaptive.exit_entropy:g}" if not adaptive.routing else
+                  f"route energy > {adaptive.route_energy:.4g} from step size {adaptive.swift_step_size:g}")
+        mean = f"{executed_steps / counted_tokens:.2f}" if counted_tokens else "n/a"
+        speculative = (f", adaptive depth: {method}, {adaptive.kv_fill} fill, {mean} solver steps/token "
+                       f"(fixed: {config.solver_steps(step_size)})")
     for_prompts = f" for {len(prompts)} prompts" if len(prompts) > 1 else ""
     print(f"-- {total_tokens} tokens{for_prompts} in {total_seconds:.2f}s "
           f"({total_tokens / total_seconds:.1f} tokens/s, {where}, {cache}{speculative})", file=sys.stderr)
@@ -157,6 +189,49 @@ def _check_options(args: argparse.Namespace) -> None:
         raise CommandError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
     if args.draft_step_size is not None and args.no_cache:
         raise CommandError("--draft-step-size needs the KV cache; drop --no-cache")
+
+
+def _adaptive_settings(args: argparse.Namespace, config, step_size: float):
+    """The adaptive-depth settings the flags ask for (None without them), checked before any work."""
+    from .adaptive import AdaptiveDepth
+    from .calibration import check_target_compute, load_calibration
+
+    chosen = [flag for flag, value in (("--exit-entropy", args.exit_entropy), ("--route-energy", args.route_energy),
+                                       ("--target-compute", args.target_compute)) if value is not None]
+    if not chosen:
+        return None
+    if len(chosen) > 1:
+        raise CommandError(f"{' and '.join(chosen)} are alternatives: give one")
+    if args.draft_step_size is not None:
+        raise CommandError(f"{chosen[0]} and --draft-step-size are separate decoders: give one")
+    if args.no_cache:
+        raise CommandError(f"{chosen[0]} decodes with its own KV cache; drop --no-cache")
+    names = {"exit_entropy": "--exit-entropy", "route_energy": "--route-energy", "kv_fill": "--kv-fill",
+             "swift_step_size": "--swift-step-size", "step_size": "--step-size", "check_every": "--check-every",
+             "min_time": "--min-time"}
+    settings = AdaptiveDepth(exit_entropy=args.exit_entropy, kv_fill=args.kv_fill, step_size=step_size,
+                             swift_step_size=args.swift_step_size, check_every=args.check_every,
+                             min_time=args.min_time,
+                             route_energy=0.0 if args.target_compute is not None else args.route_energy)
+    try:
+        settings = settings.checked(config, names)
+        if args.target_compute is not None:
+            target = check_target_compute(args.target_compute, "--target-compute")
+            record = load_calibration(args.model, target, settings)
+            if record is None:
+                raise CommandError(f"--target-compute {target:g}: {args.model} holds no calibration for it at step "
+                                   f"size {step_size:g} with swift step size {settings.swift_step_size:g}; run "
+                                   f"`odegpt evaluate --model {args.model} --data VALIDATION --target-compute "
+                                   f"{target:g}` first, or give --route-energy")
+            settings = AdaptiveDepth(**{**settings.__dict__, "route_energy": record["route_energy"]})
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    return settings
+
+
+def _adaptive_record(settings, output) -> dict:
+    return dict(exit_entropy=settings.exit_entropy, route_energy=settings.route_energy, kv_fill=settings.kv_fill,
+                executed_steps_per_token=output.executed_steps_per_token)
 
 
 def _check_model_folder(folder: Path) -> None:

@@ -7,7 +7,7 @@ forward pass is one loop over that plan. Read top to bottom: norm, rotary, atten
 decoder, LM head.
 
 This file is copied verbatim into exported model folders, so it imports only torch, transformers
-and its sibling files (configuration_odegpt, solver, cache, loss, speculative).
+and its sibling files (configuration_odegpt, solver, cache, loss, speculative, adaptive).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .adaptive import AdaptiveDepth, adaptive_generate
 from .cache import OdeCache
 from .configuration_odegpt import OdeGPTConfig, check_step_size
 from .loss import shifted_cross_entropy
@@ -59,12 +60,18 @@ class OdeGPTAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
+    def keys_values(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and the values of the (normed) inputs ``x``, shaped (batch, kv heads, seq, head_dim)."""
+        batch, seq, _ = x.shape
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k * cos + rotate_half(k) * sin, v
+
     def forward(self, x, cos, sin, mask, cache: OdeCache | None, slot: int) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        q = q * cos + rotate_half(q) * sin
+        k, v = self.keys_values(x, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, slot)  # one slot per executed solver step
         y = F.scaled_dot_product_attention(
@@ -100,6 +107,10 @@ class OdeGPTBlock(nn.Module):
 
     def mlp_branch(self, h) -> torch.Tensor:
         return self.mlp(self.post_attention_layernorm(h))
+
+    def keys_values(self, h, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values this block's step would attend with at state ``h`` (no attention, no MLP)."""
+        return self.self_attn.keys_values(self.input_layernorm(h), cos, sin)
 
 
 def attention_mask_for(
@@ -162,14 +173,16 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         step_size: float | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """``output_hidden_states=True`` also returns the state before the first step and after every
+        executed step (before the final norm), e.g. to read out intermediate times."""
         step_size = self.config.step_size if step_size is None else check_step_size(step_size)
         plan = plan_solve(self.config.segments, step_size, self.config.max_solver_steps)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        batch, seq = h.shape[:2]
 
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None and not self.training:
@@ -180,24 +193,34 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
                                 f"got {type(past_key_values).__name__}")
             past_key_values.bind(step_size, len(plan))
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-
-        if position_ids is None:
-            if attention_mask is not None:  # left padding: count only real tokens
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
-            else:
-                position_ids = torch.arange(past_len, past_len + seq, device=h.device)[None].expand(batch, -1)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-        mask = attention_mask_for(attention_mask, seq, past_len, h.device)
+        cos, sin, mask = self.attention_inputs(h, attention_mask, position_ids, past_len)
 
         step_function = STEP_FUNCTIONS[self.config.solver]
+        states = [h] if output_hidden_states else None
         for slot, (block, dt) in enumerate(plan):
             inputs = dict(cos=cos, sin=sin, mask=mask, cache=past_key_values, slot=slot)
             if self.gradient_checkpointing and self.training:
                 h = self._gradient_checkpointing_func(step_function, self.blocks[block], h, dt, **inputs)
             else:
                 h = step_function(self.blocks[block], h, dt, **inputs)
+            if states is not None:
+                states.append(h)
 
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values,
+                                       hidden_states=None if states is None else tuple(states))
+
+    def attention_inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None,
+                         position_ids: torch.LongTensor | None, past_len: int):
+        """Rotary tables and the attention mask for new states ``h`` (batch, seq, hidden) after ``past_len``
+        cached positions; a left-padded batch counts positions from its first real token."""
+        batch, seq = h.shape[:2]
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: count only real tokens
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+            else:
+                position_ids = torch.arange(past_len, past_len + seq, device=h.device)[None].expand(batch, -1)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        return cos, sin, attention_mask_for(attention_mask, seq, past_len, h.device)
 
 
 class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
@@ -232,6 +255,7 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         step_size: float | None = None,
         logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``step_size`` overrides ``config.step_size`` for this call; ``labels`` follow the HF
@@ -241,17 +265,50 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            step_size=step_size,
+            step_size=step_size, output_hidden_states=output_hidden_states,
         )
         h = outputs.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None if labels is None else shifted_cross_entropy(logits, labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states)
 
-    def generate(self, *args, draft_step_size: float | None = None, draft_tokens: int | None = None, **kwargs):
+    def generate(self, *args, draft_step_size: float | None = None, draft_tokens: int | None = None,
+                 exit_entropy: float | None = None, route_energy: float | None = None, kv_fill: str | None = None,
+                 swift_step_size: float | None = None, adaptive: AdaptiveDepth | None = None, **kwargs):
         """transformers' ``generate``; with ``draft_step_size=B`` it decodes self-speculatively: the same
         weights solved at ``B`` draft ``draft_tokens`` tokens (default 4) that one forward at the target
-        step size verifies. Greedy output is identical; sampled output follows the target's distribution."""
+        step size verifies. Greedy output is identical; sampled output follows the target's distribution.
+
+        With ``exit_entropy=H`` each token stops integrating once its read-out's entropy is below ``H`` nats;
+        with ``route_energy=E`` each token is solved at ``swift_step_size`` (default 4) and re-solved at
+        ``step_size`` where its energy exceeds ``E``; ``kv_fill`` (lazy, copy, interpolate) says what later
+        tokens attend to at the steps a token skipped (see odegpt/adaptive.py). ``adaptive=AdaptiveDepth(...)``
+        gives every setting at once (read-out interval, minimum and maximum time, energy temperature)."""
+        if adaptive is not None:
+            if exit_entropy is not None or route_energy is not None or kv_fill is not None or swift_step_size is not None:
+                raise ValueError("give adaptive=AdaptiveDepth(...) or its keywords (exit_entropy, route_energy, "
+                                 "kv_fill, swift_step_size), not both")
+            if draft_step_size is not None:
+                raise ValueError("adaptive depth and self-speculative decoding (draft_step_size) are separate "
+                                 "decoders: give one")
+            step_size = kwargs.pop("step_size", None)
+            if step_size is not None and adaptive.step_size not in (None, step_size):
+                raise ValueError(f"step_size={step_size} and adaptive.step_size={adaptive.step_size} disagree")
+            if adaptive.step_size is None and step_size is not None:
+                adaptive = AdaptiveDepth(**{**adaptive.__dict__, "step_size": step_size})
+            return adaptive_generate(self, *args, settings=adaptive, **kwargs)
+        if exit_entropy is not None or route_energy is not None:
+            if draft_step_size is not None:
+                raise ValueError("adaptive depth (exit_entropy, route_energy) and self-speculative decoding "
+                                 "(draft_step_size) are separate decoders: give one")
+            adaptive = dict(exit_entropy=exit_entropy, route_energy=route_energy, kv_fill=kv_fill or "copy",
+                            step_size=kwargs.pop("step_size", None))
+            if swift_step_size is not None:
+                adaptive["swift_step_size"] = swift_step_size
+            return adaptive_generate(self, *args, settings=AdaptiveDepth(**adaptive), **kwargs)
+        if kv_fill is not None or swift_step_size is not None:
+            raise ValueError("kv_fill and swift_step_size apply to adaptive depth: give exit_entropy or route_energy")
         if draft_step_size is None:
             if draft_tokens is not None:
                 raise ValueError("draft_tokens applies to self-speculative decoding: give draft_step_size too")

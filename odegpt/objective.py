@@ -14,6 +14,10 @@ trained at ``a = 1`` only, while the coarse solves learn to follow it:
   every step trains the fine solve (one more forward and backward at ``a = 1``).
 
 ``consistency_weight`` adds ``KL(p_1 || p_a)`` towards the (detached) fine solve.
+
+``readout_weights`` ``{t: w}`` adds ``w * CE`` of the read-out (final norm + LM head) of the state at
+solver time ``t`` of the drawn solve, where that solve has a step boundary at ``t`` (0 < t < depth), so
+early read-outs are good for entropy early exit (odegpt/adaptive.py).
 """
 from __future__ import annotations
 
@@ -25,8 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from .accounting import model_cost
+from .accounting import readout_flops
 from .configuration_odegpt import OdeGPTConfig, check_step_size
 from .loss import shifted_cross_entropy
+from .solver import plan_solve
 
 # The solve every other step size is measured against: the trained depth's own resolution.
 REFERENCE_STEP_SIZE = 1.0
@@ -124,9 +130,25 @@ class StepSizeSampler:
         return cls(StepSizeDistribution.from_dict(state["distribution"]), state["seed"])
 
 
+def readout_slots(config: OdeGPTConfig, step_size: float, readout_weights: dict[float, float] | None
+                  ) -> list[tuple[int, float]]:
+    """``(k, w)``: the state after executed step ``k`` of the solve at ``step_size`` lies at a time
+    ``t`` of ``readout_weights`` (strictly inside the solve) and is read out with weight ``w``."""
+    if not readout_weights:
+        return []
+    plan = plan_solve(config.segments, step_size, config.max_solver_steps)
+    times = np.cumsum([dt for _, dt in plan])
+    slots = []
+    for t, weight in readout_weights.items():
+        matches = np.flatnonzero(np.abs(times[:-1] - float(t)) < 1e-9)
+        if len(matches) and weight > 0:
+            slots.append((int(matches[0]) + 1, float(weight)))
+    return slots
+
+
 def language_model_loss(
     model: torch.nn.Module, tokens: torch.Tensor, step_size: float, consistency_weight: float = 0.0,
-    reference_weight: float = 0.0,
+    reference_weight: float = 0.0, readout_weights: dict[float, float] | None = None,
 ) -> torch.Tensor:
     """Next-token loss of ``tokens`` (batch, seq_len + 1) solved at ``step_size``.
 
@@ -140,8 +162,18 @@ def language_model_loss(
     def solve(a: float) -> torch.Tensor:
         return model(input_ids=inputs, step_size=a, use_cache=False).logits.float()
 
-    logits = solve(step_size)
-    loss = shifted_cross_entropy(logits, tokens)
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    slots = readout_slots(module.config, step_size, readout_weights)
+    if slots:
+        out = model(input_ids=inputs, step_size=step_size, use_cache=False, output_hidden_states=True)
+        logits = out.logits.float()
+        loss = shifted_cross_entropy(logits, tokens)
+        for k, weight in slots:
+            early = module.lm_head(module.model.norm(out.hidden_states[k])).float()
+            loss = loss + weight * shifted_cross_entropy(early, tokens)
+    else:
+        logits = solve(step_size)
+        loss = shifted_cross_entropy(logits, tokens)
     if step_size == REFERENCE_STEP_SIZE or (reference_weight <= 0 and consistency_weight <= 0):
         return loss
     if reference_weight > 0:
@@ -159,11 +191,13 @@ def language_model_loss(
 
 
 def objective_flops_per_token(config: OdeGPTConfig, step_size: float, seq_len: int, consistency_weight: float = 0.0,
-                              reference_weight: float = 0.0) -> float:
+                              reference_weight: float = 0.0, readout_weights: dict[float, float] | None = None
+                              ) -> float:
     """Training FLOPs per token of one :func:`language_model_loss` at ``step_size``: the solve at
     ``a`` forward and backward, plus the ``a = 1`` solve forward and backward (``reference_weight``)
     or forward only (``consistency_weight`` alone) when ``a != 1``."""
     cost = model_cost(config, step_size=step_size, seq_len=seq_len).training_flops_per_token
+    cost += 3 * readout_flops(config) * len(readout_slots(config, step_size, readout_weights))
     if step_size != REFERENCE_STEP_SIZE and (reference_weight > 0 or consistency_weight > 0):
         reference = model_cost(config, step_size=REFERENCE_STEP_SIZE, seq_len=seq_len)
         cost += reference.training_flops_per_token if reference_weight > 0 else reference.flops_per_token

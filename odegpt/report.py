@@ -9,7 +9,10 @@ evaluate command; this module only renders it. Its shape::
                   "decode_tokens_per_s", "decode_speedup"}, ...]}
 
 one result per requested step size, in the order given; the two decode fields are null when speed
-was not measured.
+was not measured. With adaptive depth (``--exit-entropy``, ``--route-energy``, ``--target-compute``)
+the document also holds ``"adaptive": [{"method", "label", "kv_fill", "executed_steps", "readouts",
+"kv_projections", "continued_steps", "schedule_flops_per_token", "flops_per_token", "nll",
+"perplexity", ...}]`` (per-token means), tabled and plotted against the fixed step sizes' FLOPs.
 """
 from __future__ import annotations
 
@@ -31,6 +34,22 @@ def markdown_table(document: dict) -> str:
             f"| {row['step_size']:g} | {row['solver_steps']} | {format_count(row['flops_per_token'])} "
             f"| {row['perplexity']:.3f} | {'-' if speed is None else f'{speed:.1f}'} "
             f"| {'-' if speedup is None else f'{speedup:.2f}x'} |")
+    return "\n".join(lines) + "\n"
+
+
+def adaptive_table(document: dict) -> str:
+    """One row per adaptive setting: mean executed steps, read-outs and fills per token, FLOPs, perplexity."""
+    reference = next((row for row in document["results"] if row["step_size"] == 1.0), None)
+    lines = ["| method | kv fill | executed steps/token | read-outs/token | fill (kv proj. + lazy steps)/token "
+             "| FLOPs/token (schedule) | FLOPs/token (with fill) | vs a=1 | perplexity |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in document.get("adaptive", []):
+        ratio = "-" if reference is None else f"{row['flops_per_token'] / reference['flops_per_token']:.2f}"
+        lines.append(
+            f"| {row['label']} | {row['kv_fill']} | {row['executed_steps']:.2f} | {row['readouts']:.2f} "
+            f"| {row['kv_projections']:.2f} + {row['continued_steps']:.2f} "
+            f"| {format_count(row['schedule_flops_per_token'])} | {format_count(row['flops_per_token'])} "
+            f"| {ratio} | {row['perplexity']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -56,11 +75,13 @@ def plot_pareto(document: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = document["results"]
-    measured = all(row["decode_speedup"] is not None for row in rows)
+    adaptive = document.get("adaptive", [])
+    measured = not adaptive and all(row["decode_speedup"] is not None for row in rows)
     if measured:
         xs, xlabel = [row["decode_speedup"] for row in rows], "decode speedup over a=1 (measured, batch 1)"
     else:  # no timing (--no-speed): cost in FLOPs instead, and the label says so
-        xs, xlabel = [row["flops_per_token"] for row in rows], "forward FLOPs/token (speed not measured)"
+        xs = [row["flops_per_token"] for row in rows]
+        xlabel = "forward FLOPs/token" + ("" if adaptive else " (speed not measured)")
     ys = [row["perplexity"] for row in rows]
     figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     order = sorted(range(len(rows)), key=lambda i: xs[i])
@@ -70,6 +91,12 @@ def plot_pareto(document: dict, path: str | Path) -> None:
         steps = row["solver_steps"]
         axes.annotate(f"a={row['step_size']:g} ({steps} step{'' if steps == 1 else 's'})", (x, y),
                       textcoords="offset points", xytext=(6, 6), fontsize=9)
+    for method, marker, color in (("early exit", "s", "tab:orange"), ("energy routing", "^", "tab:green")):
+        points = sorted((row["flops_per_token"], row["perplexity"]) for row in adaptive if row["method"] == method)
+        if points:
+            axes.plot(*zip(*points), marker=marker, color=color, linestyle="--", alpha=0.8, label=method)
+    if adaptive:
+        axes.legend(fontsize=8)
     axes.set_xlabel(xlabel)
     axes.set_ylabel("perplexity (lower is better)")
     axes.set_title(f"{document['model']} ({document['dtype']}): one set of weights at each step size", fontsize=10)
@@ -86,6 +113,8 @@ def write_report(document: dict, output_dir: str | Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = [output_dir / RESULTS_JSON, output_dir / RESULTS_MD, output_dir / PARETO_PNG]
     paths[0].write_text(json.dumps(document, indent=2) + "\n")
-    paths[1].write_text(f"# Speed and quality per step size\n\n{describe(document)}\n{markdown_table(document)}")
+    adaptive = f"\n## Adaptive depth per token\n\n{adaptive_table(document)}" if document.get("adaptive") else ""
+    paths[1].write_text(f"# Speed and quality per step size\n\n{describe(document)}\n{markdown_table(document)}"
+                        f"{adaptive}")
     plot_pareto(document, paths[2])
     return paths

@@ -136,6 +136,18 @@ class _Sampler:
         return m, torch.where(accepted > m, drafts[:, m], resampled)
 
 
+def decoding_limits(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """(new tokens to generate, EOS ids as a tensor or None, the pad id, the attention mask or None when
+    nothing is padded: plain causal attention, the fastest path) from a generation config."""
+    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
+    eos = config.eos_token_id
+    eos = None if eos is None else torch.tensor(eos if isinstance(eos, list) else [eos], device=input_ids.device)
+    pad = config.pad_token_id if config.pad_token_id is not None else (None if eos is None else int(eos[0]))
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    return max_new, eos, pad, attention_mask
+
+
 def _check_supported(config, model_kwargs: dict) -> None:
     for name, off in _UNSUPPORTED_UNLESS.items():
         value = getattr(config, name, off)
@@ -181,12 +193,7 @@ def self_speculative_generate(
         raise ValueError("self-speculative decoding needs input_ids of shape (batch, prompt length >= 1)")
 
     batch, prompt_len = input_ids.shape
-    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
-    eos = config.eos_token_id
-    eos = None if eos is None else torch.tensor(eos if isinstance(eos, list) else [eos], device=input_ids.device)
-    pad = config.pad_token_id if config.pad_token_id is not None else (None if eos is None else int(eos[0]))
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: plain causal attention, the fastest path
+    max_new, eos, pad, attention_mask = decoding_limits(config, input_ids, attention_mask)
     sampler = _Sampler(config)
     target, draft = _Solve(model, target_step), _Solve(model, draft_step_size)
 

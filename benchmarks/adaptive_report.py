@@ -1,0 +1,283 @@
+"""Adaptive depth against fixed step sizes, by one command: perplexity vs executed steps and FLOPs per token.
+
+For each model folder: the fixed step sizes (the reference curve), entropy early exit at several
+thresholds (read-out every step, and once at mid-solve), and energy routing calibrated to several
+compute targets on the first half of the validation split and scored on the second half (held out).
+Each method is also scored on a second corpus (raw text, default: odegpt's own Python sources).
+At equal FLOPs a method is compared with the best fixed step size that costs no more FLOPs per token. Decode time per token of each KV
+fill is measured in one process, interleaved rounds, batch 1.
+
+    python benchmarks/adaptive_report.py --models runs/g-model runs/c-model --data runs/data \\
+        --output runs/adaptive-report
+
+writes results.json, results.md and adaptive.png into --output. CPU-friendly defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from odegpt.accounting import adaptive_flops_per_token, format_count, model_cost
+from odegpt.adaptive import AdaptiveCache, AdaptiveDepth, adaptive_forward, adaptive_generate
+from odegpt.calibration import calibrate_energy
+from odegpt.evaluation import adaptive_nll_sums, nll_sums, perplexity
+from odegpt.evaluation_cli import _prepared_batches, _raw_text_batches, _raw_text_sources, load_native_config, \
+    load_native_model
+
+FIXED = (0.5, 1.0, 4 / 3, 2.0, 4.0)
+EXIT_ENTROPIES = (1.0, 2.0, 3.0, 4.0, 5.0)
+TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9)
+FILL_TARGET = 0.7  # the routing point at which the three KV fills are compared
+FILL_ENTROPY = 3.0  # the early-exit point at which the three KV fills are compared
+
+
+def fixed_rows(model, config, batches, seq_len) -> list[dict]:
+    sums = nll_sums(model, batches, FIXED)
+    return [dict(method="fixed", label=f"a={a:.3g}", kv_fill="-", executed_steps=float(config.solver_steps(a)),
+                 flops_per_token=model_cost(config, a, seq_len=seq_len).flops_per_token,
+                 schedule_flops_per_token=model_cost(config, a, seq_len=seq_len).flops_per_token,
+                 perplexity=perplexity(*sums[a])) for a in FIXED]
+
+
+def adaptive_row(model, config, batches, settings: AdaptiveDepth, seq_len: int, method: str, label: str) -> dict:
+    score = adaptive_nll_sums(model, batches, settings)
+    per = {name: score.per_token(name) for name in ("executed_steps", "readouts", "kv_projections", "continued_steps")}
+    return dict(method=method, label=label, kv_fill=settings.kv_fill, **per,
+                schedule_flops_per_token=adaptive_flops_per_token(config, per["executed_steps"], per["readouts"],
+                                                                  seq_len=seq_len),
+                flops_per_token=adaptive_flops_per_token(config, **per, seq_len=seq_len),
+                perplexity=perplexity(score.nll_sum, score.num_tokens))
+
+
+def fixed_at(rows: list[dict], flops: float) -> float | None:
+    """The best perplexity a fixed step size reaches within ``flops`` per token (None if none is that cheap).
+    On a depth-D model every step size costs one of D step counts, so nothing fixed lies between them."""
+    affordable = [r["perplexity"] for r in rows if r["method"] == "fixed" and r["flops_per_token"] <= flops * (1 + 1e-9)]
+    return min(affordable, default=None)
+
+
+def routing_headroom(model, config, batches, seq_len: int) -> dict:
+    """How good energy is as a routing signal: per-token NLL at a=4 and a=1, the correlation of the swift
+    energy with the gain (NLL at 4 - NLL at 1), and for routed fractions r the perplexity of exact
+    routing (super logits for routed tokens, as the lazy fill gives) by energy and by an oracle that
+    routes the tokens a=1 helps most (it reads the labels: an upper bound, not a method)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from odegpt.adaptive import energy
+
+    nll, energies = {1.0: [], 4.0: []}, []
+    for batch in batches:
+        for a in nll:
+            logits = model(batch[:, :-1], step_size=a, use_cache=False).logits.float()
+            nll[a].append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none"))
+            if a == 4.0:
+                energies.append(energy(logits).flatten())
+    nll = {a: torch.cat(v) for a, v in nll.items()}
+    energies, gain = torch.cat(energies), nll[4.0] - nll[1.0]
+    super_flops = model_cost(config, 1.0, seq_len=seq_len).flops_per_token
+    rows = []
+    for fraction in (0.1, 0.25, 0.5):
+        count = int(fraction * len(gain))
+        for name, order in (("energy", energies.argsort(descending=True)), ("oracle", gain.argsort(descending=True))):
+            routed = torch.zeros_like(gain, dtype=torch.bool)
+            routed[order[:count]] = True
+            mixed = torch.where(routed, nll[1.0], nll[4.0]).mean()
+            flops = adaptive_flops_per_token(config, 1 + 4 * fraction, 1 + fraction, seq_len=seq_len)
+            rows.append(dict(signal=name, routed_fraction=fraction, flops_vs_a1=flops / super_flops,
+                             perplexity=math.exp(float(mixed))))
+    correlation = float(torch.corrcoef(torch.stack([energies, gain]))[0, 1])
+    return dict(energy_gain_correlation=correlation, rows=rows)
+
+
+def decode_times(model, config, settings_by_name: dict, rounds: int, new_tokens: int) -> dict:
+    """Median seconds per generated token (batch 1, greedy, 32-token prompt), interleaved rounds, and the
+    KV cache entries per token (solver steps cached, summed over the cache's solves)."""
+    prompt = torch.randint(4, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    times = {name: [] for name in settings_by_name}
+    kv_steps = {}
+    for _ in range(rounds):
+        for name, settings in settings_by_name.items():
+            began = time.perf_counter()
+            if settings is None:
+                model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, step_size=1.0)
+            else:
+                adaptive_generate(model, prompt, settings=settings, max_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=0)
+            times[name].append((time.perf_counter() - began) / new_tokens)
+    for name, settings in settings_by_name.items():
+        if settings is not None:
+            cache = AdaptiveCache()
+            adaptive_forward(model, prompt, settings, past_key_values=cache)
+            kv_steps[name] = sum(len(c.layers) for c in cache.solves.values())
+        else:
+            kv_steps[name] = config.solver_steps(1.0)
+    return {name: dict(seconds_per_token=statistics.median(t), kv_steps_per_token=kv_steps[name])
+            for name, t in times.items()}
+
+
+def evaluate_model(path: str, args) -> dict:
+    config = load_native_config(path)
+    model = load_native_model(path, config, "float32")
+    seq_len = args.seq_len
+    loader = argparse.Namespace(model=path, num_samples=None, batch_size=args.batch_size, text_key="text",
+                                data=args.second_data)
+    valid = _prepared_batches([args.data], loader, seq_len)
+    samples = torch.cat(valid)[: 2 * args.num_samples]
+    calibration = list(samples[: len(samples) // 2].split(args.batch_size))
+    held_out = list(samples[len(samples) // 2:].split(args.batch_size))
+    corpora = {"stdlib validation (held out)": held_out}
+    if args.second_data:
+        second = _raw_text_batches(_raw_text_sources(args.second_data, path), loader, seq_len, seq_len)
+        corpora[f"second corpus: {' '.join(args.second_data)}"] = second[: len(held_out)]
+
+    exit_every = AdaptiveDepth(exit_entropy=0.0, kv_fill="copy")
+    exit_mid = replace(exit_every, check_every=2)  # one read-out at t=2 of 4, then the end
+    routing = AdaptiveDepth(route_energy=0.0, kv_fill="copy")
+    thresholds = {target: calibrate_energy(model, calibration, routing, target, seq_len)["route_energy"]
+                  for target in TARGETS}
+
+    report = {"model": path, "seq_len": seq_len, "corpora": {}, "routing_headroom": routing_headroom(
+        model, config, held_out, seq_len)}
+    for corpus, batches in corpora.items():
+        rows = fixed_rows(model, config, batches, seq_len)
+        jobs = []
+        for h in EXIT_ENTROPIES:
+            jobs.append((replace(exit_every, exit_entropy=h), "early exit (read-out every step)", f"H<{h:g}"))
+            jobs.append((replace(exit_mid, exit_entropy=h), "early exit (read-out at t=2)", f"H<{h:g}"))
+        for target, threshold in thresholds.items():
+            jobs.append((replace(routing, route_energy=threshold), "energy routing a=4 -> a=1", f"F={target:g}"))
+        for fill in ("lazy", "interpolate"):
+            jobs.append((replace(routing, route_energy=thresholds[FILL_TARGET], kv_fill=fill),
+                         "energy routing a=4 -> a=1", f"F={FILL_TARGET:g}"))
+            jobs.append((replace(exit_mid, exit_entropy=FILL_ENTROPY, kv_fill=fill), "early exit (read-out at t=2)",
+                         f"H<{FILL_ENTROPY:g}"))
+        for settings, method, label in tqdm(jobs, desc=f"{Path(path).name}: {corpus}", unit="setting"):
+            rows.append(adaptive_row(model, config, batches, settings, seq_len, method, label))
+        reference = next(r for r in rows if r["label"] == "a=1")
+        for row in rows:
+            row["flops_vs_a1"] = row["flops_per_token"] / reference["flops_per_token"]
+            fixed = fixed_at(rows, row["flops_per_token"])
+            row["fixed_perplexity_at_equal_flops"] = fixed
+            row["gain_vs_fixed_at_equal_flops"] = None if fixed is None else 1 - row["perplexity"] / fixed
+        report["corpora"][corpus] = rows
+
+    never = AdaptiveDepth(exit_entropy=0.0, check_every=1000)  # no read-out before the end: the fixed solve
+    report["decode"] = decode_times(model, config, {
+        "fixed a=1 (generate)": None,
+        "fixed a=1 (the adaptive loop, no read-outs)": never,
+        "fixed a=4 (the adaptive loop, no read-outs)": replace(never, step_size=4.0),
+        f"routing F={FILL_TARGET:g}, copy": replace(routing, route_energy=thresholds[FILL_TARGET]),
+        f"routing F={FILL_TARGET:g}, interpolate": replace(routing, route_energy=thresholds[FILL_TARGET],
+                                                           kv_fill="interpolate"),
+        f"routing F={FILL_TARGET:g}, lazy": replace(routing, route_energy=thresholds[FILL_TARGET], kv_fill="lazy"),
+        f"exit H<{FILL_ENTROPY:g} at t=2, copy": replace(exit_mid, exit_entropy=FILL_ENTROPY),
+        f"exit H<{FILL_ENTROPY:g} at t=2, interpolate": replace(exit_mid, exit_entropy=FILL_ENTROPY,
+                                                                kv_fill="interpolate"),
+        f"exit H<{FILL_ENTROPY:g} at t=2, lazy": replace(exit_mid, exit_entropy=FILL_ENTROPY, kv_fill="lazy"),
+    }, args.rounds, args.decode_tokens)
+    return report
+
+
+def markdown(reports: list[dict]) -> str:
+    lines = ["# Adaptive depth per token vs fixed step sizes", ""]
+    for report in reports:
+        for corpus, rows in report["corpora"].items():
+            lines += [f"## `{report['model']}` on {corpus} (windows of {report['seq_len']} tokens)", "",
+                      "| method | setting | kv fill | executed steps/token | FLOPs/token | vs a=1 | perplexity "
+                      "| best fixed a within its FLOPs | gain |",
+                      "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for row in rows:
+                fixed, gain = row["fixed_perplexity_at_equal_flops"], row["gain_vs_fixed_at_equal_flops"]
+                lines.append(f"| {row['method']} | {row['label']} | {row['kv_fill']} | {row['executed_steps']:.2f} "
+                             f"| {format_count(row['flops_per_token'])} | {row['flops_vs_a1']:.2f} "
+                             f"| {row['perplexity']:.3f} | {'-' if fixed is None else f'{fixed:.3f}'} "
+                             f"| {'-' if gain is None else f'{gain:+.1%}'} |")
+            lines.append("")
+        headroom = report["routing_headroom"]
+        lines += [f"### Routing 4 -> 1 by energy vs an oracle, `{report['model']}`, stdlib held out (exact super "
+                  f"logits for routed tokens; the oracle reads the labels: an upper bound)", "",
+                  f"correlation of the swift energy with the gain NLL(a=4) - NLL(a=1): "
+                  f"{headroom['energy_gain_correlation']:.3f}", "",
+                  "| routed fraction | FLOPs vs a=1 | perplexity, by energy | perplexity, oracle |",
+                  "| ---: | ---: | ---: | ---: |"]
+        by = {(r["signal"], r["routed_fraction"]): r for r in headroom["rows"]}
+        for fraction in sorted({r["routed_fraction"] for r in headroom["rows"]}):
+            lines.append(f"| {fraction:g} | {by['energy', fraction]['flops_vs_a1']:.2f} "
+                         f"| {by['energy', fraction]['perplexity']:.3f} | {by['oracle', fraction]['perplexity']:.3f} |")
+        lines.append("")
+        lines += [f"### Decode time per token, `{report['model']}` (batch 1, median of interleaved rounds)", "",
+                  "| decoder | ms/token | KV cache (solver steps cached per token) |", "| --- | ---: | ---: |"]
+        for name, measured in report["decode"].items():
+            lines.append(f"| {name} | {1000 * measured['seconds_per_token']:.2f} | {measured['kv_steps_per_token']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(reports: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(report, corpus, rows) for report in reports for corpus, rows in report["corpora"].items()]
+    figure, axes = plt.subplots(len(panels), 2, figsize=(12, 4.2 * len(panels)), dpi=110, squeeze=False)
+    styles = {"fixed": ("o-", "tab:blue"), "early exit (read-out every step)": ("s--", "tab:orange"),
+              "early exit (read-out at t=2)": ("D--", "tab:red"), "energy routing a=4 -> a=1": ("^--", "tab:green")}
+    for (report, corpus, rows), row_axes in zip(panels, axes):
+        for ax, key, xlabel in zip(row_axes, ("executed_steps", "flops_vs_a1"),
+                                   ("executed solver steps per token", "forward FLOPs per token / a=1's (read-outs "
+                                                                       "and KV fills included)")):
+            for method, (style, color) in styles.items():
+                points = sorted((r[key], r["perplexity"]) for r in rows if r["method"] == method
+                                and r["kv_fill"] in ("-", "copy"))
+                if points:
+                    ax.plot(*zip(*points), style, color=color, label=method, markersize=5)
+            for row in rows:
+                if row["kv_fill"] in ("lazy", "interpolate"):
+                    ax.plot(row[key], row["perplexity"], "x", color="black", markersize=6)
+                    ax.annotate(row["kv_fill"], (row[key], row["perplexity"]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("perplexity")
+            ax.grid(True, alpha=0.3)
+            ax.set_title(f"{Path(report['model']).name}: {corpus}", fontsize=9)
+        row_axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True, help="native odegpt model folders")
+    parser.add_argument("--data", required=True, help="prepared corpus: its validation split, halved")
+    parser.add_argument("--second-data", nargs="*", default=["odegpt/*.py"], help="raw text: the second corpus")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--num-samples", type=int, default=64, help="validation samples per half (default: 64)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    reports = [evaluate_model(path, args) for path in args.models]
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(reports, indent=2) + "\n")
+    (output / "results.md").write_text(markdown(reports))
+    plot(reports, output / "adaptive.png")
+    print(markdown(reports))
+    print(f"wrote {output / 'results.json'}, {output / 'results.md'}, {output / 'adaptive.png'}")
+
+
+if __name__ == "__main__":
+    main()

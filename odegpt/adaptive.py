@@ -1,0 +1,374 @@
+"""Adaptive depth per token with one set of weights: entropy early exit and energy routing.
+
+A shared ODE model reads out (final norm + LM head) the state after any solver step, so depth can
+be chosen per token without a second model:
+
+- **early exit** (COST-EFF): solving at step size ``a``, a token stops integrating once the entropy
+  (nats) of its read-out falls below ``exit_entropy``; the check runs every ``check_every`` steps
+  from ``min_time`` on, and a token still going at ``max_time`` stops there. Checks may fall after
+  any step, inside a shared segment or at an unshared layer (unshared layers are steps of ``dt = 1``
+  on the same time axis). A token that exits is never read out again.
+- **energy routing** (E-LANG): every token is solved at the swift step size ``B``; where the energy
+  ``E = -T * logsumexp(logits / T)`` of its swift logits exceeds ``route_energy`` it is re-solved
+  from the embedding at the super step size ``a`` and the super logits replace the swift ones.
+  Energies are usually negative (about minus the largest logit), so the threshold may be too.
+
+In decoding a later token attends, at every step it executes, to the keys and values of all earlier
+tokens *at that step*, which an earlier token that exited (or stayed swift) never computed. The
+``kv_fill`` decides what it gets, and so which semantics the model implements:
+
+- ``lazy`` -- *continued integration*: the missing steps are the token's own solve continued (exit:
+  the fixed-step solve at ``a``, of which the exit only chooses the read-out time; routing: its
+  super solve). Exact with respect to the schedule, so equal to an uncached recomputation of the
+  full sequence with the same per-token schedule. It defers compute rather than saving it: a step
+  is needed as soon as any later token executes it. This implementation computes it eagerly, in the
+  token's own forward; evaluation counts only what a deferred fill would compute.
+- ``copy`` -- *nearest computed state*: a missing step takes the keys and values of the token's
+  computed state nearest in time, projected with that step's block (Huginn's fallback within a
+  shared segment, where the projection is the same weights). After an exit the nearest state is the
+  exit state, so this is exactly *frozen-state* semantics (``h(t) = h(exit)``): a fully exited
+  token costs one key/value projection per remaining step, no attention or MLP.
+- ``interpolate`` -- ours, from the ODE view: keys and values interpolated linearly in time between
+  the computed states on either side (routing: the swift states at times 0, B, 2B, ... and the end).
+  After an exit there is no later state, so it falls back to the frozen state, as ``copy`` does.
+
+Per token the solve counts what it executed (solver steps, LM-head read-outs, key/value projections
+and lazily continued steps); ``odegpt.accounting`` turns counts into FLOPs.
+
+This file is copied into exported model folders beside modeling_odegpt.py, so it imports only torch,
+transformers and its siblings.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers.utils import ModelOutput
+
+from .cache import OdeCache
+from .solver import STEP_FUNCTIONS, check_step_size, plan_solve
+
+KV_FILLS = ("lazy", "copy", "interpolate")
+DEFAULT_SWIFT_STEP_SIZE = 4.0
+_TIME_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class AdaptiveDepth:
+    """Settings of one adaptive solve: early exit (``exit_entropy``) or routing (``route_energy``).
+
+    ``step_size`` is the exit solve's step size, or the super step size when routing (default: the
+    model's ``config.step_size``); times are in units of trained depth, as step sizes are."""
+
+    exit_entropy: float | None = None
+    route_energy: float | None = None
+    kv_fill: str = "copy"
+    step_size: float | None = None
+    swift_step_size: float = DEFAULT_SWIFT_STEP_SIZE
+    check_every: int = 1
+    min_time: float = 0.0
+    max_time: float | None = None
+    energy_temperature: float = 1.0
+
+    @property
+    def routing(self) -> bool:
+        return self.route_energy is not None
+
+    def checked(self, config, names: dict[str, str] | None = None) -> AdaptiveDepth:
+        """These settings with ``step_size`` resolved, or a ValueError naming the bad one (as ``names``
+        calls it, e.g. ``{"exit_entropy": "--exit-entropy"}``) and what it must be."""
+        def name(key: str) -> str:
+            return (names or {}).get(key, key)
+
+        if (self.exit_entropy is None) == (self.route_energy is None):
+            raise ValueError(f"give exactly one of {name('exit_entropy')} (early exit) and "
+                             f"{name('route_energy')} (energy routing)")
+        if self.exit_entropy is not None and not _is_real(self.exit_entropy, minimum=0.0):
+            raise ValueError(f"{name('exit_entropy')} must be an entropy in nats >= 0 (0 never exits), "
+                             f"got {self.exit_entropy!r}")
+        if self.route_energy is not None and (not _is_real(self.route_energy) or math.isnan(self.route_energy)):
+            raise ValueError(f"{name('route_energy')} must be a real energy threshold (tokens above it are "
+                             f"re-solved; inf never routes, -inf always does), got {self.route_energy!r}")
+        if self.kv_fill not in KV_FILLS:
+            raise ValueError(f"{name('kv_fill')} must be one of {', '.join(KV_FILLS)}, got {self.kv_fill!r}")
+        if isinstance(self.check_every, bool) or not isinstance(self.check_every, int) or self.check_every < 1:
+            raise ValueError(f"{name('check_every')} must be an integer >= 1, got {self.check_every!r}")
+        if not _is_real(self.min_time, minimum=0.0) or math.isinf(self.min_time):
+            raise ValueError(f"{name('min_time')} must be a finite time >= 0, got {self.min_time!r}")
+        if self.max_time is not None and not (_is_real(self.max_time) and self.max_time > 0):
+            raise ValueError(f"{name('max_time')} must be a time > 0, got {self.max_time!r}")
+        if not (_is_real(self.energy_temperature) and 0 < self.energy_temperature < math.inf):
+            raise ValueError(f"{name('energy_temperature')} must be a finite number > 0, "
+                             f"got {self.energy_temperature!r}")
+        step_size = config.step_size if self.step_size is None else check_step_size(self.step_size, name("step_size"))
+        config.solver_steps(step_size)
+        if self.routing:
+            check_step_size(self.swift_step_size, name("swift_step_size"))
+            config.solver_steps(self.swift_step_size)
+        return replace(self, step_size=step_size)
+
+
+def _is_real(value: object, minimum: float = -math.inf) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= minimum
+
+
+@dataclass
+class AdaptiveCounts:
+    """What each token's solve executed, (batch, seq) tensors: solver steps of its own schedule, LM-head
+    read-outs (the final one included), key/value projections that filled missing steps, and steps its
+    solve was continued for later tokens (``lazy``, computed eagerly here)."""
+
+    executed_steps: torch.Tensor
+    readouts: torch.Tensor
+    kv_projections: torch.Tensor
+    continued_steps: torch.Tensor
+
+
+@dataclass
+class AdaptiveOutput(ModelOutput):
+    logits: torch.Tensor | None = None
+    counts: AdaptiveCounts | None = None
+    past_key_values: AdaptiveCache | None = None
+
+
+@dataclass
+class AdaptiveCache:
+    """The KV caches of an adaptive solve: one ``OdeCache`` (bound to its step size) per step size it runs
+    at; every step's keys and values are complete for every position (missing ones filled)."""
+
+    solves: dict[float, OdeCache] = field(default_factory=dict)
+
+    def solve(self, step_size: float, num_steps: int) -> OdeCache:
+        cache = self.solves.setdefault(step_size, OdeCache())
+        cache.bind(step_size, num_steps)
+        return cache
+
+    def get_seq_length(self) -> int:
+        return next(iter(self.solves.values())).get_seq_length() if self.solves else 0
+
+    def crop_to(self, length: int) -> None:
+        for cache in self.solves.values():
+            cache.crop_to(length)
+
+
+class _FilledKeysValues:
+    """Stands in for the cache during one step of a routed super solve: the keys and values of tokens
+    that were not routed are replaced by their fill before they are cached and attended to."""
+
+    def __init__(self, cache: OdeCache | None, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+        self.cache, self.keep, self.keys, self.values = cache, keep[:, None, :, None], keys, values
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, slot: int):
+        keys, values = torch.where(self.keep, keys, self.keys), torch.where(self.keep, values, self.values)
+        return (keys, values) if self.cache is None else self.cache.update(keys, values, slot)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) over the last dimension (float32, >= 0)."""
+    logits = logits.float()
+    log_probs = logits.log_softmax(-1)
+    return (-(log_probs.exp() * log_probs).sum(-1)).clamp(min=0)
+
+
+def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """E-LANG's energy ``-T * logsumexp(logits / T)`` (float32): high = uncertain."""
+    return -temperature * torch.logsumexp(logits.float() / temperature, dim=-1)
+
+
+def readout(model, h: torch.Tensor) -> torch.Tensor:
+    """Logits of states ``h``: the final norm and LM head, as at the end of the solve."""
+    return model.lm_head(model.model.norm(h))
+
+
+def adaptive_forward(model, input_ids: torch.LongTensor, settings: AdaptiveDepth,
+                     attention_mask: torch.Tensor | None = None, past_key_values: AdaptiveCache | None = None
+                     ) -> AdaptiveOutput:
+    """Logits of ``input_ids`` (after the cached tokens, if any) with a per-token adaptive solve.
+
+    Teacher-forced scoring is one call over the whole sequence; decoding feeds new tokens with an
+    ``AdaptiveCache``. Causal attention makes both give every token the same schedule and logits."""
+    settings = settings.checked(model.config)
+    h = model.model.embed_tokens(input_ids)
+    past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
+    cos, sin, mask = model.model.attention_inputs(h, attention_mask, None, past_len)
+    solve = _routed_solve if settings.routing else _early_exit_solve
+    logits, counts = solve(model, h, dict(cos=cos, sin=sin, mask=mask), settings, past_key_values)
+    return AdaptiveOutput(logits=logits, counts=counts, past_key_values=past_key_values)
+
+
+def _early_exit_solve(model, h, inputs, settings: AdaptiveDepth, cache: AdaptiveCache | None):
+    config, blocks = model.config, model.model.blocks
+    plan = plan_solve(config.segments, settings.step_size, config.max_solver_steps)
+    kv = None if cache is None else cache.solve(settings.step_size, len(plan))
+    step_function = STEP_FUNCTIONS[config.solver]
+    lazy = settings.kv_fill == "lazy"
+    max_time = math.inf if settings.max_time is None else settings.max_time
+    batch, seq = h.shape[:2]
+    active = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
+    zeros = torch.zeros(batch, seq, device=h.device)
+    executed, readouts, kv_projections, continued = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+    logits = None
+    time = 0.0
+    for slot, (block, dt) in enumerate(plan):
+        any_active = bool(active.any())
+        if lazy or any_active:
+            stepped = step_function(blocks[block], h, dt, cache=kv, slot=slot, **inputs)
+            # An exited token keeps integrating (lazy) or stays frozen, its frozen state's keys and values
+            # being what this step just cached for it (copy, interpolate).
+            h = stepped if lazy else torch.where(active[..., None], stepped, h)
+        elif kv is not None:  # every token has exited: cache the frozen states' keys and values, nothing else
+            kv.update(*blocks[block].keys_values(h, inputs["cos"], inputs["sin"]), slot)
+        executed += active
+        (continued if lazy else kv_projections).add_(~active)
+        time += dt
+        is_last = slot == len(plan) - 1
+        check_due = (slot + 1) % settings.check_every == 0 and time >= settings.min_time - _TIME_TOLERANCE
+        forced = time >= max_time - _TIME_TOLERANCE
+        if is_last or not any_active or not (check_due or forced):
+            continue
+        rows, cols = active.nonzero(as_tuple=True)
+        checked = readout(model, h[rows, cols])
+        readouts[rows, cols] += 1
+        exits = (entropy(checked) < settings.exit_entropy) | forced
+        if logits is None:
+            logits = checked.new_zeros(batch, seq, checked.shape[-1])
+        logits[rows[exits], cols[exits]] = checked[exits]
+        active[rows[exits], cols[exits]] = False
+    if bool(active.any()):  # tokens that ran the whole solve: the ordinary final read-out
+        final = readout(model, h)
+        logits = final if logits is None else torch.where(active[..., None], final, logits)
+        readouts += active
+    return logits, AdaptiveCounts(executed, readouts, kv_projections, continued)
+
+
+def _routed_solve(model, h0, inputs, settings: AdaptiveDepth, cache: AdaptiveCache | None):
+    config, blocks = model.config, model.model.blocks
+    step_function = STEP_FUNCTIONS[config.solver]
+    swift_plan = plan_solve(config.segments, settings.swift_step_size, config.max_solver_steps)
+    super_plan = plan_solve(config.segments, settings.step_size, config.max_solver_steps)
+    swift_kv = None if cache is None else cache.solve(settings.swift_step_size, len(swift_plan))
+    super_kv = None if cache is None else cache.solve(settings.step_size, len(super_plan))
+
+    # 1. The swift solve of every token, keeping its state at every step's start and at the end.
+    h, states, times = h0, [h0], [0.0]
+    for slot, (block, dt) in enumerate(swift_plan):
+        h = step_function(blocks[block], h, dt, cache=swift_kv, slot=slot, **inputs)
+        states.append(h)
+        times.append(times[-1] + dt)
+    swift_logits = readout(model, h)
+    routed = energy(swift_logits, settings.energy_temperature) > settings.route_energy
+    batch, seq = routed.shape
+    zeros = torch.zeros(batch, seq, device=h0.device)
+    executed = len(swift_plan) + routed * float(len(super_plan))
+    readouts = 1.0 + routed.float()
+    kv_projections, continued = zeros.clone(), zeros.clone()
+
+    # 2. The super solve of the routed tokens, attending to the others' filled keys and values.
+    lazy, all_routed, any_routed = settings.kv_fill == "lazy", bool(routed.all()), bool(routed.any())
+    if not (lazy or any_routed or super_kv is not None):
+        return swift_logits, AdaptiveCounts(executed, readouts, kv_projections, continued)
+    h, time = h0, 0.0
+    for slot, (block, dt) in enumerate(super_plan):
+        if lazy or all_routed:
+            h = step_function(blocks[block], h, dt, cache=super_kv, slot=slot, **inputs)
+        else:
+            keys, values, projections = _fill(blocks[block], states, times, time, settings.kv_fill, inputs)
+            kv_projections += projections * ~routed
+            if any_routed:
+                filled = _FilledKeysValues(super_kv, routed, keys, values)
+                h = step_function(blocks[block], h, dt, cache=filled, slot=slot, **inputs)
+            else:  # no token re-solved: only the super cache needs the fill, for later tokens
+                super_kv.update(keys, values, slot)
+        time += dt
+    if lazy:
+        continued += ~routed * float(len(super_plan))
+    if not any_routed:
+        return swift_logits, AdaptiveCounts(executed, readouts, kv_projections, continued)
+    logits = torch.where(routed[..., None], readout(model, h), swift_logits)
+    return logits, AdaptiveCounts(executed, readouts, kv_projections, continued)
+
+
+def _fill(block, states: list[torch.Tensor], times: list[float], time: float, kv_fill: str, inputs: dict):
+    """Keys and values at ``time`` from the swift states at ``times`` (copy: the nearest, earlier on a tie;
+    interpolate: linear between the two around it), and the projections that cost per token."""
+    cos, sin = inputs["cos"], inputs["sin"]
+    after = next((i for i, t in enumerate(times) if t >= time - _TIME_TOLERANCE), len(times) - 1)
+    if abs(times[after] - time) <= _TIME_TOLERANCE or after == 0:
+        return *block.keys_values(states[after], cos, sin), 1
+    before = after - 1
+    if kv_fill == "copy":
+        nearest = before if time - times[before] <= times[after] - time else after
+        return *block.keys_values(states[nearest], cos, sin), 1
+    weight = (time - times[before]) / (times[after] - times[before])
+    keys_before, values_before = block.keys_values(states[before], cos, sin)
+    keys_after, values_after = block.keys_values(states[after], cos, sin)
+    return keys_before.lerp(keys_after, weight), values_before.lerp(values_after, weight), 2
+
+
+@dataclass
+class AdaptiveGenerateOutput(ModelOutput):
+    """``generate(..., return_dict_in_generate=True)`` with adaptive depth: the sequences and, per generated
+    token (finished rows excluded), the mean executed solver steps and LM-head read-outs."""
+
+    sequences: torch.LongTensor | None = None
+    executed_steps_per_token: float | None = None
+    readouts_per_token: float | None = None
+    counted_tokens: int | None = None  # the tokens those means are over
+
+
+@torch.no_grad()
+def adaptive_generate(model, inputs: torch.LongTensor | None = None, generation_config=None, *,
+                      settings: AdaptiveDepth, input_ids: torch.LongTensor | None = None,
+                      attention_mask: torch.Tensor | None = None, streamer=None, **kwargs
+                      ) -> torch.LongTensor | AdaptiveGenerateOutput:
+    """``model.generate`` decoding one token per forward with a per-token adaptive solve and its own
+    ``AdaptiveCache``. Takes the generation settings self-speculative decoding takes (greedy or sampled
+    with temperature, top-k, top-p; EOS and padding; a left-padded batch with its attention mask)."""
+    from .speculative import _UNSUPPORTED_UNLESS, _Sampler, decoding_limits
+
+    input_ids = inputs if inputs is not None else input_ids
+    config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
+    for name, off in _UNSUPPORTED_UNLESS.items():
+        value = getattr(config, name, off)
+        if value is not None and value != off:
+            raise ValueError(f"adaptive depth decoding does not support {name}={value!r}; leave it at {off!r}")
+    if config.use_cache is False or set(model_kwargs) - {"use_cache"}:
+        raise ValueError(f"adaptive depth decoding keeps its own KV cache and takes no "
+                         f"{', '.join(sorted(set(model_kwargs) - {'use_cache'})) or 'use_cache=False'}")
+    settings = settings.checked(model.config)
+    if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError("adaptive depth decoding needs input_ids of shape (batch, prompt length >= 1)")
+
+    batch = input_ids.shape[0]
+    max_new, eos, pad, attention_mask = decoding_limits(config, input_ids, attention_mask)
+    sampler, cache = _Sampler(config), AdaptiveCache()
+    tokens, mask, feed = input_ids, attention_mask, input_ids
+    unfinished = torch.ones(batch, dtype=torch.bool, device=tokens.device)
+    steps, readouts, counted = 0.0, 0.0, 0
+    if streamer is not None:
+        streamer.put(tokens.cpu())
+    for _ in range(max_new):
+        out = adaptive_forward(model, feed, settings, attention_mask=mask, past_key_values=cache)
+        # A generated token costs the solve of the position that predicted it: the last one fed.
+        steps += float(out.counts.executed_steps[unfinished, -1].sum())
+        readouts += float(out.counts.readouts[unfinished, -1].sum())
+        counted += int(unfinished.sum())
+        next_token, _ = sampler.draw(out.logits[:, -1].float())
+        if eos is not None:
+            next_token = torch.where(unfinished, next_token, torch.full_like(next_token, pad))
+            unfinished &= ~torch.isin(next_token, eos)
+        tokens, feed = torch.cat([tokens, next_token[:, None]], dim=1), next_token[:, None]
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        if streamer is not None:
+            streamer.put(next_token.cpu())
+        if not bool(unfinished.any()):
+            break
+    if streamer is not None:
+        streamer.end()
+    if config.return_dict_in_generate:
+        return AdaptiveGenerateOutput(sequences=tokens, executed_steps_per_token=steps / counted if counted else None,
+                                      readouts_per_token=readouts / counted if counted else None,
+                                      counted_tokens=int(counted))
+    return tokens
