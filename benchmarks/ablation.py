@@ -23,8 +23,6 @@ import argparse
 import json
 import math
 import os
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ sys.path.insert(0, str(REPO))  # `python benchmarks/ablation.py` from anywhere, 
 
 from launcher.config import CONFIG_DIR, RunConfig, load_config  # noqa: E402
 from launcher.launch import free_port  # noqa: E402
+from launcher.stages import Stages  # noqa: E402
 
 ODEGPT = [sys.executable, "-m", "odegpt"]
 VARIANT_DIR = CONFIG_DIR / "ablation"
@@ -60,26 +59,6 @@ class Variant:
         first = (path.read_text().splitlines() or [""])[0]
         label, _, description = first.lstrip("# ").partition(":") if first.startswith("#") else (path.stem, "", "")
         return cls(path.stem, label.strip(), description.strip(), path.resolve())
-
-
-class Progress:
-    """Numbered stage headers with the elapsed time; the commands' own progress bars show below."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.index, self.start = total, 0, time.perf_counter()
-
-    def stage(self, title: str) -> None:
-        self.index += 1
-        print(f"\n=== [{self.index}/{self.total}] {title}  (t+{time.perf_counter() - self.start:.0f}s, "
-              f"load {os.getloadavg()[0]:.1f})", flush=True)
-
-    @staticmethod
-    def run(cmd: list[str], env: dict, capture: bool = False) -> str:
-        print("$ " + shlex.join(cmd), flush=True)
-        result = subprocess.run(cmd, env=env, text=True, stdout=subprocess.PIPE if capture else None)
-        if result.returncode != 0:
-            raise SystemExit(f"ablation: command failed with exit code {result.returncode}: {shlex.join(cmd)}")
-        return result.stdout or ""
 
 
 # ---- budget --------------------------------------------------------------------------------------
@@ -138,7 +117,7 @@ def check_same_run(config: RunConfig, run_dir: Path, name: str) -> None:
                          f"({', '.join(sorted(differing))}); remove the folder or choose another --output-dir")
 
 
-def evaluate(model_dir: Path, data_dir: Path, eval_dir: Path, args, env: dict, progress: Progress) -> dict:
+def evaluate(model_dir: Path, data_dir: Path, eval_dir: Path, args, env: dict, progress: Stages) -> dict:
     """The evaluation report of one model (`odegpt evaluate --output --no-speed`): perplexity, solver
     steps and FLOPs/token per step size, kept in ``eval_dir``. Decode speed is measured apart, every
     variant side by side (:func:`decode_speeds`)."""
@@ -146,25 +125,25 @@ def evaluate(model_dir: Path, data_dir: Path, eval_dir: Path, args, env: dict, p
     if not report.is_file():
         progress.run(ODEGPT + ["evaluate", "--model", str(model_dir), "--data", str(data_dir), "--step-sizes",
                                args.step_sizes, "--seq-len", str(args.seq_len), "--num-samples",
-                               str(args.num_samples), "--output", str(eval_dir), "--no-speed"], env)
+                               str(args.num_samples), "--output", str(eval_dir), "--no-speed"], env=env)
     else:
         print(f"exists: {report}")
     return json.loads(report.read_text())
 
 
-def ensure_data(data_from: Path, vocab_size: int, env: dict, progress: Progress) -> tuple[Path, Path]:
+def ensure_data(data_from: Path, vocab_size: int, env: dict, progress: Stages) -> tuple[Path, Path]:
     tokenizer, data = data_from / "tokenizer", data_from / "data"
-    progress.stage(f"tokenizer and prepared stdlib corpus in {data_from}")
+    progress.begin(f"tokenizer and prepared stdlib corpus in {data_from}")
     if (tokenizer / "tokenizer.json").is_file():
         print(f"exists: {tokenizer}")
     else:
         progress.run(ODEGPT + ["tokenizer", "--input", "stdlib", "--vocab-size", str(vocab_size),
-                               "--output", str(tokenizer)], env)
+                               "--output", str(tokenizer)], env=env)
     if (data / "manifest.json").is_file():
         print(f"exists: {data}")
     else:
         progress.run(ODEGPT + ["prepare", "--input", "stdlib", "--tokenizer", str(tokenizer), "--output", str(data),
-                               "--val-fraction", "0.01", "--workers", "2"], env)
+                               "--val-fraction", "0.01", "--workers", "2"], env=env)
     return tokenizer, data
 
 
@@ -331,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DS_ACCELERATOR": "cpu",
            "TOKENIZERS_PARALLELISM": "false"}
-    progress = Progress(2 + 3 * len(variants))
+    progress = Stages("ablation", 2 + 3 * len(variants), show_load=True)
     load_start = os.getloadavg()
     base = load_config([variants[0].path], args.overrides)
     tokenizer, data_dir = ensure_data(Path(args.data_from), base.model.vocab_size, env, progress)
@@ -347,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config([variant.path], overrides, world_size=args.ranks)
         budget = training_budget(config)
         t = config.train
-        progress.stage(f"{variant.label}: train {budget['tokens'] / 1e6:.2f}M tokens "
+        progress.begin(f"{variant.label}: train {budget['tokens'] / 1e6:.2f}M tokens "
                        f"({t.train_steps} steps x {t.global_batch_size} x {t.seq_len}), "
                        f"{budget['training_flops'] / 1e12:.1f} TFLOP, {args.ranks} CPU ranks")
         check_same_run(config, run_dir, variant.name)
@@ -356,17 +335,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             progress.run(ODEGPT + ["launch", "--num-gpus", str(args.ranks), "--master-port", str(free_port()),
                                    "--quiet", "--resume", "auto", "--config", str(variant.path),
-                                   *[f"--set={o}" for o in overrides]], env)
+                                   *[f"--set={o}" for o in overrides]], env=env)
 
-        progress.stage(f"{variant.label}: convert")
+        progress.begin(f"{variant.label}: convert")
         model_dir = run_dir / "model"
         if (model_dir / "config.json").is_file():
             print(f"exists: {model_dir}")
         else:
             progress.run(ODEGPT + ["convert", "--checkpoint", str(config.checkpoint_dir), "--output", str(model_dir)],
-                         env)
+                         env=env)
 
-        progress.stage(f"{variant.label}: evaluate at a = {args.step_sizes}")
+        progress.begin(f"{variant.label}: evaluate at a = {args.step_sizes}")
         report = evaluate(model_dir, data_dir, run_dir / "eval", args, env, progress)
         print("  " + "  ".join(f"a={r['step_size']:g}: {r['perplexity']:.2f}" for r in report["results"]))
         summary["variants"].append({
@@ -378,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluation": report,
         })
 
-    progress.stage(f"decode speed at batch 1 of {len(variants)} variants x {len(summary['step_sizes'])} step sizes, "
+    progress.begin(f"decode speed at batch 1 of {len(variants)} variants x {len(summary['step_sizes'])} step sizes, "
                    f"interleaved, {args.rounds} rounds")
     speeds = decode_speeds({v["name"]: out / v["name"] / "model" for v in summary["variants"]}, summary["step_sizes"],
                            args.rounds, args.decode_tokens)

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import odegpt  # noqa: F401  (registers the odegpt model type)
 from odegpt import OdeCache
 from odegpt.accounting import format_count
+from odegpt.throughput import Variant as Timed, time_generation
 
 PROMPTS = [
     "def ",
@@ -40,14 +41,10 @@ PROMPTS = [
 
 
 def plain_loop(model, prompt: torch.Tensor, new_tokens: int, step_size: float) -> torch.Tensor:
-    """Greedy decoding with the model's forward and cache only: the least a decoding loop can cost."""
-    cache = OdeCache()
-    logits = model(prompt, past_key_values=cache, step_size=step_size, logits_to_keep=1).logits
-    tokens = [logits[:, -1].argmax(-1, keepdim=True)]
-    for _ in range(new_tokens - 1):
-        logits = model(tokens[-1], past_key_values=cache, step_size=step_size, logits_to_keep=1).logits
-        tokens.append(logits[:, -1].argmax(-1, keepdim=True))
-    return torch.cat([prompt, *tokens], dim=1)
+    """Greedy decoding with the model's forward and cache only (the loop `odegpt bench` times): the least a
+    decoding loop can cost. Prompt and ``new_tokens`` tokens, as ``generate`` returns them."""
+    timed = time_generation(Timed(model, {"step_size": step_size}), prompt, new_tokens - 1)
+    return torch.cat([prompt, timed.tokens], dim=1)
 
 
 def forward_costs(model, prompt: torch.Tensor, cases: list[tuple[float, int]], rounds: int = 9) -> dict:

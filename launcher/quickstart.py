@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .config import add_config_arguments
 from .launch import free_port
+from .stages import Stages
 
 STEP_SIZES = (0.5, 1.0, 2.0, 4.0)
 # The sample: a function signature and the start of its docstring (a prompt ending in a space would
@@ -26,24 +25,6 @@ STEP_SIZES = (0.5, 1.0, 2.0, 4.0)
 # fixed seed and mildly sharpened sampling.
 PROMPT = 'def read_lines(path):\n    """Return'
 SAMPLING = {"temperature": 0.4, "top_k": 40, "seed": 0, "max_new_tokens": 96}
-
-
-class Stages:
-    def __init__(self, total: int) -> None:
-        self.total, self.index, self.start = total, 0, time.perf_counter()
-
-    def begin(self, title: str) -> None:
-        self.index += 1
-        elapsed = time.perf_counter() - self.start
-        print(f"\n=== [{self.index}/{self.total}] {title}  (t+{elapsed:.0f}s)", flush=True)
-
-    @staticmethod
-    def run(cmd: list[str], capture: bool = False, env: dict | None = None) -> str:
-        print("$ " + shlex.join(cmd), flush=True)
-        result = subprocess.run(cmd, env=env, text=True, stdout=subprocess.PIPE if capture else None)
-        if result.returncode != 0:
-            raise SystemExit(f"quickstart: command failed with exit code {result.returncode}: {shlex.join(cmd)}")
-        return result.stdout or ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     odegpt = [sys.executable, "-m", "odegpt"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DS_ACCELERATOR": "cpu",
            "TOKENIZERS_PARALLELISM": "false"}
-    stages = Stages(7)
+    stages = Stages("quickstart", 7)
 
     stages.begin("tokenizer on the Python standard library")
     if (tokenizer_dir / "tokenizer.json").is_file():

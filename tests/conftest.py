@@ -23,6 +23,29 @@ def tiny_model(segments=FULLY_SHARED, seed=0, **overrides) -> OdeGPTForCausalLM:
     return OdeGPTForCausalLM(tiny_config(segments, **overrides)).eval()
 
 
+def tokenized_tiny_model(root, text: str, segments=PARTIALLY_SHARED):
+    """A tokenizer trained on ``text`` (in ``root/tokenizer``) and a tiny model with its vocabulary and
+    special ids: ``(model, tokenizer info)``."""
+    from data_pipeline.tokenizer import train_tokenizer
+
+    (root / "corpus.txt").write_text(text)
+    info = train_tokenizer([str(root / "corpus.txt")], root / "tokenizer", vocab_size=300)
+    torch.manual_seed(0)
+    model = OdeGPTForCausalLM(tiny_config(segments, vocab_size=info.vocab_size, pad_token_id=info.pad_id,
+                                          eos_token_id=info.eos_id, bos_token_id=info.bos_id))
+    return model, info
+
+
+def damped(model: OdeGPTForCausalLM, scale: float) -> OdeGPTForCausalLM:
+    """``model`` with its residual branches scaled by ``scale`` in place, as in a trained model: solves at
+    different step sizes then mostly agree."""
+    with torch.no_grad():
+        for block in model.model.blocks:
+            block.self_attn.o_proj.weight.mul_(scale)
+            block.mlp.down_proj.weight.mul_(scale)
+    return model
+
+
 @pytest.fixture(params=["fully_shared", "partially_shared"])
 def shared_model(request):
     return tiny_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED)

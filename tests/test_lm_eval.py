@@ -11,12 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from data_pipeline.tokenizer import train_tokenizer
-from odegpt import OdeGPTForCausalLM
 from odegpt.export import save_native, save_unrolled
-from tests.conftest import PARTIALLY_SHARED, tiny_config
+from tests.conftest import tokenized_tiny_model
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
@@ -38,11 +35,7 @@ TASKS = {
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
-    (root / "corpus.txt").write_text(TEXT)
-    info = train_tokenizer([str(root / "corpus.txt")], root / "tokenizer", vocab_size=300)
-    torch.manual_seed(0)
-    model = OdeGPTForCausalLM(tiny_config(PARTIALLY_SHARED, vocab_size=info.vocab_size, pad_token_id=info.pad_id,
-                                          eos_token_id=info.eos_id, bos_token_id=info.bos_id))
+    model, info = tokenized_tiny_model(root, TEXT)
     save_native(model, root / "native", tokenizer_dir=root / "tokenizer")
     save_unrolled(model, root / "unrolled-a2", 2.0, tokenizer_dir=root / "tokenizer")
     (root / "docs.jsonl").write_text("".join(json.dumps({"context": c, "continuation": t}) + "\n" for c, t in PAIRS))

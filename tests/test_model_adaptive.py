@@ -9,7 +9,7 @@ from odegpt.calibration import calibrate_energy
 from odegpt.cli import main as odegpt_main
 from odegpt.evaluation import adaptive_nll_sums
 from odegpt.solver import euler_step, plan_solve
-from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, left_padded, tiny_config, tiny_model
+from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, damped, left_padded, tiny_config, tiny_model
 
 FILLS = ("lazy", "copy", "interpolate")
 
@@ -18,12 +18,7 @@ FILLS = ("lazy", "copy", "interpolate")
 def model(request):
     """Residual branches scaled down, as in a trained model, so that solves at different step sizes
     mostly agree and read-outs sharpen along the solve: exits and routing then split the tokens."""
-    model = tiny_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED)
-    with torch.no_grad():
-        for block in model.model.blocks:
-            block.self_attn.o_proj.weight.mul_(0.3)
-            block.mlp.down_proj.weight.mul_(0.3)
-    return model
+    return damped(tiny_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED), 0.3)
 
 
 def decode(model, settings: AdaptiveDepth, input_ids, attention_mask=None, prefix: int = 3) -> torch.Tensor:

@@ -9,11 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from data_pipeline.tokenizer import train_tokenizer
-from odegpt import OdeGPTForCausalLM
 from odegpt.cli import main as odegpt_main
 from odegpt.export import save_native
-from tests.conftest import PARTIALLY_SHARED, tiny_config
+from tests.conftest import tokenized_tiny_model
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 40
 
@@ -21,11 +19,7 @@ TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 40
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
-    (root / "corpus.txt").write_text(TEXT)
-    info = train_tokenizer([str(root / "corpus.txt")], root / "tokenizer", vocab_size=300)
-    torch.manual_seed(0)
-    model = OdeGPTForCausalLM(tiny_config(PARTIALLY_SHARED, vocab_size=info.vocab_size, pad_token_id=info.pad_id,
-                                          eos_token_id=info.eos_id, bos_token_id=info.bos_id))
+    model, info = tokenized_tiny_model(root, TEXT)
     # Silence the byte-fallback pieces (<0x..>), which all decode to one replacement character: the random
     # model then writes real pieces, and equal text means equal tokens.
     pieces = AutoTokenizer.from_pretrained(root / "tokenizer").convert_ids_to_tokens(list(range(info.vocab_size)))

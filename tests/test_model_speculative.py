@@ -5,19 +5,14 @@ from transformers.generation.streamers import BaseStreamer
 
 from odegpt import OdeCache
 from odegpt.speculative import _Sampler
-from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, UNSHARED, left_padded, tiny_model
+from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, UNSHARED, damped, left_padded, tiny_model
 
 
 @pytest.fixture(params=["fully_shared", "partially_shared"])
 def drafting_model(request):
     """A random model whose residual branches are scaled down, so that, as in a trained model, its solves at
     different step sizes mostly agree: drafts are both accepted and rejected (at full scale nearly all fail)."""
-    model = tiny_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED)
-    with torch.no_grad():
-        for block in model.model.blocks:
-            block.self_attn.o_proj.weight.mul_(0.05)
-            block.mlp.down_proj.weight.mul_(0.05)
-    return model
+    return damped(tiny_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED), 0.05)
 
 
 @pytest.mark.parametrize("a, draft_step_size, k", [(1, 4, 2), (1, 2, 4), (0.5, 2, 3), (2, 4, 1), (1, 4, 6)])
