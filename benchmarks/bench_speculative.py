@@ -13,7 +13,10 @@ speculative output is checked token for token against plain greedy decoding at a
 
 It also prints what one round costs, in units of a one-token forward at a = 1: a draft forward at
 each B, and the verification forward at a over k + 1 tokens. Speculation pays when
-k * draft + verify is well under the tokens a round keeps, 1 + (accepted drafts).
+k * draft + verify is well under the tokens a round keeps, 1 + (accepted drafts). From the same costs it
+prints each (a, B, k)'s ceiling: the tokens/s if every draft were accepted, (k + 1) tokens per
+k * draft + verify forwards, against plain generate at a = 1. Where that ceiling is under a target, no
+draft model of this cost can reach it on this machine, however well it agrees with the target.
 """
 from __future__ import annotations
 
@@ -120,20 +123,23 @@ def bench_model(path: str, args: argparse.Namespace) -> dict:
         plain = outputs[f"generate a={a:g}"]
         assert all(torch.equal(x, y) for x, y in zip(plain, outputs[f"bare loop a={a:g}"])), f"bare loop a={a:g}"
     print(f"\n{'a':>4}{'B':>5}{'k':>4}{'accepted':>10}{'tokens/s':>10}{'vs generate a':>15}{'vs generate a=1':>17}"
-          f"{'vs bare loop a':>16}  greedy text")
+          f"{'vs bare loop a':>16}{'ceiling vs a=1':>16}  greedy text")
     rows = []
     for a, b, k in combos:
         name = f"speculative a={a:g} B={b:g} k={k}"
         results = outputs[name]
         accepted = sum(r.accepted_tokens for r in results) / sum(r.drafted_tokens for r in results)
         identical = all(torch.equal(r.sequences, p) for r, p in zip(results, outputs[f"generate a={a:g}"]))
+        all_accepted_rate = (k + 1) / ((k * cost[b, 1] + cost[a, k + 1]))  # tokens/s with every draft kept
         row = dict(a=a, B=b, k=k, acceptance_rate=accepted, tokens_per_s=rate[name],
                    speedup_vs_generate_a=rate[name] / rate[f"generate a={a:g}"],
                    speedup_vs_generate_a1=rate[name] / rate["generate a=1"],
-                   speedup_vs_bare_loop_a=rate[name] / rate[f"bare loop a={a:g}"], identical=identical)
+                   speedup_vs_bare_loop_a=rate[name] / rate[f"bare loop a={a:g}"],
+                   ceiling_vs_generate_a1=all_accepted_rate / rate["generate a=1"], identical=identical)
         rows.append(row)
         print(f"{a:>4g}{b:>5g}{k:>4}{accepted:>10.0%}{rate[name]:>10.1f}{row['speedup_vs_generate_a']:>14.2f}x"
-              f"{row['speedup_vs_generate_a1']:>16.2f}x{row['speedup_vs_bare_loop_a']:>15.2f}x  "
+              f"{row['speedup_vs_generate_a1']:>16.2f}x{row['speedup_vs_bare_loop_a']:>15.2f}x"
+              f"{row['ceiling_vs_generate_a1']:>15.2f}x  "
               f"{'identical' if identical else 'DIFFERENT'}")
     return dict(model=path, baselines={n: rate[n] for n in rate if "speculative" not in n}, speculative=rows,
                 forward_cost_vs_one_token_a1={f"a={a:g} q={q}": c / unit for (a, q), c in cost.items()},
