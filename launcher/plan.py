@@ -84,6 +84,7 @@ def expected_step_sizes(distribution: dict, seed: int, draws: int = 2000) -> lis
 
 def make_plan(config, nodes: int, gpus_per_node: int, gpu_tflops: float, mfu: float, name: str = "") -> Plan:
     from odegpt.accounting import block_parameter_count, model_cost
+    from odegpt.objective import objective_flops_per_token
 
     model_config = config.model_config()
     t = config.train
@@ -91,10 +92,14 @@ def make_plan(config, nodes: int, gpus_per_node: int, gpu_tflops: float, mfu: fl
     step_sizes = sorted({*config.eval_step_sizes, *(a for a, _ in expected_step_sizes(t.step_size, t.seed)
                                                      if not t.step_size.get("low"))})
     costs = {a: model_cost(model_config, step_size=a, seq_len=t.seq_len) for a in step_sizes}
-    training = [(model_cost(model_config, step_size=a, seq_len=t.seq_len), p)
-                for a, p in expected_step_sizes(t.step_size, t.seed)]
-    expected_flops = sum(c.training_flops_per_token * p for c, p in training)
-    expected_steps = sum(c.executed_steps * p for c, p in training)
+    draws = expected_step_sizes(t.step_size, t.seed)
+    # The trainer's MFU counts the same FLOPs: the drawn solve plus the objective's a=1 and read-out passes.
+    expected_flops = sum(objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight,
+                                                   t.reference_weight, t.readout_weights) * p for a, p in draws)
+    # Activations held at once: the drawn solve's steps, plus the a=1 solve's when its loss is backpropagated too.
+    reference_steps = model_cost(model_config, step_size=1.0, seq_len=t.seq_len).executed_steps
+    expected_steps = sum((model_cost(model_config, step_size=a, seq_len=t.seq_len).executed_steps
+                          + (reference_steps if t.reference_weight > 0 and a != 1.0 else 0)) * p for a, p in draws)
     parameters = costs[step_sizes[0]].parameters
     largest_layer = max(block_parameter_count(model_config)[1],
                         model_config.vocab_size * model_config.hidden_size)
@@ -129,7 +134,9 @@ def format_plan(plan: Plan, config, gpu_tflops: float, mfu: float) -> str:
     lines += [f"    a={a:<5g} {plan.executed_steps[a]:>4} solver steps  forward {format_count(plan.flops_per_token[a])}FLOP"
               f"  KV cache {plan.kv_cache_bytes[a] / 2 ** 20:.1f} MiB per {t.seq_len}-token sequence (bf16)"
               for a in plan.step_sizes]
-    lines.append(f"  training, expected over a ~ {t.step_size}: "
+    passes = [name for name, on in (("the a=1 loss", t.reference_weight > 0), ("the consistency term", t.consistency_weight > 0),
+                                    ("read-out losses", bool(t.readout_weights))) if on]
+    lines.append(f"  training, expected over a ~ {t.step_size}{' with ' + ', '.join(passes) if passes else ''}: "
                  f"{format_count(plan.expected_training_flops_per_token)}FLOP per token")
     lines.append("  model states per GPU: " + "  ".join(f"{stage} {value / GIB:.2f} GiB"
                                                          for stage, value in plan.model_states_bytes.items()))

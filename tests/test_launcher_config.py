@@ -143,6 +143,22 @@ def test_plan_agrees_with_deepspeed_estimators(capsys):
         assert name in table
 
 
+def test_plan_counts_the_objectives_extra_passes_as_the_trainers_mfu_does():
+    from launcher.plan import make_plan
+    from odegpt.objective import objective_flops_per_token
+
+    plain = load_config(["quickstart"], overrides=["train.reference_weight=0"])
+    config = load_config(["quickstart"])  # a ~ {2, 4}, and the a=1 loss on every step
+    plan, plain_plan = make_plan(config, 1, 1, 312, 0.4), make_plan(plain, 1, 1, 312, 0.4)
+    model, t = config.model_config(), config.train
+    assert plan.expected_training_flops_per_token == pytest.approx(sum(
+        0.5 * objective_flops_per_token(model, a, t.seq_len, 0.0, 1.0, None) for a in (2.0, 4.0)))
+    reference = 3 * plan.flops_per_token[1.0]  # the a=1 solve, forward and backward
+    assert plan.expected_training_flops_per_token == pytest.approx(plain_plan.expected_training_flops_per_token
+                                                                   + reference)
+    assert plan.activation_bytes > plain_plan.activation_bytes  # both graphs are held until the backward
+
+
 def test_checkpoint_bookkeeping(tmp_path):
     import json
 
