@@ -64,7 +64,7 @@ class Variant:
 # ---- budget --------------------------------------------------------------------------------------
 
 def training_budget(config: RunConfig) -> dict:
-    """Tokens seen and training FLOPs of a run, the a=1 passes of the objective included (the same
+    """Tokens seen and training FLOPs of a run, the a=1 passes and read-outs of the objective included (the same
     sampler and cost function as training, so this is exact, not an estimate of the draws)."""
     from odegpt.objective import StepSizeDistribution, StepSizeSampler, objective_flops_per_token
 
@@ -77,7 +77,8 @@ def training_budget(config: RunConfig) -> dict:
     for step in range(t.train_steps):
         a = sampler.sample(step)
         if a not in flops:
-            flops[a] = objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight, t.reference_weight)
+            flops[a] = objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight, t.reference_weight,
+                                                 t.readout_weights)
         total += flops[a] * tokens_per_step
     return {"tokens": t.train_steps * tokens_per_step, "training_flops": total, "optimizer_steps": t.train_steps}
 
