@@ -91,7 +91,14 @@ def training_seconds(run_dir: Path) -> float | None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     config = json.loads((run_dir / "config.json").read_text())["train"]
     tokens_per_step = config["global_batch_size"] * config["seq_len"]
-    return sum(tokens_per_step / r["tokens_per_s"] for r in rows if r["kind"] == "train" and r["tokens_per_s"] > 0)
+    # a train row's tokens/s covers the steps since the previous row (every logging.interval steps)
+    seconds, previous = 0.0, 0
+    for r in rows:
+        if r["kind"] == "train":
+            if r["tokens_per_s"] > 0:
+                seconds += tokens_per_step * max(r["step"] - previous, 1) / r["tokens_per_s"]
+            previous = r["step"]
+    return seconds
 
 
 # ---- stages --------------------------------------------------------------------------------------
