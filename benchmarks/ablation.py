@@ -64,7 +64,7 @@ class Variant:
 # ---- budget --------------------------------------------------------------------------------------
 
 def training_budget(config: RunConfig) -> dict:
-    """Tokens seen and training FLOPs of a run, the a=1 passes of the objective included (the same
+    """Tokens seen and training FLOPs of a run, the a=1 passes and read-outs of the objective included (the same
     sampler and cost function as training, so this is exact, not an estimate of the draws)."""
     from odegpt.objective import StepSizeDistribution, StepSizeSampler, objective_flops_per_token
 
@@ -77,7 +77,8 @@ def training_budget(config: RunConfig) -> dict:
     for step in range(t.train_steps):
         a = sampler.sample(step)
         if a not in flops:
-            flops[a] = objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight, t.reference_weight)
+            flops[a] = objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight, t.reference_weight,
+                                                 t.readout_weights)
         total += flops[a] * tokens_per_step
     return {"tokens": t.train_steps * tokens_per_step, "training_flops": total, "optimizer_steps": t.train_steps}
 
@@ -90,7 +91,14 @@ def training_seconds(run_dir: Path) -> float | None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     config = json.loads((run_dir / "config.json").read_text())["train"]
     tokens_per_step = config["global_batch_size"] * config["seq_len"]
-    return sum(tokens_per_step / r["tokens_per_s"] for r in rows if r["kind"] == "train" and r["tokens_per_s"] > 0)
+    # a train row's tokens/s covers the steps since the previous row (every logging.interval steps)
+    seconds, previous = 0.0, 0
+    for r in rows:
+        if r["kind"] == "train":
+            if r["tokens_per_s"] > 0:
+                seconds += tokens_per_step * max(r["step"] - previous, 1) / r["tokens_per_s"]
+            previous = r["step"]
+    return seconds
 
 
 # ---- stages --------------------------------------------------------------------------------------

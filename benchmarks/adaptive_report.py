@@ -4,7 +4,11 @@ For each model folder: the fixed step sizes (the reference curve), entropy early
 thresholds (read-out every step, and once at mid-solve), and energy routing calibrated to several
 compute targets on the first half of the validation split and scored on the second half (held out).
 Each method is also scored on a second corpus (raw text, default: odegpt's own Python sources).
-At equal FLOPs a method is compared with the best fixed step size that costs no more FLOPs per token. Decode time per token of each KV
+A second non-adaptive baseline is the truncated solve: every token stops the a=1 solve at the same
+time t and reads out there (a shallower model; early exit without the per-token choice).
+At equal FLOPs a method is compared with the best fixed step size that costs no more FLOPs per token,
+with the best fixed step size or truncated solve of the same model, and (when several models are
+given) with the best fixed step size of any of them. Decode time per token of each KV
 fill is measured in one process, interleaved rounds, batch 1.
 
     python benchmarks/adaptive_report.py --models runs/g-model runs/c-model --data runs/data \\
@@ -46,6 +50,23 @@ def fixed_rows(model, config, batches, seq_len) -> list[dict]:
                  perplexity=perplexity(*sums[a])) for a in FIXED]
 
 
+def truncated_rows(model, config, batches, seq_len) -> list[dict]:
+    """The a=1 solve cut at every step boundary t before its end, every token read out at t: what early
+    exit would score if all tokens exited together. No later token executes a step after t, so no key
+    or value past t is ever needed: it costs t steps and one read-out, as a depth-t model would."""
+    rows = []
+    for t in range(1, config.solver_steps(1.0)):
+        # no entropy check (check_every past the end): the one read-out is the forced one at max_time
+        settings = AdaptiveDepth(exit_entropy=0.0, step_size=1.0, check_every=1_000_000, max_time=float(t))
+        score = adaptive_nll_sums(model, batches, settings)
+        steps = score.per_token("executed_steps")
+        flops = adaptive_flops_per_token(config, steps, score.per_token("readouts"), seq_len=seq_len)
+        rows.append(dict(method="truncated solve (a=1, read-out at t)", label=f"t={t}", kv_fill="-",
+                         executed_steps=steps, flops_per_token=flops, schedule_flops_per_token=flops,
+                         perplexity=perplexity(score.nll_sum, score.num_tokens)))
+    return rows
+
+
 def adaptive_row(model, config, batches, settings: AdaptiveDepth, seq_len: int, method: str, label: str) -> dict:
     score = adaptive_nll_sums(model, batches, settings)
     per = {name: score.per_token(name) for name in ("executed_steps", "readouts", "kv_projections", "continued_steps")}
@@ -56,11 +77,31 @@ def adaptive_row(model, config, batches, settings: AdaptiveDepth, seq_len: int, 
                 perplexity=perplexity(score.nll_sum, score.num_tokens))
 
 
-def fixed_at(rows: list[dict], flops: float) -> float | None:
-    """The best perplexity a fixed step size reaches within ``flops`` per token (None if none is that cheap).
-    On a depth-D model every step size costs one of D step counts, so nothing fixed lies between them."""
-    affordable = [r["perplexity"] for r in rows if r["method"] == "fixed" and r["flops_per_token"] <= flops * (1 + 1e-9)]
+BASELINES = ("fixed", "truncated solve (a=1, read-out at t)")
+
+
+def fixed_at(rows: list[dict], flops: float, methods: tuple[str, ...] = ("fixed",)) -> float | None:
+    """The best perplexity a fixed step size (or another of the non-adaptive ``methods``) reaches within
+    ``flops`` per token (None if none is that cheap). On a depth-D model every step size costs one of D
+    step counts, so nothing fixed lies between them."""
+    affordable = [r["perplexity"] for r in rows if r["method"] in methods and r["flops_per_token"] <= flops * (1 + 1e-9)]
     return min(affordable, default=None)
+
+
+def gain(perplexity_: float, baseline: float | None) -> float | None:
+    return None if baseline is None else 1 - perplexity_ / baseline
+
+
+def compare_across_models(reports: list[dict]) -> None:
+    """Give every row the best fixed perplexity of *any* of the reported models within its FLOPs (the
+    models must share the vocabulary and width, so that FLOPs compare), per corpus."""
+    for corpus in reports[0]["corpora"]:
+        pooled = [r for report in reports for r in report["corpora"].get(corpus, [])]
+        for report in reports:
+            for row in report["corpora"].get(corpus, []):
+                best = fixed_at(pooled, row["flops_per_token"])
+                row["any_model_fixed_perplexity_at_equal_flops"] = best
+                row["gain_vs_any_model_fixed"] = gain(row["perplexity"], best)
 
 
 def routing_headroom(model, config, batches, seq_len: int) -> dict:
@@ -148,7 +189,7 @@ def evaluate_model(path: str, args) -> dict:
     report = {"model": path, "seq_len": seq_len, "corpora": {}, "routing_headroom": routing_headroom(
         model, config, held_out, seq_len)}
     for corpus, batches in corpora.items():
-        rows = fixed_rows(model, config, batches, seq_len)
+        rows = fixed_rows(model, config, batches, seq_len) + truncated_rows(model, config, batches, seq_len)
         jobs = []
         for h in EXIT_ENTROPIES:
             jobs.append((replace(exit_every, exit_entropy=h), "early exit (read-out every step)", f"H<{h:g}"))
@@ -167,7 +208,10 @@ def evaluate_model(path: str, args) -> dict:
             row["flops_vs_a1"] = row["flops_per_token"] / reference["flops_per_token"]
             fixed = fixed_at(rows, row["flops_per_token"])
             row["fixed_perplexity_at_equal_flops"] = fixed
-            row["gain_vs_fixed_at_equal_flops"] = None if fixed is None else 1 - row["perplexity"] / fixed
+            row["gain_vs_fixed_at_equal_flops"] = gain(row["perplexity"], fixed)
+            fixed_or_cut = fixed_at(rows, row["flops_per_token"], BASELINES)
+            row["fixed_or_truncated_perplexity_at_equal_flops"] = fixed_or_cut
+            row["gain_vs_fixed_or_truncated"] = gain(row["perplexity"], fixed_or_cut)
         report["corpora"][corpus] = rows
 
     never = AdaptiveDepth(exit_entropy=0.0, check_every=1000)  # no read-out before the end: the fixed solve
@@ -187,20 +231,35 @@ def evaluate_model(path: str, args) -> dict:
     return report
 
 
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def markdown(reports: list[dict]) -> str:
-    lines = ["# Adaptive depth per token vs fixed step sizes", ""]
+    lines = ["# Adaptive depth per token vs fixed step sizes", "",
+             "Gains are 1 - perplexity / baseline, the baseline being the best perplexity that costs no more FLOPs "
+             "per token: a fixed step size of the same model; a fixed step size or truncated solve of the same "
+             "model; a fixed step size of any model in this report.", ""]
+    many = len(reports) > 1
     for report in reports:
         for corpus, rows in report["corpora"].items():
             lines += [f"## `{report['model']}` on {corpus} (windows of {report['seq_len']} tokens)", "",
                       "| method | setting | kv fill | executed steps/token | FLOPs/token | vs a=1 | perplexity "
-                      "| best fixed a within its FLOPs | gain |",
-                      "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                      "| best fixed a within its FLOPs | gain | best fixed or truncated | gain"
+                      + (" | best fixed, any model | gain |" if many else " |"),
+                      "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+                      + (" ---: | ---: |" if many else "")]
             for row in rows:
-                fixed, gain = row["fixed_perplexity_at_equal_flops"], row["gain_vs_fixed_at_equal_flops"]
-                lines.append(f"| {row['method']} | {row['label']} | {row['kv_fill']} | {row['executed_steps']:.2f} "
-                             f"| {format_count(row['flops_per_token'])} | {row['flops_vs_a1']:.2f} "
-                             f"| {row['perplexity']:.3f} | {'-' if fixed is None else f'{fixed:.3f}'} "
-                             f"| {'-' if gain is None else f'{gain:+.1%}'} |")
+                line = (f"| {row['method']} | {row['label']} | {row['kv_fill']} | {row['executed_steps']:.2f} "
+                        f"| {format_count(row['flops_per_token'])} | {row['flops_vs_a1']:.2f} "
+                        f"| {row['perplexity']:.3f} | {_number(row['fixed_perplexity_at_equal_flops'], '.3f')} "
+                        f"| {_number(row['gain_vs_fixed_at_equal_flops'], '+.1%')} "
+                        f"| {_number(row['fixed_or_truncated_perplexity_at_equal_flops'], '.3f')} "
+                        f"| {_number(row['gain_vs_fixed_or_truncated'], '+.1%')} |")
+                if many:
+                    line += (f" {_number(row.get('any_model_fixed_perplexity_at_equal_flops'), '.3f')} "
+                             f"| {_number(row.get('gain_vs_any_model_fixed'), '+.1%')} |")
+                lines.append(line)
             lines.append("")
         headroom = report["routing_headroom"]
         lines += [f"### Routing 4 -> 1 by energy vs an oracle, `{report['model']}`, stdlib held out (exact super "
@@ -219,7 +278,24 @@ def markdown(reports: list[dict]) -> str:
         for name, measured in report["decode"].items():
             lines.append(f"| {name} | {1000 * measured['seconds_per_token']:.2f} | {measured['kv_steps_per_token']} |")
         lines.append("")
+    lines += summary(reports)
     return "\n".join(lines)
+
+
+def summary(reports: list[dict]) -> list[str]:
+    """The best gain of each adaptive method over its settings and KV fills, against each baseline."""
+    columns = ("gain_vs_fixed_at_equal_flops", "gain_vs_fixed_or_truncated", "gain_vs_any_model_fixed")
+    lines = ["## Summary: best gain of each method over its settings (per column)", "",
+             "| model | corpus | method | vs fixed a, same model | vs fixed a or truncated, same model "
+             "| vs fixed a, any model |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    for report in reports:
+        for corpus, rows in report["corpora"].items():
+            for method in dict.fromkeys(r["method"] for r in rows if r["method"] not in BASELINES):
+                best = [max((r[c] for r in rows if r["method"] == method and r.get(c) is not None), default=None)
+                        for c in columns]
+                lines.append(f"| `{report['model']}` | {corpus} | {method} | "
+                             + " | ".join(_number(b, "+.1%") for b in best) + " |")
+    return lines + [""]
 
 
 def plot(reports: list[dict], path: Path) -> None:
@@ -231,7 +307,8 @@ def plot(reports: list[dict], path: Path) -> None:
     panels = [(report, corpus, rows) for report in reports for corpus, rows in report["corpora"].items()]
     figure, axes = plt.subplots(len(panels), 2, figsize=(12, 4.2 * len(panels)), dpi=110, squeeze=False)
     styles = {"fixed": ("o-", "tab:blue"), "early exit (read-out every step)": ("s--", "tab:orange"),
-              "early exit (read-out at t=2)": ("D--", "tab:red"), "energy routing a=4 -> a=1": ("^--", "tab:green")}
+              "early exit (read-out at t=2)": ("D--", "tab:red"), "energy routing a=4 -> a=1": ("^--", "tab:green"),
+              "truncated solve (a=1, read-out at t)": ("v:", "tab:purple")}
     for (report, corpus, rows), row_axes in zip(panels, axes):
         for ax, key, xlabel in zip(row_axes, ("executed_steps", "flops_vs_a1"),
                                    ("executed solver steps per token", "forward FLOPs per token / a=1's (read-outs "
@@ -270,6 +347,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     reports = [evaluate_model(path, args) for path in args.models]
+    compare_across_models(reports)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(reports, indent=2) + "\n")
