@@ -130,7 +130,7 @@ def bench_model(path: str, args: argparse.Namespace) -> dict:
         results = outputs[name]
         accepted = sum(r.accepted_tokens for r in results) / sum(r.drafted_tokens for r in results)
         identical = all(torch.equal(r.sequences, p) for r, p in zip(results, outputs[f"generate a={a:g}"]))
-        all_accepted_rate = (k + 1) / ((k * cost[b, 1] + cost[a, k + 1]))  # tokens/s with every draft kept
+        all_accepted_rate = (k + 1) / (k * cost[b, 1] + cost[a, k + 1])  # tokens/s with every draft kept
         row = dict(a=a, B=b, k=k, acceptance_rate=accepted, tokens_per_s=rate[name],
                    speedup_vs_generate_a=rate[name] / rate[f"generate a={a:g}"],
                    speedup_vs_generate_a1=rate[name] / rate["generate a=1"],

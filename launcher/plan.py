@@ -84,7 +84,7 @@ def expected_step_sizes(distribution: dict, seed: int, draws: int = 2000) -> lis
 
 def make_plan(config, nodes: int, gpus_per_node: int, gpu_tflops: float, mfu: float, name: str = "") -> Plan:
     from odegpt.accounting import block_parameter_count, model_cost
-    from odegpt.objective import objective_flops_per_token
+    from odegpt.objective import REFERENCE_STEP_SIZE, objective_flops_per_token
 
     model_config = config.model_config()
     t = config.train
@@ -97,9 +97,10 @@ def make_plan(config, nodes: int, gpus_per_node: int, gpu_tflops: float, mfu: fl
     expected_flops = sum(objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight,
                                                    t.reference_weight, t.readout_weights) * p for a, p in draws)
     # Activations held at once: the drawn solve's steps, plus the a=1 solve's when its loss is backpropagated too.
-    reference_steps = model_cost(model_config, step_size=1.0, seq_len=t.seq_len).executed_steps
+    reference_steps = model_cost(model_config, step_size=REFERENCE_STEP_SIZE, seq_len=t.seq_len).executed_steps
     expected_steps = sum((model_cost(model_config, step_size=a, seq_len=t.seq_len).executed_steps
-                          + (reference_steps if t.reference_weight > 0 and a != 1.0 else 0)) * p for a, p in draws)
+                          + (reference_steps if t.reference_weight > 0 and a != REFERENCE_STEP_SIZE else 0)) * p
+                         for a, p in draws)
     parameters = costs[step_sizes[0]].parameters
     largest_layer = max(block_parameter_count(model_config)[1],
                         model_config.vocab_size * model_config.hidden_size)
