@@ -3,7 +3,8 @@
     python benchmarks/bench_speculative.py --model runs/quickstart/export/native [MORE_MODELS ...]
                                            [--new-tokens 96] [--rounds 3]
 
-For every target step size a, draft step size B and draft length k it reports the share of drafted
+For every target step size a, draft step size B, draft length k and draft confidence threshold p
+(``--draft-confidence``: a round stops drafting after a draft less likely than p) it reports the share of drafted
 tokens accepted and the decode tokens/s, beside plain decoding (transformers' ``generate``) at a = 1
 and at a itself, and beside a bare decoding loop (the model's forward and KV cache, no ``generate``
 machinery), which shows how much of a speedup is the leaner loop rather than the drafts. All
@@ -72,6 +73,15 @@ def parse_floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def parse_confidences(text: str) -> list[float | None]:
+    """'off,0.3' -> [None, 0.3]: draft confidence thresholds, 'off' for none."""
+    return [None if x.strip() == "off" else float(x) for x in text.split(",") if x.strip()]
+
+
+def speculative_name(a: float, b: float, k: int, confidence: float | None) -> str:
+    return f"speculative a={a:g} B={b:g} k={k}" + ("" if confidence is None else f" p={confidence:g}")
+
+
 def bench_model(path: str, args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).float().eval()
@@ -86,10 +96,11 @@ def bench_model(path: str, args: argparse.Namespace) -> dict:
     variants = {f"generate a={a:g}": lambda a=a: run_generate(a) for a in targets}
     variants |= {f"bare loop a={a:g}": lambda a=a: [plain_loop(model, p, args.new_tokens, a) for p in prompts]
                  for a in targets}
-    combos = list(itertools.product(args.step_sizes, args.draft_step_sizes, args.draft_tokens))
-    for a, b, k in combos:
-        variants[f"speculative a={a:g} B={b:g} k={k}"] = (
-            lambda a=a, b=b, k=k: run_generate(a, draft_step_size=b, draft_tokens=k, return_dict_in_generate=True))
+    combos = list(itertools.product(args.step_sizes, args.draft_step_sizes, args.draft_tokens, args.draft_confidence))
+    for a, b, k, p in combos:
+        variants[speculative_name(a, b, k, p)] = (
+            lambda a=a, b=b, k=k, p=p: run_generate(a, draft_step_size=b, draft_tokens=k, draft_confidence=p,
+                                                    return_dict_in_generate=True))
 
     print(f"\n{path}: {format_count(sum(p.numel() for p in model.parameters()))} parameters, segments "
           f"{model.config.segments}; {len(prompts)} prompts x {args.new_tokens} new tokens, greedy, batch 1, "
@@ -122,22 +133,22 @@ def bench_model(path: str, args: argparse.Namespace) -> dict:
             print(f"{f'{kind} a={a:g}':<22}{rate[f'{kind} a={a:g}']:>10.1f}")
         plain = outputs[f"generate a={a:g}"]
         assert all(torch.equal(x, y) for x, y in zip(plain, outputs[f"bare loop a={a:g}"])), f"bare loop a={a:g}"
-    print(f"\n{'a':>4}{'B':>5}{'k':>4}{'accepted':>10}{'tokens/s':>10}{'vs generate a':>15}{'vs generate a=1':>17}"
+    print(f"\n{'a':>4}{'B':>5}{'k':>4}{'p':>5}{'accepted':>10}{'tokens/s':>10}{'vs generate a':>15}{'vs generate a=1':>17}"
           f"{'vs bare loop a':>16}{'ceiling vs a=1':>16}  greedy text")
     rows = []
-    for a, b, k in combos:
-        name = f"speculative a={a:g} B={b:g} k={k}"
+    for a, b, k, p in combos:
+        name = speculative_name(a, b, k, p)
         results = outputs[name]
         accepted = sum(r.accepted_tokens for r in results) / sum(r.drafted_tokens for r in results)
         identical = all(torch.equal(r.sequences, p) for r, p in zip(results, outputs[f"generate a={a:g}"]))
         all_accepted_rate = (k + 1) / (k * cost[b, 1] + cost[a, k + 1])  # tokens/s with every draft kept
-        row = dict(a=a, B=b, k=k, acceptance_rate=accepted, tokens_per_s=rate[name],
+        row = dict(a=a, B=b, k=k, draft_confidence=p, acceptance_rate=accepted, tokens_per_s=rate[name],
                    speedup_vs_generate_a=rate[name] / rate[f"generate a={a:g}"],
                    speedup_vs_generate_a1=rate[name] / rate["generate a=1"],
                    speedup_vs_bare_loop_a=rate[name] / rate[f"bare loop a={a:g}"],
                    ceiling_vs_generate_a1=all_accepted_rate / rate["generate a=1"], identical=identical)
         rows.append(row)
-        print(f"{a:>4g}{b:>5g}{k:>4}{accepted:>10.0%}{rate[name]:>10.1f}{row['speedup_vs_generate_a']:>14.2f}x"
+        print(f"{a:>4g}{b:>5g}{k:>4}{'off' if p is None else f'{p:g}':>5}{accepted:>10.0%}{rate[name]:>10.1f}{row['speedup_vs_generate_a']:>14.2f}x"
               f"{row['speedup_vs_generate_a1']:>16.2f}x{row['speedup_vs_bare_loop_a']:>15.2f}x"
               f"{row['ceiling_vs_generate_a1']:>15.2f}x  "
               f"{'identical' if identical else 'DIFFERENT'}")
@@ -156,6 +167,8 @@ def main() -> None:
     parser.add_argument("--draft-step-sizes", type=parse_floats, default=[2.0, 4.0], help="draft B (default: 2,4)")
     parser.add_argument("--draft-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6],
                         help="k (default: 2,4,6)")
+    parser.add_argument("--draft-confidence", type=parse_confidences, default=[None],
+                        help="draft confidence thresholds P, 'off' for none (default: off), e.g. off,0.3,0.5")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "verify at --step-size; greedy output is unchanged, sampling keeps its distribution")
     parser.add_argument("--draft-tokens", type=int, default=4, metavar="K",
                         help="tokens drafted per verification with --draft-step-size (default: %(default)s)")
+    parser.add_argument("--draft-confidence", type=float, default=None, metavar="P",
+                        help="with --draft-step-size: stop a round's drafting after a draft whose own probability "
+                             "is below P (saves drafts the target would reject; output unchanged; default: off)")
     adaptive = parser.add_argument_group("adaptive depth", "per-token depth with the same weights (native models)")
     adaptive.add_argument("--exit-entropy", type=float, default=None, metavar="H",
                           help="early exit: a token stops integrating at --step-size once its read-out's entropy "
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         settings["step_size"] = step_size
     if args.draft_step_size is not None:
         settings.update(draft_step_size=args.draft_step_size, draft_tokens=args.draft_tokens,
-                        return_dict_in_generate=True)
+                        draft_confidence=args.draft_confidence, return_dict_in_generate=True)
     if adaptive is not None:
         settings.update(adaptive=adaptive, return_dict_in_generate=True)
 
@@ -147,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
                               tokens_per_second=round(batch_tokens / seconds, 2), batch_size=len(batch),
                               step_size=step_size, draft_step_size=args.draft_step_size,
                               draft_tokens=args.draft_tokens if args.draft_step_size is not None else None,
+                              draft_confidence=args.draft_confidence,
                               acceptance_rate=_rate(output) if args.draft_step_size is not None else None,
                               **(_adaptive_record(adaptive, output) if adaptive is not None else {}),
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -160,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     speculative = ""
     if args.draft_step_size is not None:
         rate = f"{accepted / drafted:.0%}" if drafted else "n/a"
-        speculative = (f", self-speculative: drafts at step size {args.draft_step_size:g}, {args.draft_tokens} per "
+        upto = "" if args.draft_confidence is None else f"up to {args.draft_tokens} (none after one below p={args.draft_confidence:g})"
+        speculative = (f", self-speculative: drafts at step size {args.draft_step_size:g}, {upto or args.draft_tokens} per "
                        f"verification, {rate} accepted")
     if adaptive is not None:
         method = (f"exit at entropy < {adaptive.exit_entropy:g}" if not adaptive.routing else
@@ -187,6 +192,10 @@ def _check_options(args: argparse.Namespace) -> None:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.draft_tokens < 1:
         raise CommandError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
+    if args.draft_confidence is not None and not 0 <= args.draft_confidence <= 1:  # false for nan too
+        raise CommandError(f"--draft-confidence must be a probability in [0, 1], got {args.draft_confidence:g}")
+    if args.draft_confidence is not None and args.draft_step_size is None:
+        raise CommandError("--draft-confidence applies to self-speculative decoding: give --draft-step-size too")
     if args.draft_step_size is not None and args.no_cache:
         raise CommandError("--draft-step-size needs the KV cache; drop --no-cache")
 

@@ -274,17 +274,21 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
                                       hidden_states=outputs.hidden_states)
 
     def generate(self, *args, draft_step_size: float | None = None, draft_tokens: int | None = None,
+                 draft_confidence: float | None = None,
                  exit_entropy: float | None = None, route_energy: float | None = None, kv_fill: str | None = None,
                  swift_step_size: float | None = None, adaptive: AdaptiveDepth | None = None, **kwargs):
         """transformers' ``generate``; with ``draft_step_size=B`` it decodes self-speculatively: the same
         weights solved at ``B`` draft ``draft_tokens`` tokens (default 4) that one forward at the target
-        step size verifies. Greedy output is identical; sampled output follows the target's distribution.
+        step size verifies (``draft_confidence=P``: a round stops drafting after a draft below probability
+        ``P``). Greedy output is identical; sampled output follows the target's distribution.
 
         With ``exit_entropy=H`` each token stops integrating once its read-out's entropy is below ``H`` nats;
         with ``route_energy=E`` each token is solved at ``swift_step_size`` (default 4) and re-solved at
         ``step_size`` where its energy exceeds ``E``; ``kv_fill`` (lazy, copy, interpolate) says what later
         tokens attend to at the steps a token skipped (see odegpt/adaptive.py). ``adaptive=AdaptiveDepth(...)``
         gives every setting at once (read-out interval, minimum and maximum time, energy temperature)."""
+        if draft_confidence is not None and draft_step_size is None:
+            raise ValueError("draft_confidence applies to self-speculative decoding: give draft_step_size too")
         if adaptive is not None:
             if exit_entropy is not None or route_energy is not None or kv_fill is not None or swift_step_size is not None:
                 raise ValueError("give adaptive=AdaptiveDepth(...) or its keywords (exit_entropy, route_energy, "
@@ -314,7 +318,8 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
                 raise ValueError("draft_tokens applies to self-speculative decoding: give draft_step_size too")
             return super().generate(*args, **kwargs)
         return self_speculative_generate(self, *args, draft_step_size=draft_step_size,
-                                         draft_tokens=4 if draft_tokens is None else draft_tokens, **kwargs)
+                                         draft_tokens=4 if draft_tokens is None else draft_tokens,
+                                         draft_confidence=draft_confidence, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """The model owns its cache layout: one slot per executed step, not per trained layer."""

@@ -170,6 +170,7 @@ def self_speculative_generate(
     input_ids: torch.LongTensor | None = None,
     draft_step_size: float,
     draft_tokens: int = 4,
+    draft_confidence: float | None = None,
     step_size: float | None = None,
     attention_mask: torch.Tensor | None = None,
     streamer=None,
@@ -180,6 +181,11 @@ def self_speculative_generate(
     Takes transformers' generation settings (``max_new_tokens``, ``do_sample``, ``temperature``,
     ``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``, ``return_dict_in_generate``, a
     ``generation_config``) and a left-padded batch with its ``attention_mask``.
+
+    ``draft_confidence=P`` ends a round's drafting early, after the first draft whose own probability
+    is below ``P`` in some unfinished row (a draft the target is unlikely to keep; what transformers'
+    assisted generation calls ``assistant_confidence_threshold``). It decides from the drafts alone, so
+    the output is unchanged; it only saves the draft forwards a rejection would waste.
     """
     input_ids = inputs if inputs is not None else input_ids
     config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
@@ -189,6 +195,8 @@ def self_speculative_generate(
     model.config.solver_steps(draft_step_size)
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+    if draft_confidence is not None and not 0 <= draft_confidence <= 1:
+        raise ValueError(f"draft_confidence must be a probability in [0, 1], got {draft_confidence!r}")
     if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("self-speculative decoding needs input_ids of shape (batch, prompt length >= 1)")
 
@@ -211,15 +219,22 @@ def self_speculative_generate(
         k = min(draft_tokens, max_new - (committed - prompt_len) - 1)
         mask_ahead = None if mask is None else torch.cat([mask, mask.new_ones(batch, k + 1)], dim=1)
 
-        # 1. Draft k tokens at the draft step size, one at a time.
+        # 1. Draft up to k tokens at the draft step size, one at a time.
         drafts = tokens.new_empty(batch, k)
         draft_probs = [] if sampler.do_sample else None
         feed = tokens[:, len(draft):]
         for j in range(k):
-            drafts[:, j], probs = sampler.draw(draft.logits(feed, mask_ahead, keep=1)[:, -1])
+            logits = draft.logits(feed, mask_ahead, keep=1)[:, -1]
+            drafts[:, j], probs = sampler.draw(logits)
             if draft_probs is not None:
                 draft_probs.append(probs)
             feed = drafts[:, j : j + 1]
+            if draft_confidence is not None and j + 1 < k:
+                own = (probs if probs is not None else logits.softmax(-1)).gather(-1, feed).squeeze(-1)
+                if bool((own[unfinished] < draft_confidence).any()):
+                    drafts = drafts[:, : j + 1]
+                    break
+        k = drafts.shape[1]
         draft_probs = torch.stack(draft_probs, dim=1) if draft_probs else None
 
         # 2. Verify all of them in one forward at the target step size; keep the agreed prefix.

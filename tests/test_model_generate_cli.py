@@ -118,6 +118,8 @@ def test_draft_step_size_keeps_the_greedy_text_and_reports_acceptance(model_fold
     assert "self-speculative: drafts at step size 4, 3 per verification" in summary and "% accepted" in summary
     out, _ = generate(capsys, model_folder, *common, "--draft-step-size", "4", "--json")
     assert 0 <= json.loads(out)["acceptance_rate"] <= 1
+    confident, summary = generate(capsys, model_folder, *common, "--draft-step-size", "4", "--draft-confidence", "0.5")
+    assert confident == plain and "up to 4 (none after one below p=0.5) per verification" in summary
 
 
 @pytest.mark.parametrize("options, message", [
@@ -138,6 +140,8 @@ def test_draft_step_size_keeps_the_greedy_text_and_reports_acceptance(model_fold
     (["--top-k", "-5"], "--top-k must be >= 0"),
     (["--draft-step-size", "4", "--draft-tokens", "0"], "--draft-tokens must be at least 1"),
     (["--draft-step-size", "4", "--no-cache"], "--draft-step-size needs the KV cache"),
+    (["--draft-step-size", "4", "--draft-confidence", "nan"], "--draft-confidence must be a probability in [0, 1]"),
+    (["--draft-confidence", "0.3"], "--draft-confidence applies to self-speculative decoding"),
     (["--prompt-file", "/nonexistent/prompts.txt"], "cannot read --prompt-file /nonexistent/prompts.txt"),
 ])
 def test_bad_input_is_one_line_and_exit_2(model_folder, capsys, options, message):

@@ -27,6 +27,21 @@ def test_greedy_equals_plain_greedy(drafting_model, a, draft_step_size, k):
     assert len(set(plain[0, 6:].tolist())) > 3  # not a degenerate repetition
 
 
+def test_a_draft_confidence_threshold_ends_rounds_early_and_keeps_the_output(drafting_model):
+    prompt = torch.randint(1, 97, (1, 6))
+    kwargs = dict(max_new_tokens=17, do_sample=False, step_size=1, pad_token_id=0, draft_step_size=4,
+                  draft_tokens=6, return_dict_in_generate=True)
+    plain = drafting_model.generate(prompt, max_new_tokens=17, do_sample=False, step_size=1, pad_token_id=0)
+    off, never, always = (drafting_model.generate(prompt, draft_confidence=p, **kwargs) for p in (None, 0.0, 1.0))
+    for out in (off, never, always):
+        assert torch.equal(out.sequences, plain)
+    assert never.drafted_tokens == off.drafted_tokens  # no draft is less likely than 0
+    # Every draft is less likely than 1, so each round drafts one token (the last one none if only the target's
+    # own token is left to generate): about as many drafts as verifications, and more rounds than without.
+    assert always.target_forwards - 1 <= always.drafted_tokens <= always.target_forwards
+    assert always.target_forwards > off.target_forwards
+
+
 @pytest.mark.parametrize("a, draft_step_size, k", [(1, 4, 3), (0.5, 2, 2)])
 def test_left_padded_batch_of_different_lengths_equals_plain_and_each_row_alone(drafting_model, a, draft_step_size,
                                                                                    k):
@@ -83,7 +98,8 @@ def test_accept_resample_math_gives_the_target_distribution():
     assert frequencies[p == 0].sum() == 0
 
 
-def test_sampled_tokens_follow_the_target_distribution():
+@pytest.mark.parametrize("draft_confidence", [None, 0.6])
+def test_sampled_tokens_follow_the_target_distribution(draft_confidence):
     """The first three tokens of many seeded runs at batch 1 (so drafts are accepted, resampled and given a
     bonus) match the exact joint distribution of plain sampling at a, computed from the target's logits."""
     model = tiny_model(FULLY_SHARED, initializer_range=0.05)  # milder logits: drafts often accepted
@@ -107,7 +123,7 @@ def test_sampled_tokens_follow_the_target_distribution():
     for seed in range(runs):
         torch.manual_seed(seed)
         out = model.generate(prompt, max_new_tokens=3, step_size=1, draft_step_size=4, draft_tokens=2,
-                             return_dict_in_generate=True, **settings)
+                             draft_confidence=draft_confidence, return_dict_in_generate=True, **settings)
         key = tuple(out.sequences[0, 4:].tolist())
         counts[key] = counts.get(key, 0) + 1
         accepted, drafted = accepted + out.accepted_tokens, drafted + out.drafted_tokens
@@ -163,6 +179,8 @@ def test_a_streamer_sees_the_prompt_then_every_token_once():
     (dict(draft_step_size=0.0), "must be a real number > 0"),
     (dict(draft_step_size=1e-6), "solver steps"),
     (dict(draft_step_size=None, draft_tokens=3), "give draft_step_size too"),
+    (dict(draft_confidence=1.5), "draft_confidence must be a probability in"),
+    (dict(draft_step_size=None, draft_confidence=0.3), "draft_confidence applies to self-speculative"),
 ])
 def test_unsupported_settings_are_refused(kwargs, message):
     model = tiny_model(FULLY_SHARED)
