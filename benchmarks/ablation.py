@@ -239,6 +239,19 @@ def write_markdown(summary: dict, path: Path) -> str:
     return text
 
 
+def save_perplexity_figure(fig, ax, path: Path) -> Path:
+    """Label the y axis, add grid and legend, write ``path`` and free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel("validation perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_plots(summary: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -253,14 +266,8 @@ def write_plots(summary: dict, out: Path) -> list[Path]:
     ax.set_xscale("log", base=2)
     ax.set_xticks(summary["step_sizes"], [f"{a:g}" for a in summary["step_sizes"]])
     ax.set_xlabel("step size a (solver steps = ceil(depth / a))")
-    ax.set_ylabel("validation perplexity")
     ax.set_title(f"Perplexity against step size, {summary['variants'][0]['budget']['tokens'] / 1e6:.2f}M tokens each")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "perplexity.png", dpi=120)
-    plt.close(fig)
-    written.append(out / "perplexity.png")
+    written.append(save_perplexity_figure(fig, ax, out / "perplexity.png"))
 
     measured = all(r.get("decode_tokens_per_s") for v in summary["variants"] for r in v["evaluation"]["results"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -275,14 +282,8 @@ def write_plots(summary: dict, out: Path) -> list[Path]:
                         textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("decode tokens/s (batch 1, every variant timed interleaved in one process)" if measured
                   else "FLOP speedup over a=1 (decode speed not measured)")
-    ax.set_ylabel("validation perplexity")
     ax.set_title("Perplexity against speed: one set of weights per line")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=120)
-    plt.close(fig)
-    written.append(out / "pareto.png")
+    written.append(save_perplexity_figure(fig, ax, out / "pareto.png"))
     return written
 
 

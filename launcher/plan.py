@@ -92,15 +92,15 @@ def make_plan(config, nodes: int, gpus_per_node: int, gpu_tflops: float, mfu: fl
     step_sizes = sorted({*config.eval_step_sizes, *(a for a, _ in expected_step_sizes(t.step_size, t.seed)
                                                      if not t.step_size.get("low"))})
     costs = {a: model_cost(model_config, step_size=a, seq_len=t.seq_len) for a in step_sizes}
-    draws = expected_step_sizes(t.step_size, t.seed)
-    # The trainer's MFU counts the same FLOPs: the drawn solve plus the objective's a=1 and read-out passes.
-    expected_flops = sum(objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight,
-                                                   t.reference_weight, t.readout_weights) * p for a, p in draws)
-    # Activations held at once: the drawn solve's steps, plus the a=1 solve's when its loss is backpropagated too.
     reference_steps = model_cost(model_config, step_size=REFERENCE_STEP_SIZE, seq_len=t.seq_len).executed_steps
-    expected_steps = sum((model_cost(model_config, step_size=a, seq_len=t.seq_len).executed_steps
-                          + (reference_steps if t.reference_weight > 0 and a != REFERENCE_STEP_SIZE else 0)) * p
-                         for a, p in draws)
+    expected_flops = expected_steps = 0.0
+    for a, p in expected_step_sizes(t.step_size, t.seed):
+        # The trainer's MFU counts the same FLOPs: the drawn solve plus the objective's a=1 and read-out passes.
+        expected_flops += p * objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight,
+                                                        t.reference_weight, t.readout_weights)
+        # Activations held at once: the drawn solve's steps, plus the a=1 solve's when its loss is backpropagated.
+        held = reference_steps if t.reference_weight > 0 and a != REFERENCE_STEP_SIZE else 0
+        expected_steps += p * (model_cost(model_config, step_size=a, seq_len=t.seq_len).executed_steps + held)
     parameters = costs[step_sizes[0]].parameters
     largest_layer = max(block_parameter_count(model_config)[1],
                         model_config.vocab_size * model_config.hidden_size)
