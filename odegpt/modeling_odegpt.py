@@ -156,6 +156,7 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         self.blocks = nn.ModuleList(OdeGPTBlock(config) for _ in range(num_blocks(config.segments)))
         self.norm = OdeGPTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self._rotary_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see rotary_table
         self.post_init()
 
     def get_input_embeddings(self):
@@ -214,13 +215,33 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         """Rotary tables and the attention mask for new states ``h`` (batch, seq, hidden) after ``past_len``
         cached positions; a left-padded batch counts positions from its first real token."""
         batch, seq = h.shape[:2]
+        mask = attention_mask_for(attention_mask, seq, past_len, h.device)
+        in_table = past_len + seq <= self.config.max_position_embeddings  # every position we count is below this
+        if position_ids is None and attention_mask is None and in_table:  # decoding's case: one slice of the table
+            cos, sin = self.rotary_table(h.device, h.dtype)
+            return cos[None, None, past_len:past_len + seq], sin[None, None, past_len:past_len + seq], mask
         if position_ids is None:
             if attention_mask is not None:  # left padding: count only real tokens
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
             else:
                 position_ids = torch.arange(past_len, past_len + seq, device=h.device)[None].expand(batch, -1)
+            if in_table:
+                cos, sin = self.rotary_table(h.device, h.dtype)
+                return cos[position_ids][:, None], sin[position_ids][:, None], mask
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-        return cos, sin, attention_mask_for(attention_mask, seq, past_len, h.device)
+        return cos, sin, mask
+
+    def rotary_table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of every position below ``max_position_embeddings``, (positions, head_dim), made once per
+        device and dtype: decoding would otherwise recompute its one row of them at every token."""
+        key = (device, dtype, self.config.head_dim, self.config.rope_theta, self.config.max_position_embeddings)
+        if key not in self._rotary_tables:
+            # An ordinary tensor even when first asked for under inference_mode, so training can use it later.
+            with torch.inference_mode(False), torch.no_grad():
+                positions = torch.arange(self.config.max_position_embeddings, device=device)[None]
+                cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
+            self._rotary_tables[key] = cos[0, 0], sin[0, 0]
+        return self._rotary_tables[key]
 
 
 class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
