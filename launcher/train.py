@@ -558,5 +558,21 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
+def exit_without_finalization(code: int) -> None:
+    """End a rank process at once, once the run has closed and flushed everything it writes.
+
+    At interpreter finalization, gloo objects that DeepSpeed still references are destroyed while their
+    worker threads are live, and now and then that aborts the process ("terminate called without an
+    active exception", exit -6) after a run that finished and saved everything: the launcher then reports
+    a failure (seen once in CI on a ZeRO-3 rank, after `done:`; pytorch/pytorch#179291 describes the
+    race). Skipping finalization avoids it; logging, stdout and stderr are flushed first."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_finalization(main())
