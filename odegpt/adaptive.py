@@ -27,7 +27,8 @@ tokens *at that step*, which an earlier token that exited (or stayed swift) neve
   computed state nearest in time, projected with that step's block (Huginn's fallback within a
   shared segment, where the projection is the same weights). After an exit the nearest state is the
   exit state, so this is exactly *frozen-state* semantics (``h(t) = h(exit)``): a fully exited
-  token costs one key/value projection per remaining step, no attention or MLP.
+  token costs one key/value projection per block it has yet to pass (a shared block projects a
+  frozen state the same at every step, so it is projected once), no attention or MLP.
 - ``interpolate`` -- ours, from the ODE view: keys and values interpolated linearly in time between
   the computed states on either side (routing: the swift states at times 0, B, 2B, ... and the end).
   After an exit there is no later state, so it falls back to the frozen state, as ``copy`` does.
@@ -208,7 +209,11 @@ def _early_exit_solve(model, h, inputs, settings: AdaptiveDepth, cache: Adaptive
     active = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
     zeros = torch.zeros(batch, seq, device=h.device)
     executed, readouts, kv_projections, continued = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
-    logits = None
+    # The block each exited token's frozen state was last projected with (-1: not yet). A shared block
+    # projects the same frozen state to the same keys and values at every later step, so a token costs
+    # one projection per block it passes after its exit, not one per step.
+    projected_with = torch.full((batch, seq), -1, dtype=torch.long, device=h.device)
+    logits, reused = None, None
     time = 0.0
     for slot, (block, dt) in enumerate(plan):
         any_active = bool(active.any())
@@ -218,9 +223,15 @@ def _early_exit_solve(model, h, inputs, settings: AdaptiveDepth, cache: Adaptive
             # being what this step just cached for it (copy, interpolate).
             h = stepped if lazy else torch.where(active[..., None], stepped, h)
         elif kv is not None:  # every token has exited: cache the frozen states' keys and values, nothing else
-            kv.update(*blocks[block].keys_values(h, inputs["cos"], inputs["sin"]), slot)
+            if reused is None or reused[0] != block:
+                reused = (block, *blocks[block].keys_values(h, inputs["cos"], inputs["sin"]))
+            kv.update(*reused[1:], slot)
         executed += active
-        (continued if lazy else kv_projections).add_(~active)
+        if lazy:
+            continued.add_(~active)
+        else:
+            kv_projections.add_(~active & (projected_with != block))
+            projected_with.masked_fill_(~active, block)
         time += dt
         is_last = slot == len(plan) - 1
         check_due = (slot + 1) % settings.check_every == 0 and time >= settings.min_time - _TIME_TOLERANCE
@@ -268,12 +279,12 @@ def _routed_solve(model, h0, inputs, settings: AdaptiveDepth, cache: AdaptiveCac
     lazy, all_routed, any_routed = settings.kv_fill == "lazy", bool(routed.all()), bool(routed.any())
     if not (lazy or any_routed or super_kv is not None):
         return swift_logits, AdaptiveCounts(executed, readouts, kv_projections, continued)
-    h, time = h0, 0.0
+    h, time, projected = h0, 0.0, {}
     for slot, (block, dt) in enumerate(super_plan):
         if lazy or all_routed:
             h = step_function(blocks[block], h, dt, cache=super_kv, slot=slot, **inputs)
         else:
-            keys, values, projections = _fill(blocks[block], states, times, time, settings.kv_fill, inputs)
+            keys, values, projections = _fill(blocks, block, states, times, time, settings.kv_fill, inputs, projected)
             kv_projections += projections * ~routed
             if any_routed:
                 filled = _FilledKeysValues(super_kv, routed, keys, values)
@@ -289,21 +300,29 @@ def _routed_solve(model, h0, inputs, settings: AdaptiveDepth, cache: AdaptiveCac
     return logits, AdaptiveCounts(executed, readouts, kv_projections, continued)
 
 
-def _fill(block, states: list[torch.Tensor], times: list[float], time: float, kv_fill: str, inputs: dict):
+def _fill(blocks, block: int, states: list[torch.Tensor], times: list[float], time: float, kv_fill: str,
+          inputs: dict, projected: dict):
     """Keys and values at ``time`` from the swift states at ``times`` (copy: the nearest, earlier on a tie;
-    interpolate: linear between the two around it), and the projections that cost per token."""
-    cos, sin = inputs["cos"], inputs["sin"]
+    interpolate: linear between the two around it), and how many projections that cost per token. A
+    state's projection by a block is kept in ``projected`` and reused: a shared block projects it the
+    same at every step that needs it."""
+    def keys_values(index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        fresh = (block, index) not in projected
+        if fresh:
+            projected[block, index] = blocks[block].keys_values(states[index], inputs["cos"], inputs["sin"])
+        return *projected[block, index], int(fresh)
+
     after = next((i for i, t in enumerate(times) if t >= time - _TIME_TOLERANCE), len(times) - 1)
     if abs(times[after] - time) <= _TIME_TOLERANCE or after == 0:
-        return *block.keys_values(states[after], cos, sin), 1
+        return keys_values(after)
     before = after - 1
     if kv_fill == "copy":
-        nearest = before if time - times[before] <= times[after] - time else after
-        return *block.keys_values(states[nearest], cos, sin), 1
+        return keys_values(before if time - times[before] <= times[after] - time else after)
     weight = (time - times[before]) / (times[after] - times[before])
-    keys_before, values_before = block.keys_values(states[before], cos, sin)
-    keys_after, values_after = block.keys_values(states[after], cos, sin)
-    return keys_before.lerp(keys_after, weight), values_before.lerp(values_after, weight), 2
+    keys_before, values_before, fresh_before = keys_values(before)
+    keys_after, values_after, fresh_after = keys_values(after)
+    return (keys_before.lerp(keys_after, weight), values_before.lerp(values_after, weight),
+            fresh_before + fresh_after)
 
 
 @dataclass

@@ -89,6 +89,33 @@ def test_an_exit_that_always_fires_is_the_solve_cut_at_its_first_check(kv_fill):
                        first_step.generate(prompt, **kwargs)[:, 7:])
 
 
+@pytest.mark.parametrize("segments, check_every, projections", [
+    (FULLY_SHARED, 1, 1),  # exit after step 1 of 4: the one shared block projects the frozen state once
+    (PARTIALLY_SHARED, 1, 3),  # exit after the unshared first layer: shared blocks 1, 2 and the last layer
+    (PARTIALLY_SHARED, 2, 3),  # exit one step into block 1: its two remaining steps share one projection
+])
+def test_a_frozen_token_is_projected_once_per_block_it_has_left(segments, check_every, projections):
+    model, prompt = tiny_model(segments), torch.randint(1, 97, (2, 6))
+    for kv_fill in ("copy", "interpolate"):
+        settings = AdaptiveDepth(exit_entropy=1e9, kv_fill=kv_fill, check_every=check_every)
+        counts = adaptive_forward(model, prompt, settings).counts
+        assert bool((counts.kv_projections == projections).all()), (kv_fill, counts.kv_projections)
+        # Decoding, where every token has exited and the reused projection is what later steps cache,
+        # gives the same logits as scoring the sequence in one pass.
+        torch.testing.assert_close(decode(model, settings, prompt), adaptive_forward(model, prompt, settings).logits,
+                                   atol=1e-5, rtol=0)
+
+
+def test_routing_fills_each_swift_state_with_one_projection_per_block():
+    model, prompt = tiny_model(FULLY_SHARED), torch.randint(1, 97, (1, 6))
+    # Nobody routed: the super solve at times 0, 1, 2, 3 attends to the swift states at times 0 and 4:
+    # copy takes 0, 0, 0 (a tie goes earlier), 4; interpolate mixes 0 and 4. Two projections either way.
+    for kv_fill in ("copy", "interpolate"):
+        settings = AdaptiveDepth(route_energy=float("inf"), kv_fill=kv_fill, step_size=1.0, swift_step_size=4.0)
+        counts = adaptive_forward(model, prompt, settings, past_key_values=AdaptiveCache()).counts
+        assert bool((counts.kv_projections == 2).all()), (kv_fill, counts.kv_projections)
+
+
 def uncached_early_exit(model, input_ids, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference for lazy early exit: the whole fixed-step solve at a=1 over the sequence, no cache,
     each token read out after the first step whose entropy is below ``threshold``."""
