@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,19 +36,29 @@ from odegpt.evaluation import adaptive_nll_sums, nll_sums, perplexity
 from odegpt.evaluation_cli import _prepared_batches, _raw_text_batches, _raw_text_sources, load_native_config, \
     load_native_model
 
-FIXED = (0.5, 1.0, 4 / 3, 2.0, 4.0)
+sys.path.insert(0, str(Path(__file__).parent))
+import adaptive_headroom  # noqa: E402  (a sibling script module)
+
 EXIT_ENTROPIES = (1.0, 2.0, 3.0, 4.0, 5.0)
 TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9)
 FILL_TARGET = 0.7  # the routing point at which the three KV fills are compared
 FILL_ENTROPY = 3.0  # the early-exit point at which the three KV fills are compared
 
 
+def fixed_step_sizes(config) -> list[float]:
+    """a = D / k for every step count k of the deepest shared segment (depth D), and a = 0.5: the whole
+    curve a fixed step size can trace on this model, every step count once."""
+    depth = max((s["depth"] for s in config.segments if s["shared"]), default=1)
+    return sorted({0.5, *(depth / k for k in range(1, depth + 1))})
+
+
 def fixed_rows(model, config, batches, seq_len) -> list[dict]:
-    sums = nll_sums(model, batches, FIXED)
+    fixed = fixed_step_sizes(config)
+    sums = nll_sums(model, batches, fixed)
     return [dict(method="fixed", label=f"a={a:.3g}", kv_fill="-", executed_steps=float(config.solver_steps(a)),
                  flops_per_token=model_cost(config, a, seq_len=seq_len).flops_per_token,
                  schedule_flops_per_token=model_cost(config, a, seq_len=seq_len).flops_per_token,
-                 perplexity=perplexity(*sums[a])) for a in FIXED]
+                 perplexity=perplexity(*sums[a])) for a in fixed]
 
 
 def truncated_rows(model, config, batches, seq_len) -> list[dict]:
@@ -104,41 +115,6 @@ def compare_across_models(reports: list[dict]) -> None:
                 row["gain_vs_any_model_fixed"] = gain(row["perplexity"], best)
 
 
-def routing_headroom(model, config, batches, seq_len: int) -> dict:
-    """How good energy is as a routing signal: per-token NLL at a=4 and a=1, the correlation of the swift
-    energy with the gain (NLL at 4 - NLL at 1), and for routed fractions r the perplexity of exact
-    routing (super logits for routed tokens, as the lazy fill gives) by energy and by an oracle that
-    routes the tokens a=1 helps most (it reads the labels: an upper bound, not a method)."""
-    import math
-
-    import torch.nn.functional as F
-
-    from odegpt.adaptive import energy
-
-    nll, energies = {1.0: [], 4.0: []}, []
-    for batch in batches:
-        for a in nll:
-            logits = model(batch[:, :-1], step_size=a, use_cache=False).logits.float()
-            nll[a].append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none"))
-            if a == 4.0:
-                energies.append(energy(logits).flatten())
-    nll = {a: torch.cat(v) for a, v in nll.items()}
-    energies, gain = torch.cat(energies), nll[4.0] - nll[1.0]
-    super_flops = model_cost(config, 1.0, seq_len=seq_len).flops_per_token
-    rows = []
-    for fraction in (0.1, 0.25, 0.5):
-        count = int(fraction * len(gain))
-        for name, order in (("energy", energies.argsort(descending=True)), ("oracle", gain.argsort(descending=True))):
-            routed = torch.zeros_like(gain, dtype=torch.bool)
-            routed[order[:count]] = True
-            mixed = torch.where(routed, nll[1.0], nll[4.0]).mean()
-            flops = adaptive_flops_per_token(config, 1 + 4 * fraction, 1 + fraction, seq_len=seq_len)
-            rows.append(dict(signal=name, routed_fraction=fraction, flops_vs_a1=flops / super_flops,
-                             perplexity=math.exp(float(mixed))))
-    correlation = float(torch.corrcoef(torch.stack([energies, gain]))[0, 1])
-    return dict(energy_gain_correlation=correlation, rows=rows)
-
-
 def decode_times(model, config, settings_by_name: dict, rounds: int, new_tokens: int) -> dict:
     """Median seconds per generated token (batch 1, greedy, 32-token prompt), interleaved rounds, and the
     KV cache entries per token (solver steps cached, summed over the cache's solves)."""
@@ -181,25 +157,27 @@ def evaluate_model(path: str, args) -> dict:
         corpora[f"second corpus: {' '.join(args.second_data)}"] = second[: len(held_out)]
 
     exit_every = AdaptiveDepth(exit_entropy=0.0, kv_fill="copy")
-    exit_mid = replace(exit_every, check_every=2)  # one read-out at t=2 of 4, then the end
+    exit_mid = replace(exit_every, check_every=2)  # read-outs at t=2, 4, ... and the end
     routing = AdaptiveDepth(route_energy=0.0, kv_fill="copy")
     thresholds = {target: calibrate_energy(model, calibration, routing, target, seq_len)["route_energy"]
                   for target in TARGETS}
 
-    report = {"model": path, "seq_len": seq_len, "corpora": {}, "routing_headroom": routing_headroom(
-        model, config, held_out, seq_len)}
+    report = {"model": path, "seq_len": seq_len, "corpora": {},
+              "homogeneity": adaptive_headroom.step_size_homogeneity(model, config, held_out, fixed_step_sizes(config)),
+              "exit_headroom": adaptive_headroom.exit_headroom(model, config, calibration, held_out),
+              "routing_headroom": adaptive_headroom.routing_headroom(model, config, calibration, held_out, seq_len)}
     for corpus, batches in corpora.items():
         rows = fixed_rows(model, config, batches, seq_len) + truncated_rows(model, config, batches, seq_len)
         jobs = []
         for h in EXIT_ENTROPIES:
             jobs.append((replace(exit_every, exit_entropy=h), "early exit (read-out every step)", f"H<{h:g}"))
-            jobs.append((replace(exit_mid, exit_entropy=h), "early exit (read-out at t=2)", f"H<{h:g}"))
+            jobs.append((replace(exit_mid, exit_entropy=h), "early exit (read-out every 2 steps)", f"H<{h:g}"))
         for target, threshold in thresholds.items():
             jobs.append((replace(routing, route_energy=threshold), "energy routing a=4 -> a=1", f"F={target:g}"))
         for fill in ("lazy", "interpolate"):
             jobs.append((replace(routing, route_energy=thresholds[FILL_TARGET], kv_fill=fill),
                          "energy routing a=4 -> a=1", f"F={FILL_TARGET:g}"))
-            jobs.append((replace(exit_mid, exit_entropy=FILL_ENTROPY, kv_fill=fill), "early exit (read-out at t=2)",
+            jobs.append((replace(exit_mid, exit_entropy=FILL_ENTROPY, kv_fill=fill), "early exit (read-out every 2 steps)",
                          f"H<{FILL_ENTROPY:g}"))
         for settings, method, label in tqdm(jobs, desc=f"{Path(path).name}: {corpus}", unit="setting"):
             rows.append(adaptive_row(model, config, batches, settings, seq_len, method, label))
@@ -223,10 +201,10 @@ def evaluate_model(path: str, args) -> dict:
         f"routing F={FILL_TARGET:g}, interpolate": replace(routing, route_energy=thresholds[FILL_TARGET],
                                                            kv_fill="interpolate"),
         f"routing F={FILL_TARGET:g}, lazy": replace(routing, route_energy=thresholds[FILL_TARGET], kv_fill="lazy"),
-        f"exit H<{FILL_ENTROPY:g} at t=2, copy": replace(exit_mid, exit_entropy=FILL_ENTROPY),
-        f"exit H<{FILL_ENTROPY:g} at t=2, interpolate": replace(exit_mid, exit_entropy=FILL_ENTROPY,
+        f"exit H<{FILL_ENTROPY:g} every 2 steps, copy": replace(exit_mid, exit_entropy=FILL_ENTROPY),
+        f"exit H<{FILL_ENTROPY:g} every 2 steps, interpolate": replace(exit_mid, exit_entropy=FILL_ENTROPY,
                                                                 kv_fill="interpolate"),
-        f"exit H<{FILL_ENTROPY:g} at t=2, lazy": replace(exit_mid, exit_entropy=FILL_ENTROPY, kv_fill="lazy"),
+        f"exit H<{FILL_ENTROPY:g} every 2 steps, lazy": replace(exit_mid, exit_entropy=FILL_ENTROPY, kv_fill="lazy"),
     }, args.rounds, args.decode_tokens)
     return report
 
@@ -261,18 +239,7 @@ def markdown(reports: list[dict]) -> str:
                              f"| {_number(row.get('gain_vs_any_model_fixed'), '+.1%')} |")
                 lines.append(line)
             lines.append("")
-        headroom = report["routing_headroom"]
-        lines += [f"### Routing 4 -> 1 by energy vs an oracle, `{report['model']}`, stdlib held out (exact super "
-                  f"logits for routed tokens; the oracle reads the labels: an upper bound)", "",
-                  f"correlation of the swift energy with the gain NLL(a=4) - NLL(a=1): "
-                  f"{headroom['energy_gain_correlation']:.3f}", "",
-                  "| routed fraction | FLOPs vs a=1 | perplexity, by energy | perplexity, oracle |",
-                  "| ---: | ---: | ---: | ---: |"]
-        by = {(r["signal"], r["routed_fraction"]): r for r in headroom["rows"]}
-        for fraction in sorted({r["routed_fraction"] for r in headroom["rows"]}):
-            lines.append(f"| {fraction:g} | {by['energy', fraction]['flops_vs_a1']:.2f} "
-                         f"| {by['energy', fraction]['perplexity']:.3f} | {by['oracle', fraction]['perplexity']:.3f} |")
-        lines.append("")
+        lines += adaptive_headroom.markdown(report)
         lines += [f"### Decode time per token, `{report['model']}` (batch 1, median of interleaved rounds)", "",
                   "| decoder | ms/token | KV cache (solver steps cached per token) |", "| --- | ---: | ---: |"]
         for name, measured in report["decode"].items():
@@ -307,7 +274,7 @@ def plot(reports: list[dict], path: Path) -> None:
     panels = [(report, corpus, rows) for report in reports for corpus, rows in report["corpora"].items()]
     figure, axes = plt.subplots(len(panels), 2, figsize=(12, 4.2 * len(panels)), dpi=110, squeeze=False)
     styles = {"fixed": ("o-", "tab:blue"), "early exit (read-out every step)": ("s--", "tab:orange"),
-              "early exit (read-out at t=2)": ("D--", "tab:red"), "energy routing a=4 -> a=1": ("^--", "tab:green"),
+              "early exit (read-out every 2 steps)": ("D--", "tab:red"), "energy routing a=4 -> a=1": ("^--", "tab:green"),
               "truncated solve (a=1, read-out at t)": ("v:", "tab:purple")}
     for (report, corpus, rows), row_axes in zip(panels, axes):
         for ax, key, xlabel in zip(row_axes, ("executed_steps", "flops_vs_a1"),

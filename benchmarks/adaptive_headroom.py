@@ -1,0 +1,213 @@
+"""How much any per-token depth rule could gain on a model, and why: the analysis behind the adaptive report.
+
+Three questions, each answered from per-token quantities of teacher-forced solves (every token's state
+at every step is computed, as the ``lazy`` fill would):
+
+- **Is a step size more than a step count?** With pre-norm blocks and a final norm, the Euler solve
+  from a small embedding is nearly homogeneous: ``k`` steps at step size ``a`` reach about ``a`` times
+  the state of ``k`` steps at ``a = 1``, and the norms remove the scale. Where that holds, a fixed
+  step size reads out the same states as a truncated solve, and every per-token rule picks among them.
+- **Exit headroom**: at equal mean executed steps, the perplexity of exiting each token at the first
+  step whose score is below a threshold, for the entropy of the read-out (the issue's rule), a linear
+  probe of the state (ridge regression of log KL(p_end || p_t) on the normalised state, fitted on the
+  calibration half; a dot product per check, no read-out), the true KL to the end of the solve (a
+  label-free oracle: it costs the full solve, so it bounds what any label-free rule can reach) and
+  the labels (an upper bound, not a method), against the truncated solve.
+- **Routing headroom** (swift a=4 -> super a=1, exact super logits for routed tokens): energy (E-LANG),
+  the same kind of probe on the swift state, the KL oracle and the label oracle.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from odegpt.accounting import adaptive_flops_per_token, model_cost
+from odegpt.adaptive import energy, entropy, readout
+
+EXIT_BUDGETS = (0.25, 0.375, 0.5, 0.625, 0.75)  # mean executed steps, as fractions of the a=1 solve's (> 1 step)
+ROUTED_FRACTIONS = (0.1, 0.25, 0.5)
+RIDGE = 1.0
+
+
+def _perplexity(nll: torch.Tensor) -> float:
+    return math.exp(float(nll.mean()))
+
+
+def _state_features(h: torch.Tensor) -> torch.Tensor:
+    """What a probe sees of states ``h`` (..., hidden): the direction (RMS-normalised, as the read-out's
+    norm sees it), its log norm and a bias."""
+    norm = h.norm(dim=-1, keepdim=True)
+    return torch.cat([h / norm * h.shape[-1] ** 0.5, norm.log(), torch.ones_like(norm)], dim=-1)
+
+
+def fit_probe(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Ridge regression weights of ``target`` (n,) on ``features`` (n, f)."""
+    gram = features.T @ features + RIDGE * torch.eye(features.shape[1], dtype=features.dtype)
+    return torch.linalg.solve(gram, features.T @ target)
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.float(), b.float()]))[0, 1])
+
+
+def step_size_homogeneity(model, config, batches, step_sizes) -> list[dict]:
+    """For each step size a > 1 of a one-segment shared model: the cosine between the final state of the
+    a-solve and the a=1 state after as many steps, their norm ratio, and both perplexities."""
+    if len(config.segments) != 1 or not config.segments[0]["shared"]:
+        return []
+    rows = []
+    for a in (a for a in step_sizes if a > 1):
+        cosines, ratios, nll_a, nll_cut = [], [], [], []
+        steps = config.solver_steps(a)
+        for batch in batches:
+            inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
+            final = model.model(inputs, step_size=a, use_cache=False, output_hidden_states=True).hidden_states[-1]
+            cut = model.model(inputs, step_size=1.0, use_cache=False, output_hidden_states=True).hidden_states[steps]
+            cosines.append(F.cosine_similarity(final, cut, dim=-1).flatten())
+            ratios.append((final.norm(dim=-1) / cut.norm(dim=-1)).flatten())
+            for states, out in ((final, nll_a), (cut, nll_cut)):
+                out.append(F.cross_entropy(readout(model, states).float().flatten(0, 1), targets, reduction="none"))
+        rows.append(dict(step_size=a, steps=steps, cosine=float(torch.cat(cosines).mean()),
+                         norm_ratio=float(torch.cat(ratios).mean()), perplexity=_perplexity(torch.cat(nll_a)),
+                         truncated_perplexity=_perplexity(torch.cat(nll_cut))))
+    return rows
+
+
+@torch.no_grad()
+def _exit_quantities(model, batches) -> dict[str, torch.Tensor]:
+    """Per token and step t of the a=1 solve (n, T): NLL, entropy and KL(p_end || p_t) of the read-out at
+    t, and the probe features of the state at t (n, T, f)."""
+    out = {name: [] for name in ("nll", "entropy", "kl", "features")}
+    for batch in batches:
+        inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
+        states = model.model(inputs, step_size=1.0, use_cache=False, output_hidden_states=True).hidden_states[1:]
+        log_probs = [readout(model, h).float().flatten(0, 1).log_softmax(-1) for h in states]
+        end = log_probs[-1]
+        out["nll"].append(torch.stack([-lp.gather(1, targets[:, None])[:, 0] for lp in log_probs], 1))
+        out["entropy"].append(torch.stack([entropy(lp) for lp in log_probs], 1))
+        out["kl"].append(torch.stack([(end.exp() * (end - lp)).sum(-1) for lp in log_probs], 1))
+        out["features"].append(torch.stack([_state_features(h.float().flatten(0, 1)) for h in states], 1))
+    return {name: torch.cat(values) for name, values in out.items()}
+
+
+def _exit_at_budget(scores: torch.Tensor, nll: torch.Tensor, mean_steps: float) -> float:
+    """Perplexity when each token exits after the first step t < T whose score is below a threshold (else
+    at T), the threshold bisected so that the mean executed steps are ``mean_steps``."""
+    steps = scores.shape[1]
+    low, high = float(scores.min()) - 1, float(scores.max()) + 1
+    exit_step = None
+    for _ in range(60):
+        threshold = (low + high) / 2
+        fires = scores[:, :-1] < threshold
+        exit_step = torch.where(fires.any(1), fires.float().argmax(1), torch.full_like(fires[:, 0], steps - 1,
+                                                                                       dtype=torch.long))
+        if float(exit_step.float().mean()) + 1 > mean_steps:
+            low = threshold
+        else:
+            high = threshold
+    return _perplexity(nll.gather(1, exit_step[:, None]))
+
+
+def exit_headroom(model, config, calibration, held_out) -> dict:
+    """Perplexity at equal mean executed steps of the a=1 solve for each exit rule (module docstring)."""
+    fit, test = _exit_quantities(model, calibration), _exit_quantities(model, held_out)
+    steps = test["nll"].shape[1]
+    probe = torch.stack([test["features"][:, t] @ fit_probe(fit["features"][:, t], fit["kl"][:, t].clamp(min=1e-6).log())
+                         for t in range(steps - 1)] + [torch.zeros(len(test["nll"]))], 1)
+    correlations = [_correlation(probe[:, t], test["kl"][:, t].clamp(min=1e-6).log()) for t in range(steps - 1)]
+    rules = {"entropy": test["entropy"], "probe": probe, "KL oracle": test["kl"],
+             "label oracle": test["nll"] - test["nll"][:, -1:]}
+    rows = []
+    for mean_steps in sorted({fraction * steps for fraction in EXIT_BUDGETS if fraction * steps > 1}):
+        below, share = int(math.floor(mean_steps)), mean_steps - math.floor(mean_steps)
+        cut = lambda t: float(test["nll"][:, t - 1].mean())  # noqa: E731  (truncated at t, mean NLL)
+        mixed = cut(below) if share == 0 else (1 - share) * cut(below) + share * cut(below + 1)
+        row = dict(mean_steps=mean_steps, truncated=math.exp(cut(below)), truncated_mix=math.exp(mixed))
+        row.update({name: _exit_at_budget(scores, test["nll"], mean_steps) for name, scores in rules.items()})
+        rows.append(row)
+    return dict(steps=steps, probe_correlations=correlations,
+                entropy_correlations=[_correlation(test["entropy"][:, t], test["kl"][:, t].clamp(min=1e-6).log())
+                                      for t in range(steps - 1)], rows=rows)
+
+
+@torch.no_grad()
+def _routing_quantities(model, batches, swift: float, super_: float) -> dict[str, torch.Tensor]:
+    out = {name: [] for name in ("nll_swift", "nll_super", "energy", "kl", "features")}
+    for batch in batches:
+        inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
+        log_probs = {}
+        for a in (swift, super_):
+            result = model(inputs, step_size=a, use_cache=False, output_hidden_states=True)
+            logits = result.logits.float().flatten(0, 1)
+            log_probs[a] = logits.log_softmax(-1)
+            out["nll_swift" if a == swift else "nll_super"].append(F.cross_entropy(logits, targets, reduction="none"))
+            if a == swift:
+                out["energy"].append(energy(logits))
+                out["features"].append(_state_features(result.hidden_states[-1].float().flatten(0, 1)))
+        out["kl"].append((log_probs[super_].exp() * (log_probs[super_] - log_probs[swift])).sum(-1))
+    return {name: torch.cat(values) for name, values in out.items()}
+
+
+def routing_headroom(model, config, calibration, held_out, seq_len: int, swift: float = 4.0) -> dict:
+    """Perplexity of exact routing swift -> a=1 of a fraction of the held-out tokens chosen by each rule."""
+    fit, test = _routing_quantities(model, calibration, swift, 1.0), _routing_quantities(model, held_out, swift, 1.0)
+    probe = test["features"] @ fit_probe(fit["features"], fit["kl"].clamp(min=1e-6).log())
+    rules = {"energy": test["energy"], "probe": probe, "KL oracle": test["kl"],
+             "label oracle": test["nll_swift"] - test["nll_super"]}
+    swift_steps, super_steps = config.solver_steps(swift), config.solver_steps(1.0)
+    super_flops = model_cost(config, 1.0, seq_len=seq_len).flops_per_token
+    rows = []
+    for fraction in ROUTED_FRACTIONS:
+        count = int(fraction * len(probe))
+        flops = adaptive_flops_per_token(config, swift_steps + super_steps * fraction, 1 + fraction, seq_len=seq_len)
+        row = dict(routed_fraction=fraction, flops_vs_a1=flops / super_flops)
+        for name, scores in rules.items():
+            routed = torch.zeros_like(probe, dtype=torch.bool)
+            routed[scores.argsort(descending=True)[:count]] = True
+            row[name] = _perplexity(torch.where(routed, test["nll_super"], test["nll_swift"]))
+        rows.append(row)
+    log_kl = test["kl"].clamp(min=1e-6).log()
+    return dict(swift_step_size=swift, energy_correlation=_correlation(test["energy"], log_kl),
+                probe_correlation=_correlation(probe, log_kl), rows=rows)
+
+
+def markdown(report: dict) -> list[str]:
+    """The three analyses of one model as markdown sections."""
+    model = report["model"]
+    lines = []
+    if report.get("homogeneity"):
+        lines += [f"### Is a step size more than a step count? `{model}`, stdlib held out", "",
+                  "k steps at step size a against the a=1 solve cut after the same k steps.", "",
+                  "| a | steps k | cosine of the states | norm ratio | perplexity at a | perplexity, a=1 cut at k |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in report["homogeneity"]:
+            lines.append(f"| {r['step_size']:g} | {r['steps']} | {r['cosine']:.4f} | {r['norm_ratio']:.2f} "
+                         f"| {r['perplexity']:.3f} | {r['truncated_perplexity']:.3f} |")
+        lines.append("")
+    exits = report["exit_headroom"]
+    rules = ("entropy", "probe", "KL oracle", "label oracle")
+    lines += [f"### Exit headroom, `{model}`, stdlib held out (a=1 solve of {exits['steps']} steps; read-out "
+              f"costs not counted)", "",
+              "correlation with log KL(p_end || p_t) at t = 1, 2, ...: probe "
+              + ", ".join(f"{c:.2f}" for c in exits["probe_correlations"]) + "; entropy "
+              + ", ".join(f"{c:.2f}" for c in exits["entropy_correlations"]), "",
+              "| mean steps | truncated (floor) | truncated (mix of two depths) | "
+              + " | ".join(f"exit by {r}" for r in rules) + " | best label-free rule vs the floor | vs the mix |",
+              "|" + " ---: |" * (len(rules) + 5)]
+    for r in exits["rows"]:
+        best = min(r["entropy"], r["probe"])
+        lines.append(f"| {r['mean_steps']:g} | {r['truncated']:.3f} | {r['truncated_mix']:.3f} | "
+                     + " | ".join(f"{r[name]:.3f}" for name in rules)
+                     + f" | {1 - best / r['truncated']:+.1%} | {1 - best / r['truncated_mix']:+.1%} |")
+    routing = report["routing_headroom"]
+    lines += ["", f"### Routing headroom a={routing['swift_step_size']:g} -> a=1, `{model}`, stdlib held out", "",
+              f"correlation with log KL(p_super || p_swift): energy {routing['energy_correlation']:.3f}, probe "
+              f"{routing['probe_correlation']:.3f}", "",
+              "| routed fraction | FLOPs vs a=1 | " + " | ".join(f"by {r}" for r in ("energy",) + rules[1:]) + " |",
+              "|" + " ---: |" * (len(rules) + 2)]
+    for r in routing["rows"]:
+        lines.append(f"| {r['routed_fraction']:g} | {r['flops_vs_a1']:.2f} | "
+                     + " | ".join(f"{r[name]:.3f}" for name in ("energy",) + rules[1:]) + " |")
+    return lines + [""]
