@@ -1,7 +1,7 @@
 """Adaptive depth against fixed step sizes, by one command: perplexity vs executed steps and FLOPs per token.
 
-For each model folder: the fixed step sizes (the reference curve), entropy early exit at several
-thresholds (read-out every step, and once at mid-solve), and energy routing calibrated to several
+For each model folder: the fixed step sizes (the reference curve: a = D/k for every step count k),
+entropy early exit at several thresholds (read-out every step, and every 2 steps), and energy routing calibrated to several
 compute targets on the first half of the validation split and scored on the second half (held out).
 Each method is also scored on a second corpus (raw text, default: odegpt's own Python sources).
 A second non-adaptive baseline is the truncated solve: every token stops the a=1 solve at the same
@@ -9,7 +9,8 @@ time t and reads out there (a shallower model; early exit without the per-token 
 At equal FLOPs a method is compared with the best fixed step size that costs no more FLOPs per token,
 with the best fixed step size or truncated solve of the same model, and (when several models are
 given) with the best fixed step size of any of them. Decode time per token of each KV
-fill is measured in one process, interleaved rounds, batch 1.
+fill is measured in one process, interleaved rounds, batch 1. The headroom sections
+(benchmarks/adaptive_headroom.py) say how far any per-token rule could go on the model, and why.
 
     python benchmarks/adaptive_report.py --models runs/g-model runs/c-model --data runs/data \\
         --output runs/adaptive-report
