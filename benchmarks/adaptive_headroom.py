@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from odegpt.accounting import adaptive_flops_per_token, model_cost
 from odegpt.adaptive import energy, entropy, readout
+from odegpt.evaluation import perplexity
 
 EXIT_BUDGETS = (0.25, 0.375, 0.5, 0.625, 0.75)  # mean executed steps, as fractions of the a=1 solve's (> 1 step)
 ROUTED_FRACTIONS = (0.1, 0.25, 0.5)
@@ -32,7 +33,7 @@ RIDGE = 1.0
 
 
 def _perplexity(nll: torch.Tensor) -> float:
-    return math.exp(float(nll.mean()))
+    return perplexity(float(nll.sum()), nll.numel())
 
 
 def _state_features(h: torch.Tensor) -> torch.Tensor:
@@ -57,21 +58,25 @@ def step_size_homogeneity(model, config, batches, step_sizes) -> list[dict]:
     a-solve and the a=1 state after as many steps, their norm ratio, and both perplexities."""
     if len(config.segments) != 1 or not config.segments[0]["shared"]:
         return []
-    rows = []
-    for a in (a for a in step_sizes if a > 1):
-        cosines, ratios, nll_a, nll_cut = [], [], [], []
-        steps = config.solver_steps(a)
-        for batch in batches:
-            inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
+    step_sizes = [a for a in step_sizes if a > 1]
+    measured = {a: dict(cosine=[], norm_ratio=[], nll=[], nll_cut=[]) for a in step_sizes}
+    for batch in batches:
+        inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
+        fine = model.model(inputs, step_size=1.0, use_cache=False, output_hidden_states=True).hidden_states
+        for a in step_sizes:
             final = model.model(inputs, step_size=a, use_cache=False, output_hidden_states=True).hidden_states[-1]
-            cut = model.model(inputs, step_size=1.0, use_cache=False, output_hidden_states=True).hidden_states[steps]
-            cosines.append(F.cosine_similarity(final, cut, dim=-1).flatten())
-            ratios.append((final.norm(dim=-1) / cut.norm(dim=-1)).flatten())
-            for states, out in ((final, nll_a), (cut, nll_cut)):
-                out.append(F.cross_entropy(readout(model, states).float().flatten(0, 1), targets, reduction="none"))
-        rows.append(dict(step_size=a, steps=steps, cosine=float(torch.cat(cosines).mean()),
-                         norm_ratio=float(torch.cat(ratios).mean()), perplexity=_perplexity(torch.cat(nll_a)),
-                         truncated_perplexity=_perplexity(torch.cat(nll_cut))))
+            cut = fine[config.solver_steps(a)]
+            measured[a]["cosine"].append(F.cosine_similarity(final, cut, dim=-1).flatten())
+            measured[a]["norm_ratio"].append((final.norm(dim=-1) / cut.norm(dim=-1)).flatten())
+            for states, key in ((final, "nll"), (cut, "nll_cut")):
+                logits = readout(model, states).float().flatten(0, 1)
+                measured[a][key].append(F.cross_entropy(logits, targets, reduction="none"))
+    rows = []
+    for a, values in measured.items():
+        values = {key: torch.cat(parts) for key, parts in values.items()}
+        rows.append(dict(step_size=a, steps=config.solver_steps(a), cosine=float(values["cosine"].mean()),
+                         norm_ratio=float(values["norm_ratio"].mean()), perplexity=_perplexity(values["nll"]),
+                         truncated_perplexity=_perplexity(values["nll_cut"])))
     return rows
 
 
@@ -101,8 +106,7 @@ def _exit_at_budget(scores: torch.Tensor, nll: torch.Tensor, mean_steps: float) 
     for _ in range(60):
         threshold = (low + high) / 2
         fires = scores[:, :-1] < threshold
-        exit_step = torch.where(fires.any(1), fires.float().argmax(1), torch.full_like(fires[:, 0], steps - 1,
-                                                                                       dtype=torch.long))
+        exit_step = torch.where(fires.any(1), fires.float().argmax(1), steps - 1)
         if float(exit_step.float().mean()) + 1 > mean_steps:
             low = threshold
         else:
@@ -119,12 +123,12 @@ def exit_headroom(model, config, calibration, held_out) -> dict:
     correlations = [_correlation(probe[:, t], test["kl"][:, t].clamp(min=1e-6).log()) for t in range(steps - 1)]
     rules = {"entropy": test["entropy"], "probe": probe, "KL oracle": test["kl"],
              "label oracle": test["nll"] - test["nll"][:, -1:]}
+    cut_nll = test["nll"].mean(0).tolist()  # mean NLL of the solve truncated after each step
     rows = []
     for mean_steps in sorted({fraction * steps for fraction in EXIT_BUDGETS if fraction * steps > 1}):
         below, share = int(math.floor(mean_steps)), mean_steps - math.floor(mean_steps)
-        cut = lambda t: float(test["nll"][:, t - 1].mean())  # noqa: E731  (truncated at t, mean NLL)
-        mixed = cut(below) if share == 0 else (1 - share) * cut(below) + share * cut(below + 1)
-        row = dict(mean_steps=mean_steps, truncated=math.exp(cut(below)), truncated_mix=math.exp(mixed))
+        mixed = cut_nll[below - 1] if share == 0 else (1 - share) * cut_nll[below - 1] + share * cut_nll[below]
+        row = dict(mean_steps=mean_steps, truncated=math.exp(cut_nll[below - 1]), truncated_mix=math.exp(mixed))
         row.update({name: _exit_at_budget(scores, test["nll"], mean_steps) for name, scores in rules.items()})
         rows.append(row)
     return dict(steps=steps, probe_correlations=correlations,
