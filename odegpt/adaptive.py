@@ -130,7 +130,7 @@ class AdaptiveCounts:
 class AdaptiveOutput(ModelOutput):
     logits: torch.Tensor | None = None
     counts: AdaptiveCounts | None = None
-    past_key_values: AdaptiveCache | None = None
+    cache: AdaptiveCache | None = None  # not past_key_values: transformers 5.24 renames that keyword to cache
 
 
 @dataclass
@@ -195,7 +195,7 @@ def adaptive_forward(model, input_ids: torch.LongTensor, settings: AdaptiveDepth
     cos, sin, mask = model.model.attention_inputs(h, attention_mask, None, past_len)
     solve = _routed_solve if settings.routing else _early_exit_solve
     logits, counts = solve(model, h, dict(cos=cos, sin=sin, mask=mask), settings, past_key_values)
-    return AdaptiveOutput(logits=logits, counts=counts, past_key_values=past_key_values)
+    return AdaptiveOutput(logits=logits, counts=counts, cache=past_key_values)
 
 
 def _early_exit_solve(model, h, inputs, settings: AdaptiveDepth, cache: AdaptiveCache | None):

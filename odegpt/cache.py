@@ -6,11 +6,45 @@ cache slots depends on ``a``, not on the trained depth that transformers would p
 it was built at: keys and values computed at one ``a`` are meaningless at another, so reusing the
 cache with a different ``a`` is an error rather than silently wrong output.
 
+Which transformers runs a folder is its user's choice, so the cache also answers to both names
+transformers has given it: ``past_key_values`` until 5.23, ``cache`` from 5.24 on (forward()'s
+argument and every model output's field). ``CACHE_FIELD`` is read off the installed output classes,
+a feature test rather than a version test, and ``received_cache`` turns a cache passed under a name
+this file does not know into an error naming the transformers version: the next rename upstream
+must stop generation loudly, not decode every token without its past (wrong tokens, silently).
+
 This file is copied verbatim into exported model folders, so it imports only torch and transformers.
 """
 from __future__ import annotations
 
+import transformers
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# The name under which the installed transformers passes the KV cache to forward() and reads it from outputs.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def received_cache(cache: Cache | None, past_key_values: Cache | None, other_kwargs: dict) -> Cache | None:
+    """The one KV cache a forward() was given, under either of its names.
+
+    Raises if it was given twice, or if ``other_kwargs`` (the forward's ``**kwargs``) hold a cache under
+    a name no transformers release used when this file was written."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("give the KV cache once, as cache= or past_key_values=, not both")
+    for name, value in other_kwargs.items():
+        if isinstance(value, Cache):
+            raise TypeError(
+                f"transformers {transformers.__version__} passed the KV cache as {name!r}, a name this odegpt model "
+                f"does not read (it reads 'cache' and 'past_key_values'); decoding would ignore the cache and give "
+                f"wrong tokens. Use an earlier transformers release, or export the model again with a newer odegpt.")
+    return cache if cache is not None else past_key_values
+
+
+def output_cache(output) -> Cache | None:
+    """The KV cache a model output carries, whatever transformers named its field."""
+    return output.get(CACHE_FIELD)
 
 
 class OdeCache(DynamicCache):

@@ -2,14 +2,39 @@
 
 A segment ``{"depth": D, "shared": True}`` is ONE block integrated over time D (an ODE solve);
 ``{"depth": D, "shared": False}`` is D separate blocks, each taking step 1 (ordinary layers).
-This file is copied verbatim into exported model folders, so it imports only transformers and
-its sibling ``solver``.
+This file is copied verbatim into exported model folders, so it imports only transformers (and packaging,
+which transformers needs) and its sibling ``solver``.
 """
 from __future__ import annotations
 
+import transformers
+from packaging.version import Version
 from transformers import PretrainedConfig
 
 from .solver import DEFAULT_MAX_SOLVER_STEPS, check_solve_length, check_step_size
+
+
+# The oldest transformers a native folder runs on (its layered DynamicCache; tests/test_clients.py checks it in CI).
+OLDEST_TRANSFORMERS = "4.57"
+# Releases that load this code wrongly, and why. 5.3 drops a custom-code model's tied LM head from the weights it
+# reports missing, then declines to tie it: the head stays uninitialised (logits off by 1e37).
+BROKEN_TRANSFORMERS = {"5.3": "it leaves a tied LM head uninitialised in models with their own code"}
+
+
+def check_transformers_version(installed: str = transformers.__version__) -> None:
+    """Refuse, in one line, a transformers this folder's code cannot run on, rather than load and give wrong
+    numbers."""
+    version = Version(installed)
+    if version < Version(OLDEST_TRANSFORMERS):
+        raise ImportError(f"this odegpt model needs transformers >= {OLDEST_TRANSFORMERS}, found {installed}: "
+                          f"pip install -U 'transformers>={OLDEST_TRANSFORMERS}'")
+    reason = BROKEN_TRANSFORMERS.get(f"{version.major}.{version.minor}")
+    if reason is not None:
+        raise ImportError(f"this odegpt model cannot run on transformers {installed}: {reason}; "
+                          f"pip install -U transformers")
+
+
+check_transformers_version()
 
 
 def _check_segments(segments: object) -> list[dict]:
@@ -30,7 +55,7 @@ def _check_segments(segments: object) -> list[dict]:
 
 class OdeGPTConfig(PretrainedConfig):
     model_type = "odegpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

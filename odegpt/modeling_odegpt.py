@@ -18,7 +18,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .adaptive import AdaptiveDepth, adaptive_generate
-from .cache import OdeCache
+from .cache import CACHE_FIELD, OdeCache, output_cache, received_cache
 from .configuration_odegpt import OdeGPTConfig, check_step_size
 from .loss import shifted_cross_entropy
 from .solver import STEP_FUNCTIONS, num_blocks, plan_solve
@@ -142,7 +142,7 @@ class OdeGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["OdeGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
 
 
@@ -175,10 +175,13 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         use_cache: bool | None = None,
         step_size: float | None = None,
         output_hidden_states: bool | None = None,
+        cache: OdeCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """``output_hidden_states=True`` also returns the state before the first step and after every
-        executed step (before the final norm), e.g. to read out intermediate times."""
+        executed step (before the final norm), e.g. to read out intermediate times. The KV cache comes as
+        ``cache`` or ``past_key_values`` (transformers' name from 5.24 on, and before)."""
+        past_key_values = received_cache(cache, past_key_values, kwargs)
         step_size = self.config.step_size if step_size is None else check_step_size(step_size)
         plan = plan_solve(self.config.segments, step_size, self.config.max_solver_steps)
         if (input_ids is None) == (inputs_embeds is None):
@@ -207,8 +210,8 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
             if states is not None:
                 states.append(h)
 
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values,
-                                       hidden_states=None if states is None else tuple(states))
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), hidden_states=None if states is None else
+                                       tuple(states), **{CACHE_FIELD: past_key_values})
 
     def attention_inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None,
                          position_ids: torch.LongTensor | None, past_len: int):
@@ -277,10 +280,12 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         step_size: float | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
+        cache: OdeCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``step_size`` overrides ``config.step_size`` for this call; ``labels`` follow the HF
         convention (the same tokens as ``input_ids``, shifted here, -100 ignored)."""
+        past_key_values = received_cache(cache, past_key_values, kwargs)
         if labels is not None and use_cache is None:
             use_cache = False  # scoring a sequence keeps no cache unless asked to
         outputs = self.model(
@@ -291,8 +296,8 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         h = outputs.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None if labels is None else shifted_cross_entropy(logits, labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      **{CACHE_FIELD: output_cache(outputs)})
 
     def generate(self, *args, draft_step_size: float | None = None, draft_tokens: int | None = None,
                  draft_confidence: float | None = None,
@@ -345,11 +350,11 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """The model owns its cache layout: one slot per executed step, not per trained layer."""
         if (
-            model_kwargs.get("past_key_values") is None
+            model_kwargs.get(CACHE_FIELD) is None
             and generation_config.use_cache is not False
             and generation_config.cache_implementation in (None, "dynamic")
         ):
-            model_kwargs["past_key_values"] = OdeCache()
+            model_kwargs[CACHE_FIELD] = OdeCache()
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 

@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from .cache import CACHE_FIELD, output_cache
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -63,10 +65,10 @@ def time_generation(variant: Variant, prompt: torch.Tensor, new_tokens: int) -> 
     token = output.logits[:, -1].argmax(-1, keepdim=True)
     prefilled = time.perf_counter()
     tokens = [token]
-    cache = output.past_key_values
+    cache = output_cache(output)
     for _ in range(new_tokens):
-        output = model(input_ids=token, past_key_values=cache, use_cache=True, **kwargs)
-        cache = output.past_key_values
+        output = model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache}, **kwargs)
+        cache = output_cache(output)
         token = output.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
     end = time.perf_counter()

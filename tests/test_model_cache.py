@@ -58,3 +58,43 @@ def test_a_plain_dynamic_cache_is_refused(shared_model):
 
     with pytest.raises(TypeError, match="OdeCache"):
         shared_model(torch.randint(1, 97, (1, 4)), past_key_values=DynamicCache(), use_cache=True)
+
+
+def test_the_cache_answers_to_both_of_transformers_names(shared_model):
+    """transformers up to 5.23 passes the cache as past_key_values, 5.24 on as cache: both continue the prefix."""
+    from odegpt.cache import CACHE_FIELD, output_cache
+
+    tokens = torch.randint(1, 97, (1, 8))
+    full = shared_model(tokens, step_size=2, use_cache=False).logits
+    for name in ("cache", "past_key_values"):
+        prefix = shared_model(tokens[:, :5], step_size=2, use_cache=True)
+        cache = output_cache(prefix)
+        assert isinstance(cache, OdeCache) and cache is prefix[CACHE_FIELD]
+        rest = shared_model(tokens[:, 5:], step_size=2, **{name: cache})
+        torch.testing.assert_close(rest.logits, full[:, 5:], rtol=1e-5, atol=1e-5)
+        assert output_cache(rest) is cache and cache.get_seq_length() == 8
+    with pytest.raises(ValueError, match="not both"):
+        shared_model(tokens, cache=OdeCache(), past_key_values=OdeCache())
+
+
+def test_a_cache_under_a_name_the_model_does_not_know_is_an_error_naming_the_version(shared_model):
+    """The next rename upstream must not decode every token without its past (wrong tokens, silently)."""
+    import transformers
+
+    with pytest.raises(TypeError, match=f"transformers {transformers.__version__} passed the KV cache as 'kv_cache'"):
+        shared_model(torch.randint(1, 97, (1, 4)), kv_cache=OdeCache())
+    with pytest.raises(TypeError, match="'kv_cache'"):
+        shared_model.model(torch.randint(1, 97, (1, 4)), kv_cache=OdeCache())
+
+
+def test_a_transformers_older_than_the_folders_support_is_refused_in_one_line():
+    from odegpt.configuration_odegpt import OLDEST_TRANSFORMERS, check_transformers_version
+
+    check_transformers_version(OLDEST_TRANSFORMERS)
+    check_transformers_version("5.24.0")
+    check_transformers_version("5.4.0")
+    with pytest.raises(ImportError, match=r"needs transformers >= 4\.57, found 4\.56\.2") as error:
+        check_transformers_version("4.56.2")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ImportError, match=r"cannot run on transformers 5\.3\.0: it leaves a tied LM head"):
+        check_transformers_version("5.3.0")
