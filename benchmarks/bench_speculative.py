@@ -28,11 +28,10 @@ import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import odegpt  # noqa: F401  (registers the odegpt model type)
 from odegpt import OdeCache
 from odegpt.accounting import format_count
+from odegpt.model_folder import load_model, load_tokenizer
 from odegpt.throughput import Variant as Timed, time_generation
 
 PROMPTS = [
@@ -83,8 +82,8 @@ def speculative_name(a: float, b: float, k: int, confidence: float | None) -> st
 
 
 def bench_model(path: str, args: argparse.Namespace) -> dict:
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    tokenizer = load_tokenizer(path)
+    model = load_model(path).float().eval()
     prompts = [tokenizer(p, return_tensors="pt").input_ids for p in PROMPTS]
     settings = dict(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
                     pad_token_id=tokenizer.pad_token_id)

@@ -196,33 +196,18 @@ def _adaptive_results(model, config, rows: list[dict], batches: list, args, seq_
 
 def load_native_config(path: str):
     """The OdeGPTConfig of a native model folder (cheap: no weights); a one-line CommandError otherwise."""
-    from transformers import AutoConfig
+    from .model_folder import load_config
 
-    from odegpt import OdeGPTConfig
-
-    if not (Path(path) / "config.json").is_file():
-        raise CommandError(f"--model: {path} is not a model folder (no config.json)")
-    config = AutoConfig.from_pretrained(path)
-    if not isinstance(config, OdeGPTConfig):
-        raise CommandError(f"--model: {path} holds a {config.model_type!r} model; this needs a native odegpt "
-                           f"folder (odegpt convert, or odegpt export without --unroll)")
-    return config
+    return load_config(path, expect="odegpt")
 
 
 def load_native_model(path: str, config, dtype: str):
     """The model of a native folder (its config already checked by :func:`load_native_config`), in eval mode."""
     import torch
 
-    from odegpt import OdeGPTForCausalLM
+    from .model_folder import load_model
 
-    from .integrity import check_finite_weights
-
-    model = OdeGPTForCausalLM.from_pretrained(path, config=config)
-    try:
-        check_finite_weights(model.named_parameters(), path)  # before a cast could hide or add infinities
-    except ValueError as error:
-        raise CommandError(str(error)) from None
-    return model.to(getattr(torch, dtype)).eval()
+    return load_model(path, config).to(getattr(torch, dtype)).eval()
 
 
 def _prepared_batches(corpora: list[str], args, seq_len: int) -> list:
@@ -268,12 +253,12 @@ def _raw_text_batches(sources: list, args, seq_len: int, stride: int) -> list:
     its first token is predicted after an EOS, and its closing EOS is scored too."""
     import torch
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
     from data_pipeline.readers import iter_documents
     from odegpt.evaluation import window_batches
+    from odegpt.model_folder import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     frame = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     documents = []
     try:

@@ -79,13 +79,13 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
-    import odegpt  # noqa: F401  (registers the odegpt model type with the Auto classes)
+    from .model_folder import load_config, load_model, load_tokenizer
 
     _check_options(args)
     _check_model_folder(Path(args.model))
-    config = _load("configuration", AutoConfig.from_pretrained, args.model)
+    config = load_config(args.model)
     native = config.model_type == "odegpt"
     if not native and (args.step_size is not None or args.draft_step_size is not None):
         option = "--step-size" if args.step_size is not None else "--draft-step-size"
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         _checked_step_size(config, "--draft-step-size", args.draft_step_size)
     adaptive = _adaptive_settings(args, config, step_size) if native else None
 
-    tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, args.model)
+    tokenizer = load_tokenizer(args.model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -104,8 +104,7 @@ def run(args: argparse.Namespace) -> int:
     prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     _check_prompt_lengths(prompts, prompt_ids, args.max_new_tokens, getattr(config, "max_position_embeddings", None))
 
-    model = _load("model", AutoModelForCausalLM.from_pretrained, args.model).eval()
-    _check_finite(model, args.model)
+    model = load_model(args.model, config)
     settings = dict(max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if args.temperature > 0:
@@ -266,24 +265,6 @@ def _check_model_folder(folder: Path) -> None:
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise CommandError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model): copy the tokenizer "
                            f"files of the corpus it was trained on into it")
-
-
-def _load(what: str, load, folder: str):
-    """``load(folder)``, with a damaged or foreign file reported in one line."""
-    try:
-        return load(folder)
-    except (OSError, ValueError, KeyError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CommandError(f"cannot load the {what} of {folder}: {reason}") from None
-
-
-def _check_finite(model, folder: str) -> None:
-    from .integrity import check_finite_weights
-
-    try:
-        check_finite_weights(model.named_parameters(), folder)
-    except ValueError as error:
-        raise CommandError(str(error)) from None
 
 
 def _checked_step_size(config, option: str, step_size: float | None) -> float:

@@ -1,0 +1,117 @@
+"""A model folder as odegpt's commands read it: data, never code.
+
+A Hugging Face folder may carry Python files and name them in ``config.json`` (``auto_map``); transformers'
+``Auto`` classes then offer to run them, and ask on stdin when ``trust_remote_code`` is unset. A folder a
+user downloaded, or was sent, must not get to run code through ``odegpt generate``. So every command
+loads a folder here:
+
+- the model type is read from ``config.json`` as JSON; a native odegpt folder (``odegpt``) and a Llama
+  (``llama``: an unrolled export, or a Llama to import) are accepted, any other type is a one-line error;
+- configuration, weights and tokenizer are built by odegpt's own classes and transformers' Llama classes,
+  with ``trust_remote_code=False``: the folder's ``.py`` files never run and nothing is asked;
+- every weight the model has must be in the folder, and nothing else: a missing tensor would otherwise be
+  initialised at random and give plausible, wrong numbers (a Llama config over odegpt weights, say);
+- weights holding NaN or infinity are refused, naming the tensor.
+
+Failures are :class:`odegpt.cli.CommandError` (one line, no traceback).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.utils import logging as transformers_logging
+
+from .cli import CommandError
+from .configuration_odegpt import OdeGPTConfig
+from .integrity import check_finite_weights
+from .modeling_odegpt import OdeGPTForCausalLM
+
+# model_type in config.json -> the classes that read it. Nothing else is loaded.
+MODEL_CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "odegpt": (OdeGPTConfig, OdeGPTForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+}
+
+
+def model_type_of(folder: str | Path) -> str:
+    """``odegpt`` or ``llama``, read from ``folder/config.json`` as data; anything else is a one-line error."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise CommandError(f"{folder} is not a model folder (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep to parse
+        raise CommandError(f"{config_file} is not valid JSON: {str(error)[:200]}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in MODEL_CLASSES:
+        raise CommandError(f"{folder} holds a {model_type!r} model; odegpt reads only odegpt folders and Llama "
+                           f"folders (such as an unrolled export), and never runs a folder's own code")
+    return model_type
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading weights" bar and no load report from transformers: a load that succeeds says nothing, one that
+    fails is reported here, in one line."""
+    verbosity, bar = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bar:
+            transformers_logging.enable_progress_bar()
+
+
+def _one_line(what: str, folder: str | Path, error: BaseException) -> CommandError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return CommandError(f"cannot load the {what} of {folder}: {reason}")
+
+
+def load_config(folder: str | Path, expect: str | None = None) -> PretrainedConfig:
+    """The configuration of ``folder`` (no weights read); ``expect="odegpt"`` refuses a Llama folder."""
+    model_type = model_type_of(folder)
+    if expect is not None and model_type != expect:
+        raise CommandError(f"--model: {folder} holds a {model_type!r} model; this needs a native odegpt folder "
+                           f"(odegpt convert, or odegpt export without --unroll)")
+    config_class, _ = MODEL_CLASSES[model_type]
+    try:
+        return config_class.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise _one_line("configuration", folder, error) from None
+
+
+def load_model(folder: str | Path, config: PretrainedConfig | None = None) -> PreTrainedModel:
+    """The model of ``folder`` in eval mode, its weights as stored and checked finite."""
+    config = load_config(folder) if config is None else config
+    _, model_class = MODEL_CLASSES[config.model_type]
+    try:
+        with _quiet_loading():
+            model, loading = model_class.from_pretrained(folder, config=config, trust_remote_code=False,
+                                                         output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise _one_line("model", folder, error) from None
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if loading.get(kind):
+            names = sorted(map(str, loading[kind]))
+            raise CommandError(f"cannot load the model of {folder}: {len(names)} {kind.replace('_', ' ')} for a "
+                               f"{config.model_type!r} model, e.g. {', '.join(names[:3])}; the weights do not "
+                               f"belong to this config.json")
+    try:
+        check_finite_weights(model.named_parameters(), folder)  # as stored, before any cast
+    except ValueError as error:  # names the folder and the tensor already
+        raise CommandError(str(error)) from None
+    return model.eval()
+
+
+def load_tokenizer(folder: str | Path):
+    """The Hugging Face tokenizer saved in ``folder`` (never the folder's own tokenizer code)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as error:
+        raise _one_line("tokenizer", folder, error) from None

@@ -1,0 +1,97 @@
+"""Model folders are data, never code: what every odegpt command reads from a folder (odegpt/model_folder.py)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from odegpt.cli import main as odegpt_main
+from odegpt.export import save_native
+from tests.conftest import tokenized_tiny_model
+
+TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 40
+# What a hostile folder's code does when it runs: leave a file behind.
+PAYLOAD = "import pathlib; pathlib.Path({marker!r}).write_text('the folder ran its code')\n"
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("folder")
+    model, _ = tokenized_tiny_model(root, TEXT)
+    return save_native(model, root / "model", tokenizer_dir=root / "tokenizer")
+
+
+def hostile_copy(model_folder: Path, target: Path, marker: Path, model_type: str) -> Path:
+    """``model_folder`` with code that writes ``marker`` when imported, named by config.json's auto_map."""
+    shutil.copytree(model_folder, target)
+    for name in ("configuration_odegpt.py", "modeling_odegpt.py"):
+        source = target / name
+        source.write_text(PAYLOAD.format(marker=str(marker)) + source.read_text())
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | {"model_type": model_type}))
+    return target
+
+
+def run_command(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "odegpt", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def test_a_folder_of_another_model_type_is_refused_in_one_line_without_asking_or_running_its_code(
+        model_folder, tmp_path):
+    marker = tmp_path / "ran"
+    evil = hostile_copy(model_folder, tmp_path / "evil", marker, "evilmodel")
+    # A user who pipes a prompt: transformers would ask "Do you wish to run the custom code?", eat the 'y' as
+    # the answer and run the folder's code.
+    result = run_command("generate", "--model", str(evil), "--prompt", "-", stdin="y\n")
+    assert result.returncode == 2 and not marker.exists()
+    assert result.stderr.strip().splitlines() == [
+        f"odegpt generate: {evil} holds a 'evilmodel' model; odegpt reads only odegpt folders and Llama folders "
+        f"(such as an unrolled export), and never runs a folder's own code"], result.stderr
+    assert "[y/N]" not in result.stdout + result.stderr
+    for command in (["evaluate", "--model", str(evil), "--data", "stdlib"],
+                    ["export", "--model", str(evil), "--output", str(tmp_path / "out")],
+                    ["bench", "--model", str(evil)]):
+        capsys_free = run_command(*command)
+        assert capsys_free.returncode == 2 and "holds a 'evilmodel' model" in capsys_free.stderr, command
+        assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_an_odegpt_folder_with_edited_code_runs_on_odegpts_own_classes(model_folder, tmp_path):
+    marker = tmp_path / "ran"
+    edited = hostile_copy(model_folder, tmp_path / "edited", marker, "odegpt")
+    result = run_command("generate", "--model", str(edited), "--prompt", "def add(", "--max-new-tokens", "4",
+                         stdin="y\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("def add(") and not marker.exists()
+    assert "[y/N]" not in result.stdout + result.stderr
+
+
+def test_weights_that_do_not_belong_to_the_config_are_refused_not_initialised_at_random(model_folder, tmp_path,
+                                                                                        capsys):
+    as_llama = tmp_path / "as_llama"  # native weights under a Llama config: a random Llama, silently, before
+    shutil.copytree(model_folder, as_llama)
+    config = json.loads((as_llama / "config.json").read_text())
+    (as_llama / "config.json").write_text(json.dumps(config | {"model_type": "llama", "num_hidden_layers": 7}))
+    missing = tmp_path / "missing_tensor"
+    shutil.copytree(model_folder, missing)
+    weights = load_file(missing / "model.safetensors")
+    dropped = sorted(weights)[0]
+    del weights[dropped]
+    save_file(weights, missing / "model.safetensors", metadata={"format": "pt"})
+    empty = tmp_path / "no_tensors"
+    shutil.copytree(model_folder, empty)
+    save_file({}, empty / "model.safetensors", metadata={"format": "pt"})
+    for folder, message in ((as_llama, "63 missing keys for a 'llama' model, e.g. model.layers.0."),
+                            (missing, f"1 missing keys for a 'odegpt' model, e.g. {dropped}"),
+                            (empty, "missing keys for a 'odegpt' model")):
+        capsys.readouterr()
+        assert odegpt_main(["generate", "--model", str(folder), "--prompt", "def", "--max-new-tokens", "2"]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot load the model of {folder}" in err and message in err and err.count("\n") == 1, err
