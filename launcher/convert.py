@@ -82,14 +82,18 @@ def _stage0_master_weights(run_config: dict, fp32_groups: list[list], where: Pat
     return weights
 
 
-def convert(checkpoint: str | Path, output_dir: str | Path, tokenizer_dir: str | None = None) -> Path:
-    """Write ``output_dir`` (safetensors, config, modeling code, tokenizer); returns it."""
+def convert(checkpoint: str | Path, output_dir: str | Path, tokenizer_dir: str | None = None,
+            overwrite: bool = False) -> Path:
+    """Write ``output_dir`` (safetensors, config, modeling code, tokenizer); returns it. The folder is written
+    whole or not at all, and never over the run's folder or the checkpoints (``odegpt.output_folder``)."""
     from odegpt import OdeGPTConfig, OdeGPTForCausalLM
     from odegpt.export import save_native
-
     from odegpt.integrity import check_finite_weights
+    from odegpt.output_folder import check_output, staged_folder
 
     located = _locate(checkpoint)
+    # Not the checkpoints folder, nothing inside it, nor a folder holding it (the run's own, say).
+    check_output(located.directory, Path(output_dir), overwrite, source_option="checkpoints")
     state_dict = _load_weights(located)
     try:
         check_finite_weights(state_dict.items(), f"checkpoint {located.path}")
@@ -119,4 +123,6 @@ def convert(checkpoint: str | Path, output_dir: str | Path, tokenizer_dir: str |
                               f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
     if tied:
         model.tie_weights()
-    return save_native(model.eval(), output_dir, tokenizer_dir=tokenizer_dir)
+    with staged_folder(Path(output_dir)) as staging:
+        save_native(model.eval(), staging, tokenizer_dir=tokenizer_dir)
+    return Path(output_dir)

@@ -125,12 +125,14 @@ def _is_rank(cmdline: list[str]) -> bool:
 
 def run(spec: LaunchSpec, dry_run: bool = False) -> int:
     from .config import ConfigError, load_config
+    from .run_folder import check_run_folder
 
     try:
         if spec.no_ssh and not spec.master_addr:
             raise ConfigError("--no-ssh needs --master-addr (the address of node rank 0)")
         config = load_config(spec.configs, spec.overrides, world_size=world_size(spec))
-    except (ValueError, OSError) as error:  # ConfigError, or a hostfile that cannot be read
+        check_run_folder(config.run.output_dir)  # before deepspeed_env is written into it
+    except (ValueError, OSError) as error:  # ConfigError, NotARunFolderError, or a hostfile that cannot be read
         print(f"odegpt launch: config error: {error}", file=sys.stderr)
         return 2
     cmd = build_command(spec)

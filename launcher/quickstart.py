@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                          "--config", *args.config, *[f"--set={o}" for o in overrides]], env=env)
 
     stages.begin("convert the final DeepSpeed checkpoint to a native odegpt folder")
-    stages.run(odegpt + ["convert", "--checkpoint", str(config.checkpoint_dir), "--output", str(model_dir)])
+    stages.run(odegpt + ["convert", "--checkpoint", str(config.checkpoint_dir), "--output", str(model_dir),
+                         "--overwrite"])
 
     stages.begin("validation perplexity at each step size")
     report = json.loads(stages.run(odegpt + ["evaluate", "--model", str(model_dir), "--data", str(data_dir),
@@ -82,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  a={a:<4} perplexity {ppl:.2f}")
 
     stages.begin("export: native folder and a Llama unrolled at a=2")
-    stages.run(odegpt + ["export", "--model", str(model_dir), "--output", str(native_dir)])
+    stages.run(odegpt + ["export", "--model", str(model_dir), "--output", str(native_dir), "--overwrite"])
     stages.run(odegpt + ["export", "--model", str(model_dir), "--output", str(unrolled_dir), "--unroll",
-                         "--step-size", "2"])
+                         "--step-size", "2", "--overwrite"])
 
     stages.begin(f"generate with the KV cache at a=1 (temperature {SAMPLING['temperature']}, "
                  f"top-k {SAMPLING['top_k']}, seed {SAMPLING['seed']})")

@@ -194,6 +194,7 @@ class Trainer:
 
         from . import checkpointing, data, faults
         from .metrics import MetricsLogger
+        from .run_folder import check_run_folder
         from .optim import parameter_groups, schedule_for
 
         self.config, self.rank, self.world_size, self.device_type = config, rank, world_size, device_type
@@ -205,6 +206,7 @@ class Trainer:
 
         # 1. Check everything a user can get wrong before writing or building anything.
         def check() -> checkpointing.Checkpoint | None:
+            check_run_folder(self.output_dir)
             data.check_corpora(config)
             checkpoint = checkpointing.choose(resume, self.checkpoint_dir, note=self.say)
             if checkpoint is not None:

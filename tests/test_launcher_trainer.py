@@ -208,6 +208,72 @@ def test_convert_names_the_damaged_file_and_never_unpickles_code(trained, tmp_pa
     assert not victim.exists() and not (tmp_path / "m").exists()
 
 
+def test_convert_never_writes_over_the_run_its_checkpoints_or_another_folder(trained, tmp_path, capsys):
+    run = _copy(trained, tmp_path)
+    checkpoints, run_config = run / "checkpoints", (run / "config.json").read_bytes()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "manifest.json").write_text("{}")
+    cases = [(run, f"holds the checkpoints folder {checkpoints}"), (checkpoints, "is the checkpoints folder"),
+             (checkpoints / "step_00000002", "is inside checkpoints"), (corpus, "exists and is not empty")]
+    for output, message in cases:
+        code, err = _odegpt("convert", "--checkpoint", checkpoints, "--output", output, capsys=capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, (output, err)
+    assert (run / "config.json").read_bytes() == run_config and os.listdir(corpus) == ["manifest.json"]
+    # A model folder inside the run (the quickstart's layout), replaced only when asked.
+    code, err = _odegpt("convert", "--checkpoint", checkpoints, "--output", run / "model", capsys=capsys)
+    assert code == 0 and (run / "model" / "model.safetensors").is_file(), err
+    code, err = _odegpt("convert", "--checkpoint", checkpoints, "--output", run / "model", capsys=capsys)
+    assert code == 2 and "exists and is not empty" in err and "--overwrite" in err
+    code, err = _odegpt("convert", "--checkpoint", checkpoints, "--output", run / "model", "--overwrite",
+                        capsys=capsys)
+    assert code == 0 and (run / "model" / "config.json").is_file() and (run / "config.json").read_bytes() == run_config
+
+
+def test_training_refuses_to_write_into_a_folder_that_is_not_a_run(trained, tmp_path):
+    from launcher.run_folder import NotARunFolderError, check_run_folder
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "odegpt", "hidden_size": 64}))
+    (model / "model.safetensors").write_bytes(b"weights")
+    bare_model_config = tmp_path / "bare"
+    bare_model_config.mkdir()
+    (bare_model_config / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "manifest.json").write_text("{}")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("mine")
+    (tmp_path / "file").write_text("x")
+    cases = [("", "run.output_dir is empty, which would train into the current folder"),
+             (model, "holds model.safetensors: it is a model folder"),
+             (bare_model_config, "holds a 'llama' model's config.json, which training would replace"),
+             (corpus, "holds manifest.json: it is a prepared corpus"),
+             (project, "is not a training run's folder (it holds README.md)"),
+             (tmp_path / "file", "is a file, not a folder")]
+    for folder, message in cases:
+        with pytest.raises(NotARunFolderError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            check_run_folder(folder)
+    for fine in (tmp_path / "new", trained, tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        check_run_folder(fine)  # a new folder, a run's own (with its checkpoints), an empty one
+
+    # The real command, on one rank: refused before anything is written.
+    before = sorted(os.listdir(model)), (model / "config.json").read_bytes()
+    process = _plain(model, **{"train.train_steps": 1})
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 2, stderr[-3000:]
+    assert f"run.output_dir {model} holds model.safetensors" in stderr
+    assert (sorted(os.listdir(model)), (model / "config.json").read_bytes()) == before
+    result = subprocess.run([PYTHON, "-m", "odegpt", "launch", "--num-gpus", "2", "--config", "quickstart",
+                             "--dry-run", *_overrides(model)], env=_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 2 and "holds model.safetensors" in result.stderr
+    assert (sorted(os.listdir(model)), (model / "config.json").read_bytes()) == before  # no deepspeed_env either
+
+
 def test_resume_falls_back_past_a_damaged_checkpoint_and_refuses_another_model(trained, tmp_path):
     run = _copy(trained, tmp_path)
     newest, previous = run / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000001"
