@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from odegpt.accounting import adaptive_flops_per_token, model_cost
-from odegpt.adaptive import energy, entropy, readout
+from odegpt.adaptive import energy, entropy
 from odegpt.evaluation import perplexity
 
 EXIT_BUDGETS = (0.25, 0.375, 0.5, 0.625, 0.75)  # mean executed steps, as fractions of the a=1 solve's (> 1 step)
@@ -69,7 +69,7 @@ def step_size_homogeneity(model, config, batches, step_sizes) -> list[dict]:
             measured[a]["cosine"].append(F.cosine_similarity(final, cut, dim=-1).flatten())
             measured[a]["norm_ratio"].append((final.norm(dim=-1) / cut.norm(dim=-1)).flatten())
             for states, key in ((final, "nll"), (cut, "nll_cut")):
-                logits = readout(model, states).float().flatten(0, 1)
+                logits = model.read_out(states).float().flatten(0, 1)
                 measured[a][key].append(F.cross_entropy(logits, targets, reduction="none"))
     rows = []
     for a, values in measured.items():
@@ -88,7 +88,7 @@ def _exit_quantities(model, batches) -> dict[str, torch.Tensor]:
     for batch in batches:
         inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
         states = model.model(inputs, step_size=1.0, use_cache=False, output_hidden_states=True).hidden_states[1:]
-        log_probs = [readout(model, h).float().flatten(0, 1).log_softmax(-1) for h in states]
+        log_probs = [model.read_out(h).float().flatten(0, 1).log_softmax(-1) for h in states]
         end = log_probs[-1]
         out["nll"].append(torch.stack([-lp.gather(1, targets[:, None])[:, 0] for lp in log_probs], 1))
         out["entropy"].append(torch.stack([entropy(lp) for lp in log_probs], 1))

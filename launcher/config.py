@@ -81,6 +81,9 @@ class TrainSection:
     # Auxiliary read-out losses {time: weight} at intermediate solver times of the drawn solve (where it
     # has a step boundary), e.g. {1: 0.3, 2: 0.3, 3: 0.3}: early read-outs for entropy early exit.
     readout_weights: dict | None = None
+    # Solver methods {name: weight} drawn per optimizer step (odegpt.solver.METHODS), e.g. {euler: 1, heun: 1};
+    # null trains with model.solver only.
+    solvers: dict | None = None
     max_nonfinite_steps: int = 3  # stop after this many optimizer steps in a row with a non-finite loss
     dist_timeout_s: int = 600  # collectives with a dead peer fail after this long
     compile: bool = False  # torch.compile each block's attention and MLP branches (ZeRO 0-2)
@@ -244,6 +247,13 @@ class RunConfig:
             model_config = self.model_config()
         except (ValueError, TypeError) as error:
             raise ConfigError(f"model: {error}") from None
+        if t.solvers is not None:
+            from odegpt.objective import SolverSampler
+
+            try:
+                SolverSampler(t.solvers, t.seed)
+            except (ValueError, TypeError) as error:
+                raise ConfigError(f"train.solvers: {error}") from None
         if t.readout_weights is not None:
             depth = model_config.num_hidden_layers
             if not isinstance(t.readout_weights, dict):

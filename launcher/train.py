@@ -157,6 +157,7 @@ class StepResult:
     loss: float  # mean over ranks and micro-batches
     step_size: float
     stop: bool  # a stop signal arrived on some rank
+    solver: str | None = None  # the drawn solver method, when train.solvers draws one
 
 
 class Evaluator:
@@ -190,7 +191,7 @@ class Trainer:
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
-        from odegpt.objective import StepSizeDistribution, StepSizeSampler
+        from odegpt.objective import SolverSampler, StepSizeDistribution, StepSizeSampler
 
         from . import checkpointing, data, faults
         from .metrics import MetricsLogger
@@ -254,6 +255,7 @@ class Trainer:
                                                           f"rank(s), now {world_size})" if checkpoint.universal else "")
                      + f": step {self.step}, {self.consumed_samples} samples consumed")
         self.sampler = StepSizeSampler(StepSizeDistribution.from_dict(t.step_size), t.seed)
+        self.solvers = None if t.solvers is None else SolverSampler(t.solvers, t.seed)
         self.grad_accum = config.gradient_accumulation_steps(world_size)
         self.batches = data.train_micro_batches(train_ds, self.consumed_samples, t.micro_batch_size, rank, world_size)
         eval_micro = config.eval.micro_batch_size or t.micro_batch_size
@@ -266,7 +268,7 @@ class Trainer:
         self.stop = faults.StopRequest().install()
         self.guard = faults.NonFiniteGuard(t.max_nonfinite_steps)
         faults.FaultPlan.from_environment().install(self)
-        self._costs: dict[float, tuple[int, float]] = {}  # a -> (solver steps, training FLOPs per token)
+        self._costs: dict[tuple, tuple[int, float]] = {}  # (a, solver) -> (solver steps, training FLOPs/token)
 
     def say(self, message: str) -> None:
         if self.rank == 0:
@@ -353,10 +355,11 @@ class Trainer:
         import torch.distributed as dist
 
         a = self.sampler.sample(self.step)
+        solver = None if self.solvers is None else self.solvers.sample(self.step)
         self.engine.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for _ in range(self.grad_accum):
-            loss = self.micro_batch_loss(next(self.batches).to(self.device), a)
+            loss = self.micro_batch_loss(next(self.batches).to(self.device), a, solver)
             loss_sum += loss.detach().double()
             # A non-finite micro-batch back-propagates zero instead (collectives stay aligned).
             self.engine.backward(torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)))
@@ -364,14 +367,15 @@ class Trainer:
         stop = torch.tensor(float(self.stop.requested), dtype=torch.float64, device=self.device)
         reduced = torch.stack([loss_sum / self.grad_accum, stop])
         dist.all_reduce(reduced)
-        return StepResult(loss=reduced[0].item() / self.world_size, step_size=a, stop=reduced[1].item() > 0)
+        return StepResult(loss=reduced[0].item() / self.world_size, step_size=a, stop=reduced[1].item() > 0,
+                          solver=solver)
 
-    def micro_batch_loss(self, tokens, step_size: float):
+    def micro_batch_loss(self, tokens, step_size: float, solver: str | None = None):
         from odegpt.objective import language_model_loss
 
         t = self.config.train
         return language_model_loss(self.engine, tokens, step_size, t.consistency_weight, t.reference_weight,
-                                   t.readout_weights)
+                                   t.readout_weights, solver)
 
     # ---- what the loop delegates to: each decides its own interval ---------------------------------
 
@@ -380,19 +384,19 @@ class Trainer:
         from odegpt.objective import objective_flops_per_token
 
         t = self.config.train
-        a = result.step_size
-        if a not in self._costs:  # solver steps at a; training FLOPs/token, the objective's a=1 passes included
+        a, solver = result.step_size, result.solver
+        if (a, solver) not in self._costs:  # solver steps at a; training FLOPs/token, the a=1 passes included
             model_config = self.config.model_config()
-            self._costs[a] = (model_cost(model_config, a, t.seq_len).executed_steps,
-                              objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight,
-                                                        t.reference_weight, t.readout_weights))
-        executed_steps, flops_per_token = self._costs[a]
+            self._costs[a, solver] = (model_cost(model_config, a, t.seq_len).executed_steps,
+                                      objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight,
+                                                                t.reference_weight, t.readout_weights, solver))
+        executed_steps, flops_per_token = self._costs[a, solver]
         grad_norm = self.engine.get_global_grad_norm()
         tokens = t.global_batch_size * t.seq_len
         self.metrics.train_step(self.step, {
             "loss": result.loss, "step_size": a, "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-            "executed_steps": executed_steps}, tokens=tokens, flops=flops_per_token * tokens,
+            "executed_steps": executed_steps, **({} if solver is None else {"solver": solver})}, tokens=tokens, flops=flops_per_token * tokens,
             peak_flops=self.peak_flops, device_type=self.device_type, last=last)
 
     def stop_on_signal(self) -> int:

@@ -11,13 +11,14 @@ import math
 from dataclasses import dataclass
 
 from .configuration_odegpt import OdeGPTConfig, check_step_size
-from .solver import num_blocks, plan_solve
+from .solver import num_blocks, plan_solve, solver_method
 
 
 @dataclass(frozen=True)
 class ModelCost:
     step_size: float
     executed_steps: int
+    block_evaluations: int  # executed steps x the solver method's evaluations per step (Heun: 2); KV slots
     parameters: int  # distinct parameters, tied embeddings counted once
     block_parameters: int  # parameters of all distinct blocks
     flops_per_token: float  # forward
@@ -50,11 +51,14 @@ def kv_projection_flops(config: OdeGPTConfig) -> int:
 
 
 def model_cost(
-    config: OdeGPTConfig, step_size: float | None = None, seq_len: int = 2048, dtype_bytes: int = 2
+    config: OdeGPTConfig, step_size: float | None = None, seq_len: int = 2048, dtype_bytes: int = 2,
+    solver: str | None = None,
 ) -> ModelCost:
-    """Cost of ``config`` solved at ``step_size`` (default: the config's) with ``seq_len`` context."""
+    """Cost of ``config`` solved at ``step_size`` with ``solver`` (default: the config's) with ``seq_len`` context.
+    A block evaluation costs one step's FLOPs and one KV-cache slot."""
     step_size = config.step_size if step_size is None else check_step_size(step_size)
-    steps = len(plan_solve(config.segments, step_size, config.max_solver_steps))
+    executed = len(plan_solve(config.segments, step_size, config.max_solver_steps))
+    steps = executed * solver_method(config.solver if solver is None else solver).evaluations
     _, per_block = block_parameter_count(config)
     d, vocab = config.hidden_size, config.vocab_size
     blocks = num_blocks(config.segments) * per_block
@@ -63,7 +67,8 @@ def model_cost(
     kv = steps * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
     return ModelCost(
         step_size=step_size,
-        executed_steps=steps,
+        executed_steps=executed,
+        block_evaluations=steps,
         parameters=blocks + embeddings + d,
         block_parameters=blocks,
         flops_per_token=float(forward),
@@ -75,10 +80,11 @@ def model_cost(
 def adaptive_flops_per_token(config: OdeGPTConfig, executed_steps: float, readouts: float, kv_projections: float = 0.0,
                              continued_steps: float = 0.0, seq_len: int = 2048) -> float:
     """Forward FLOPs of an adaptive solve (odegpt/adaptive.py) from its per-token counts: executed and
-    lazily continued steps, LM-head read-outs (the final one included) and key/value fill projections.
-    With one read-out and a fixed step count it is ``model_cost(...).flops_per_token``."""
-    return float((executed_steps + continued_steps) * step_flops(config, seq_len) + readouts * readout_flops(config)
-                 + kv_projections * kv_projection_flops(config))
+    lazily continued steps (each the config's solver's evaluations), LM-head read-outs (the final one included)
+    and key/value fill projections. With one read-out and a fixed step count it is ``model_cost(...).flops_per_token``."""
+    evaluations = solver_method(config.solver).evaluations
+    return float((executed_steps + continued_steps) * evaluations * step_flops(config, seq_len)
+                 + readouts * readout_flops(config) + kv_projections * kv_projection_flops(config))
 
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets; the first name

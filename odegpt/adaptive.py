@@ -48,7 +48,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from .cache import OdeCache
-from .solver import STEP_FUNCTIONS, check_step_size, plan_solve
+from .solver import SolveHook, StateRecorder, StepContext, check_step_size
 
 KV_FILLS = ("lazy", "copy", "interpolate")
 DEFAULT_SWIFT_STEP_SIZE = 4.0
@@ -140,9 +140,9 @@ class AdaptiveCache:
 
     solves: dict[float, OdeCache] = field(default_factory=dict)
 
-    def solve(self, step_size: float, num_steps: int) -> OdeCache:
+    def solve(self, step_size: float, num_slots: int, solver: str = "euler") -> OdeCache:
         cache = self.solves.setdefault(step_size, OdeCache())
-        cache.bind(step_size, num_steps)
+        cache.bind(step_size, num_slots, solver)
         return cache
 
     def get_seq_length(self) -> int:
@@ -154,14 +154,15 @@ class AdaptiveCache:
 
 
 class _FilledKeysValues:
-    """Stands in for the cache during one step of a routed super solve: the keys and values of tokens
-    that were not routed are replaced by their fill before they are cached and attended to."""
+    """Stands in for the cache during one step of a solve: the keys and values of the tokens not in ``keep``
+    are replaced by ``fill(slot)`` before they are cached and attended to."""
 
-    def __init__(self, cache: OdeCache | None, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
-        self.cache, self.keep, self.keys, self.values = cache, keep[:, None, :, None], keys, values
+    def __init__(self, cache: OdeCache | None, keep: torch.Tensor, fill) -> None:
+        self.cache, self.keep, self.fill = cache, keep[:, None, :, None], fill
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, slot: int):
-        keys, values = torch.where(self.keep, keys, self.keys), torch.where(self.keep, values, self.values)
+        fill_keys, fill_values = self.fill(slot, keys, values)
+        keys, values = torch.where(self.keep, keys, fill_keys), torch.where(self.keep, values, fill_values)
         return (keys, values) if self.cache is None else self.cache.update(keys, values, slot)
 
 
@@ -177,11 +178,6 @@ def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return -temperature * torch.logsumexp(logits.float() / temperature, dim=-1)
 
 
-def readout(model, h: torch.Tensor) -> torch.Tensor:
-    """Logits of states ``h``: the final norm and LM head, as at the end of the solve."""
-    return model.lm_head(model.model.norm(h))
-
-
 def adaptive_forward(model, input_ids: torch.LongTensor, settings: AdaptiveDepth,
                      attention_mask: torch.Tensor | None = None, past_key_values: AdaptiveCache | None = None
                      ) -> AdaptiveOutput:
@@ -190,117 +186,172 @@ def adaptive_forward(model, input_ids: torch.LongTensor, settings: AdaptiveDepth
     Teacher-forced scoring is one call over the whole sequence; decoding feeds new tokens with an
     ``AdaptiveCache``. Causal attention makes both give every token the same schedule and logits."""
     settings = settings.checked(model.config)
-    h = model.model.embed_tokens(input_ids)
+    h = model.embed(input_ids)
     past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
-    cos, sin, mask = model.model.attention_inputs(h, attention_mask, None, past_len)
+    inputs = model.attention_inputs(h, attention_mask, past_len)
     solve = _routed_solve if settings.routing else _early_exit_solve
-    logits, counts = solve(model, h, dict(cos=cos, sin=sin, mask=mask), settings, past_key_values)
+    logits, counts = solve(model, h, inputs, settings, past_key_values)
     return AdaptiveOutput(logits=logits, counts=counts, cache=past_key_values)
 
 
-def _early_exit_solve(model, h, inputs, settings: AdaptiveDepth, cache: AdaptiveCache | None):
-    config, blocks = model.config, model.model.blocks
-    plan = plan_solve(config.segments, settings.step_size, config.max_solver_steps)
-    kv = None if cache is None else cache.solve(settings.step_size, len(plan))
-    step_function = STEP_FUNCTIONS[config.solver]
-    lazy = settings.kv_fill == "lazy"
-    max_time = math.inf if settings.max_time is None else settings.max_time
-    batch, seq = h.shape[:2]
-    active = torch.ones(batch, seq, dtype=torch.bool, device=h.device)
-    zeros = torch.zeros(batch, seq, device=h.device)
-    executed, readouts, kv_projections, continued = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
-    # The block each exited token's frozen state was last projected with (-1: not yet). A shared block
-    # projects the same frozen state to the same keys and values at every later step, so a token costs
-    # one projection per block it passes after its exit, not one per step.
-    projected_with = torch.full((batch, seq), -1, dtype=torch.long, device=h.device)
-    logits, reused = None, None
-    time = 0.0
-    for slot, (block, dt) in enumerate(plan):
-        any_active = bool(active.any())
-        if lazy or any_active:
-            stepped = step_function(blocks[block], h, dt, cache=kv, slot=slot, **inputs)
-            # An exited token keeps integrating (lazy) or stays frozen, its frozen state's keys and values
-            # being what this step just cached for it (copy, interpolate).
-            h = stepped if lazy else torch.where(active[..., None], stepped, h)
-        elif kv is not None:  # every token has exited: cache the frozen states' keys and values, nothing else
-            if reused is None or reused[0] != block:
-                reused = (block, *blocks[block].keys_values(h, inputs["cos"], inputs["sin"]))
-            kv.update(*reused[1:], slot)
-        executed += active
-        if lazy:
-            continued.add_(~active)
+def _zeros(h: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(h.shape[:2], device=h.device)
+
+
+class _EarlyExit(SolveHook):
+    """The early-exit solve's control of each step: tokens still integrating step; exited ones stay frozen
+    (copy, interpolate) or keep integrating for later tokens (lazy); after a step where a check is due, the
+    active tokens are read out and those below the entropy threshold exit."""
+
+    def __init__(self, model, h: torch.Tensor, settings: AdaptiveDepth, kv) -> None:
+        self.model, self.settings, self.kv = model, settings, kv
+        self.lazy = settings.kv_fill == "lazy"
+        self.max_time = math.inf if settings.max_time is None else settings.max_time
+        self.active = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        self.executed, self.readouts, self.kv_projections, self.continued = (_zeros(h) for _ in range(4))
+        # The block each exited token's frozen state was last projected with (-1: not yet). A shared block
+        # projects the same frozen state to the same keys and values at every later step, so a token costs
+        # one projection per block it passes after its exit, not one per step.
+        self.projected_with = torch.full(h.shape[:2], -1, dtype=torch.long, device=h.device)
+        self.logits: torch.Tensor | None = None
+        self.reused: tuple | None = None
+        self.inputs: dict = {}
+
+    def evaluate(self, step: StepContext, h: torch.Tensor) -> bool:
+        self.any_active = bool(self.active.any())
+        return self.lazy or self.any_active
+
+    def cache(self, step: StepContext, cache):
+        """With a method of several evaluations per step (Heun), a frozen token's keys and values at the later
+        ones are those of its frozen state, which the step's first evaluation projected with the same block."""
+        if self.lazy or len(step.slots) == 1:
+            return cache
+        first: dict[str, tuple] = {}
+
+        def frozen(slot: int, keys: torch.Tensor, values: torch.Tensor):
+            return first.setdefault("kv", (keys, values))
+
+        return _FilledKeysValues(cache, self.active, frozen)
+
+    def skipped(self, step: StepContext, h: torch.Tensor) -> None:
+        """Every token has exited: cache the frozen states' keys and values, nothing else."""
+        if self.kv is not None:
+            if self.reused is None or self.reused[0] != step.block:
+                self.reused = (step.block, *self.model.keys_values(step.block, h, self.inputs))
+            for slot in step.slots:
+                self.kv.update(*self.reused[1:], slot)
+        self._count_and_check(step, h)
+
+    def advance(self, step: StepContext, h: torch.Tensor, stepped: torch.Tensor) -> torch.Tensor:
+        # An exited token keeps integrating (lazy) or stays frozen, its frozen state's keys and values being
+        # what this step just cached for it (copy, interpolate).
+        h = stepped if self.lazy else torch.where(self.active[..., None], stepped, h)
+        self._count_and_check(step, h)
+        return h
+
+    def _count_and_check(self, step: StepContext, h: torch.Tensor) -> None:
+        active, settings = self.active, self.settings
+        self.executed += active
+        if self.lazy:
+            self.continued.add_(~active)
         else:
-            kv_projections.add_(~active & (projected_with != block))
-            projected_with.masked_fill_(~active, block)
-        time += dt
-        is_last = slot == len(plan) - 1
-        check_due = (slot + 1) % settings.check_every == 0 and time >= settings.min_time - _TIME_TOLERANCE
-        forced = time >= max_time - _TIME_TOLERANCE
-        if is_last or not any_active or not (check_due or forced):
-            continue
+            self.kv_projections.add_(~active & (self.projected_with != step.block))
+            self.projected_with.masked_fill_(~active, step.block)
+        check_due = (step.index + 1) % settings.check_every == 0 and step.end >= settings.min_time - _TIME_TOLERANCE
+        forced = step.end >= self.max_time - _TIME_TOLERANCE
+        if step.last or not self.any_active or not (check_due or forced):
+            return
         rows, cols = active.nonzero(as_tuple=True)
-        checked = readout(model, h[rows, cols])
-        readouts[rows, cols] += 1
+        checked = self.model.read_out(h[rows, cols])
+        self.readouts[rows, cols] += 1
         exits = (entropy(checked) < settings.exit_entropy) | forced
-        if logits is None:
-            logits = checked.new_zeros(batch, seq, checked.shape[-1])
-        logits[rows[exits], cols[exits]] = checked[exits]
+        if self.logits is None:
+            self.logits = checked.new_zeros(*active.shape, checked.shape[-1])
+        self.logits[rows[exits], cols[exits]] = checked[exits]
         active[rows[exits], cols[exits]] = False
+
+
+def _early_exit_solve(model, h, inputs, settings: AdaptiveDepth, cache: AdaptiveCache | None):
+    _, plan, method = model.plan(settings.step_size)
+    kv = None if cache is None else cache.solve(settings.step_size, len(plan) * method.evaluations, method.name)
+    control = _EarlyExit(model, h, settings, kv)
+    control.inputs = inputs
+    h = model.solve(h, plan, method, inputs, kv, hook=control)
+    logits, active = control.logits, control.active
     if bool(active.any()):  # tokens that ran the whole solve: the ordinary final read-out
-        final = readout(model, h)
+        final = model.read_out(h)
         logits = final if logits is None else torch.where(active[..., None], final, logits)
-        readouts += active
-    return logits, AdaptiveCounts(executed, readouts, kv_projections, continued)
+        control.readouts += active
+    return logits, AdaptiveCounts(control.executed, control.readouts, control.kv_projections, control.continued)
+
+
+class _RoutedSuperSolve(SolveHook):
+    """The super solve of routed tokens: at each step the tokens that stayed swift get filled keys and values
+    (from their swift states, by ``kv_fill``), which the routed tokens attend to and later tokens find cached."""
+
+    def __init__(self, model, settings: AdaptiveDepth, routed: torch.Tensor, swift: StateRecorder, kv,
+                 inputs: dict) -> None:
+        self.model, self.settings, self.routed, self.swift, self.kv, self.inputs = \
+            model, settings, routed, swift, kv, inputs
+        self.any_routed = bool(routed.any())
+        self.fill = not (settings.kv_fill == "lazy" or bool(routed.all()))
+        self.kv_projections = torch.zeros(routed.shape, device=routed.device)
+        self.projected: dict = {}
+        self.stage_times = model.plan(settings.step_size)[2].stage_times
+
+    def _filled(self, step: StepContext, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fill at the time of the step's evaluation writing ``slot`` (Heun's second one: the step's end)."""
+        time = step.start + self.stage_times[slot - step.slots.start] * step.dt
+        keys, values, projections = _fill(self.model, step.block, self.swift.states, self.swift.times, time,
+                                          self.settings.kv_fill, self.inputs, self.projected)
+        self.kv_projections += projections * ~self.routed
+        return keys, values
+
+    def cache(self, step: StepContext, cache):
+        if not self.fill:
+            return cache
+        return _FilledKeysValues(cache, self.routed, lambda slot, keys, values: self._filled(step, slot))
+
+    def evaluate(self, step: StepContext, h: torch.Tensor) -> bool:
+        return not self.fill or self.any_routed
+
+    def skipped(self, step: StepContext, h: torch.Tensor) -> None:
+        """No token re-solved: only the super cache needs the fill, for later tokens."""
+        for slot in step.slots:
+            self.kv.update(*self._filled(step, slot), slot)
 
 
 def _routed_solve(model, h0, inputs, settings: AdaptiveDepth, cache: AdaptiveCache | None):
-    config, blocks = model.config, model.model.blocks
-    step_function = STEP_FUNCTIONS[config.solver]
-    swift_plan = plan_solve(config.segments, settings.swift_step_size, config.max_solver_steps)
-    super_plan = plan_solve(config.segments, settings.step_size, config.max_solver_steps)
-    swift_kv = None if cache is None else cache.solve(settings.swift_step_size, len(swift_plan))
-    super_kv = None if cache is None else cache.solve(settings.step_size, len(super_plan))
+    _, swift_plan, method = model.plan(settings.swift_step_size)
+    _, super_plan, _ = model.plan(settings.step_size)
+    slots = method.evaluations
+    swift_kv = None if cache is None else cache.solve(settings.swift_step_size, len(swift_plan) * slots, method.name)
+    super_kv = None if cache is None else cache.solve(settings.step_size, len(super_plan) * slots, method.name)
 
     # 1. The swift solve of every token, keeping its state at every step's start and at the end.
-    h, states, times = h0, [h0], [0.0]
-    for slot, (block, dt) in enumerate(swift_plan):
-        h = step_function(blocks[block], h, dt, cache=swift_kv, slot=slot, **inputs)
-        states.append(h)
-        times.append(times[-1] + dt)
-    swift_logits = readout(model, h)
+    swift = StateRecorder(h0)
+    swift_logits = model.read_out(model.solve(h0, swift_plan, method, inputs, swift_kv, hook=swift))
     routed = energy(swift_logits, settings.energy_temperature) > settings.route_energy
-    batch, seq = routed.shape
-    zeros = torch.zeros(batch, seq, device=h0.device)
+    zeros = torch.zeros(routed.shape, device=h0.device)
     executed = len(swift_plan) + routed * float(len(super_plan))
     readouts = 1.0 + routed.float()
-    kv_projections, continued = zeros.clone(), zeros.clone()
+    continued = zeros.clone()
 
     # 2. The super solve of the routed tokens, attending to the others' filled keys and values.
-    lazy, all_routed, any_routed = settings.kv_fill == "lazy", bool(routed.all()), bool(routed.any())
+    lazy, any_routed = settings.kv_fill == "lazy", bool(routed.any())
     if not (lazy or any_routed or super_kv is not None):
-        return swift_logits, AdaptiveCounts(executed, readouts, kv_projections, continued)
-    h, time, projected = h0, 0.0, {}
-    for slot, (block, dt) in enumerate(super_plan):
-        if lazy or all_routed:
-            h = step_function(blocks[block], h, dt, cache=super_kv, slot=slot, **inputs)
-        else:
-            keys, values, projections = _fill(blocks, block, states, times, time, settings.kv_fill, inputs, projected)
-            kv_projections += projections * ~routed
-            if any_routed:
-                filled = _FilledKeysValues(super_kv, routed, keys, values)
-                h = step_function(blocks[block], h, dt, cache=filled, slot=slot, **inputs)
-            else:  # no token re-solved: only the super cache needs the fill, for later tokens
-                super_kv.update(keys, values, slot)
-        time += dt
+        return swift_logits, AdaptiveCounts(executed, readouts, zeros, continued)
+    control = _RoutedSuperSolve(model, settings, routed, swift, super_kv, inputs)
+    h = model.solve(h0, super_plan, method, inputs, super_kv, hook=control)
     if lazy:
         continued += ~routed * float(len(super_plan))
+    counts = AdaptiveCounts(executed, readouts, control.kv_projections, continued)
     if not any_routed:
-        return swift_logits, AdaptiveCounts(executed, readouts, kv_projections, continued)
-    logits = torch.where(routed[..., None], readout(model, h), swift_logits)
-    return logits, AdaptiveCounts(executed, readouts, kv_projections, continued)
+        return swift_logits, counts
+    return torch.where(routed[..., None], model.read_out(h), swift_logits), counts
 
 
-def _fill(blocks, block: int, states: list[torch.Tensor], times: list[float], time: float, kv_fill: str,
+def _fill(model, block: int, states: list[torch.Tensor], times: list[float], time: float, kv_fill: str,
           inputs: dict, projected: dict):
     """Keys and values at ``time`` from the swift states at ``times`` (copy: the nearest, earlier on a tie;
     interpolate: linear between the two around it), and how many projections that cost per token. A
@@ -309,7 +360,7 @@ def _fill(blocks, block: int, states: list[torch.Tensor], times: list[float], ti
     def keys_values(index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         fresh = (block, index) not in projected
         if fresh:
-            projected[block, index] = blocks[block].keys_values(states[index], inputs["cos"], inputs["sin"])
+            projected[block, index] = model.keys_values(block, states[index], inputs)
         return *projected[block, index], int(fresh)
 
     after = next((i for i, t in enumerate(times) if t >= time - _TIME_TOLERANCE), len(times) - 1)

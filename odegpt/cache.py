@@ -1,10 +1,11 @@
-"""The KV cache of an odegpt model: one slot per executed solver step, for exactly one step size.
+"""The KV cache of an odegpt model: one slot per block evaluation of a solve, for exactly one solve.
 
-A solve at step size ``a`` executes ``ceil(D / a)`` steps per shared segment, so the number of
-cache slots depends on ``a``, not on the trained depth that transformers would preallocate from
-``num_hidden_layers``. The cache grows one slot per step on first use and remembers the step size
-it was built at: keys and values computed at one ``a`` are meaningless at another, so reusing the
-cache with a different ``a`` is an error rather than silently wrong output.
+A solve at step size ``a`` executes ``ceil(D / a)`` steps per shared segment, and its method evaluates
+the block once (Euler) or more (Heun: twice) per step, so the number of cache slots depends on ``a`` and
+the method, not on the trained depth that transformers would preallocate from ``num_hidden_layers``.
+The cache grows one slot per evaluation on first use and remembers the step size and method it was
+built with: keys and values computed by one solve are meaningless to another, so reusing the cache
+with a different ``a`` or method is an error rather than silently wrong output.
 
 Which transformers runs a folder is its user's choice, so the cache also answers to both names
 transformers has given it: ``past_key_values`` until 5.23, ``cache`` from 5.24 on (forward()'s
@@ -48,22 +49,24 @@ def output_cache(output) -> Cache | None:
 
 
 class OdeCache(DynamicCache):
-    """A ``DynamicCache`` whose layers are solver steps, bound to the step size that filled it."""
+    """A ``DynamicCache`` whose layers are block evaluations of a solve, bound to the solve that filled it."""
 
     def __init__(self, step_size: float | None = None) -> None:
-        super().__init__()  # no config: layers are created lazily, one per solver step
+        super().__init__()  # no config: layers are created lazily, one per block evaluation
         self.step_size = step_size
-        self.num_steps: int | None = None
+        self.solver: str | None = None
+        self.num_steps: int | None = None  # cache slots: executed steps x the method's evaluations per step
 
-    def bind(self, step_size: float, num_steps: int) -> None:
-        """Tie the cache to the solve that uses it; raise if it belongs to another step size."""
-        if self.step_size is None:
-            self.step_size, self.num_steps = step_size, num_steps
-        elif step_size != self.step_size:
+    def bind(self, step_size: float, num_steps: int, solver: str = "euler") -> None:
+        """Tie the cache to the solve that uses it (step size and solver method); raise if it belongs to another."""
+        if self.step_size is None or (self.solver is None and step_size == self.step_size):
+            self.step_size, self.num_steps, self.solver = step_size, num_steps, solver
+        elif step_size != self.step_size or solver != self.solver:
             raise ValueError(
-                f"this KV cache was built at step_size={self.step_size} ({self.num_steps} solver steps) and "
-                f"cannot be used at step_size={step_size} ({num_steps} steps): its keys and values belong to "
-                f"another solve. Start a new cache (or a new generate call) for the new step size."
+                f"this KV cache was built at step_size={self.step_size} with the {self.solver} solver "
+                f"({self.num_steps} slots) and cannot be used at step_size={step_size} with {solver} ({num_steps} "
+                f"slots): its keys and values belong to another solve. Start a new cache (or a new generate call) "
+                f"for the new solve."
             )
         else:
             self.num_steps = num_steps

@@ -11,7 +11,7 @@ import transformers
 from packaging.version import Version
 from transformers import PretrainedConfig
 
-from .solver import DEFAULT_MAX_SOLVER_STEPS, check_solve_length, check_step_size
+from .solver import DEFAULT_MAX_SOLVER_STEPS, check_solve_length, check_step_size, solver_method
 
 
 # The oldest transformers a native folder runs on (its layered DynamicCache; tests/test_clients.py checks it in CI).
@@ -121,8 +121,7 @@ class OdeGPTConfig(PretrainedConfig):
         if (self.hidden_size // self.num_attention_heads) % 2 != 0:
             raise ValueError(f"head dimension hidden_size/num_attention_heads must be even for rotary positions, "
                              f"got {self.hidden_size // self.num_attention_heads}")
-        if self.solver != "euler":
-            raise ValueError(f"solver must be 'euler' (the only one implemented), got {self.solver!r}")
+        solver_method(self.solver)  # one of odegpt.solver.METHODS
         check_solve_length(self.segments, self.step_size, self.max_solver_steps)
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")

@@ -19,7 +19,6 @@ from transformers.initialization import no_init_weights
 
 from .configuration_odegpt import OdeGPTConfig
 from .modeling_odegpt import OdeGPTForCausalLM
-from .solver import plan_solve
 
 # Block weights that multiply a residual branch's output: where a step's dt is folded in.
 _BRANCH_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
@@ -100,10 +99,13 @@ def llama_config_for(config: OdeGPTConfig, num_layers: int) -> LlamaConfig:
     )
 
 
-def unroll_to_llama(model: OdeGPTForCausalLM, step_size: float) -> LlamaForCausalLM:
-    """A ``LlamaForCausalLM`` computing ``model`` solved at ``step_size``: one layer per executed step."""
+def unroll_to_llama(model: OdeGPTForCausalLM, step_size: float, solver: str | None = None) -> LlamaForCausalLM:
+    """A ``LlamaForCausalLM`` computing ``model`` solved at ``step_size``: one layer per executed step. A solver
+    method whose step is not one residual layer (``SolverMethod.not_unrollable``) is refused with its reason."""
     config = model.config
-    plan = plan_solve(config.segments, step_size, config.max_solver_steps)
+    _, plan, method = model.plan(step_size, solver)
+    if method.not_unrollable is not None:
+        raise ValueError(f"the {method.name} solver cannot be unrolled to Llama layers: {method.not_unrollable}")
     source = model.state_dict()
     state = {
         "model.embed_tokens.weight": source["model.embed_tokens.weight"],
@@ -123,10 +125,11 @@ def unroll_to_llama(model: OdeGPTForCausalLM, step_size: float) -> LlamaForCausa
 
 
 def save_unrolled(
-    model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float, tokenizer_dir: str | Path | None = None
+    model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float, tokenizer_dir: str | Path | None = None,
+    solver: str | None = None,
 ) -> Path:
     output_dir = Path(output_dir)
-    unroll_to_llama(model, step_size).save_pretrained(output_dir)
+    unroll_to_llama(model, step_size, solver).save_pretrained(output_dir)
     add_fields_older_clients_read(output_dir)
     copy_tokenizer(tokenizer_dir, output_dir)
     return output_dir

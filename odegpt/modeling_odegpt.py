@@ -21,7 +21,7 @@ from .adaptive import AdaptiveDepth, adaptive_generate
 from .cache import CACHE_FIELD, OdeCache, output_cache, received_cache
 from .configuration_odegpt import OdeGPTConfig, check_step_size
 from .loss import shifted_cross_entropy
-from .solver import STEP_FUNCTIONS, num_blocks, plan_solve
+from .solver import StateRecorder, integrate, num_blocks, plan_solve, solver_method
 from .speculative import self_speculative_generate
 
 
@@ -176,14 +176,15 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         step_size: float | None = None,
         output_hidden_states: bool | None = None,
         cache: OdeCache | None = None,
+        solver: str | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """``output_hidden_states=True`` also returns the state before the first step and after every
-        executed step (before the final norm), e.g. to read out intermediate times. The KV cache comes as
-        ``cache`` or ``past_key_values`` (transformers' name from 5.24 on, and before)."""
+        """``step_size`` and ``solver`` override the config's for this call. ``output_hidden_states=True`` also
+        returns the state before the first step and after every executed step (before the final norm), e.g.
+        to read out intermediate times. The KV cache comes as ``cache`` or ``past_key_values`` (transformers'
+        name from 5.24 on, and before)."""
         past_key_values = received_cache(cache, past_key_values, kwargs)
-        step_size = self.config.step_size if step_size is None else check_step_size(step_size)
-        plan = plan_solve(self.config.segments, step_size, self.config.max_solver_steps)
+        step_size, plan, method = self.plan(step_size, solver)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -193,25 +194,24 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
             past_key_values = OdeCache()
         if past_key_values is not None:
             if not isinstance(past_key_values, OdeCache):
-                raise TypeError(f"odegpt needs an odegpt OdeCache (one slot per solver step), "
+                raise TypeError(f"odegpt needs an odegpt OdeCache (one slot per block evaluation), "
                                 f"got {type(past_key_values).__name__}")
-            past_key_values.bind(step_size, len(plan))
+            past_key_values.bind(step_size, len(plan) * method.evaluations, method.name)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         cos, sin, mask = self.attention_inputs(h, attention_mask, position_ids, past_len)
 
-        step_function = STEP_FUNCTIONS[self.config.solver]
-        states = [h] if output_hidden_states else None
-        for slot, (block, dt) in enumerate(plan):
-            inputs = dict(cos=cos, sin=sin, mask=mask, cache=past_key_values, slot=slot)
-            if self.gradient_checkpointing and self.training:
-                h = self._gradient_checkpointing_func(step_function, self.blocks[block], h, dt, **inputs)
-            else:
-                h = step_function(self.blocks[block], h, dt, **inputs)
-            if states is not None:
-                states.append(h)
+        recorder = StateRecorder(h) if output_hidden_states else None
+        checkpoint = self._gradient_checkpointing_func if self.gradient_checkpointing and self.training else None
+        h = integrate(self.blocks, h, plan, method, past_key_values, hook=recorder, checkpoint=checkpoint,
+                      cos=cos, sin=sin, mask=mask)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), hidden_states=None if recorder is None else
+                                       tuple(recorder.states), **{CACHE_FIELD: past_key_values})
 
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), hidden_states=None if states is None else
-                                       tuple(states), **{CACHE_FIELD: past_key_values})
+    def plan(self, step_size: float | None = None, solver: str | None = None):
+        """``(step size, plan, method)`` of a solve, the config's where not given; bad values raise ValueError."""
+        step_size = self.config.step_size if step_size is None else check_step_size(step_size)
+        plan = plan_solve(self.config.segments, step_size, self.config.max_solver_steps)
+        return step_size, plan, solver_method(self.config.solver if solver is None else solver)
 
     def attention_inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None,
                          position_ids: torch.LongTensor | None, past_len: int):
@@ -281,9 +281,10 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
         cache: OdeCache | None = None,
+        solver: str | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """``step_size`` overrides ``config.step_size`` for this call; ``labels`` follow the HF
+        """``step_size`` and ``solver`` override the config's for this call; ``labels`` follow the HF
         convention (the same tokens as ``input_ids``, shifted here, -100 ignored)."""
         past_key_values = received_cache(cache, past_key_values, kwargs)
         if labels is not None and use_cache is None:
@@ -291,13 +292,40 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            step_size=step_size, output_hidden_states=output_hidden_states,
+            step_size=step_size, output_hidden_states=output_hidden_states, solver=solver,
         )
         h = outputs.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None if labels is None else shifted_cross_entropy(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                       **{CACHE_FIELD: output_cache(outputs)})
+
+    # ---- The model as decoders use it (adaptive depth, self-speculation): embed, solve, read out ------------
+
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """The state at time 0."""
+        return self.model.embed_tokens(input_ids)
+
+    def attention_inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, past_len: int = 0):
+        """Rotary tables and mask for states ``h`` after ``past_len`` cached positions, as a dict for :meth:`solve`."""
+        cos, sin, mask = self.model.attention_inputs(h, attention_mask, None, past_len)
+        return dict(cos=cos, sin=sin, mask=mask)
+
+    def plan(self, step_size: float | None = None, solver: str | None = None):
+        """``(step size, plan, method)`` of a solve (``odegpt.solver``), the config's where not given."""
+        return self.model.plan(step_size, solver)
+
+    def solve(self, h: torch.Tensor, plan, method, attention_inputs: dict, cache=None, hook=None) -> torch.Tensor:
+        """Integrate states ``h`` along ``plan`` (the one loop, ``odegpt.solver.integrate``); the final state."""
+        return integrate(self.model.blocks, h, plan, method, cache, hook=hook, **attention_inputs)
+
+    def keys_values(self, block: int, h: torch.Tensor, attention_inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values block ``block`` would attend with at states ``h`` (no attention, no MLP)."""
+        return self.model.blocks[block].keys_values(h, attention_inputs["cos"], attention_inputs["sin"])
+
+    def read_out(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of states ``h`` at any time: the final norm and LM head, as at the end of the solve."""
+        return self.lm_head(self.model.norm(h))
 
     def generate(self, *args, draft_step_size: float | None = None, draft_tokens: int | None = None,
                  draft_confidence: float | None = None,

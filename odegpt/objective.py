@@ -18,6 +18,10 @@ trained at ``a = 1`` only, while the coarse solves learn to follow it:
 ``readout_weights`` ``{t: w}`` adds ``w * CE`` of the read-out (final norm + LM head) of the state at
 solver time ``t`` of the drawn solve, where that solve has a step boundary at ``t`` (0 < t < depth), so
 early read-outs are good for entropy early exit (odegpt/adaptive.py).
+
+A :class:`SolverSampler` may also draw the solver method per optimizer step (``train.solvers``, e.g.
+``{euler: 1, heun: 1}``), so one set of weights learns to be integrated by several methods; the fine
+reference solve keeps the model's own method.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from .accounting import model_cost
 from .accounting import readout_flops
 from .configuration_odegpt import OdeGPTConfig, check_step_size
 from .loss import shifted_cross_entropy
-from .solver import plan_solve
+from .solver import plan_solve, solver_method
 
 # The solve every other step size is measured against: the trained depth's own resolution.
 REFERENCE_STEP_SIZE = 1.0
@@ -130,6 +134,29 @@ class StepSizeSampler:
         return cls(StepSizeDistribution.from_dict(state["distribution"]), state["seed"])
 
 
+class SolverSampler:
+    """Draws the solver method of optimizer step ``t`` from ``{method: weight}`` as a pure function of (seed, t),
+    from a stream of its own (the step-size draws are the same with or without it)."""
+
+    def __init__(self, weights: dict[str, float], seed: int) -> None:
+        self.names = list(weights)
+        for name in self.names:
+            solver_method(name)
+        probabilities = np.array([float(weights[name]) for name in self.names])
+        if (probabilities < 0).any() or not np.isfinite(probabilities).all() or probabilities.sum() <= 0:
+            raise ValueError(f"solver weights must be non-negative numbers with a positive sum, got {weights!r}")
+        self.probabilities, self.seed = probabilities / probabilities.sum(), int(seed)
+
+    def sample(self, optimizer_step: int) -> str:
+        if len(self.names) == 1:
+            return self.names[0]
+        rng = np.random.default_rng([self.seed, int(optimizer_step), _SOLVER_STREAM])
+        return self.names[int(rng.choice(len(self.names), p=self.probabilities))]
+
+
+_SOLVER_STREAM = 1  # distinguishes the solver draws' generator from the step-size draws'
+
+
 def readout_slots(config: OdeGPTConfig, step_size: float, readout_weights: dict[float, float] | None
                   ) -> list[tuple[int, float]]:
     """``(k, w)``: the state after executed step ``k`` of the solve at ``step_size`` lies at a time
@@ -148,9 +175,10 @@ def readout_slots(config: OdeGPTConfig, step_size: float, readout_weights: dict[
 
 def language_model_loss(
     model: torch.nn.Module, tokens: torch.Tensor, step_size: float, consistency_weight: float = 0.0,
-    reference_weight: float = 0.0, readout_weights: dict[float, float] | None = None,
+    reference_weight: float = 0.0, readout_weights: dict[float, float] | None = None, solver: str | None = None,
 ) -> torch.Tensor:
-    """Next-token loss of ``tokens`` (batch, seq_len + 1) solved at ``step_size``.
+    """Next-token loss of ``tokens`` (batch, seq_len + 1) solved at ``step_size`` with ``solver`` (default: the
+    model's).
 
     Away from ``a = 1`` two optional terms use the fine solve ``p_1`` (the trained depth's own
     resolution): ``reference_weight * CE(p_1)`` trains it on the same tokens (the loss is then
@@ -159,20 +187,20 @@ def language_model_loss(
     """
     inputs = tokens[:, :-1]
 
-    def solve(a: float) -> torch.Tensor:
-        return model(input_ids=inputs, step_size=a, use_cache=False).logits.float()
+    def solve(a: float, method: str | None = None) -> torch.Tensor:
+        return model(input_ids=inputs, step_size=a, use_cache=False, solver=method).logits.float()
 
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     slots = readout_slots(module.config, step_size, readout_weights)
     if slots:
-        out = model(input_ids=inputs, step_size=step_size, use_cache=False, output_hidden_states=True)
+        out = model(input_ids=inputs, step_size=step_size, use_cache=False, output_hidden_states=True, solver=solver)
         logits = out.logits.float()
         loss = shifted_cross_entropy(logits, tokens)
         for k, weight in slots:
-            early = module.lm_head(module.model.norm(out.hidden_states[k])).float()
+            early = module.read_out(out.hidden_states[k]).float()
             loss = loss + weight * shifted_cross_entropy(early, tokens)
     else:
-        logits = solve(step_size)
+        logits = solve(step_size, solver)
         loss = shifted_cross_entropy(logits, tokens)
     if step_size == REFERENCE_STEP_SIZE or (reference_weight <= 0 and consistency_weight <= 0):
         return loss
@@ -191,12 +219,12 @@ def language_model_loss(
 
 
 def objective_flops_per_token(config: OdeGPTConfig, step_size: float, seq_len: int, consistency_weight: float = 0.0,
-                              reference_weight: float = 0.0, readout_weights: dict[float, float] | None = None
-                              ) -> float:
+                              reference_weight: float = 0.0, readout_weights: dict[float, float] | None = None,
+                              solver: str | None = None) -> float:
     """Training FLOPs per token of one :func:`language_model_loss` at ``step_size``: the solve at
     ``a`` forward and backward, plus the ``a = 1`` solve forward and backward (``reference_weight``)
     or forward only (``consistency_weight`` alone) when ``a != 1``."""
-    cost = model_cost(config, step_size=step_size, seq_len=seq_len).training_flops_per_token
+    cost = model_cost(config, step_size=step_size, seq_len=seq_len, solver=solver).training_flops_per_token
     cost += 3 * readout_flops(config) * len(readout_slots(config, step_size, readout_weights))
     if step_size != REFERENCE_STEP_SIZE and (reference_weight > 0 or consistency_weight > 0):
         reference = model_cost(config, step_size=REFERENCE_STEP_SIZE, seq_len=seq_len)

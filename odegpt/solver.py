@@ -1,15 +1,25 @@
-"""The ODE solver behind odegpt: plan the steps of a solve, and take one step.
+"""The ODE solver behind odegpt: plan the steps of a solve, and integrate. The one solve loop lives here.
 
 A pre-norm residual block ``h <- h + F(h)`` is one explicit Euler step of ``dh/dt = F(h)`` with
 step 1. A shared segment of depth ``D`` is ONE block ``F`` integrated over time ``D``; with step
 size ``a`` that takes ``ceil(D / a)`` steps, the last one shortened so the steps add up to ``D``.
 An unshared segment is ``D`` distinct blocks, each always taking step 1 (ordinary layers).
 
+- :func:`plan_solve`: the steps of a solve (which block, for how long); the same for every method.
+- :data:`METHODS`: how one step is taken (a :class:`SolverMethod`: its step function, how many block
+  evaluations and so KV-cache slots a step costs, and whether a step unrolls into Llama layers).
+- :func:`integrate`: the loop over a plan, for every path that solves (the forward pass, cached decoding,
+  adaptive depth, self-speculative drafts); a :class:`SolveHook` lets a decoder treat tokens differently
+  at each step without writing a loop of its own.
+
+Adding a method means adding a step function and one :data:`METHODS` entry here.
+
 This file is copied verbatim into exported model folders, so it imports only torch.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -100,9 +110,11 @@ def num_blocks(segments: list[dict]) -> int:
     return sum(1 if s["shared"] else s["depth"] for s in segments)
 
 
-def euler_step(block: torch.nn.Module, h: torch.Tensor, dt: float, **attention_inputs) -> torch.Tensor:
-    """``h <- h + dt * Attn(norm(h))``, then ``h <- h + dt * MLP(norm(h))``."""
-    h = _add_scaled(h, block.attention_branch(h, **attention_inputs), dt)
+def euler_step(block: torch.nn.Module, h: torch.Tensor, dt: float, cache=None, slot: int = 0,
+               **attention_inputs) -> torch.Tensor:
+    """``h <- h + dt * Attn(norm(h))``, then ``h <- h + dt * MLP(norm(h))``: one evaluation of the block,
+    whose keys and values go to ``cache`` slot ``slot``."""
+    h = _add_scaled(h, block.attention_branch(h, cache=cache, slot=slot, **attention_inputs), dt)
     return _add_scaled(h, block.mlp_branch(h), dt)
 
 
@@ -110,6 +122,105 @@ def _add_scaled(h: torch.Tensor, update: torch.Tensor, dt: float) -> torch.Tenso
     return h + update if dt == 1.0 else torch.add(h, update, alpha=dt)
 
 
-# The seam for higher-order solvers: a step function maps (block, h, dt, attention inputs) to the next h.
-# A multi-stage method (Heun, RK4) would also need one KV-cache slot per stage.
-STEP_FUNCTIONS = {"euler": euler_step}
+class SolverMethod(NamedTuple):
+    """How one step of a solve is taken.
+
+    ``step(block, h, dt, cache, slot, **attention_inputs)`` returns the next state, writing the keys and values
+    of its block evaluations to cache slots ``slot, slot + 1, ...``; ``stage_times`` says when in the step, as a
+    fraction of ``dt``, each evaluation stands (its length is the number of evaluations, and of KV-cache slots,
+    per step). ``not_unrollable`` says why a step cannot become Llama layers, or is None when it can (one layer
+    per step, ``dt`` folded into the branch outputs: odegpt/export.py)."""
+
+    name: str
+    stage_times: tuple[float, ...]
+    step: Callable[..., torch.Tensor]
+    not_unrollable: str | None = None
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.stage_times)
+
+
+METHODS: dict[str, SolverMethod] = {
+    "euler": SolverMethod("euler", (0.0,), euler_step),
+}
+
+
+def solver_method(name: object) -> SolverMethod:
+    """The method called ``name``, or a ValueError listing the known ones."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"solver must be one of {', '.join(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+class StepContext(NamedTuple):
+    """Where one step of a solve stands: its index in the plan, block, length, start and end time, and the
+    KV-cache slots its evaluations write."""
+
+    index: int
+    block: int
+    dt: float
+    start: float
+    end: float
+    slots: range
+    last: bool
+
+
+class SolveHook:
+    """Per-step control of :func:`integrate` for decoders that treat tokens differently (adaptive depth).
+
+    The defaults integrate every token at every step; a subclass overrides what it needs."""
+
+    def cache(self, step: StepContext, cache):
+        """The cache this step's evaluations write to and attend over (e.g. one that fills some tokens' keys)."""
+        return cache
+
+    def evaluate(self, step: StepContext, h: torch.Tensor) -> bool:
+        """Whether to evaluate the block at this step; when not, the state stays and :meth:`skipped` runs."""
+        return True
+
+    def skipped(self, step: StepContext, h: torch.Tensor) -> None:
+        """Called for a step that was not evaluated (e.g. to fill the cache's slots for later tokens)."""
+
+    def advance(self, step: StepContext, h: torch.Tensor, stepped: torch.Tensor) -> torch.Tensor:
+        """The state to carry on from, given the state before the step and after it (e.g. frozen tokens keep
+        theirs); also where a decoder observes the states of a solve."""
+        return stepped
+
+
+def integrate(blocks, h: torch.Tensor, plan: tuple[SolverStep, ...], method: SolverMethod, cache=None,
+              hook: SolveHook | None = None, checkpoint: Callable | None = None, **attention_inputs) -> torch.Tensor:
+    """The solve: take every step of ``plan`` from state ``h`` with ``method``; return the final state.
+
+    ``blocks[i]`` is block ``i``'s vector field, ``cache`` holds ``len(plan) * method.evaluations`` slots of
+    keys and values (or is None), ``checkpoint(function, *args, **kwargs)`` recomputes a step in the backward
+    pass (activation checkpointing), and ``hook`` shapes each step (:class:`SolveHook`)."""
+    hook = hook or _PLAIN
+    time, last = 0.0, len(plan) - 1
+    for index, (block, dt) in enumerate(plan):
+        first = index * method.evaluations
+        step = StepContext(index, block, dt, time, time + dt, range(first, first + method.evaluations), index == last)
+        if hook.evaluate(step, h):
+            arguments = (blocks[block], h, dt, hook.cache(step, cache), first)
+            stepped = method.step(*arguments, **attention_inputs) if checkpoint is None else \
+                checkpoint(method.step, *arguments, **attention_inputs)
+            h = hook.advance(step, h, stepped)
+        else:
+            hook.skipped(step, h)
+        time = step.end
+    return h
+
+
+_PLAIN = SolveHook()
+
+
+class StateRecorder(SolveHook):
+    """Keeps the state before the first step and after every step, with their times."""
+
+    def __init__(self, h: torch.Tensor) -> None:
+        self.states, self.times = [h], [0.0]
+
+    def advance(self, step: StepContext, h: torch.Tensor, stepped: torch.Tensor) -> torch.Tensor:
+        self.states.append(stepped)
+        self.times.append(step.end)
+        return stepped

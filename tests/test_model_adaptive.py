@@ -4,7 +4,7 @@ import torch
 
 from odegpt import OdeGPTForCausalLM
 from odegpt.accounting import adaptive_flops_per_token, model_cost
-from odegpt.adaptive import AdaptiveCache, AdaptiveDepth, adaptive_forward, energy, entropy, readout
+from odegpt.adaptive import AdaptiveCache, AdaptiveDepth, adaptive_forward, energy, entropy
 from odegpt.calibration import calibrate_energy
 from odegpt.cli import main as odegpt_main
 from odegpt.evaluation import adaptive_nll_sums
@@ -126,7 +126,7 @@ def uncached_early_exit(model, input_ids, threshold: float) -> tuple[torch.Tenso
     logits = exit_step = None
     for slot, (block, dt) in enumerate(plan):
         h = euler_step(inner.blocks[block], h, dt, cos=cos, sin=sin, mask=mask, cache=None, slot=slot)
-        step_logits = readout(model, h)
+        step_logits = model.read_out(h)
         if logits is None:
             logits, exit_step = step_logits.clone(), torch.full(input_ids.shape, len(plan))
         pending = exit_step == len(plan)

@@ -29,6 +29,9 @@ def test_bad_curriculum_steps(value):
 @pytest.mark.parametrize("override, key", [
     ("train.step_size={choices: [1, 2], curriculum_steps: -5}", "train.step_size.*curriculum_steps"),
     ("train.reference_weight=-0.5", "train.reference_weight"),
+    ("train.solvers={rk9: 1}", "train.solvers: solver must be one of euler"),
+    ("train.solvers={euler: -1}", "train.solvers: solver weights must be non-negative"),
+    ("train.solvers=[euler]", "train.solvers must be dict"),
 ])
 def test_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
@@ -86,3 +89,38 @@ def test_objective_flops_count_the_extra_step_one_pass():
         coarse.training_flops_per_token + fine.training_flops_per_token
     assert objective_flops_per_token(config, 1.0, 64, reference_weight=1.0, consistency_weight=1.0) == \
         fine.training_flops_per_token
+
+
+def test_solver_draws_are_a_pure_function_of_seed_and_step_and_leave_step_sizes_alone():
+    from odegpt.objective import SolverSampler
+
+    sampler = SolverSampler({"euler": 1.0}, seed=3)
+    assert {sampler.sample(t) for t in range(20)} == {"euler"}
+    mixed = SolverSampler(dict.fromkeys(_registered_solvers(), 1.0), seed=3)
+    draws = [mixed.sample(t) for t in range(200)]
+    assert draws == [SolverSampler(dict.fromkeys(_registered_solvers(), 1.0), seed=3).sample(t) for t in range(200)]
+    assert set(draws) == set(_registered_solvers())  # every method is drawn
+    step_sizes = StepSizeSampler(StepSizeDistribution.from_dict({"choices": [1, 2, 4]}), seed=3)
+    assert [step_sizes.sample(t) for t in range(50)] == \
+        [StepSizeSampler(StepSizeDistribution.from_dict({"choices": [1, 2, 4]}), seed=3).sample(t) for t in range(50)]
+
+
+def _registered_solvers() -> list[str]:
+    from odegpt.solver import METHODS
+
+    return list(METHODS)
+
+
+def test_the_loss_and_its_flops_follow_the_drawn_solver():
+    from odegpt.objective import objective_flops_per_token
+    from odegpt.solver import METHODS
+
+    model, tokens = tiny_model(), torch.randint(1, 97, (2, 9))
+    config = model.config
+    for name, method in METHODS.items():
+        expected = F.cross_entropy(model(tokens[:, :-1], step_size=2, solver=name).logits.flatten(0, 1),
+                                   tokens[:, 1:].flatten())
+        torch.testing.assert_close(language_model_loss(model, tokens, 2.0, solver=name), expected)
+        assert objective_flops_per_token(config, 2.0, 8, solver=name) == pytest.approx(
+            3 * (model_cost(config, 2.0, 8, solver=name).flops_per_token))
+        assert model_cost(config, 2.0, 8, solver=name).block_evaluations == 2 * method.evaluations
