@@ -122,6 +122,25 @@ def _add_scaled(h: torch.Tensor, update: torch.Tensor, dt: float) -> torch.Tenso
     return h + update if dt == 1.0 else torch.add(h, update, alpha=dt)
 
 
+def heun_step(block: torch.nn.Module, h: torch.Tensor, dt: float, cache=None, slot: int = 0,
+              **attention_inputs) -> torch.Tensor:
+    """Heun's method (explicit trapezoid): two evaluations of the block, at ``h`` and at the Euler prediction,
+    averaged. With ``g(x) = (euler_step(x, dt) - x) / dt`` the block's increment per unit time,
+    ``h + dt/2 (g(h) + g(h + dt g(h)))``, which is ``(h + euler_step(euler_step(h)))/2``."""
+    predicted = euler_step(block, h, dt, cache, slot, **attention_inputs)
+    return (h + euler_step(block, predicted, dt, cache, slot + 1, **attention_inputs)) / 2
+
+
+# Why a Heun step is not a sequence of Llama layers: its update adds the four branch outputs at half weight
+# to the state it started from, h + (u1 + u2 + u3 + u4)/2, but computes u2, u3, u4 from the full-weight
+# intermediate states h + u1, h + u1 + u2, ... A residual layer can only add to the stream what it computes
+# from the stream, which would then hold h + u1/2 where the method needs h + u1 (and RMSNorm's scale
+# invariance cannot turn one into the other).
+_HEUN_NOT_UNROLLABLE = ("a Heun step is h + (u1 + u2 + u3 + u4)/2 with u2, u3, u4 computed from the states "
+                        "h + u1, ... that the residual stream of Llama layers never holds; export it unrolled "
+                        "with the euler solver, or natively")
+
+
 class SolverMethod(NamedTuple):
     """How one step of a solve is taken.
 
@@ -143,6 +162,7 @@ class SolverMethod(NamedTuple):
 
 METHODS: dict[str, SolverMethod] = {
     "euler": SolverMethod("euler", (0.0,), euler_step),
+    "heun": SolverMethod("heun", (0.0, 1.0), heun_step, not_unrollable=_HEUN_NOT_UNROLLABLE),
 }
 
 

@@ -42,7 +42,7 @@ def greedy_without_cache(model, prompt: torch.Tensor, mask: torch.Tensor | None,
     return tokens
 
 
-@pytest.fixture(scope="module", params=["partially_shared", "fully_shared_tied"])
+@pytest.fixture(scope="module", params=["partially_shared", "fully_shared_tied", "partially_shared_heun"])
 def native_folder(request, tmp_path_factory) -> tuple[Path, Path]:
     """A native folder with a tokenizer, and what odegpt computes with it (the client must agree)."""
     from data_pipeline.tokenizer import train_tokenizer
@@ -51,8 +51,9 @@ def native_folder(request, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp(request.param)
     tokenizer_dir = root / "tokenizer"
     train_tokenizer(["stdlib"], tokenizer_dir, vocab_size=VOCAB, max_files=10, max_sentences=3000)
-    if request.param == "partially_shared":
-        model = tiny_model(PARTIALLY_SHARED, vocab_size=VOCAB)
+    if request.param.startswith("partially_shared"):
+        model = tiny_model(PARTIALLY_SHARED, vocab_size=VOCAB,
+                           solver="heun" if request.param.endswith("heun") else "euler")
     else:
         model = tiny_model(FULLY_SHARED, vocab_size=VOCAB, tie_word_embeddings=True, seed=1)
     folder = save_native(model, root / "native", tokenizer_dir=tokenizer_dir)

@@ -8,17 +8,19 @@ from odegpt.adaptive import AdaptiveCache, AdaptiveDepth, adaptive_forward, ener
 from odegpt.calibration import calibrate_energy
 from odegpt.cli import main as odegpt_main
 from odegpt.evaluation import adaptive_nll_sums
-from odegpt.solver import euler_step, plan_solve
+from odegpt.solver import plan_solve, solver_method
 from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, damped, left_padded, tiny_config, tiny_model
 
 FILLS = ("lazy", "copy", "interpolate")
 
 
-@pytest.fixture(params=["fully_shared", "partially_shared"])
+@pytest.fixture(params=["fully_shared", "partially_shared", "partially_shared-heun"])
 def model(request):
     """Residual branches scaled down, as in a trained model, so that solves at different step sizes
-    mostly agree and read-outs sharpen along the solve: exits and routing then split the tokens."""
-    return damped(tiny_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED), 0.3)
+    mostly agree and read-outs sharpen along the solve: exits and routing then split the tokens. The Heun
+    variant takes two block evaluations (two KV-cache slots) per step."""
+    segments = FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED
+    return damped(tiny_model(segments, solver="heun" if request.param.endswith("heun") else "euler"), 0.3)
 
 
 def decode(model, settings: AdaptiveDepth, input_ids, attention_mask=None, prefix: int = 3) -> torch.Tensor:
@@ -122,10 +124,10 @@ def uncached_early_exit(model, input_ids, threshold: float) -> tuple[torch.Tenso
     inner = model.model
     h = inner.embed_tokens(input_ids)
     cos, sin, mask = inner.attention_inputs(h, None, None, 0)
-    plan = plan_solve(model.config.segments, 1.0)
+    plan, method = plan_solve(model.config.segments, 1.0), solver_method(model.config.solver)
     logits = exit_step = None
     for slot, (block, dt) in enumerate(plan):
-        h = euler_step(inner.blocks[block], h, dt, cos=cos, sin=sin, mask=mask, cache=None, slot=slot)
+        h = method.step(inner.blocks[block], h, dt, cos=cos, sin=sin, mask=mask, cache=None, slot=slot)
         step_logits = model.read_out(h)
         if logits is None:
             logits, exit_step = step_logits.clone(), torch.full(input_ids.shape, len(plan))
