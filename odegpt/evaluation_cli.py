@@ -26,6 +26,8 @@ def register(subparsers) -> None:
                              ".jsonl/.json, .parquet as odegpt prepare reads them")
     parser.add_argument("--step-sizes", default="0.5,1,2,4",
                         help="comma-separated real step sizes, reported in this order (default: %(default)s)")
+    parser.add_argument("--solver", default=None, metavar="METHOD",
+                        help="solver method for every step size: euler or heun (default: the model's config.solver)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens of input per window (default: min(512, model positions))")
     parser.add_argument("--stride", type=int, default=None,
@@ -194,11 +196,12 @@ def _adaptive_results(model, config, rows: list[dict], batches: list, args, seq_
     return results
 
 
-def load_native_config(path: str):
-    """The OdeGPTConfig of a native model folder (cheap: no weights); a one-line CommandError otherwise."""
+def load_native_config(path: str, solver: str | None = None):
+    """The OdeGPTConfig of a native model folder (cheap: no weights), with ``solver`` for this run if given; a
+    one-line CommandError otherwise."""
     from .model_folder import load_config
 
-    return load_config(path, expect="odegpt")
+    return load_config(path, expect="odegpt", solver=solver)
 
 
 def load_native_model(path: str, config, dtype: str):
@@ -287,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     from odegpt.throughput import Variant, measure_interleaved, random_prompt
 
     # Everything the user typed is checked before the weights are loaded.
-    config = load_native_config(args.model)
+    config = load_native_config(args.model, args.solver)
     step_sizes = parse_step_sizes(args.step_sizes, config)
     seq_len = args.seq_len or min(512, config.max_position_embeddings)
     if not 0 < seq_len <= config.max_position_embeddings:
@@ -351,7 +354,8 @@ def run(args: argparse.Namespace) -> int:
             "decode_speedup": None if speed is None else speed / speeds[1.0],
         })
     document = {"model": args.model, "data": list(args.data), "seq_len": seq_len, "stride": stride,
-                "num_tokens": num_tokens, "dtype": args.dtype, "decode": decode, "results": results}
+                "num_tokens": num_tokens, "dtype": args.dtype, "solver": config.solver, "decode": decode,
+                "results": results}
     if adaptive_results:
         document["adaptive"] = adaptive_results
     if args.json:

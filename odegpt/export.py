@@ -44,8 +44,11 @@ def copy_tokenizer(source: str | Path | None, output_dir: str | Path) -> list[st
 
 def save_native(model: OdeGPTForCausalLM, output_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Write a self-contained Hugging Face folder (safetensors + modeling code via auto_map)."""
+    from .model_folder import quiet_transformers
+
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
+    with quiet_transformers():
+        model.save_pretrained(output_dir)
     add_fields_older_clients_read(output_dir)
     copy_tokenizer(tokenizer_dir, output_dir)
     return output_dir
@@ -128,8 +131,11 @@ def save_unrolled(
     model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float, tokenizer_dir: str | Path | None = None,
     solver: str | None = None,
 ) -> Path:
+    from .model_folder import quiet_transformers
+
     output_dir = Path(output_dir)
-    unroll_to_llama(model, step_size, solver).save_pretrained(output_dir)
+    with quiet_transformers():
+        unroll_to_llama(model, step_size, solver).save_pretrained(output_dir)
     add_fields_older_clients_read(output_dir)
     copy_tokenizer(tokenizer_dir, output_dir)
     return output_dir

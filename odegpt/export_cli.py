@@ -65,14 +65,19 @@ def run(args: argparse.Namespace) -> int:
 
     from odegpt.accounting import format_count, model_cost
     from odegpt.export import save_native, save_unrolled
+    from odegpt.cli import CommandError
     from odegpt.model_folder import load_config
     from odegpt.output_folder import check_output, staged_folder
+    from odegpt.solver import solver_method
 
     output = Path(args.output)
     config = load_config(args.model)
     check_output(Path(args.model), output, args.overwrite)
-    if config.model_type == "odegpt":  # a bad step size is refused before any weight is read
+    if config.model_type == "odegpt":  # a bad step size or solver is refused before any weight is read
         _checked(config, args.step_size)  # (a Llama's odegpt config exists once it is imported)
+        reason = solver_method(config.solver).not_unrollable
+        if args.unroll and reason is not None:
+            raise CommandError(f"--unroll: the {config.solver} solver cannot be unrolled to Llama layers: {reason}")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_model(args.model, dtype).eval()
     step_size = _checked(model.config, args.step_size)

@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --prompt-file (default: 8)")
     parser.add_argument("--step-size", type=float, default=None,
                         help="solver step size a for a native odegpt model (default: config.step_size)")
+    parser.add_argument("--solver", default=None, metavar="METHOD",
+                        help="solver method for a native odegpt model: euler or heun (default: config.solver)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 = all (default: 50)")
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_options(args)
     _check_model_folder(Path(args.model))
-    config = load_config(args.model)
+    config = load_config(args.model, solver=args.solver)
     native = config.model_type == "odegpt"
     if not native and (args.step_size is not None or args.draft_step_size is not None):
         option = "--step-size" if args.step_size is not None else "--draft-step-size"

@@ -29,6 +29,7 @@ from .cli import CommandError
 from .configuration_odegpt import OdeGPTConfig
 from .integrity import check_finite_weights
 from .modeling_odegpt import OdeGPTForCausalLM
+from .solver import solver_method
 
 # model_type in config.json -> the classes that read it. Nothing else is loaded.
 MODEL_CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
@@ -54,9 +55,9 @@ def model_type_of(folder: str | Path) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """No "Loading weights" bar and no load report from transformers: a load that succeeds says nothing, one that
-    fails is reported here, in one line."""
+def quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" or "Writing model shards" bar and no load report from transformers: a load or save that
+    succeeds says nothing, one that fails is reported by odegpt, in one line."""
     verbosity, bar = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
@@ -73,17 +74,27 @@ def _one_line(what: str, folder: str | Path, error: BaseException) -> CommandErr
     return CommandError(f"cannot load the {what} of {folder}: {reason}")
 
 
-def load_config(folder: str | Path, expect: str | None = None) -> PretrainedConfig:
-    """The configuration of ``folder`` (no weights read); ``expect="odegpt"`` refuses a Llama folder."""
+def load_config(folder: str | Path, expect: str | None = None, solver: str | None = None) -> PretrainedConfig:
+    """The configuration of ``folder`` (no weights read); ``expect="odegpt"`` refuses a Llama folder; ``solver``
+    (``--solver``) replaces a native model's solver method for this run."""
     model_type = model_type_of(folder)
     if expect is not None and model_type != expect:
         raise CommandError(f"--model: {folder} holds a {model_type!r} model; this needs a native odegpt folder "
                            f"(odegpt convert, or odegpt export without --unroll)")
+    if solver is not None and model_type != "odegpt":
+        raise CommandError(f"--solver applies to native odegpt models; {folder} is {model_type!r} (an unrolled "
+                           f"export has its solver baked in)")
     config_class, _ = MODEL_CLASSES[model_type]
     try:
-        return config_class.from_pretrained(folder, trust_remote_code=False)
+        config = config_class.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise _one_line("configuration", folder, error) from None
+    if solver is not None:
+        try:
+            config.solver = solver_method(solver).name
+        except ValueError as error:
+            raise CommandError(f"--solver: {error}") from None
+    return config
 
 
 def load_model(folder: str | Path, config: PretrainedConfig | None = None) -> PreTrainedModel:
@@ -91,7 +102,7 @@ def load_model(folder: str | Path, config: PretrainedConfig | None = None) -> Pr
     config = load_config(folder) if config is None else config
     _, model_class = MODEL_CLASSES[config.model_type]
     try:
-        with _quiet_loading():
+        with quiet_transformers():
             model, loading = model_class.from_pretrained(folder, config=config, trust_remote_code=False,
                                                          output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError) as error:

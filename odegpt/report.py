@@ -55,7 +55,9 @@ def adaptive_table(document: dict) -> str:
 
 def describe(document: dict) -> str:
     """The lines above the table: what was scored and how speed was measured."""
-    lines = [f"model `{document['model']}` ({document['dtype']}), data {', '.join(f'`{d}`' for d in document['data'])}",
+    solver = f", {document['solver']} solver" if document.get("solver", "euler") != "euler" else ""
+    lines = [f"model `{document['model']}` ({document['dtype']}{solver}), data "
+             f"{', '.join(f'`{d}`' for d in document['data'])}",
              f"{document['num_tokens']:,} scored tokens, windows of up to {document['seq_len']} tokens, "
              f"stride {document['stride']}; FLOPs/token are forward FLOPs at a {document['seq_len']}-token context"]
     decode = document.get("decode")

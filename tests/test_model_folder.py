@@ -95,3 +95,37 @@ def test_weights_that_do_not_belong_to_the_config_are_refused_not_initialised_at
         assert odegpt_main(["generate", "--model", str(folder), "--prompt", "def", "--max-new-tokens", "2"]) == 2
         err = capsys.readouterr().err
         assert f"cannot load the model of {folder}" in err and message in err and err.count("\n") == 1, err
+
+
+def test_solver_flag_integrates_a_native_folder_with_another_method(model_folder, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    reports = {}
+    for solver in ("euler", "heun"):
+        capsys.readouterr()
+        assert odegpt_main(["evaluate", "--model", str(model_folder), "--data", str(text), "--step-sizes", "1,2",
+                            "--seq-len", "32", "--no-speed", "--json", "--solver", solver]) == 0
+        reports[solver] = json.loads(capsys.readouterr().out)
+    assert reports["heun"]["solver"] == "heun" and reports["euler"]["solver"] == "euler"
+    for euler, heun in zip(reports["euler"]["results"], reports["heun"]["results"]):
+        assert heun["solver_steps"] == euler["solver_steps"] and heun["perplexity"] != euler["perplexity"]
+        assert heun["flops_per_token"] > 1.5 * euler["flops_per_token"]  # two block evaluations per step
+    assert odegpt_main(["generate", "--model", str(model_folder), "--prompt", "def", "--max-new-tokens", "3",
+                        "--solver", "heun"]) == 0
+    capsys.readouterr()
+    assert odegpt_main(["generate", "--model", str(model_folder), "--solver", "rk4"]) == 2
+    assert "--solver: solver must be one of euler, heun, got 'rk4'" in capsys.readouterr().err
+    assert odegpt_main(["export", "--model", str(model_folder), "--output", str(tmp_path / "llama"), "--unroll"]) == 0
+    capsys.readouterr()
+    assert odegpt_main(["generate", "--model", str(tmp_path / "llama"), "--solver", "heun"]) == 2
+    assert "--solver applies to native odegpt models" in capsys.readouterr().err
+
+
+def test_exporting_a_heun_model_unrolled_is_one_line_naming_the_reason(tmp_path, capsys):
+    from tests.conftest import PARTIALLY_SHARED, tiny_model
+
+    folder = save_native(tiny_model(PARTIALLY_SHARED, solver="heun"), tmp_path / "heun")
+    assert odegpt_main(["export", "--model", str(folder), "--output", str(tmp_path / "out"), "--unroll"]) == 2
+    err = capsys.readouterr().err
+    assert "--unroll: the heun solver cannot be unrolled to Llama layers: a Heun step is" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
