@@ -324,6 +324,22 @@ class Checkpointer:
         self.saved_step = None if checkpoint.universal else checkpoint.state["step"]
 
 
+def check_world_size(checkpoint: Checkpoint, world_size: int) -> None:
+    """Refuse, naming the fix, a ZeRO checkpoint saved on another number of ranks: its optimizer partitions are
+    per rank, and DeepSpeed's own error at load does not say what to do. A universal checkpoint (and stage 0,
+    which partitions nothing) resumes on any number."""
+    saved = checkpoint.state.get("world_size")
+    stage = checkpoint.state.get("config", {}).get("deepspeed", {}).get("zero_stage", 0)
+    if checkpoint.universal or stage == 0 or saved is None or saved == world_size:
+        return
+    universal = checkpoint.directory.parent / "universal" / checkpoint.tag
+    raise CheckpointError(
+        f"checkpoint {checkpoint.path} was saved on {saved} rank(s) with ZeRO-{stage}, whose optimizer state is "
+        f"partitioned per rank, and this run has {world_size}: resume on {saved} rank(s), or convert it once with "
+        f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {checkpoint.path} --output_folder "
+        f"{universal}` and resume from that with `--resume {universal}` (any number of ranks)")
+
+
 def universal_checkpoint_info() -> dict:
     """What DeepSpeed's ``ds_to_universal`` needs in the model-states file to convert a checkpoint to its
     universal (world-size independent) form without ``--inject_missing_state``: the format version. The model

@@ -212,6 +212,7 @@ class Trainer:
             checkpoint = checkpointing.choose(resume, self.checkpoint_dir, note=self.say)
             if checkpoint is not None:
                 config.check_resumable(checkpoint.state["config"], str(checkpoint.path))
+                checkpointing.check_world_size(checkpoint, world_size)
             return checkpoint
 
         checkpoint = decided_by_rank_zero(check)

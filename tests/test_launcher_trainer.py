@@ -208,6 +208,22 @@ def test_convert_names_the_damaged_file_and_never_unpickles_code(trained, tmp_pa
     assert not victim.exists() and not (tmp_path / "m").exists()
 
 
+def test_resuming_a_zero_checkpoint_on_another_world_size_says_how(trained):
+    from launcher.checkpointing import CheckpointError, check_world_size, latest_complete_tag, verify
+
+    checkpoints = trained / "checkpoints"
+    checkpoint = verify(checkpoints, latest_complete_tag(checkpoints), rng=False)
+    check_world_size(checkpoint, 1)  # saved on 1 rank
+    with pytest.raises(CheckpointError) as error:
+        check_world_size(checkpoint, 2)
+    universal = trained / "universal" / checkpoint.tag
+    assert str(error.value) == (
+        f"checkpoint {checkpoint.path} was saved on 1 rank(s) with ZeRO-1, whose optimizer state is partitioned per "
+        f"rank, and this run has 2: resume on 1 rank(s), or convert it once with `python -m "
+        f"deepspeed.checkpoint.ds_to_universal --input_folder {checkpoint.path} --output_folder {universal}` and "
+        f"resume from that with `--resume {universal}` (any number of ranks)")
+
+
 def test_convert_never_writes_over_the_run_its_checkpoints_or_another_folder(trained, tmp_path, capsys):
     run = _copy(trained, tmp_path)
     checkpoints, run_config = run / "checkpoints", (run / "config.json").read_bytes()
