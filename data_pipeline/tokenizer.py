@@ -197,15 +197,23 @@ def write_hf_tokenizer(directory: str | os.PathLike) -> None:
 
 
 def make_tokenizer_config_portable(directory: str | os.PathLike) -> None:
-    """Name the tokenizer class in ``directory/tokenizer_config.json`` so transformers 4.x and 5.x both load it
-    (and 4.x, knowing the class, never needs the model's config or its custom code to pick one)."""
+    """Make ``directory/tokenizer_config.json`` say the same tokenizer to every client:
+
+    - the tokenizer class, so transformers 4.x and 5.x both load it (and 4.x, knowing the class, never needs
+      the model's config or its custom code to pick one);
+    - ``add_bos_token``/``add_eos_token``/``add_prefix_space`` false, which is what the tokenizer does: llama.cpp's
+      converter reads these, and without them adds a BOS and a dummy space prefix to every text prompt."""
     path = Path(directory, HF_CONFIG_FILE)
     if not path.is_file():
         return
     config = json.loads(path.read_text())
-    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
-        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
-        write_json_atomic(path, config)
+    portable = dict(config)
+    if portable.get("tokenizer_class") in (None, "TokenizersBackend"):
+        portable["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    for key in ("add_bos_token", "add_eos_token", "add_prefix_space"):
+        portable.setdefault(key, False)
+    if portable != config:
+        write_json_atomic(path, portable)
 
 
 def load_tokenizer(directory: str | os.PathLike):

@@ -163,3 +163,122 @@ def from_llama(llama: LlamaForCausalLM) -> OdeGPTForCausalLM:
     model = OdeGPTForCausalLM(config)
     model.load_state_dict(state, strict=True)
     return model.to(llama.dtype).eval()
+
+
+# ---- GGUF: the unrolled Llama in llama.cpp's file format ----------------------------------------------
+
+GGUF_DTYPES = ("f32", "f16", "bf16")
+# Llama tensor names -> GGUF names (llama.cpp's gguf-py tensor map for the llama architecture).
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def _rotary_halves_to_pairs(weight, num_heads: int):
+    """Reorder a q/k projection's output rows from Hugging Face's rotary layout (each head's first half rotates
+    with its second half) to llama.cpp's (adjacent pairs rotate together), as llama.cpp's own converter does."""
+    return (weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def gguf_file_name(step_size: float, dtype: str) -> str:
+    return f"odegpt-a{step_size:g}-{dtype}.gguf"
+
+
+def save_gguf(model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float, tokenizer_dir: str | Path,
+              dtype: str = "f16", name: str = "odegpt") -> Path:
+    """Write ``output_dir/odegpt-a{step}-{dtype}.gguf``: the model unrolled at ``step_size`` as a llama.cpp
+    ``llama`` model, with the SentencePiece vocabulary of ``tokenizer_dir`` and the tokenizer settings that make
+    llama.cpp tokenize a text prompt exactly as the folder's tokenizer does (no BOS, no dummy space prefix).
+    Matrices are stored in ``dtype`` (f32, f16 or bf16); norms stay f32, as llama.cpp's converter keeps them."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from data_pipeline.tokenizer import TokenizerInfo, load_sentencepiece
+
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
+    config = model.config
+    llama = unroll_to_llama(model, step_size).float()
+    processor, info = load_sentencepiece(tokenizer_dir), TokenizerInfo.load(tokenizer_dir)
+    if processor.get_piece_size() > config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_dir} has {processor.get_piece_size()} pieces, more than the model's "
+                         f"vocab_size {config.vocab_size}")
+    output = Path(output_dir) / gguf_file_name(step_size, dtype)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(output), "llama")
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(llama.config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype])
+
+    # The vocabulary as llama.cpp's SentencePiece ("llama") tokenizer reads it: pieces, scores, types; the
+    # model's rows beyond the tokenizer's pieces are unused.
+    types, tokens, scores = [], [], []
+    for index in range(config.vocab_size):
+        if index >= processor.get_piece_size():
+            tokens.append(f"[PAD{index}]".encode())
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(processor.id_to_piece(index).encode())
+        scores.append(processor.get_score(index))
+        types.append(gguf.TokenType.UNKNOWN if processor.is_unknown(index) else gguf.TokenType.CONTROL
+                     if processor.is_control(index) else gguf.TokenType.UNUSED if processor.is_unused(index)
+                     else gguf.TokenType.BYTE if processor.is_byte(index) else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(info, f"{kind}_id")
+        if token_id is not None and token_id >= 0:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    writer.add_remove_extra_whitespaces(False)
+
+    quantization = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16}.get(dtype)
+    for source, tensor in llama.state_dict().items():
+        if source == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp reads token_embd.weight as the output matrix when output.weight is absent
+        tensor = tensor.detach().to(torch.float32)
+        if source.startswith("model.layers."):
+            layer, rest = source.removeprefix("model.layers.").split(".", 1)
+            target = f"blk.{layer}.{_GGUF_LAYER_NAMES[rest]}"
+            if rest == "self_attn.q_proj.weight":
+                tensor = _rotary_halves_to_pairs(tensor, config.num_attention_heads)
+            elif rest == "self_attn.k_proj.weight":
+                tensor = _rotary_halves_to_pairs(tensor, config.num_key_value_heads)
+        else:
+            target = _GGUF_NAMES[source]
+        data = tensor.numpy()
+        if quantization is None or data.ndim == 1:
+            writer.add_tensor(target, data.astype(np.float32))
+        else:
+            writer.add_tensor(target, gguf.quants.quantize(data, quantization), raw_dtype=quantization)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return output

@@ -127,5 +127,5 @@ def test_exporting_a_heun_model_unrolled_is_one_line_naming_the_reason(tmp_path,
     folder = save_native(tiny_model(PARTIALLY_SHARED, solver="heun"), tmp_path / "heun")
     assert odegpt_main(["export", "--model", str(folder), "--output", str(tmp_path / "out"), "--unroll"]) == 2
     err = capsys.readouterr().err
-    assert "--unroll: the heun solver cannot be unrolled to Llama layers: a Heun step is" in err
+    assert "--format unrolled: the heun solver cannot be unrolled to Llama layers: a Heun step is" in err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
