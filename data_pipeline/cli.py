@@ -6,6 +6,7 @@ module level (handlers import what they need) so that `odegpt --help` stays fast
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -74,9 +75,19 @@ def register_prepare(subparsers) -> None:
                     "OUTPUT/manifest.json. Streaming (flat memory), resumable (rerun after an "
                     "interruption to continue) and deterministic (same bytes for any --workers).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help=_INPUT_HELP)
-    p.add_argument("--tokenizer", required=True, metavar="DIR", help="directory written by `odegpt tokenizer`")
+    p.add_argument("--input", nargs="+", metavar="PATH_OR_GLOB", help=_INPUT_HELP + " (required but with --merge)")
+    p.add_argument("--tokenizer", metavar="DIR", help="directory written by `odegpt tokenizer` (required but with "
+                                                      "--merge)")
     p.add_argument("--output", required=True, metavar="DIR", help="prepared corpus directory")
+    p.add_argument("--num-tasks", type=int, default=None,
+                   help="array job: cut the inputs into this many slices (at about equal bytes), one per task "
+                        "(default: $SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument("--task-index", type=int, default=None,
+                   help="array job: the slice this task prepares, into OUTPUT/part-I-of-N (default: "
+                        "$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0)")
+    p.add_argument("--merge", action="store_true",
+                   help="after every task of an array job: check the parts under OUTPUT and write OUTPUT/manifest.json "
+                        "over them (no shard is copied); the corpus then trains like any other")
     p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     p.add_argument("--text-key", default="text", help="text field of json/parquet/dataset inputs")
     p.add_argument("--val-fraction", type=float, default=0.0,
@@ -93,23 +104,49 @@ def register_prepare(subparsers) -> None:
     p.set_defaults(func=run_prepare)
 
 
-def run_prepare(args) -> int:
-    from .prepare import PrepareConfig, prepare
+def array_task(num_tasks: int | None, task_index: int | None, environ=os.environ) -> tuple[int | None, int]:
+    """(number of tasks, this task's index): the flags, else Slurm's array variables, else (None, 0): no array."""
+    if num_tasks is None and "SLURM_ARRAY_TASK_COUNT" in environ:
+        num_tasks = int(environ["SLURM_ARRAY_TASK_COUNT"])
+    if task_index is not None and num_tasks is None:
+        raise ValueError("--task-index needs --num-tasks (or a Slurm array job)")
+    if task_index is None:
+        task_index = int(environ.get("SLURM_ARRAY_TASK_ID", 0)) - int(environ.get("SLURM_ARRAY_TASK_MIN", 0)) \
+            if "SLURM_ARRAY_TASK_COUNT" in environ else 0
+    return num_tasks, task_index
 
-    cfg = PrepareConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output, workers=args.workers,
-                        text_key=args.text_key, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-                        dtype=args.dtype, max_files=args.max_files, seed=args.seed,
-                        max_undecodable_fraction=args.max_undecodable_fraction,
-                        progress=not args.no_progress)
+
+def run_prepare(args) -> int:
+    from .prepare import PrepareConfig, merge_parts, prepare
+
     try:
-        m = prepare(cfg)
+        if args.merge:
+            m = merge_parts(args.output)
+        else:
+            if not args.input or not args.tokenizer:
+                raise ValueError("--input and --tokenizer are required (all but --merge need them)")
+            num_tasks, task_index = array_task(args.num_tasks, args.task_index)
+            cfg = PrepareConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output,
+                                workers=args.workers, text_key=args.text_key, val_fraction=args.val_fraction,
+                                shard_tokens=args.shard_tokens, dtype=args.dtype, max_files=args.max_files,
+                                seed=args.seed, max_undecodable_fraction=args.max_undecodable_fraction,
+                                progress=not args.no_progress, num_tasks=num_tasks, task_index=task_index)
+            m = prepare(cfg)
     except (OSError, ValueError) as error:
         print(f"odegpt prepare: error: {error}", file=sys.stderr)
         return 1
+    if args.merge:
+        t = m.totals
+        print(f"merged     {args.output}: {m.inputs['parts']} parts, {t['shards']} shards, {t['documents']} documents, "
+              f"{t.get('train_tokens', 0)} train and {t.get('val_tokens', 0)} val tokens")
+        return 0
     t = m.totals
     seconds = max(t.get("seconds", 0.0), 1e-9)
     tokens = t.get("train_tokens", 0) + t.get("val_tokens", 0)
-    print(f"prepared   {args.output}")
+    task = m.inputs.get("task")
+    print(f"prepared   {args.output}" + ("" if task is None else f" part {task['index']} of {task['num_tasks']} "
+                                          f"(inputs {task['first_source']}..{task['end_source'] - 1} of "
+                                          f"{task['num_sources']})"))
     print(f"  documents  {t['documents']} ({t.get('train_documents', 0)} train, {t.get('val_documents', 0)} val)")
     print(f"  tokens     {tokens} ({t.get('train_tokens', 0)} train, {t.get('val_tokens', 0)} val), {m.dtype}")
     print(f"  shards     {t['shards']}")

@@ -50,7 +50,7 @@ class TokenStream:
         self.split = split
         self.manifest = manifest or Manifest.load(directory)
         dtype = np.dtype(self.manifest.dtype)
-        self.shards = [open_tokens(directory, split, s.index, s.splits[split], dtype)
+        self.shards = [open_tokens(s.folder(directory), split, s.index, s.splits[split], dtype)
                        for s in self.manifest.shards if split in s.splits and s.splits[split].tokens > 0]
         sizes = np.array([len(s) for s in self.shards], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])

@@ -39,13 +39,19 @@ class ShardFile:
 
 @dataclass
 class ShardRecord:
-    """One shard: a contiguous range of input chunks, split into train/val files."""
+    """One shard: a contiguous range of input chunks, split into train/val files. ``directory`` is the folder,
+    relative to the corpus, that holds its files: "" for a one-node corpus, a task's part
+    (``part-00001-of-00004``) in a corpus merged from array-job tasks."""
 
     index: int
     first_chunk: int
     end_chunk: int
     splits: dict[str, ShardFile]
     config_key: str = ""
+    directory: str = ""
+
+    def folder(self, corpus: str | os.PathLike) -> Path:
+        return Path(corpus, self.directory)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardRecord":

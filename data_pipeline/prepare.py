@@ -24,10 +24,11 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -63,6 +64,8 @@ class PrepareConfig:
     max_undecodable_fraction: float = 0.1  # skip a document with more undecodable bytes per character (binary)
     progress: bool = True
     stop_after_shards: int | None = None  # testing: simulate an interruption
+    num_tasks: int | None = None         # array job: the inputs are cut into this many slices ...
+    task_index: int = 0                  # ... and this task prepares this one into OUTPUT/part-I-of-N
 
 
 @dataclass
@@ -83,20 +86,39 @@ class ReadCounters:
     chars: int = 0
 
 
-def _is_val(ordinal: int, seed: int, fraction: float) -> bool:
+def _is_val(source_index: int, document_index: int, seed: int, fraction: float) -> bool:
+    """The split of document ``document_index`` of input ``source_index`` (positions in the whole, sorted input
+    list): a seeded hash of the two, so an array-job task assigns its slice's documents as one node would."""
     if fraction <= 0:
         return False
-    return xxhash.xxh64_intdigest(ordinal.to_bytes(8, "little"), seed=seed) < fraction * 2.0**64
+    key = source_index.to_bytes(8, "little") + document_index.to_bytes(8, "little")
+    return xxhash.xxh64_intdigest(key, seed=seed) < fraction * 2.0**64
+
+
+def task_slice(sources: list[Source], num_tasks: int, task_index: int) -> tuple[int, int]:
+    """``(first, end)``: the contiguous range of ``sources`` that array-job task ``task_index`` of ``num_tasks``
+    prepares, cut at about equal input bytes. Contiguous, so the tasks' parts in task order hold the documents
+    in the one-node order."""
+    sizes = np.cumsum([0] + [source.size() for source in sources], dtype=np.float64)
+    cuts = [0] + [int(np.searchsorted(sizes[1:], k * sizes[-1] / num_tasks, side="left")) + 1
+                  for k in range(1, num_tasks)] + [len(sources)]
+    cuts = np.maximum.accumulate(np.minimum(cuts, len(sources)))
+    return int(cuts[task_index]), int(cuts[task_index + 1])
+
+
+def part_name(task_index: int, num_tasks: int) -> str:
+    return f"part-{task_index:05d}-of-{num_tasks:05d}"
 
 
 def iter_chunks(sources: list[Source], cfg: PrepareConfig, counters: ReadCounters,
-                warn: Callable[[str], None] | None = None) -> Iterator[Chunk]:
-    """Group non-empty documents into chunks of ~`chunk_chars` characters, deterministically."""
+                warn: Callable[[str], None] | None = None, first_source: int = 0) -> Iterator[Chunk]:
+    """Group non-empty documents into chunks of ~`chunk_chars` characters, deterministically; ``first_source`` is
+    the position of ``sources[0]`` in the whole input list (an array-job task's slice starts later)."""
     texts: list[str] = []
     flags: list[bool] = []
     size = 0
     index = 0
-    for doc in iter_documents(sources, text_key=cfg.text_key):
+    for source_index, document_index, doc in _numbered_documents(sources, cfg.text_key, first_source):
         if doc.replaced >= MIN_UNDECODABLE_TO_SKIP and doc.undecodable_fraction > cfg.max_undecodable_fraction:
             counters.undecodable_documents += 1
             if len(counters.undecodable_sources) < 100:
@@ -112,7 +134,7 @@ def iter_chunks(sources: list[Source], cfg: PrepareConfig, counters: ReadCounter
         if not doc.text.strip():
             counters.empty_documents += 1
             continue
-        flags.append(_is_val(counters.documents, cfg.seed, cfg.val_fraction))
+        flags.append(_is_val(source_index, document_index, cfg.seed, cfg.val_fraction))
         counters.documents += 1
         counters.chars += len(doc.text)
         texts.append(doc.text)
@@ -122,6 +144,13 @@ def iter_chunks(sources: list[Source], cfg: PrepareConfig, counters: ReadCounter
             texts, flags, size, index = [], [], 0, index + 1
     if texts:
         yield Chunk(index, texts, flags)
+
+
+def _numbered_documents(sources: list[Source], text_key: str, first_source: int):
+    """(position of the source in the whole input list, position of the document in its source, document)."""
+    for source_index, source in enumerate(sources, start=first_source):
+        for document_index, document in enumerate(iter_documents([source], text_key=text_key)):
+            yield source_index, document_index, document
 
 
 # ---- worker side -------------------------------------------------------------------------------
@@ -194,13 +223,14 @@ def _tokenize_chunk(chunk: Chunk) -> tuple[int, dict[str, tuple[np.ndarray, np.n
 
 
 # ---- main side ---------------------------------------------------------------------------------
-def _config_key(cfg: PrepareConfig, sources: list[Source], fingerprint: str, dtype: np.dtype) -> str:
+def _config_key(cfg: PrepareConfig, sources: list[Source], fingerprint: str, dtype: np.dtype,
+                first_source: int = 0) -> str:
     desc = {
         "format_version": FORMAT_VERSION, "tokenizer": fingerprint, "dtype": dtype.name,
         "text_key": cfg.text_key, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
         "shard_tokens": cfg.shard_tokens, "chunk_chars": cfg.chunk_chars,
-        "max_undecodable_fraction": cfg.max_undecodable_fraction,
-        "sources": [(s.path, s.kind, s.compression, s.size()) for s in sources],
+        "max_undecodable_fraction": cfg.max_undecodable_fraction, "split_assignment": "source,document",
+        "first_source": first_source, "sources": [(s.path, s.kind, s.compression, s.size()) for s in sources],
     }
     return json_digest(desc)
 
@@ -251,7 +281,13 @@ def prepare(cfg: PrepareConfig) -> Manifest:
         raise ValueError(f"--max-undecodable-fraction must be in [0, 1], got {cfg.max_undecodable_fraction}")
     if cfg.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {cfg.workers}")
-    sources = resolve_inputs(cfg.inputs, max_files=cfg.max_files)
+    num_tasks = 1 if cfg.num_tasks is None else cfg.num_tasks
+    if num_tasks < 1 or not 0 <= cfg.task_index < num_tasks:
+        raise ValueError(f"--num-tasks must be >= 1 and --task-index in 0..{num_tasks - 1}, got task "
+                         f"{cfg.task_index} of {num_tasks}")
+    all_sources = resolve_inputs(cfg.inputs, max_files=cfg.max_files)
+    first_source, end_source = task_slice(all_sources, num_tasks, cfg.task_index)
+    sources = all_sources[first_source:end_source]
     tok_dir = Path(cfg.tokenizer)
     info = TokenizerInfo.load(tok_dir)
     fingerprint = tokenizer_fingerprint(tok_dir)
@@ -259,9 +295,16 @@ def prepare(cfg: PrepareConfig) -> Manifest:
         raise ValueError(f"tokenizer {tok_dir}: {MODEL_FILE} fingerprint {fingerprint} does not match "
                          f"the recorded {info.fingerprint}; the directory was modified")
     dtype = choose_dtype(info.vocab_size, cfg.dtype)
-    key = _config_key(cfg, sources, fingerprint, dtype)
-
+    key = _config_key(cfg, sources, fingerprint, dtype, first_source)
+    task = None
     out = Path(cfg.output)
+    if cfg.num_tasks is not None:  # an array job (of one task, too): its part, for --merge
+        if (out / MANIFEST).is_file():
+            raise ValueError(f"{out} already holds a merged or one-node corpus; array-job parts go into a new --output")
+        task = {"index": cfg.task_index, "num_tasks": cfg.num_tasks, "first_source": first_source,
+                "end_source": end_source, "num_sources": len(all_sources),
+                "job_key": _config_key(cfg, all_sources, fingerprint, dtype)}
+        out = out / part_name(cfg.task_index, cfg.num_tasks)
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).is_file():
         manifest = Manifest.load(out)
@@ -310,7 +353,9 @@ def prepare(cfg: PrepareConfig) -> Manifest:
                 return False
         return True
 
-    chunks = (c for c in iter_chunks(sources, cfg, counters, warn=lambda message: bar.write(message, file=sys.stderr)) if c.index >= skip_chunks)
+    warn = lambda message: bar.write(message, file=sys.stderr)  # noqa: E731
+    chunks = (c for c in iter_chunks(sources, cfg, counters, warn=warn, first_source=first_source)
+              if c.index >= skip_chunks)
     model_file = str(tok_dir / MODEL_FILE)
     last_index = skip_chunks - 1
     stopped = False
@@ -360,7 +405,7 @@ def prepare(cfg: PrepareConfig) -> Manifest:
         dtype=dtype.name, shards=done,
         inputs={"patterns": list(cfg.inputs), "files": len(sources), "bytes": input_bytes,
                 "text_key": cfg.text_key, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
-                "shard_tokens": cfg.shard_tokens},
+                "shard_tokens": cfg.shard_tokens, **({} if task is None else {"task": task})},
         skipped={"empty_documents": counters.empty_documents,
                  "undecodable_documents": counters.undecodable_documents,
                  "undecodable_files": counters.undecodable_sources},
@@ -374,3 +419,84 @@ def prepare(cfg: PrepareConfig) -> Manifest:
                        "seconds": round(elapsed, 3)}
     manifest.save(out)
     return manifest
+
+
+# ---- array jobs: one manifest over the parts the tasks wrote --------------------------------------------------
+
+_PART = re.compile(r"part-(\d{5})-of-(\d{5})")
+
+
+def merge_parts(output: str | os.PathLike) -> Manifest:
+    """Check the ``part-I-of-N`` folders an array job's tasks wrote under ``output`` and write one
+    ``output/manifest.json`` listing their shards in task order (nothing is copied). Every part must be finished,
+    each task exactly once, all from the same job (inputs and settings), their input slices covering the inputs
+    in order; anything else is a ValueError naming the part."""
+    out = Path(output)
+    if (out / MANIFEST).is_file():
+        raise ValueError(f"{out} already holds a manifest: it is merged, or a one-node corpus")
+    folders = sorted(p for p in out.iterdir() if p.is_dir() and p.name.startswith("part-")) if out.is_dir() else []
+    if not folders:
+        raise ValueError(f"{out} holds no part-*-of-* folders: run `odegpt prepare --num-tasks N --task-index I "
+                         f"--output {out}` for every task first")
+    named: dict[Path, tuple[int, int]] = {}
+    for folder in folders:
+        match = _PART.fullmatch(folder.name)
+        if match is None:
+            raise ValueError(f"{folder} is not a part of an array job (part-IIIII-of-NNNNN)")
+        named[folder] = int(match[1]), int(match[2])
+    counts = sorted({count for _, count in named.values()})
+    if len(counts) > 1:
+        raise ValueError(f"{out} holds parts of array jobs of {' and '.join(map(str, counts))} tasks: one job's parts "
+                         f"only")
+    num_tasks = counts[0]
+    parts: dict[int, tuple[Path, Manifest]] = {}
+    for folder, (index, count) in named.items():
+        if not (folder / MANIFEST).is_file():
+            raise ValueError(f"{folder} is unfinished (no {MANIFEST}): rerun task {index} of {count}")
+        manifest = Manifest.load(folder)
+        task = manifest.inputs.get("task") or {}
+        if task.get("index") != index or task.get("num_tasks") != count:
+            raise ValueError(f"{folder} holds task {task.get('index')} of {task.get('num_tasks')}, not what its "
+                             f"name says: a copied or foreign part")
+        parts[index] = (folder, manifest)
+    missing = sorted(set(range(num_tasks)) - set(parts))
+    if missing:
+        raise ValueError(f"{out / part_name(missing[0], num_tasks)} is missing: task {missing[0]} of {num_tasks} "
+                         f"has not run (or failed); run it, then merge")
+    ordered = [parts[index] for index in range(num_tasks)]
+    first = ordered[0][1]
+    job_key, end = first.inputs["task"]["job_key"], 0
+    for folder, manifest in ordered:
+        task = manifest.inputs["task"]
+        if task["job_key"] != job_key or manifest.tokenizer["fingerprint"] != first.tokenizer["fingerprint"]:
+            raise ValueError(f"{folder} was prepared from other inputs or settings than {ordered[0][0]}: a part of "
+                             f"another array job")
+        if task["first_source"] != end:
+            raise ValueError(f"{folder} starts at input {task['first_source']}, the part before ends at {end}")
+        end = task["end_source"]
+    if end != first.inputs["task"]["num_sources"]:
+        raise ValueError(f"the parts cover inputs 0..{end} of {first.inputs['task']['num_sources']}")
+
+    def total(key: str) -> int:
+        return sum(manifest.totals.get(key, 0) for _, manifest in ordered)
+
+    splits = sorted({split for _, m in ordered for s in m.shards for split in s.splits}, key=("train", "val").index)
+    merged = Manifest(
+        format_version=FORMAT_VERSION, config_key=json_digest({"job": job_key, "parts": [m.config_key
+                                                                                          for _, m in ordered]}),
+        tokenizer=first.tokenizer, dtype=first.dtype,
+        shards=[replace(shard, directory=folder.name) for folder, manifest in ordered for shard in manifest.shards],
+        inputs={**{k: v for k, v in first.inputs.items() if k != "task"}, "files": end,
+                "bytes": sum(m.inputs["bytes"] for _, m in ordered), "parts": num_tasks},
+        skipped={"empty_documents": sum(m.skipped["empty_documents"] for _, m in ordered),
+                 "undecodable_documents": sum(m.skipped.get("undecodable_documents", 0) for _, m in ordered),
+                 "undecodable_files": [f for _, m in ordered for f in m.skipped.get("undecodable_files", [])][:100]},
+        repaired={key: sum(m.repaired[key] for _, m in ordered) for key in first.repaired},
+    )
+    merged.totals = {"documents": total("documents"), "characters": total("characters"),
+                     "shards": len(merged.shards),
+                     **{f"{s}_tokens": merged.split_tokens(s) for s in splits},
+                     **{f"{s}_documents": merged.split_documents(s) for s in splits},
+                     "seconds": max(m.totals.get("seconds", 0.0) for _, m in ordered)}
+    merged.save(out)
+    return merged

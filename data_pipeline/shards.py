@@ -138,7 +138,7 @@ def verify_corpus(directory: str | os.PathLike, manifest: Manifest | None = None
     dtype = np.dtype(manifest.dtype)
     for shard in manifest.shards:
         for split, record in shard.splits.items():
-            verify_shard(directory, split, shard.index, record, dtype, checksum=checksum)
+            verify_shard(shard.folder(directory), split, shard.index, record, dtype, checksum=checksum)
     return manifest
 
 

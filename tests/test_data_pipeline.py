@@ -377,3 +377,89 @@ def test_cli_end_to_end_on_stdlib(tmp_path, capsys):
                     "--output", str(tmp_path / "x")) == 1
     assert "missing*.txt" in capsys.readouterr().err
     assert _run_cli("inspect", str(tmp_path / "nothing")) == 1
+
+
+# ---- array jobs: parts prepared by separate tasks, merged into one corpus -----------------------------------
+
+def _documents(corpus_dir: Path, split: str) -> list[list[int]]:
+    """Every document of a split, in corpus order, as token lists (read through the shards' offsets)."""
+    manifest = Manifest.load(corpus_dir)
+    documents = []
+    for shard in manifest.shards:
+        if split not in shard.splits:
+            continue
+        name = f"{split}-{shard.index:05d}"
+        tokens = np.fromfile(shard.folder(corpus_dir) / f"{name}.bin", dtype=manifest.dtype)
+        offsets = np.load(shard.folder(corpus_dir) / f"{name}.idx")
+        documents += [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    return documents
+
+
+def _array_job(tok_dir: Path, output: Path, num_tasks: int, workers: list[int]) -> Manifest:
+    for index in range(num_tasks):
+        prepare(PrepareConfig(["stdlib"], str(tok_dir), str(output), max_files=STDLIB_FILES, val_fraction=0.2,
+                              shard_tokens=60_000, chunk_chars=20_000, progress=False, num_tasks=num_tasks,
+                              task_index=index, workers=workers[index % len(workers)]))
+    assert _run_cli("prepare", "--merge", "--output", str(output)) == 0
+    return Manifest.load(output)
+
+
+@pytest.mark.parametrize("num_tasks, workers", [(1, [2]), (2, [1, 2]), (3, [2, 1])])
+def test_an_array_job_merges_into_the_one_node_corpus(tok_dir, corpus, tmp_path, num_tasks, workers):
+    merged = _array_job(tok_dir, tmp_path / "merged", num_tasks, workers)
+    one_node = Manifest.load(corpus)
+    for split in ("train", "val"):
+        assert _documents(tmp_path / "merged", split) == _documents(corpus, split), split  # same docs, order, split
+        assert merged.totals[f"{split}_tokens"] == one_node.totals[f"{split}_tokens"]
+        assert merged.totals[f"{split}_documents"] == one_node.totals[f"{split}_documents"]
+    assert merged.totals["documents"] == one_node.totals["documents"] and merged.inputs["parts"] == num_tasks
+    assert {s.directory for s in merged.shards} == {f"part-{i:05d}-of-{num_tasks:05d}" for i in range(num_tasks)}
+    verify_corpus(tmp_path / "merged")
+    # It trains like any other corpus: the one-node token streams (the shuffle is seeded by the corpus's own key,
+    # so its order differs), and the same samples again when the datasets are rebuilt, as on a resume.
+    for split in ("train", "val"):
+        merged_stream, stream = TokenStream(tmp_path / "merged", split), TokenStream(corpus, split)
+        assert np.array_equal(merged_stream.read(0, len(merged_stream)), stream.read(0, len(stream)))
+    built = [build_datasets([str(tmp_path / "merged")], None, 64, seed=0, num_train_samples=50, num_valid_samples=8,
+                            tokenizer_dir=str(tok_dir)) for _ in range(2)]
+    assert all(np.array_equal(built[0][0][i], built[1][0][i]) for i in range(50))
+
+
+def test_array_job_parts_that_do_not_fit_are_refused_in_one_line(tok_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from data_pipeline.prepare import merge_parts
+
+    job = tmp_path / "job"
+    for index in (0, 2):
+        prepare(PrepareConfig(["stdlib"], str(tok_dir), str(job), max_files=STDLIB_FILES, val_fraction=0.2,
+                              progress=False, num_tasks=3, task_index=index))
+    with pytest.raises(ValueError, match=r"part-00001-of-00003 is missing: task 1 of 3 has not run"):
+        merge_parts(job)
+    (job / "part-00001-of-00003").mkdir()
+    with pytest.raises(ValueError, match=r"part-00001-of-00003 is unfinished \(no manifest.json\): rerun task 1"):
+        merge_parts(job)
+    shutil.rmtree(job / "part-00001-of-00003")
+    prepare(PrepareConfig(["stdlib"], str(tok_dir), str(tmp_path / "other"), max_files=STDLIB_FILES,
+                          val_fraction=0.5, progress=False, num_tasks=3, task_index=1))  # other settings
+    shutil.copytree(tmp_path / "other" / "part-00001-of-00003", job / "part-00001-of-00003")
+    with pytest.raises(ValueError, match="part-00001-of-00003 was prepared from other inputs or settings"):
+        merge_parts(job)
+    shutil.rmtree(job / "part-00001-of-00003")
+    shutil.copytree(job / "part-00002-of-00003", job / "part-00001-of-00003")  # a duplicated task
+    with pytest.raises(ValueError, match="holds task 2 of 3, not what its name says"):
+        merge_parts(job)
+    (job / "part-00000-of-00002").mkdir()
+    with pytest.raises(ValueError, match="holds parts of array jobs of 2 and 3 tasks: one job's parts only"):
+        merge_parts(job)
+    assert not (job / MANIFEST).exists()
+    capsys.readouterr()
+    assert _run_cli("prepare", "--merge", "--output", str(job)) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_array_task_defaults_come_from_slurm():
+    assert cli.array_task(None, None, {}) == (None, 0)
+    slurm = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5"}
+    assert cli.array_task(None, None, slurm) == (4, 2)
+    assert cli.array_task(3, 1, slurm) == (3, 1)
