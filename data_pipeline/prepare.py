@@ -3,8 +3,13 @@
 How it works, and why each property holds:
 
 * The main process streams documents (`readers`), skips empty ones (counted), assigns each
-  to train or val by a seeded hash of its ordinal, and groups them into *chunks* of about
-  `chunk_chars` characters. Chunk boundaries depend only on the input, never on `workers`.
+  to train or val by a seeded hash of its position (which input, which document of it), and groups
+  them into *chunks* of about `chunk_chars` characters. Chunk boundaries depend only on the
+  input, never on `workers`.
+* An array job (`num_tasks`, `task_index`) cuts the sorted inputs into contiguous slices of about
+  equal bytes; each task prepares its slice into ``part-I-of-N`` as above, assigning splits by the
+  same global positions, and `merge_parts` lists every part's shards in one manifest: the corpus
+  holds the documents and tokens a one-node run writes, in the same order.
 * Worker processes tokenize chunks with SentencePiece and append EOS to every document. At
   most ``2 * workers`` chunks are in flight, so peak memory does not grow with the corpus. A
   document over `SEGMENT_CHARS` (1 Mi characters) is tokenized in segments cut at line breaks
