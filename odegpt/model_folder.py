@@ -11,7 +11,12 @@ loads a folder here:
   with ``trust_remote_code=False``: the folder's ``.py`` files never run and nothing is asked;
 - every weight the model has must be in the folder, and nothing else: a missing tensor would otherwise be
   initialised at random and give plausible, wrong numbers (a Llama config over odegpt weights, say);
-- weights holding NaN or infinity are refused, naming the tensor.
+- weights holding NaN or infinity are refused, naming the tensor;
+- what a folder may ask for is bounded before anything is built (solver steps, layers, parameters that fit
+  in memory), and an odegpt ``config.json`` must say its ``segments`` (the default depth would load other
+  weights' shape silently);
+- a tokenizer that carries odegpt's record (``odegpt_tokenizer.json``) must match it (a swapped or truncated
+  ``tokenizer.model``).
 
 Failures are :class:`odegpt.cli.CommandError` (one line, no traceback).
 """
@@ -69,6 +74,50 @@ def quiet_transformers() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+# The most a folder may ask for: beyond these a load would hang or exhaust memory rather than fail.
+MAX_FOLDER_SOLVER_STEPS = 1 << 16
+MAX_FOLDER_LAYERS = 1 << 14
+
+
+def check_bounds(folder: str | Path, config: PretrainedConfig) -> None:
+    """Refuse a configuration whose model could not be built or solved in reasonable time and memory."""
+    import psutil
+
+    if config.model_type == "odegpt":
+        if config.max_solver_steps > MAX_FOLDER_SOLVER_STEPS:
+            raise CommandError(f"{folder}/config.json asks for max_solver_steps {config.max_solver_steps:,}; odegpt "
+                               f"loads at most {MAX_FOLDER_SOLVER_STEPS:,} (a longer solve would run for hours)")
+        from .accounting import model_cost
+
+        parameters = model_cost(config, config.step_size, seq_len=1).parameters
+    else:
+        if config.num_hidden_layers > MAX_FOLDER_LAYERS:
+            raise CommandError(f"{folder}/config.json asks for {config.num_hidden_layers:,} layers; odegpt loads at "
+                               f"most {MAX_FOLDER_LAYERS:,}")
+        d, layers = config.hidden_size, config.num_hidden_layers
+        parameters = 2 * config.vocab_size * d + layers * (4 * d * d + 3 * d * config.intermediate_size)
+    needed, available = 4 * parameters, psutil.virtual_memory().total
+    if needed > available:
+        raise CommandError(f"{folder}/config.json describes a model of {parameters:,} parameters ({needed / 2**30:.1f} "
+                           f"GiB in float32), more than this machine's {available / 2**30:.1f} GiB of memory")
+
+
+def check_tokenizer_record(folder: str | Path) -> None:
+    """A folder's ``tokenizer.model`` must be the one its ``odegpt_tokenizer.json`` records (same fingerprint)."""
+    from data_pipeline.tokenizer import MODEL_FILE, TokenizerInfo, tokenizer_fingerprint
+
+    if not (Path(folder) / "odegpt_tokenizer.json").is_file() or not (Path(folder) / MODEL_FILE).is_file():
+        return
+    try:
+        recorded = TokenizerInfo.load(folder).fingerprint
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise _one_line("tokenizer record", folder, error) from None
+    if tokenizer_fingerprint(folder) != recorded:
+        raise CommandError(f"{folder}/{MODEL_FILE} is not the tokenizer its odegpt_tokenizer.json records (fingerprint "
+                           f"{tokenizer_fingerprint(folder)[:12]}..., recorded {recorded[:12]}...): swapped or "
+                           f"damaged; copy the tokenizer the model was trained with into the folder")
+
+
 def _one_line(what: str, folder: str | Path, error: BaseException) -> CommandError:
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return CommandError(f"cannot load the {what} of {folder}: {reason}")
@@ -85,10 +134,14 @@ def load_config(folder: str | Path, expect: str | None = None, solver: str | Non
         raise CommandError(f"--solver applies to native odegpt models; {folder} is {model_type!r} (an unrolled "
                            f"export has its solver baked in)")
     config_class, _ = MODEL_CLASSES[model_type]
+    if model_type == "odegpt" and "segments" not in json.loads((Path(folder) / "config.json").read_text()):
+        raise CommandError(f"{folder}/config.json has no segments: an odegpt model's depth and sharing are not "
+                           f"optional (the default would give these weights another model's shape)")
     try:
         config = config_class.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise _one_line("configuration", folder, error) from None
+    check_bounds(folder, config)
     if solver is not None:
         try:
             config.solver = solver_method(solver).name
@@ -121,7 +174,9 @@ def load_model(folder: str | Path, config: PretrainedConfig | None = None) -> Pr
 
 
 def load_tokenizer(folder: str | Path):
-    """The Hugging Face tokenizer saved in ``folder`` (never the folder's own tokenizer code)."""
+    """The Hugging Face tokenizer saved in ``folder`` (never the folder's own tokenizer code), checked against
+    odegpt's record of it when the folder has one."""
+    check_tokenizer_record(folder)
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:

@@ -129,3 +129,51 @@ def test_exporting_a_heun_model_unrolled_is_one_line_naming_the_reason(tmp_path,
     err = capsys.readouterr().err
     assert "--format unrolled: the heun solver cannot be unrolled to Llama layers: a Heun step is" in err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_what_a_folder_asks_for_is_bounded_before_anything_is_built(model_folder, tmp_path, capsys):
+    """Each of these used to hang, exhaust memory or load silently wrong; now one line, at once."""
+    config = json.loads((model_folder / "config.json").read_text())
+
+    def edited(name: str, **changes) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(model_folder, folder)
+        fields = {k: v for k, v in (config | changes).items() if v is not None}
+        if "drop" in changes:
+            fields.pop(changes["drop"])
+            fields.pop("drop")
+        (folder / "config.json").write_text(json.dumps(fields))
+        return folder
+
+    llama = tmp_path / "llama"
+    assert odegpt_main(["export", "--model", str(model_folder), "--output", str(llama), "--unroll"]) == 0
+    huge_llama = tmp_path / "huge_llama"
+    shutil.copytree(llama, huge_llama)
+    llama_config = json.loads((llama / "config.json").read_text())
+    (huge_llama / "config.json").write_text(json.dumps(llama_config | {"num_hidden_layers": 1_000_000}))
+    cases = [(edited("steps", max_solver_steps=10**12), "asks for max_solver_steps 1,000,000,000,000; odegpt "
+                                                        "loads at most 65,536"),
+             (edited("wide", hidden_size=2**20, intermediate_size=2**22, num_attention_heads=2**10,
+                     num_key_value_heads=2**10), "more than this machine's"),
+             (edited("no_segments", drop="segments"), "config.json has no segments"),
+             (huge_llama, "asks for 1,000,000 layers; odegpt loads at most 16,384")]
+    for folder, message in cases:
+        capsys.readouterr()
+        assert odegpt_main(["generate", "--model", str(folder), "--prompt", "def", "--max-new-tokens", "2"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (folder.name, err)
+
+
+def test_a_swapped_or_truncated_tokenizer_is_refused(model_folder, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(model_folder, swapped)
+    model_file = swapped / "tokenizer.model"
+    model_file.write_bytes(model_file.read_bytes()[:-100])  # truncated
+    for command in (["generate", "--model", str(swapped), "--prompt", "def"],
+                    ["evaluate", "--model", str(swapped), "--data", str(text), "--seq-len", "32", "--no-speed"]):
+        capsys.readouterr()
+        assert odegpt_main(command) == 2
+        err = capsys.readouterr().err
+        assert "tokenizer.model is not the tokenizer its odegpt_tokenizer.json records" in err, err
