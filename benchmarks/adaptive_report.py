@@ -34,8 +34,8 @@ from odegpt.accounting import adaptive_flops_per_token, format_count, model_cost
 from odegpt.adaptive import AdaptiveCache, AdaptiveDepth, adaptive_forward, adaptive_generate
 from odegpt.calibration import calibrate_energy
 from odegpt.evaluation import adaptive_nll_sums, nll_sums, perplexity
-from odegpt.evaluation_cli import _prepared_batches, _raw_text_batches, _raw_text_sources, load_native_config, \
-    load_native_model
+from odegpt.evaluation_cli import load_native_config, load_native_model, prepared_batches, raw_text_batches, \
+    raw_text_sources
 
 sys.path.insert(0, str(Path(__file__).parent))
 import adaptive_headroom  # noqa: E402  (a sibling script module)
@@ -148,13 +148,13 @@ def evaluate_model(path: str, args) -> dict:
     seq_len = args.seq_len
     loader = argparse.Namespace(model=path, num_samples=None, batch_size=args.batch_size, text_key="text",
                                 data=args.second_data)
-    valid = _prepared_batches([args.data], loader, seq_len)
+    valid = prepared_batches([args.data], loader, seq_len)
     samples = torch.cat(valid)[: 2 * args.num_samples]
     calibration = list(samples[: len(samples) // 2].split(args.batch_size))
     held_out = list(samples[len(samples) // 2:].split(args.batch_size))
     corpora = {"stdlib validation (held out)": held_out}
     if args.second_data:
-        second = _raw_text_batches(_raw_text_sources(args.second_data, path), loader, seq_len, seq_len)
+        second = raw_text_batches(raw_text_sources(args.second_data, path), loader, seq_len, seq_len)
         corpora[f"second corpus: {' '.join(args.second_data)}"] = second[: len(held_out)]
 
     exit_every = AdaptiveDepth(exit_entropy=0.0, kv_fill="copy")

@@ -162,7 +162,7 @@ def _adaptive_results(model, config, rows: list[dict], batches: list, args, seq_
             record = load_calibration(args.model, row["target_compute"], settings, seq_len)
             if record is None:
                 if calibration_batches is None:
-                    calibration_batches = (_prepared_batches(args.calibration_data, args, seq_len)
+                    calibration_batches = (prepared_batches(args.calibration_data, args, seq_len)
                                            if args.calibration_data else batches)
                 try:
                     record = calibrate_energy(model, calibration_batches, settings, row["target_compute"], seq_len)
@@ -213,7 +213,7 @@ def load_native_model(path: str, config, dtype: str):
     return load_model(path, config).to(getattr(torch, dtype)).eval()
 
 
-def _prepared_batches(corpora: list[str], args, seq_len: int) -> list:
+def prepared_batches(corpora: list[str], args, seq_len: int) -> list:
     """(B, seq_len + 1) token batches of the prepared corpora's validation samples."""
     import numpy as np
     import torch
@@ -236,7 +236,7 @@ def _prepared_batches(corpora: list[str], args, seq_len: int) -> list:
             for start in range(0, len(indices), args.batch_size)]
 
 
-def _raw_text_sources(inputs: list[str], model_dir: str) -> list:
+def raw_text_sources(inputs: list[str], model_dir: str) -> list:
     """The files (or saved datasets) behind raw-text inputs; checked before any model is loaded."""
     from data_pipeline.readers import resolve_inputs
 
@@ -250,7 +250,7 @@ def _raw_text_sources(inputs: list[str], model_dir: str) -> list:
     return sources
 
 
-def _raw_text_batches(sources: list, args, seq_len: int, stride: int) -> list:
+def raw_text_batches(sources: list, args, seq_len: int, stride: int) -> list:
     """Sliding-window (input ids, targets) batches over raw documents, tokenized with the model's tokenizer.
     Each document is framed by EOS on both sides, as packed training data puts one before and after it:
     its first token is predicted after an EOS, and its closing EOS is scored too."""
@@ -314,10 +314,10 @@ def run(args: argparse.Namespace) -> int:
     if args.stride is not None and not raw:
         raise CommandError("--stride applies to raw text; prepared corpora are scored in their fixed validation "
                            "samples of seq_len + 1 tokens (use --seq-len)")
-    sources = _raw_text_sources(raw, args.model) if raw else []
-    batches = _prepared_batches(prepared, args, seq_len) if prepared else []
+    sources = raw_text_sources(raw, args.model) if raw else []
+    batches = prepared_batches(prepared, args, seq_len) if prepared else []
     if sources:
-        batches += _raw_text_batches(sources, args, seq_len, stride)
+        batches += raw_text_batches(sources, args, seq_len, stride)
 
     model = load_native_model(args.model, config, args.dtype)
     progress = tqdm(batches, desc=f"perplexity at {len(step_sizes)} step sizes", unit="batch", file=sys.stderr)
