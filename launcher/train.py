@@ -256,6 +256,12 @@ class Trainer:
                                                           f"rank(s), now {world_size})" if checkpoint.universal else "")
                      + f": step {self.step}, {self.consumed_samples} samples consumed")
         self.sampler = StepSizeSampler(StepSizeDistribution.from_dict(t.step_size), t.seed)
+        saved_sampler = checkpoint.state.get("step_size_sampler") if checkpoint else None
+        if saved_sampler is not None and saved_sampler != self.sampler.state_dict():
+            # A pure function of (seed, step): a resume draws what the run would have drawn, unless the settings
+            # changed, which is allowed (a new curriculum, say) but said.
+            self.say(f"the step-size draws change at step {self.step}: the checkpoint drew from {saved_sampler}, "
+                     f"this run draws from {self.sampler.state_dict()} (train.step_size, train.seed)")
         self.solvers = None if t.solvers is None else SolverSampler(t.solvers, t.seed)
         self.grad_accum = config.gradient_accumulation_steps(world_size)
         self.batches = data.train_micro_batches(train_ds, self.consumed_samples, t.micro_batch_size, rank, world_size)

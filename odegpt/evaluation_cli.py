@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .adaptive import DEFAULT_SWIFT_STEP_SIZE
 from .cli import CommandError
 
 DTYPES = ("float32", "bfloat16")
@@ -66,7 +67,7 @@ def register(subparsers) -> None:
                                "(default: %(default)s)")
     adaptive.add_argument("--adaptive-step-size", type=float, default=None, metavar="A",
                           help="early exit's step size and routing's super step size (default: config.step_size)")
-    adaptive.add_argument("--swift-step-size", type=float, default=4.0, metavar="B",
+    adaptive.add_argument("--swift-step-size", type=float, default=DEFAULT_SWIFT_STEP_SIZE, metavar="B",
                           help="routing: the swift step size (default: %(default)s)")
     adaptive.add_argument("--check-every", type=int, default=1, metavar="N",
                           help="early exit: read out every N steps (default: %(default)s)")

@@ -12,6 +12,7 @@ import math
 import sys
 from pathlib import Path
 
+from .adaptive import DEFAULT_SWIFT_STEP_SIZE
 from .cli import CommandError
 
 DEFAULT_PROMPT = "def "
@@ -67,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="early exit: read out every N steps (default: %(default)s)")
     adaptive.add_argument("--min-time", type=float, default=0.0,
                           help="early exit: no exit before this solver time (default: %(default)s)")
-    adaptive.add_argument("--swift-step-size", type=float, default=4.0, metavar="B",
+    adaptive.add_argument("--swift-step-size", type=float, default=DEFAULT_SWIFT_STEP_SIZE, metavar="B",
                           help="energy routing: the swift step size (default: %(default)s)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--stream", action="store_true", help="print tokens as they are generated")

@@ -337,8 +337,8 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         ``P``). Greedy output is identical; sampled output follows the target's distribution.
 
         With ``exit_entropy=H`` each token stops integrating once its read-out's entropy is below ``H`` nats;
-        with ``route_energy=E`` each token is solved at ``swift_step_size`` (default 4) and re-solved at
-        ``step_size`` where its energy exceeds ``E``; ``kv_fill`` (lazy, copy, interpolate) says what later
+        with ``route_energy=E`` each token is solved at ``swift_step_size`` (default
+        ``adaptive.DEFAULT_SWIFT_STEP_SIZE``) and re-solved at ``step_size`` where its energy exceeds ``E``; ``kv_fill`` (lazy, copy, interpolate) says what later
         tokens attend to at the steps a token skipped (see odegpt/adaptive.py). ``adaptive=AdaptiveDepth(...)``
         gives every setting at once (read-out interval, minimum and maximum time, energy temperature)."""
         if draft_confidence is not None and draft_step_size is None:

@@ -126,6 +126,7 @@ def test_user_deepspeed_config_is_merged_with_our_keys_winning_and_said(tmp_path
 
 # ---- DeepSpeed universal checkpoints: change the number of ranks between runs ------------------------
 
+@pytest.mark.slow
 def test_universal_checkpoint_resumes_on_another_world_size_and_user_deepspeed_config_reaches_the_engine(tmp_path):
     """2 ranks -> ds_to_universal (no --inject_missing_state) -> 1 rank -> ds_to_universal -> 2 ranks: the
     loss continues as in one uninterrupted 2-rank run. The first run also carries a user DeepSpeed config."""

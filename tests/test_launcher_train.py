@@ -16,6 +16,9 @@ import pytest
 
 from launcher.launch import free_port
 
+# Every test here starts DeepSpeed ranks in subprocesses: the slow half of the suite (`pytest -m "not slow"` skips it).
+pytestmark = pytest.mark.slow
+
 TESTS_DIR = Path(__file__).resolve().parent
 PYTHON = sys.executable
 TIMEOUT = 300  # hang guard only

@@ -224,6 +224,19 @@ def test_resuming_a_zero_checkpoint_on_another_world_size_says_how(trained):
         f"resume from that with `--resume {universal}` (any number of ranks)")
 
 
+def test_a_resume_with_other_step_size_draws_says_so(trained, tmp_path):
+    """The sampler state saved with each checkpoint is read back: draws that change on resume are said."""
+    run = _copy(trained, tmp_path)
+    process = _plain(run, **{"deepspeed.zero_stage": 1, "train.train_steps": 3, "checkpoint.interval": 1,
+                             "eval.interval": 0, "eval.num_samples": 4, "train.step_size": "{choices: [2.0]}"})
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "the step-size draws change at step 2: the checkpoint drew from {'seed': 1234, 'distribution': " \
+           "{'choices': [0.5, 1.0, 2.0], 'log_uniform': False}}, this run draws from {'seed': 1234, 'distribution': " \
+           "{'choices': [2.0], 'log_uniform': False}}" in stderr, stderr[-2000:]
+    assert {r["step_size"] for r in _train_metrics(run).values() if r["step"] == 3} == {2.0}
+
+
 def test_convert_never_writes_over_the_run_its_checkpoints_or_another_folder(trained, tmp_path, capsys):
     run = _copy(trained, tmp_path)
     checkpoints, run_config = run / "checkpoints", (run / "config.json").read_bytes()
