@@ -286,6 +286,10 @@ def prepare(cfg: PrepareConfig) -> Manifest:
         raise ValueError(f"--max-undecodable-fraction must be in [0, 1], got {cfg.max_undecodable_fraction}")
     if cfg.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {cfg.workers}")
+    if cfg.shard_tokens < 1:
+        raise ValueError(f"--shard-tokens must be >= 1, got {cfg.shard_tokens}")
+    if not 0 <= cfg.seed < 2**63:
+        raise ValueError(f"--seed must be an integer in [0, 2**63), got {cfg.seed}")
     num_tasks = 1 if cfg.num_tasks is None else cfg.num_tasks
     if num_tasks < 1 or not 0 <= cfg.task_index < num_tasks:
         raise ValueError(f"--num-tasks must be >= 1 and --task-index in 0..{num_tasks - 1}, got task "

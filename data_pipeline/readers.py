@@ -107,6 +107,8 @@ def resolve_inputs(patterns: list[str], max_files: int | None = None) -> list[So
     """
     if not patterns:
         raise ValueError("no input given")
+    if max_files is not None and (isinstance(max_files, bool) or max_files < 1):
+        raise ValueError(f"--max-files must be >= 1 (or left out for every file), got {max_files}")
     sources: list[Source] = []
     for pattern in patterns:
         if pattern == STDLIB:

@@ -221,6 +221,8 @@ class RunConfig:
         for name in ("min_lr", "weight_decay", "grad_clip", "consistency_weight", "reference_weight"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)!r}")
+        if isinstance(t.seed, bool) or not isinstance(t.seed, int) or not 0 <= t.seed < 2**63:
+            raise ConfigError(f"train.seed must be an integer in [0, 2**63), got {t.seed!r}")
         if t.min_lr > t.lr:
             raise ConfigError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
         if t.warmup_steps < 0 or (t.decay_steps is not None and t.decay_steps < 1):

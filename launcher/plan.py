@@ -184,7 +184,14 @@ def main(args: argparse.Namespace) -> int:
 
     from .config import ConfigError, load_config
 
+    import math
+
     world = args.num_nodes * args.num_gpus
+    for flag, value, upper in (("--gpu-tflops", args.gpu_tflops, math.inf), ("--mfu", args.mfu, 1.0)):
+        if value is not None and not (0 < value <= upper and math.isfinite(value)):
+            limit = "a finite number > 0" if upper == math.inf else "a fraction in (0, 1]"
+            print(f"odegpt plan: {flag} must be {limit}, got {value:g}", file=sys.stderr)
+            return 2
     if args.gpu_tflops is None:
         args.gpu_tflops = peak_tflops(args.gpu)
         if args.gpu_tflops is None:

@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything the user typed is checked before the weights are loaded.
     config = load_native_config(args.model, args.solver)
     step_sizes = parse_step_sizes(args.step_sizes, config)
-    seq_len = args.seq_len or min(512, config.max_position_embeddings)
+    seq_len = args.seq_len if args.seq_len is not None else min(512, config.max_position_embeddings)
     if not 0 < seq_len <= config.max_position_embeddings:
         raise CommandError(f"--seq-len must be in 1..{config.max_position_embeddings} (the model's positions), "
                            f"got {seq_len}")

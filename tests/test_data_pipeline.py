@@ -463,3 +463,17 @@ def test_array_task_defaults_come_from_slurm():
     slurm = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5"}
     assert cli.array_task(None, None, slurm) == (4, 2)
     assert cli.array_task(3, 1, slurm) == (3, 1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-files", "-1"], "--max-files must be >= 1"), (["--max-files", "0"], "--max-files must be >= 1"),
+    (["--shard-tokens", "0"], "--shard-tokens must be >= 1"), (["--shard-tokens", "-1"], "--shard-tokens must be >= 1"),
+    (["--seed", "99999999999999999999"], "--seed must be an integer in [0, 2**63)"),
+])
+def test_prepare_refuses_values_it_used_to_accept(tok_dir, tmp_path, capsys, flags, message):
+    """--max-files -1 silently dropped the last file; --shard-tokens 0 and a seed past 64 bits were taken."""
+    assert _run_cli("prepare", "--input", "stdlib", "--tokenizer", str(tok_dir), "--output", str(tmp_path / "c"),
+                    "--no-progress", *flags) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c" / MANIFEST).exists()

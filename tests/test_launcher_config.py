@@ -205,3 +205,24 @@ def test_evaluate_perplexity_is_token_weighted():
     assert result[2.0] == pytest.approx(math.exp(expected.item()), rel=1e-5)
     assert nll_sums(model, batches, [1.0])[1.0][1] == 3 * 8
     assert math.isfinite(loss.item()) and model.training  # evaluation restores the training mode
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpu-tflops", "0"], "--gpu-tflops must be a finite number > 0, got 0"),
+    (["--gpu-tflops", "nan"], "--gpu-tflops must be a finite number > 0, got nan"),
+    (["--gpu-tflops", "-5"], "--gpu-tflops must be a finite number > 0, got -5"),  # printed "-0.00 days", exit 0
+    (["--mfu", "0"], "--mfu must be a fraction in (0, 1], got 0"),
+    (["--mfu", "1.5"], "--mfu must be a fraction in (0, 1], got 1.5"),
+])
+def test_plan_refuses_impossible_hardware_figures(capsys, flags, message):
+    from odegpt.cli import main
+
+    assert main(["plan", "--config", "quickstart", "--num-gpus", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("seed", ["1e30", "99999999999999999999", "-1", "1.5"])
+def test_train_seed_must_be_a_64_bit_integer(seed):
+    with pytest.raises(ConfigError, match=r"train.seed must be (an integer in \[0, 2\*\*63\)|int)"):
+        load_config(["quickstart"], [f"train.seed={seed}"])

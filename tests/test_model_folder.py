@@ -177,3 +177,8 @@ def test_a_swapped_or_truncated_tokenizer_is_refused(model_folder, tmp_path, cap
         assert odegpt_main(command) == 2
         err = capsys.readouterr().err
         assert "tokenizer.model is not the tokenizer its odegpt_tokenizer.json records" in err, err
+
+
+def test_evaluate_refuses_a_zero_window_instead_of_using_the_default(model_folder, capsys):
+    assert odegpt_main(["evaluate", "--model", str(model_folder), "--data", "stdlib", "--seq-len", "0"]) == 2
+    assert "--seq-len must be in 1.." in capsys.readouterr().err
