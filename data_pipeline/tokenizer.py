@@ -20,13 +20,12 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .files import write_json_atomic
+from .files import write_atomic, write_json_atomic
 
 MODEL_FILE = "tokenizer.model"
 INFO_FILE = "odegpt_tokenizer.json"
@@ -113,6 +112,20 @@ def sample_sentences(documents: Iterable[str], max_sentences: int, seed: int = 0
     return reservoir
 
 
+def _write_canonical_model(trained: str | os.PathLike, target: Path) -> None:
+    """Write SentencePiece's model without what depends on where and how it was trained rather than on its inputs
+    and settings: the temporary path it was written under (``trainer_spec.model_prefix``) and the thread count.
+    Two trainings on the same inputs with the same settings then write the same bytes, hence the same fingerprint
+    (a corpus prepared with one is accepted with the other)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(trained).read_bytes())
+    proto.trainer_spec.model_prefix = "tokenizer"
+    proto.trainer_spec.num_threads = 1
+    write_atomic(target, proto.SerializeToString())
+
+
 def train_tokenizer(inputs: list[str], output: str | os.PathLike, vocab_size: int,
                     model_type: str = "bpe", max_sentences: int = 2_000_000, seed: int = 0,
                     text_key: str = "text", num_threads: int | None = None,
@@ -152,7 +165,7 @@ def train_tokenizer(inputs: list[str], output: str | os.PathLike, vocab_size: in
             num_threads=num_threads or min(os.cpu_count() or 1, 8),
             minloglevel=2,
         )
-        shutil.move(prefix + ".model", output / MODEL_FILE)
+        _write_canonical_model(prefix + ".model", output / MODEL_FILE)
     sp = spm.SentencePieceProcessor(model_file=str(output / MODEL_FILE))
     info = TokenizerInfo(vocab_size=sp.get_piece_size(), model_type=model_type,
                          fingerprint=fingerprint_file(output / MODEL_FILE),

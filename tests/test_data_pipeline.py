@@ -477,3 +477,15 @@ def test_prepare_refuses_values_it_used_to_accept(tok_dir, tmp_path, capsys, fla
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "c" / MANIFEST).exists()
+
+
+def test_two_trainings_on_the_same_inputs_write_the_same_tokenizer(tmp_path):
+    """The model once recorded the temporary path it was trained under, so the fingerprints differed and a
+    corpus prepared with one tokenizer was refused with the other."""
+    first = train_tokenizer(["stdlib"], tmp_path / "a", vocab_size=400, max_files=10, max_sentences=3000)
+    second = train_tokenizer(["stdlib"], tmp_path / "nested" / "b", vocab_size=400, max_files=10, max_sentences=3000,
+                             num_threads=1)
+    assert (tmp_path / "a" / "tokenizer.model").read_bytes() == (tmp_path / "nested" / "b" / "tokenizer.model").read_bytes()
+    assert first.fingerprint == second.fingerprint
+    assert load_sentencepiece(tmp_path / "a").encode("def f(x):\n\treturn x") == \
+        load_sentencepiece(tmp_path / "nested" / "b").encode("def f(x):\n\treturn x")
