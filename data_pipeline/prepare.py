@@ -45,6 +45,7 @@ from .manifest import FORMAT_VERSION, MANIFEST, Manifest, ShardRecord
 from .readers import Source, iter_documents, resolve_inputs
 from .shards import ShardWriter, choose_dtype, open_tokens
 from .tokenizer import MODEL_FILE, TokenizerInfo, tokenizer_fingerprint
+from .writer_lock import writer_lock
 
 PARTS = ".parts"
 # Fewer undecodable bytes than this never make a document "binary": a short text with a stray byte is repaired.
@@ -276,10 +277,9 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     """Tokenize `cfg.inputs` into shards under `cfg.output`; return the manifest.
 
     Rerunning with the same settings resumes (or returns at once when already complete); an
-    output directory prepared with different settings is an error rather than a silent mix.
+    output directory prepared with different settings is an error rather than a silent mix. One process
+    writes a corpus at a time (a second is refused, naming the first: ``writer_lock``).
     """
-    from tqdm import tqdm
-
     if not 0 <= cfg.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     if not 0 <= cfg.max_undecodable_fraction <= 1:
@@ -314,7 +314,15 @@ def prepare(cfg: PrepareConfig) -> Manifest:
                 "end_source": end_source, "num_sources": len(all_sources),
                 "job_key": _config_key(cfg, all_sources, fingerprint, dtype)}
         out = out / part_name(cfg.task_index, cfg.num_tasks)
-    out.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out, "corpus"):
+        return _prepare_locked(cfg, out, sources, first_source, key, task, info, fingerprint, dtype)
+
+
+def _prepare_locked(cfg: PrepareConfig, out: Path, sources: list[Source], first_source: int, key: str, task,
+                    info: TokenizerInfo, fingerprint: str, dtype: np.dtype) -> Manifest:
+    """:func:`prepare` once its inputs are checked and it holds ``out``'s writer lock."""
+    from tqdm import tqdm
+
     if (out / MANIFEST).is_file():
         manifest = Manifest.load(out)
         if manifest.config_key == key:
@@ -365,6 +373,7 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     warn = lambda message: bar.write(message, file=sys.stderr)  # noqa: E731
     chunks = (c for c in iter_chunks(sources, cfg, counters, warn=warn, first_source=first_source)
               if c.index >= skip_chunks)
+    tok_dir = Path(cfg.tokenizer)
     model_file = str(tok_dir / MODEL_FILE)
     last_index = skip_chunks - 1
     stopped = False

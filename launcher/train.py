@@ -195,6 +195,8 @@ class Trainer:
 
         from . import checkpointing, data, faults
         from .metrics import MetricsLogger
+        from data_pipeline.writer_lock import hold_writer_lock
+
         from .run_folder import check_run_folder
         from .optim import parameter_groups, schedule_for
 
@@ -208,6 +210,7 @@ class Trainer:
         # 1. Check everything a user can get wrong before writing or building anything.
         def check() -> checkpointing.Checkpoint | None:
             check_run_folder(self.output_dir)
+            hold_writer_lock(self.output_dir, "run folder")  # rank 0 holds it until the process ends
             data.check_corpora(config)
             checkpoint = checkpointing.choose(resume, self.checkpoint_dir, note=self.say)
             if checkpoint is not None:
@@ -538,7 +541,7 @@ def _remove_startup_outputs(config, started: float) -> list[str]:
     if complete_tags(config.checkpoint_dir):
         return []
     removed = []
-    for name in ("config.json", "deepspeed_config.json", "metrics.jsonl", "tensorboard"):
+    for name in ("config.json", "deepspeed_config.json", "metrics.jsonl", "tensorboard", ".odegpt.lock"):
         path = output_dir / name
         if path.exists() and path.stat().st_mtime >= started:
             shutil.rmtree(path) if path.is_dir() else path.unlink()

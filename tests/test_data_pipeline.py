@@ -489,3 +489,28 @@ def test_two_trainings_on_the_same_inputs_write_the_same_tokenizer(tmp_path):
     assert first.fingerprint == second.fingerprint
     assert load_sentencepiece(tmp_path / "a").encode("def f(x):\n\treturn x") == \
         load_sentencepiece(tmp_path / "nested" / "b").encode("def f(x):\n\treturn x")
+
+
+def test_a_second_writer_of_a_corpus_is_refused_naming_the_holder_and_the_lock_goes_with_it(tok_dir, tmp_path):
+    """Two prepares into one output used to race (a .tmp rename failed, a stray .tmp stayed)."""
+    import subprocess
+    import sys
+
+    from data_pipeline.writer_lock import FolderInUseError
+
+    out = tmp_path / "corpus"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom data_pipeline.writer_lock import hold_writer_lock\n"
+                               "hold_writer_lock(sys.argv[1], 'corpus')\nprint('held', flush=True)\ntime.sleep(120)",
+         str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        config = PrepareConfig(["stdlib"], str(tok_dir), str(out), max_files=5, progress=False)
+        with pytest.raises(FolderInUseError, match=rf"corpus {out} is being written by another process "
+                                                   rf"\(host .*, pid {holder.pid}, command "):
+            prepare(config)
+        assert not list(out.glob("*.bin")) and not (out / MANIFEST).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert prepare(config).totals["documents"] > 0  # a killed holder leaves no stale lock

@@ -284,3 +284,19 @@ def test_real_corpus_trains_converts_with_tokenizer_and_evaluates(tmp_path):
     logged = _valid_metrics(run)[3]
     assert table["1"] == pytest.approx(logged["ppl_a1"], rel=1e-5)
     assert table["2"] == pytest.approx(logged["ppl_a2"], rel=1e-5)
+
+
+def test_a_second_run_into_a_training_run_folder_is_refused_while_the_first_trains(tmp_path):
+    """Two train runs into one folder used to both exit 0, interleaving metrics and checkpoints."""
+    run = tmp_path / "run"
+    first = _plain(run, **{"train.train_steps": 100000, "checkpoint.interval": 0, "eval.interval": 0})
+    try:
+        _wait_for_step(run, first, 1)
+        second = _plain(run, **{"train.train_steps": 3, "checkpoint.interval": 0, "eval.interval": 0})
+        _, stderr = second.communicate(timeout=TIMEOUT)
+        assert second.returncode == 2, stderr[-3000:]
+        assert f"run folder {run} is being written by another process (host " in stderr
+        assert f"pid {first.pid}" in stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=TIMEOUT)
