@@ -167,12 +167,12 @@ def decode_speeds(model_dirs: dict[str, Path], step_sizes: list[float], rounds: 
     import torch
     from tqdm import tqdm
 
-    from odegpt import OdeGPTForCausalLM
+    from odegpt.model_folder import load_model
     from odegpt.solver import plan_solve
     from odegpt.throughput import Variant as Timed, measure_interleaved, random_prompt
 
     torch.set_num_threads(1)
-    models = {name: OdeGPTForCausalLM.from_pretrained(path).eval() for name, path in model_dirs.items()}
+    models = {name: load_model(path) for name, path in model_dirs.items()}
     shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                     "tie_word_embeddings")
     work: dict[tuple, tuple[str, float]] = {}  # what is timed -> (a model that has it, a)
