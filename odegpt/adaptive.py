@@ -203,8 +203,8 @@ class _EarlyExit(SolveHook):
     (copy, interpolate) or keep integrating for later tokens (lazy); after a step where a check is due, the
     active tokens are read out and those below the entropy threshold exit."""
 
-    def __init__(self, model, h: torch.Tensor, settings: AdaptiveDepth, kv) -> None:
-        self.model, self.settings, self.kv = model, settings, kv
+    def __init__(self, model, h: torch.Tensor, settings: AdaptiveDepth, kv, inputs: dict) -> None:
+        self.model, self.settings, self.kv, self.inputs = model, settings, kv, inputs
         self.lazy = settings.kv_fill == "lazy"
         self.max_time = math.inf if settings.max_time is None else settings.max_time
         self.active = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
@@ -215,7 +215,6 @@ class _EarlyExit(SolveHook):
         self.projected_with = torch.full(h.shape[:2], -1, dtype=torch.long, device=h.device)
         self.logits: torch.Tensor | None = None
         self.reused: tuple | None = None
-        self.inputs: dict = {}
 
     def evaluate(self, step: StepContext, h: torch.Tensor) -> bool:
         self.any_active = bool(self.active.any())
@@ -274,8 +273,7 @@ class _EarlyExit(SolveHook):
 def _early_exit_solve(model, h, inputs, settings: AdaptiveDepth, cache: AdaptiveCache | None):
     _, plan, method = model.plan(settings.step_size)
     kv = None if cache is None else cache.solve(settings.step_size, len(plan) * method.evaluations, method.name)
-    control = _EarlyExit(model, h, settings, kv)
-    control.inputs = inputs
+    control = _EarlyExit(model, h, settings, kv, inputs)
     h = model.solve(h, plan, method, inputs, kv, hook=control)
     logits, active = control.logits, control.active
     if bool(active.any()):  # tokens that ran the whole solve: the ordinary final read-out

@@ -43,8 +43,8 @@ MODEL_CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] =
 }
 
 
-def model_type_of(folder: str | Path) -> str:
-    """``odegpt`` or ``llama``, read from ``folder/config.json`` as data; anything else is a one-line error."""
+def _config_json(folder: str | Path) -> dict:
+    """``folder/config.json`` as data (never through transformers), or a one-line error."""
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         raise CommandError(f"{folder} is not a model folder (no config.json)")
@@ -52,7 +52,12 @@ def model_type_of(folder: str | Path) -> str:
         config = json.loads(config_file.read_text())
     except (ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep to parse
         raise CommandError(f"{config_file} is not valid JSON: {str(error)[:200]}") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def model_type_of(folder: str | Path, config: dict | None = None) -> str:
+    """``odegpt`` or ``llama``, read from ``folder/config.json`` as data; anything else is a one-line error."""
+    model_type = (_config_json(folder) if config is None else config).get("model_type")
     if model_type not in MODEL_CLASSES:
         raise CommandError(f"{folder} holds a {model_type!r} model; odegpt reads only odegpt folders and Llama "
                            f"folders (such as an unrolled export), and never runs a folder's own code")
@@ -126,7 +131,8 @@ def _one_line(what: str, folder: str | Path, error: BaseException) -> CommandErr
 def load_config(folder: str | Path, expect: str | None = None, solver: str | None = None) -> PretrainedConfig:
     """The configuration of ``folder`` (no weights read); ``expect="odegpt"`` refuses a Llama folder; ``solver``
     (``--solver``) replaces a native model's solver method for this run."""
-    model_type = model_type_of(folder)
+    fields = _config_json(folder)
+    model_type = model_type_of(folder, fields)
     if expect is not None and model_type != expect:
         raise CommandError(f"--model: {folder} holds a {model_type!r} model; this needs a native odegpt folder "
                            f"(odegpt convert, or odegpt export without --unroll)")
@@ -134,7 +140,7 @@ def load_config(folder: str | Path, expect: str | None = None, solver: str | Non
         raise CommandError(f"--solver applies to native odegpt models; {folder} is {model_type!r} (an unrolled "
                            f"export has its solver baked in)")
     config_class, _ = MODEL_CLASSES[model_type]
-    if model_type == "odegpt" and "segments" not in json.loads((Path(folder) / "config.json").read_text()):
+    if model_type == "odegpt" and "segments" not in fields:
         raise CommandError(f"{folder}/config.json has no segments: an odegpt model's depth and sharing are not "
                            f"optional (the default would give these weights another model's shape)")
     try:
