@@ -66,7 +66,7 @@ class Variant:
 def training_budget(config: RunConfig) -> dict:
     """Tokens seen and training FLOPs of a run, the a=1 passes and read-outs of the objective included (the same
     sampler and cost function as training, so this is exact, not an estimate of the draws)."""
-    from odegpt.objective import StepSizeDistribution, StepSizeSampler, objective_flops_per_token
+    from odegpt.training.objective import StepSizeDistribution, StepSizeSampler, objective_flops_per_token
 
     t = config.train
     model_config = config.model_config()
@@ -162,14 +162,14 @@ def decode_speeds(model_dirs: dict[str, Path], step_sizes: list[float], rounds: 
     distinct (architecture, executed blocks) is timed once, with one of the models that has it: the
     variants trained alike at another objective share a measurement, an unshared model is one
     measurement at every a. All of them are timed interleaved in this one process
-    (``odegpt.throughput``, the timing loop of `odegpt evaluate` and `odegpt bench`), so that they
+    (``odegpt.evaluation.throughput``, the timing loop of `odegpt evaluate` and `odegpt bench`), so that they
     compare with each other on a noisy shared machine."""
     import torch
     from tqdm import tqdm
 
-    from odegpt.model_folder import load_model
-    from odegpt.solver import plan_solve
-    from odegpt.throughput import Variant as Timed, measure_interleaved, random_prompt
+    from odegpt.folders.model_folder import load_model
+    from odegpt.model.solver import plan_solve
+    from odegpt.evaluation.throughput import Variant as Timed, measure_interleaved, random_prompt
 
     torch.set_num_threads(1)
     models = {name: load_model(path) for name, path in model_dirs.items()}

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from odegpt.accounting import adaptive_flops_per_token, format_count, model_cost
-from odegpt.adaptive import AdaptiveCache, AdaptiveDepth, adaptive_forward, adaptive_generate
-from odegpt.calibration import calibrate_energy
-from odegpt.evaluation import adaptive_nll_sums, nll_sums, perplexity
-from odegpt.evaluation_cli import load_native_config, load_native_model, prepared_batches, raw_text_batches, \
+from odegpt.model.accounting import adaptive_flops_per_token, format_count, model_cost
+from odegpt.decoding.adaptive import AdaptiveCache, AdaptiveDepth, adaptive_forward, adaptive_generate
+from odegpt.evaluation.calibration import calibrate_energy
+from odegpt.evaluation.perplexity import adaptive_nll_sums, nll_sums, perplexity
+from odegpt.commands.evaluate import load_native_config, load_native_model, prepared_batches, raw_text_batches, \
     raw_text_sources
 
 sys.path.insert(0, str(Path(__file__).parent))

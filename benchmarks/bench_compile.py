@@ -24,7 +24,7 @@ def main() -> int:
 
     from launcher.config import load_config
     from odegpt import OdeGPTForCausalLM
-    from odegpt.objective import StepSizeDistribution, language_model_loss
+    from odegpt.training.objective import StepSizeDistribution, language_model_loss
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="measured steps of each (default: %(default)s)")

@@ -26,7 +26,7 @@ def measure(stage: int, steps: int, overrides: list[str]) -> tuple[float, float]
     from launcher.config import load_config
     from launcher.optim import parameter_groups
     from odegpt import OdeGPTForCausalLM
-    from odegpt.objective import language_model_loss
+    from odegpt.training.objective import language_model_loss
 
     deepspeed.init_distributed(dist_backend="gloo")
     config = load_config(["quickstart"], [*overrides, f"deepspeed.zero_stage={stage}"])

@@ -30,9 +30,9 @@ import time
 import torch
 
 from odegpt import OdeCache
-from odegpt.accounting import format_count
-from odegpt.model_folder import load_model, load_tokenizer
-from odegpt.throughput import Variant as Timed, time_generation
+from odegpt.model.accounting import format_count
+from odegpt.folders.model_folder import load_model, load_tokenizer
+from odegpt.evaluation.throughput import Variant as Timed, time_generation
 
 PROMPTS = [
     "def ",

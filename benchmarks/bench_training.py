@@ -71,7 +71,7 @@ def pytorch_throughput(common: list[str], steps: int) -> float:
     from launcher.config import load_config
     from launcher.optim import parameter_groups, schedule_for
     from odegpt import OdeGPTForCausalLM
-    from odegpt.objective import language_model_loss
+    from odegpt.training.objective import language_model_loss
 
     torch.set_num_threads(os.cpu_count() or 1)
     config = load_config(["quickstart"], [c.removeprefix("--set=") for c in common] + [f"train.train_steps={steps}"])

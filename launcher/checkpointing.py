@@ -264,7 +264,6 @@ class Checkpointer:
                  saved_step: int | None = None) -> None:
         self.engine, self.directory, self.interval, self.keep_last = engine, checkpoint_dir, interval, keep_last
         self.saved_step = saved_step  # the step of the checkpoint on disk that matches the engine
-        self.after_files_written: Callable[[int], None] | None = None  # test hook (launcher.faults)
 
     def maybe_save(self, step: int, state: dict) -> Path | None:
         if self.interval and step % self.interval == 0:
@@ -289,8 +288,6 @@ class Checkpointer:
         self.engine.save_checkpoint(str(self.directory), tag=tag_for(step), save_latest=False,
                                     client_state={**universal_checkpoint_info(), STATE_KEY: state})
         torch.save(rng_state(), tag_dir / f"rng_state_rank{rank:05d}.pt")
-        if self.after_files_written is not None:
-            self.after_files_written(step)
         dist.barrier()  # every rank's files are on disk
         if rank == 0:
             write_json_atomic(tag_dir / STATE, state)

@@ -10,7 +10,7 @@ import argparse
 from .config import add_config_arguments
 
 
-def register_train(subparsers) -> None:
+def register_train(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train", help="pretrain in this process (a world of one, or one rank under deepspeed/torchrun)",
         description="Pretrain an odegpt model with DeepSpeed ZeRO. Run it directly for one process, or let "
@@ -84,7 +84,7 @@ def register_convert(subparsers) -> None:
 
 
 def _convert(args) -> int:
-    from odegpt.cli import CommandError
+    from odegpt.commands.cli import CommandError
 
     from .checkpointing import CheckpointError
     from .convert import convert
@@ -108,7 +108,7 @@ def register_plan(subparsers) -> None:
     parser.add_argument("--num-gpus", type=int, default=8, help="GPUs per node (default: %(default)s)")
     parser.add_argument("--gpu", default="A100",
                         help="GPU model whose dense bf16 peak to assume, e.g. A100, H100, H200, L40S "
-                             "(odegpt.accounting.PEAK_TFLOPS; default: %(default)s)")
+                             "(odegpt.model.accounting.PEAK_TFLOPS; default: %(default)s)")
     parser.add_argument("--gpu-tflops", type=float, default=None,
                         help="peak dense TFLOP/s per GPU, overriding --gpu")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default: %(default)s)")

@@ -44,7 +44,7 @@ def model_section() -> type:
     A model setting is declared once, in the model's own config class; the run config takes its
     fields from there (built on first use: it imports transformers), so the two cannot drift.
     """
-    from odegpt.configuration_odegpt import OdeGPTConfig
+    from odegpt.model.configuration_odegpt import OdeGPTConfig
 
     hints = typing.get_type_hints(OdeGPTConfig.__init__)
     fields = [(name, hints[name], field(default_factory=functools.partial(copy.deepcopy, parameter.default)))
@@ -73,7 +73,7 @@ class TrainSection:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = True
     seed: int = 1234
-    # Distribution of the step size `a`, sampled once per optimizer step (odegpt.objective), e.g.
+    # Distribution of the step size `a`, sampled once per optimizer step (odegpt.training.objective), e.g.
     # {choices: [0.5, 1, 2, 4], weights: [1, 3, 1, 1], curriculum_steps: 300} or {low: 0.5, high: 4}.
     step_size: dict = field(default_factory=lambda: {"choices": [1.0]})
     consistency_weight: float = 0.0  # KL(p_1 || p_a) towards the detached a=1 solve, on steps with a != 1
@@ -81,7 +81,7 @@ class TrainSection:
     # Auxiliary read-out losses {time: weight} at intermediate solver times of the drawn solve (where it
     # has a step boundary), e.g. {1: 0.3, 2: 0.3, 3: 0.3}: early read-outs for entropy early exit.
     readout_weights: dict | None = None
-    # Solver methods {name: weight} drawn per optimizer step (odegpt.solver.METHODS), e.g. {euler: 1, heun: 1};
+    # Solver methods {name: weight} drawn per optimizer step (odegpt.model.solver.METHODS), e.g. {euler: 1, heun: 1};
     # null trains with model.solver only.
     solvers: dict | None = None
     max_nonfinite_steps: int = 3  # stop after this many optimizer steps in a row with a non-finite loss
@@ -94,8 +94,6 @@ class DataSection:
     corpora: list = field(default_factory=list)  # prepared corpus directories (odegpt prepare)
     weights: list | None = None  # blending weights, one per corpus; None = proportional to size
     tokenizer: str | None = None  # tokenizer directory; copied into converted models
-    # "module:function" with build_datasets' signature; tests plug in synthetic data here.
-    builder: str = "data_pipeline.datasets:build_datasets"
 
 
 @dataclass
@@ -117,7 +115,7 @@ class CheckpointSection:
 class LoggingSection:
     interval: int = 10  # optimizer steps between metric records (metrics.jsonl, TensorBoard)
     tensorboard: bool = True
-    # For MFU; None = the GPU's dense bf16 peak from its name (odegpt.accounting.PEAK_TFLOPS), 0.1 per CPU thread
+    # For MFU; None = the GPU's dense bf16 peak from its name (odegpt.model.accounting.PEAK_TFLOPS), 0.1 per CPU thread
     peak_tflops_per_device: float | None = None
     progress_bar: bool = True
 
@@ -182,7 +180,7 @@ class RunConfig:
 
     def model_config(self):
         """The ``OdeGPTConfig`` of this run (imports transformers)."""
-        from odegpt.configuration_odegpt import OdeGPTConfig
+        from odegpt.model.configuration_odegpt import OdeGPTConfig
 
         return OdeGPTConfig(**dataclasses.asdict(self.model))
 
@@ -196,7 +194,7 @@ class RunConfig:
     def check_resumable(self, saved: dict, where: str) -> None:
         """Refuse to resume the checkpoint at ``where`` (saved with run config ``saved``) with another model,
         naming every differing ``model.`` field."""
-        from odegpt.configuration_odegpt import OdeGPTConfig
+        from odegpt.model.configuration_odegpt import OdeGPTConfig
 
         def normalized(section: dict) -> dict:  # OdeGPTConfig fills defaults (num_key_value_heads, segments)
             model = OdeGPTConfig(**section)
@@ -235,8 +233,8 @@ class RunConfig:
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({t.micro_batch_size})")
-        from odegpt.objective import StepSizeDistribution
-        from odegpt.solver import SolveTooLongError
+        from odegpt.training.objective import StepSizeDistribution
+        from odegpt.model.solver import SolveTooLongError
 
         if not isinstance(t.step_size, dict):
             raise ConfigError(f"train.step_size must be a mapping ({{choices: [...]}} or {{low: ..., high: ...}}), "
@@ -250,7 +248,7 @@ class RunConfig:
         except (ValueError, TypeError) as error:
             raise ConfigError(f"model: {error}") from None
         if t.solvers is not None:
-            from odegpt.objective import SolverSampler
+            from odegpt.training.objective import SolverSampler
 
             try:
                 SolverSampler(t.solvers, t.seed)

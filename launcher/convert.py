@@ -85,11 +85,11 @@ def _stage0_master_weights(run_config: dict, fp32_groups: list[list], where: Pat
 def convert(checkpoint: str | Path, output_dir: str | Path, tokenizer_dir: str | None = None,
             overwrite: bool = False) -> Path:
     """Write ``output_dir`` (safetensors, config, modeling code, tokenizer); returns it. The folder is written
-    whole or not at all, and never over the run's folder or the checkpoints (``odegpt.output_folder``)."""
+    whole or not at all, and never over the run's folder or the checkpoints (``odegpt.folders.output_folder``)."""
     from odegpt import OdeGPTConfig, OdeGPTForCausalLM
-    from odegpt.export import save_native
-    from odegpt.integrity import check_finite_weights
-    from odegpt.output_folder import check_output, staged_folder
+    from odegpt.folders.export import save_native
+    from odegpt.folders.integrity import check_finite_weights
+    from odegpt.folders.output_folder import check_output, staged_folder
 
     located = _locate(checkpoint)
     # Not the checkpoints folder, nothing inside it, nor a folder holding it (the run's own, say).

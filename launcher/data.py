@@ -1,31 +1,16 @@
 """Turning the configured corpora into per-rank micro-batches (training) and shards (validation).
 
-The datasets come from ``data.builder`` (``data_pipeline.datasets:build_datasets`` unless a test
-plugs in synthetic data); sample ``i`` is the i-th sample of the global training order, so a run
-resumes exactly from ``consumed_samples`` alone.
+The datasets are the prepared corpora (``data_pipeline.datasets``); sample ``i`` is the i-th sample of the
+global training order, so a run resumes exactly from ``consumed_samples`` alone.
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from .config import ConfigError, RunConfig
-
-
-def load_builder(spec: str):
-    module_name, _, function = spec.partition(":")
-    if not function:
-        raise ConfigError(f"data.builder must be 'module:function', got {spec!r}")
-    try:
-        return getattr(importlib.import_module(module_name), function)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"data.builder {spec!r} cannot be imported: {error}") from None
-
-
-DEFAULT_BUILDER = "data_pipeline.datasets:build_datasets"
 
 
 def check_corpora(config: RunConfig) -> None:
@@ -44,8 +29,6 @@ def check_corpora(config: RunConfig) -> None:
         if tokenizer_vocab > vocab_size:
             raise ConfigError(f"model.vocab_size ({vocab_size}) is smaller than the tokenizer's vocabulary "
                               f"({tokenizer_vocab}, data.tokenizer {config.data.tokenizer})")
-    if config.data.builder != DEFAULT_BUILDER:
-        return  # a plugged-in builder (synthetic data in the tests) has no manifests
     if not config.data.corpora:
         raise ConfigError("data.corpora is empty: list at least one prepared corpus directory")
     for index, corpus in enumerate(config.data.corpora):
@@ -64,9 +47,10 @@ def build_datasets(config: RunConfig):
     """(train, valid) datasets sized for the whole run."""
     if not config.data.corpora:
         raise ConfigError("data.corpora is empty: list at least one prepared corpus directory")
+    from data_pipeline.datasets import build_datasets as build
+
     t = config.train
-    builder = load_builder(config.data.builder)
-    return builder(list(config.data.corpora), config.data.weights, t.seq_len, t.seed,
+    return build(list(config.data.corpora), config.data.weights, t.seq_len, t.seed,
                    t.train_steps * t.global_batch_size,
                    # None: the whole validation split, unshuffled, from which valid_batches picks
                    None if config.eval.num_samples else 0, config.data.tokenizer)
@@ -90,7 +74,7 @@ def valid_batches(dataset, num_samples: int, micro_batch_size: int, rank: int, w
     """This rank's micro-batches of the ``num_samples`` evaluation samples (spread evenly over the
     validation split, as ``odegpt evaluate`` picks them). Every rank gets the same number: ZeRO-3
     needs every rank to run the same forwards."""
-    from odegpt.evaluation import evaluation_indices
+    from odegpt.evaluation.perplexity import evaluation_indices
 
     chosen = evaluation_indices(len(dataset), num_samples)
     per_rank = len(chosen) // world_size

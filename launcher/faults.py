@@ -1,29 +1,16 @@
-"""Preemption signals, the non-finite-loss guard, and test-only fault injection.
+"""Preemption signals and the non-finite-loss guard.
 
 SIGTERM/SIGINT only set a flag; the training loop checks it once per optimizer step (agreed across
 ranks by the step's all-reduce), saves and exits 0, so a preempted job loses at most one step.
 Before the loop (:func:`interruptible_startup`) they raise :class:`StartupInterrupted` instead, so
 whatever start-up holds is released on the way out (a torch-extension build lock above all) and the
 process exits 143 (SIGTERM) or 130 (SIGINT).
-
-Fault injection (for the tests) is read from the environment once, at start-up, and installed as
-wrappers around the trainer's methods only when asked for: the training loop itself knows nothing
-of it. ``ODEGPT_FAULT_KILL=RANK:STEP`` kills that rank as it starts that optimizer step,
-``ODEGPT_FAULT_KILL_IN_SAVE=RANK:STEP`` kills it in the middle of that step's checkpoint, and
-``ODEGPT_FAULT_NONFINITE_STEPS=3,4,5`` makes the loss of those optimizer steps NaN.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import signal
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-
-# Environment variables of the fault injection; `odegpt launch` passes them on to every rank.
-FAULT_VARIABLES = ("ODEGPT_FAULT_KILL", "ODEGPT_FAULT_KILL_IN_SAVE", "ODEGPT_FAULT_NONFINITE_STEPS")
-
+from collections.abc import Iterator
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``train.max_nonfinite_steps`` optimizer steps in a row with a non-finite loss."""
@@ -95,55 +82,3 @@ class NonFiniteGuard:
                 f"loss was not finite for {self.streak} optimizer steps in a row (last: step {step}, loss {loss}); "
                 f"stopping without saving. The last checkpoint was written before the first bad step; lower "
                 f"train.lr or raise train.max_nonfinite_steps ({self.limit}) to tolerate longer streaks.")
-
-
-# ---- fault injection for the tests ----------------------------------------------------------------
-
-def _rank_step(spec: str | None) -> tuple[int, int] | None:
-    if not spec:
-        return None
-    rank, step = (int(x) for x in spec.split(":"))
-    return rank, step
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    kill: tuple[int, int] | None = None  # (rank, optimizer step)
-    kill_in_save: tuple[int, int] | None = None
-    nonfinite_steps: frozenset[int] = field(default_factory=frozenset)
-
-    @classmethod
-    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "FaultPlan":
-        return cls(kill=_rank_step(environ.get("ODEGPT_FAULT_KILL")),
-                   kill_in_save=_rank_step(environ.get("ODEGPT_FAULT_KILL_IN_SAVE")),
-                   nonfinite_steps=frozenset(int(s) for s in environ.get("ODEGPT_FAULT_NONFINITE_STEPS", "").split(",")
-                                             if s.strip()))
-
-    def install(self, trainer) -> None:
-        """Wrap the trainer's ``train_step``, ``micro_batch_loss`` and checkpoint writer where this plan asks."""
-        rank = trainer.rank
-
-        def die_at(target: tuple[int, int] | None, step: int) -> None:
-            if target == (rank, step):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        if self.kill is not None:
-            train_step = trainer.train_step
-
-            @functools.wraps(train_step)
-            def killing_train_step(*args, **kwargs):
-                die_at(self.kill, trainer.step)
-                return train_step(*args, **kwargs)
-
-            trainer.train_step = killing_train_step
-        if self.nonfinite_steps:
-            micro_batch_loss = trainer.micro_batch_loss
-
-            @functools.wraps(micro_batch_loss)
-            def nonfinite_loss(*args, **kwargs):
-                loss = micro_batch_loss(*args, **kwargs)
-                return loss * float("nan") if trainer.step in self.nonfinite_steps else loss
-
-            trainer.micro_batch_loss = nonfinite_loss
-        if self.kill_in_save is not None:
-            trainer.checkpointer.after_files_written = functools.partial(die_at, self.kill_in_save)

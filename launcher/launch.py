@@ -16,11 +16,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .faults import FAULT_VARIABLES
-
 # Variables every rank needs; copied from this environment when set (DS_ACCELERATOR is derived).
 PROPAGATED_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                  "TOKENIZERS_PARALLELISM", *FAULT_VARIABLES)
+                  "TOKENIZERS_PARALLELISM")
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """``odegpt plan``: what a run costs before it starts — FLOPs, memory per GPU, tokens/s, days.
 
-FLOPs come from ``odegpt.accounting.model_cost`` (the same numbers training's MFU uses), at every
+FLOPs come from ``odegpt.model.accounting.model_cost`` (the same numbers training's MFU uses), at every
 step size the run trains or evaluates at; the training cost is the expectation over the step-size
 distribution. Model-state memory under ZeRO-2 and ZeRO-3 is DeepSpeed's own estimator
 (``estimate_zero{2,3}_model_states_mem_needs``); stages 0 and 1 follow the same byte counts
@@ -72,7 +72,7 @@ def build_cpu_memory_per_node(parameters: int, largest_layer: int, gpus_per_node
 
 def expected_step_sizes(distribution: dict, seed: int, draws: int = 2000) -> list[tuple[float, float]]:
     """(step size, probability) pairs of the training distribution (sampled if continuous)."""
-    from odegpt.objective import StepSizeDistribution, StepSizeSampler
+    from odegpt.training.objective import StepSizeDistribution, StepSizeSampler
 
     d = StepSizeDistribution.from_dict(distribution)
     if d.choices is not None:
@@ -83,8 +83,8 @@ def expected_step_sizes(distribution: dict, seed: int, draws: int = 2000) -> lis
 
 
 def make_plan(config, nodes: int, gpus_per_node: int, gpu_tflops: float, mfu: float, name: str = "") -> Plan:
-    from odegpt.accounting import block_parameter_count, model_cost
-    from odegpt.objective import REFERENCE_STEP_SIZE, objective_flops_per_token
+    from odegpt.model.accounting import block_parameter_count, model_cost
+    from odegpt.training.objective import REFERENCE_STEP_SIZE, objective_flops_per_token
 
     model_config = config.model_config()
     t = config.train
@@ -126,7 +126,7 @@ def make_plan(config, nodes: int, gpus_per_node: int, gpu_tflops: float, mfu: fl
 
 
 def format_plan(plan: Plan, config, gpu_tflops: float, mfu: float) -> str:
-    from odegpt.accounting import format_count
+    from odegpt.model.accounting import format_count
 
     t = config.train
     lines = [f"{plan.name}: {format_count(plan.parameters)} parameters "
@@ -163,7 +163,7 @@ def _model_presets() -> list[Path]:
 
 
 def format_table(plans: list[Plan]) -> str:
-    from odegpt.accounting import format_count
+    from odegpt.model.accounting import format_count
 
     header = (f"{'model':<16}{'params':>8}{'GFLOP/tok a=1':>14}{'train GFLOP/tok':>16}"
               + "".join(f"{stage:>8}" for stage in ("zero0", "zero1", "zero2", "zero3")) + f"{'activ.':>8}"
@@ -180,7 +180,7 @@ def format_table(plans: list[Plan]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from odegpt.accounting import PEAK_TFLOPS, peak_tflops
+    from odegpt.model.accounting import PEAK_TFLOPS, peak_tflops
 
     from .config import ConfigError, load_config
 

@@ -109,11 +109,11 @@ def on_every_rank(action: Callable[[], Any]) -> Any:
 
 def peak_flops_per_device(config, device_type: str, say: Callable[[str], None]) -> float:
     """Peak FLOP/s of one rank's device for MFU: ``logging.peak_tflops_per_device``, else the GPU's dense bf16
-    peak from its name (``odegpt.accounting.PEAK_TFLOPS``), else 100 GFLOP/s per CPU thread (an AVX2 core:
+    peak from its name (``odegpt.model.accounting.PEAK_TFLOPS``), else 100 GFLOP/s per CPU thread (an AVX2 core:
     2 FMA units x 8 fp32 lanes x 2 x ~3 GHz)."""
     import torch
 
-    from odegpt.accounting import peak_tflops
+    from odegpt.model.accounting import peak_tflops
 
     tflops = config.logging.peak_tflops_per_device
     if tflops is None and device_type == "cuda":
@@ -177,7 +177,7 @@ class Evaluator:
         import torch
         import torch.distributed as dist
 
-        from odegpt.evaluation import nll_sums, perplexity
+        from odegpt.evaluation.perplexity import nll_sums, perplexity
 
         sums = nll_sums(self.model, self.batches, self.step_sizes)
         device = self.batches[0].device
@@ -191,7 +191,7 @@ class Trainer:
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
-        from odegpt.objective import SolverSampler, StepSizeDistribution, StepSizeSampler
+        from odegpt.training.objective import SolverSampler, StepSizeDistribution, StepSizeSampler
 
         from . import checkpointing, data, faults
         from .metrics import MetricsLogger
@@ -277,7 +277,6 @@ class Trainer:
         self.peak_flops = peak_flops_per_device(config, device_type, self.say) * world_size
         self.stop = faults.StopRequest().install()
         self.guard = faults.NonFiniteGuard(t.max_nonfinite_steps)
-        faults.FaultPlan.from_environment().install(self)
         self._costs: dict[tuple, tuple[int, float]] = {}  # (a, solver) -> (solver steps, training FLOPs/token)
 
     def say(self, message: str) -> None:
@@ -295,7 +294,7 @@ class Trainer:
         import torch
 
         from odegpt import OdeGPTForCausalLM
-        from odegpt.accounting import model_cost
+        from odegpt.model.accounting import model_cost
 
         from .metrics import GIB, gather_floats, peak_memory_bytes
 
@@ -381,7 +380,7 @@ class Trainer:
                           solver=solver)
 
     def micro_batch_loss(self, tokens, step_size: float, solver: str | None = None):
-        from odegpt.objective import language_model_loss
+        from odegpt.training.objective import language_model_loss
 
         t = self.config.train
         return language_model_loss(self.engine, tokens, step_size, t.consistency_weight, t.reference_weight,
@@ -390,8 +389,8 @@ class Trainer:
     # ---- what the loop delegates to: each decides its own interval ---------------------------------
 
     def log(self, result: StepResult, last: bool) -> None:
-        from odegpt.accounting import model_cost
-        from odegpt.objective import objective_flops_per_token
+        from odegpt.model.accounting import model_cost
+        from odegpt.training.objective import objective_flops_per_token
 
         t = self.config.train
         a, solver = result.step_size, result.solver
@@ -591,4 +590,6 @@ def exit_without_finalization(code: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_without_finalization(main())
+    from launcher.train import main as importable_main  # this module's one copy, not a second one as __main__
+
+    exit_without_finalization(importable_main())

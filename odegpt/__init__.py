@@ -1,15 +1,21 @@
-"""odegpt: parameter-shared GPTs that run as ODE solvers at any step size."""
-from transformers import AutoConfig, AutoModelForCausalLM
+"""odegpt: parameter-shared GPTs that run as ODE solvers at any step size.
 
-from .cache import OdeCache
-from .configuration_odegpt import OdeGPTConfig
-from .modeling_odegpt import OdeGPTForCausalLM, OdeGPTModel
+Where things are: ``odegpt.model`` (configuration, modeling, solver, cache, cost), ``odegpt.decoding``
+(generate: self-speculative and adaptive-depth decoding above the model), ``odegpt.evaluation``
+(perplexity, throughput, reports), ``odegpt.training`` (the step-size objective), ``odegpt.folders``
+(loading, exporting and importing model folders) and ``odegpt.commands`` (the ``odegpt`` command).
 
-AutoConfig.register(OdeGPTConfig.model_type, OdeGPTConfig)
-AutoModelForCausalLM.register(OdeGPTConfig, OdeGPTForCausalLM)
-# Saved folders carry their configuration and modeling code (config.json "auto_map"), so plain
-# transformers loads them with trust_remote_code=True where odegpt is not installed.
-OdeGPTConfig.register_for_auto_class()
-OdeGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+The model's names are importable from here; they load torch and transformers on first use, so that
+``odegpt --help`` does not.
+"""
+from __future__ import annotations
 
 __all__ = ["OdeCache", "OdeGPTConfig", "OdeGPTForCausalLM", "OdeGPTModel"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'odegpt' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 import sys
 
-from odegpt.cli import main
+from odegpt.commands.cli import main
 
 sys.exit(main())

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from odegpt import OdeGPTConfig, OdeGPTForCausalLM
+from odegpt.decoding.generate import with_decoders
 
 FULLY_SHARED = [{"depth": 4, "shared": True}]
 PARTIALLY_SHARED = [{"depth": 1, "shared": False}, {"depth": 3, "shared": True},
@@ -19,8 +20,9 @@ def tiny_config(segments=FULLY_SHARED, **overrides) -> OdeGPTConfig:
 
 
 def tiny_model(segments=FULLY_SHARED, seed=0, **overrides) -> OdeGPTForCausalLM:
+    """A tiny model in eval mode whose ``generate`` has odegpt's decoders, as a loaded folder's has."""
     torch.manual_seed(seed)
-    return OdeGPTForCausalLM(tiny_config(segments, **overrides)).eval()
+    return with_decoders(OdeGPTForCausalLM(tiny_config(segments, **overrides)).eval())
 
 
 def tokenized_tiny_model(root, text: str, segments=PARTIALLY_SHARED):

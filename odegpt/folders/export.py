@@ -1,0 +1,298 @@
+"""Exports of an odegpt model, and the import of a plain Llama.
+
+- native: a ``save_pretrained`` folder (safetensors) carrying its configuration and modeling code,
+  so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without odegpt;
+- unrolled: a standard ``LlamaForCausalLM`` for one step size ``a``. Executed step ``k`` of the
+  solve becomes Llama layer ``k``, with its ``dt`` folded into ``o_proj`` and ``down_proj``
+  (``h + dt * W x == h + (dt * W) x``), so any Llama engine serves the accelerated model with its
+  own KV cache;
+- ``from_llama``: an unshared odegpt model with a Llama's weights (the block IS Llama's).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.initialization import no_init_weights
+
+from odegpt.model.configuration_odegpt import OdeGPTConfig
+from odegpt.model.modeling_odegpt import OdeGPTForCausalLM
+
+DECODING_DIR = Path(__file__).resolve().parent.parent / "decoding"
+# Block weights that multiply a residual branch's output: where a step's dt is folded in.
+_BRANCH_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+# A tokenizer travels with its model folder: the Hugging Face files, the SentencePiece model and
+# odegpt's record of special ids and fingerprint (data_pipeline writes them all).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "odegpt_tokenizer.json")
+
+
+def copy_tokenizer(source: str | Path | None, output_dir: str | Path) -> list[str]:
+    """Copy the tokenizer files found in ``source`` into ``output_dir``; return their names. A tokenizer written
+    before its config named a class transformers 4.x knows gets one in the copy."""
+    from data_pipeline.tokenizer import make_tokenizer_config_portable
+
+    if source is None or Path(source).resolve() == Path(output_dir).resolve():
+        return []
+    copied = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(source) / name, Path(output_dir) / name)
+    make_tokenizer_config_portable(output_dir)
+    return copied
+
+
+def save_native(model: OdeGPTForCausalLM, output_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write a self-contained Hugging Face folder (safetensors + modeling code via auto_map)."""
+    from .model_folder import quiet_transformers
+
+    output_dir = Path(output_dir)
+    with quiet_transformers():
+        model.save_pretrained(output_dir)
+    add_fields_older_clients_read(output_dir)
+    copy_decoders(output_dir)
+    copy_tokenizer(tokenizer_dir, output_dir)
+    return output_dir
+
+
+def copy_decoders(output_dir: str | Path) -> list[str]:
+    """Copy odegpt's decoders (odegpt/decoding) into ``output_dir/custom_generate``: transformers loads
+    ``custom_generate/generate.py`` with ``trust_remote_code=True`` and installs its ``generate`` as
+    ``model.generate``, so the folder alone decodes self-speculatively and with adaptive depth."""
+    target = Path(output_dir) / "custom_generate"
+    target.mkdir(exist_ok=True)
+    copied = sorted(path.name for path in DECODING_DIR.glob("*.py") if path.name != "__init__.py")
+    for name in copied:
+        shutil.copyfile(DECODING_DIR / name, target / name)
+    return copied
+
+
+def add_fields_older_clients_read(output_dir: str | Path) -> dict:
+    """Write into ``output_dir/config.json`` the fields transformers 4.x reads where 5.x moved them, so one folder
+    means the same model to every client (and the engines that read config.json the 4.x way, e.g. ctranslate2):
+
+    - ``rope_theta`` at the top level: 4.x never looks inside ``rope_parameters`` and silently uses 10000;
+    - ``rope_scaling: null``: 4.x's name for "default rotary positions" (the only kind exported);
+    - ``torch_dtype``: the weights' dtype as transformers before 4.56 reads it.
+
+    transformers 5 reads them too (``rope_parameters`` and ``dtype`` win, and they agree). Returns the config."""
+    from data_pipeline.files import write_json_atomic
+
+    path = Path(output_dir) / "config.json"
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters")
+    if rope is not None:
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"only default rotary positions are exported, got {rope!r}")
+        config["rope_theta"] = rope["rope_theta"]
+        config["rope_scaling"] = None
+    if config.get("dtype") is not None:
+        config["torch_dtype"] = config["dtype"]
+    config = dict(sorted(config.items()))
+    write_json_atomic(path, config)
+    return config
+
+
+def llama_config_for(config: OdeGPTConfig, num_layers: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+
+
+def unroll_to_llama(model: OdeGPTForCausalLM, step_size: float, solver: str | None = None) -> LlamaForCausalLM:
+    """A ``LlamaForCausalLM`` computing ``model`` solved at ``step_size``: one layer per executed step. A solver
+    method whose step is not one residual layer (``SolverMethod.not_unrollable``) is refused with its reason."""
+    config = model.config
+    _, plan, method = model.plan(step_size, solver)
+    if method.not_unrollable is not None:
+        raise ValueError(f"the {method.name} solver cannot be unrolled to Llama layers: {method.not_unrollable}")
+    source = model.state_dict()
+    state = {
+        "model.embed_tokens.weight": source["model.embed_tokens.weight"],
+        "model.norm.weight": source["model.norm.weight"],
+        "lm_head.weight": source["lm_head.weight"],
+    }
+    block_names = [name for name, _ in model.model.blocks[0].named_parameters()]
+    for layer, (block, dt) in enumerate(plan):
+        for name in block_names:
+            weight = source[f"model.blocks.{block}.{name}"]
+            state[f"model.layers.{layer}.{name}"] = weight * dt if name in _BRANCH_OUTPUTS else weight.clone()
+    llama_config = llama_config_for(config, len(plan))
+    with no_init_weights():  # every weight is overwritten below
+        llama = LlamaForCausalLM(llama_config)
+    llama.load_state_dict(state, strict=True)
+    return llama.to(model.dtype).eval()
+
+
+def save_unrolled(
+    model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float, tokenizer_dir: str | Path | None = None,
+    solver: str | None = None,
+) -> Path:
+    from .model_folder import quiet_transformers
+
+    output_dir = Path(output_dir)
+    with quiet_transformers():
+        unroll_to_llama(model, step_size, solver).save_pretrained(output_dir)
+    add_fields_older_clients_read(output_dir)
+    copy_tokenizer(tokenizer_dir, output_dir)
+    return output_dir
+
+
+def from_llama(llama: LlamaForCausalLM) -> OdeGPTForCausalLM:
+    """An unshared odegpt model (``[{"depth": L, "shared": False}]``) with ``llama``'s weights."""
+    lc = llama.config
+    rope = lc.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"only default rotary positions are supported, got rope_type={rope.get('rope_type')!r}")
+    if lc.head_dim != lc.hidden_size // lc.num_attention_heads:
+        raise ValueError(f"Llama head_dim {lc.head_dim} != hidden_size / num_attention_heads")
+    if lc.attention_bias or lc.mlp_bias or lc.hidden_act != "silu":
+        raise ValueError("only bias-free SiLU Llama models map onto the odegpt block")
+    config = OdeGPTConfig(
+        vocab_size=lc.vocab_size, hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
+        num_attention_heads=lc.num_attention_heads, num_key_value_heads=lc.num_key_value_heads,
+        max_position_embeddings=lc.max_position_embeddings, rope_theta=rope.get("rope_theta", 10000.0),
+        rms_norm_eps=lc.rms_norm_eps, tie_word_embeddings=lc.tie_word_embeddings,
+        segments=[{"depth": lc.num_hidden_layers, "shared": False}],
+        bos_token_id=lc.bos_token_id, eos_token_id=lc.eos_token_id, pad_token_id=lc.pad_token_id,
+    )
+    state = {name.replace("model.layers.", "model.blocks."): w for name, w in llama.state_dict().items()}
+    model = OdeGPTForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    return model.to(llama.dtype).eval()
+
+
+# ---- GGUF: the unrolled Llama in llama.cpp's file format ----------------------------------------------
+
+GGUF_DTYPES = ("f32", "f16", "bf16")
+# Llama tensor names -> GGUF names (llama.cpp's gguf-py tensor map for the llama architecture).
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def _rotary_halves_to_pairs(weight, num_heads: int):
+    """Reorder a q/k projection's output rows from Hugging Face's rotary layout (each head's first half rotates
+    with its second half) to llama.cpp's (adjacent pairs rotate together), as llama.cpp's own converter does."""
+    return (weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def gguf_file_name(step_size: float, dtype: str) -> str:
+    return f"odegpt-a{step_size:g}-{dtype}.gguf"
+
+
+def save_gguf(model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float, tokenizer_dir: str | Path,
+              dtype: str = "f16", name: str = "odegpt") -> Path:
+    """Write ``output_dir/odegpt-a{step}-{dtype}.gguf``: the model unrolled at ``step_size`` as a llama.cpp
+    ``llama`` model, with the SentencePiece vocabulary of ``tokenizer_dir`` and the tokenizer settings that make
+    llama.cpp tokenize a text prompt exactly as the folder's tokenizer does (no BOS, no dummy space prefix).
+    Matrices are stored in ``dtype`` (f32, f16 or bf16); norms stay f32, as llama.cpp's converter keeps them."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from data_pipeline.tokenizer import TokenizerInfo, load_sentencepiece
+
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
+    config = model.config
+    llama = unroll_to_llama(model, step_size).float()
+    processor, info = load_sentencepiece(tokenizer_dir), TokenizerInfo.load(tokenizer_dir)
+    if processor.get_piece_size() > config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_dir} has {processor.get_piece_size()} pieces, more than the model's "
+                         f"vocab_size {config.vocab_size}")
+    output = Path(output_dir) / gguf_file_name(step_size, dtype)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(output), "llama")
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(llama.config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype])
+
+    # The vocabulary as llama.cpp's SentencePiece ("llama") tokenizer reads it: pieces, scores, types; the
+    # model's rows beyond the tokenizer's pieces are unused.
+    types, tokens, scores = [], [], []
+    for index in range(config.vocab_size):
+        if index >= processor.get_piece_size():
+            tokens.append(f"[PAD{index}]".encode())
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(processor.id_to_piece(index).encode())
+        scores.append(processor.get_score(index))
+        types.append(gguf.TokenType.UNKNOWN if processor.is_unknown(index) else gguf.TokenType.CONTROL
+                     if processor.is_control(index) else gguf.TokenType.UNUSED if processor.is_unused(index)
+                     else gguf.TokenType.BYTE if processor.is_byte(index) else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(info, f"{kind}_id")
+        if token_id is not None and token_id >= 0:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    writer.add_remove_extra_whitespaces(False)
+
+    quantization = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16}.get(dtype)
+    for source, tensor in llama.state_dict().items():
+        if source == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp reads token_embd.weight as the output matrix when output.weight is absent
+        tensor = tensor.detach().to(torch.float32)
+        if source.startswith("model.layers."):
+            layer, rest = source.removeprefix("model.layers.").split(".", 1)
+            target = f"blk.{layer}.{_GGUF_LAYER_NAMES[rest]}"
+            if rest == "self_attn.q_proj.weight":
+                tensor = _rotary_halves_to_pairs(tensor, config.num_attention_heads)
+            elif rest == "self_attn.k_proj.weight":
+                tensor = _rotary_halves_to_pairs(tensor, config.num_key_value_heads)
+        else:
+            target = _GGUF_NAMES[source]
+        data = tensor.numpy()
+        if quantization is None or data.ndim == 1:
+            writer.add_tensor(target, data.astype(np.float32))
+        else:
+            writer.add_tensor(target, gguf.quants.quantize(data, quantization), raw_dtype=quantization)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return output

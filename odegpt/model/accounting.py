@@ -1,0 +1,112 @@
+"""What a model costs at a step size: parameters, FLOPs per token and KV-cache bytes per token.
+
+One function so that training's MFU, the cluster planner and the benchmarks agree. FLOPs follow
+the PaLM/Megatron convention: 2 FLOPs per multiply-accumulate of every executed matmul, plus the
+attention scores and weighted sum over a context of ``seq_len`` keys (4 * heads * head_dim *
+seq_len per step, not halved for causality); training counts 3x the forward pass.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .configuration_odegpt import OdeGPTConfig, check_step_size
+from .solver import num_blocks, plan_solve, solver_method
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    step_size: float
+    executed_steps: int
+    block_evaluations: int  # executed steps x the solver method's evaluations per step (Heun: 2); KV slots
+    parameters: int  # distinct parameters, tied embeddings counted once
+    block_parameters: int  # parameters of all distinct blocks
+    flops_per_token: float  # forward
+    training_flops_per_token: float  # forward + backward
+    kv_cache_bytes_per_token: int
+
+
+def block_parameter_count(config: OdeGPTConfig) -> tuple[int, int]:
+    """(matmul parameters, all parameters) of one block."""
+    d, hd = config.hidden_size, config.head_dim
+    attention = 2 * d * config.num_attention_heads * hd + 2 * d * config.num_key_value_heads * hd
+    mlp = 3 * d * config.intermediate_size
+    return attention + mlp, attention + mlp + 2 * d
+
+
+def step_flops(config: OdeGPTConfig, seq_len: int = 2048) -> int:
+    """Forward FLOPs of one executed solver step for one token with ``seq_len`` keys of context."""
+    matmul, _ = block_parameter_count(config)
+    return 2 * matmul + 4 * config.num_attention_heads * config.head_dim * seq_len
+
+
+def readout_flops(config: OdeGPTConfig) -> int:
+    """Forward FLOPs of one read-out (the LM head) of one token; the final norm is not a matmul."""
+    return 2 * config.vocab_size * config.hidden_size
+
+
+def kv_projection_flops(config: OdeGPTConfig) -> int:
+    """Forward FLOPs of a block's key and value projections for one token (an adaptive solve's KV fill)."""
+    return 2 * 2 * config.hidden_size * config.num_key_value_heads * config.head_dim
+
+
+def model_cost(
+    config: OdeGPTConfig, step_size: float | None = None, seq_len: int = 2048, dtype_bytes: int = 2,
+    solver: str | None = None,
+) -> ModelCost:
+    """Cost of ``config`` solved at ``step_size`` with ``solver`` (default: the config's) with ``seq_len`` context.
+    A block evaluation costs one step's FLOPs and one KV-cache slot."""
+    step_size = config.step_size if step_size is None else check_step_size(step_size)
+    executed = len(plan_solve(config.segments, step_size, config.max_solver_steps))
+    steps = executed * solver_method(config.solver if solver is None else solver).evaluations
+    _, per_block = block_parameter_count(config)
+    d, vocab = config.hidden_size, config.vocab_size
+    blocks = num_blocks(config.segments) * per_block
+    embeddings = vocab * d * (1 if config.tie_word_embeddings else 2)
+    forward = steps * step_flops(config, seq_len) + readout_flops(config)
+    kv = steps * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    return ModelCost(
+        step_size=step_size,
+        executed_steps=executed,
+        block_evaluations=steps,
+        parameters=blocks + embeddings + d,
+        block_parameters=blocks,
+        flops_per_token=float(forward),
+        training_flops_per_token=float(3 * forward),
+        kv_cache_bytes_per_token=kv,
+    )
+
+
+def adaptive_flops_per_token(config: OdeGPTConfig, executed_steps: float, readouts: float, kv_projections: float = 0.0,
+                             continued_steps: float = 0.0, seq_len: int = 2048) -> float:
+    """Forward FLOPs of an adaptive solve (odegpt/decoding/adaptive.py) from its per-token counts: executed and
+    lazily continued steps (each the config's solver's evaluations), LM-head read-outs (the final one included)
+    and key/value fill projections. With one read-out and a fixed step count it is ``model_cost(...).flops_per_token``."""
+    evaluations = solver_method(config.solver).evaluations
+    return float((executed_steps + continued_steps) * evaluations * step_flops(config, seq_len)
+                 + readouts * readout_flops(config) + kv_projections * kv_projection_flops(config))
+
+
+# Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets; the first name
+# found in the device name wins, so more specific names come first. Training's MFU and `odegpt plan`
+# read it; `logging.peak_tflops_per_device` (or `odegpt plan --gpu-tflops`) overrides it.
+PEAK_TFLOPS = {
+    "GB200": 2500.0, "B200": 2250.0, "B100": 1750.0,
+    "GH200": 989.0, "H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "H800": 989.0,
+    "A100": 312.0, "A800": 312.0, "A30": 165.0, "A10": 125.0,
+    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "RTX 6000 Ada": 364.0, "RTX A6000": 155.0,
+    "MI355X": 2500.0, "MI325X": 1307.0, "MI300X": 1307.0, "MI250X": 383.0,
+}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a device from its name (``torch.cuda.get_device_name()``), None if unknown."""
+    return next((tflops for name, tflops in PEAK_TFLOPS.items() if name.lower() in device_name.lower()), None)
+
+
+def format_count(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}" if not math.isclose(n, round(n)) else str(int(n))

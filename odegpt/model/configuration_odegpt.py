@@ -1,0 +1,142 @@
+"""Configuration of an odegpt model: a Llama-shaped decoder whose depth is a list of segments.
+
+A segment ``{"depth": D, "shared": True}`` is ONE block integrated over time D (an ODE solve);
+``{"depth": D, "shared": False}`` is D separate blocks, each taking step 1 (ordinary layers).
+This file is copied verbatim into exported model folders, so it imports only transformers (and packaging,
+which transformers needs) and its sibling ``solver``.
+"""
+from __future__ import annotations
+
+import transformers
+from packaging.version import Version
+from transformers import PretrainedConfig
+
+from .solver import DEFAULT_MAX_SOLVER_STEPS, check_solve_length, check_step_size, solver_method
+
+
+# The oldest transformers a native folder runs on (its layered DynamicCache; tests/folders/test_clients.py checks it in CI).
+OLDEST_TRANSFORMERS = "4.57"
+# Releases that load this code wrongly, and why. 5.3 drops a custom-code model's tied LM head from the weights it
+# reports missing, then declines to tie it: the head stays uninitialised (logits off by 1e37).
+BROKEN_TRANSFORMERS = {"5.3": "it leaves a tied LM head uninitialised in models with their own code"}
+
+
+def check_transformers_version(installed: str = transformers.__version__) -> None:
+    """Refuse, in one line, a transformers this folder's code cannot run on, rather than load and give wrong
+    numbers."""
+    version = Version(installed)
+    if version < Version(OLDEST_TRANSFORMERS):
+        raise ImportError(f"this odegpt model needs transformers >= {OLDEST_TRANSFORMERS}, found {installed}: "
+                          f"pip install -U 'transformers>={OLDEST_TRANSFORMERS}'")
+    reason = BROKEN_TRANSFORMERS.get(f"{version.major}.{version.minor}")
+    if reason is not None:
+        raise ImportError(f"this odegpt model cannot run on transformers {installed}: {reason}; "
+                          f"pip install -U transformers")
+
+
+check_transformers_version()
+
+
+def _check_segments(segments: object) -> list[dict]:
+    if not isinstance(segments, (list, tuple)) or len(segments) == 0:
+        raise ValueError(f"segments must be a non-empty list of {{'depth': int, 'shared': bool}}, got {segments!r}")
+    checked = []
+    for index, segment in enumerate(segments):
+        if not isinstance(segment, dict) or set(segment) - {"depth", "shared"} or "depth" not in segment:
+            raise ValueError(f"segments[{index}] must be {{'depth': int, 'shared': bool}}, got {segment!r}")
+        depth, shared = segment["depth"], segment.get("shared", True)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"segments[{index}].depth must be an integer >= 1, got {depth!r}")
+        if not isinstance(shared, bool):
+            raise ValueError(f"segments[{index}].shared must be true or false, got {shared!r}")
+        checked.append({"depth": depth, "shared": shared})
+    return checked
+
+
+class OdeGPTConfig(PretrainedConfig):
+    model_type = "odegpt"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 768,
+        intermediate_size: int = 2048,
+        num_attention_heads: int = 12,
+        num_key_value_heads: int | None = None,
+        max_position_embeddings: int = 2048,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-5,
+        tie_word_embeddings: bool = False,
+        segments: list[dict] | None = None,
+        step_size: float = 1.0,
+        solver: str = "euler",
+        max_solver_steps: int = DEFAULT_MAX_SOLVER_STEPS,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = float(rope_theta)
+        self.rms_norm_eps = rms_norm_eps
+        self.segments = _check_segments([{"depth": 12, "shared": True}] if segments is None else segments)
+        self.step_size = check_step_size(step_size)
+        self.solver = solver
+        self.max_solver_steps = max_solver_steps
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        kwargs.pop("num_hidden_layers", None)  # derived from segments; older folders may carry it
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "max_solver_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2 != 0:
+            raise ValueError(f"head dimension hidden_size/num_attention_heads must be even for rotary positions, "
+                             f"got {self.hidden_size // self.num_attention_heads}")
+        solver_method(self.solver)  # one of odegpt.model.solver.METHODS
+        check_solve_length(self.segments, self.step_size, self.max_solver_steps)
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """The trained depth: the time horizon of the whole solve at step size 1."""
+        return sum(segment["depth"] for segment in self.segments)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def solver_steps(self, step_size: float | None = None) -> int:
+        """Executed steps at ``step_size`` (default: the config's); raises ``SolveTooLongError`` beyond
+        ``max_solver_steps`` and ``ValueError`` for a step size that is not a finite real > 0."""
+        step_size = self.step_size if step_size is None else check_step_size(step_size)
+        return check_solve_length(self.segments, step_size, self.max_solver_steps)

@@ -1,0 +1,350 @@
+"""odegpt: a GPT whose residual stack is an ODE solve, so one set of weights runs at many speeds.
+
+The block is Llama's (RMSNorm pre-norm, rotary positions, SwiGLU MLP, grouped-query attention via
+``scaled_dot_product_attention``, no biases). The depth is a list of segments (see the config);
+``solver.plan_solve`` turns them and a step size ``a`` into the list of executed steps, and the
+forward pass is one loop over that plan. Read top to bottom: norm, rotary, attention, MLP, block,
+decoder, LM head.
+
+The model knows nothing of its decoders: self-speculative and adaptive-depth decoding live in
+odegpt/decoding and use the model through the few methods at the end of ``OdeGPTForCausalLM``
+(embed, attention_inputs, plan, solve, keys_values, read_out, new_cache); a native export carries them in
+its ``custom_generate/`` folder, which transformers installs as ``model.generate``.
+
+This file is copied verbatim into exported model folders, so it imports only torch, transformers
+and its sibling files (configuration_odegpt, solver, cache, loss).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache import CACHE_FIELD, OdeCache, output_cache, received_cache
+from .configuration_odegpt import OdeGPTConfig, check_step_size
+from .loss import shifted_cross_entropy
+from .solver import StateRecorder, integrate, num_blocks, plan_solve, solver_method
+
+
+class OdeGPTRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the compute dtype (bf16 sums of squares lose too much).
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for the positions in ``position_ids`` (batch, seq), shaped (batch, 1, seq, head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids[:, None, :, None].float() * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class OdeGPTAttention(nn.Module):
+    def __init__(self, config: OdeGPTConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def keys_values(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and the values of the (normed) inputs ``x``, shaped (batch, kv heads, seq, head_dim)."""
+        batch, seq, _ = x.shape
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k * cos + rotate_half(k) * sin, v
+
+    def forward(self, x, cos, sin, mask, cache: OdeCache | None, slot: int) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k, v = self.keys_values(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, slot)  # one slot per executed solver step
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class OdeGPTMLP(nn.Module):
+    def __init__(self, config: OdeGPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class OdeGPTBlock(nn.Module):
+    """The vector field F = Attn(norm(.)) then MLP(norm(.)); the solver decides the step."""
+
+    def __init__(self, config: OdeGPTConfig):
+        super().__init__()
+        self.input_layernorm = OdeGPTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = OdeGPTAttention(config)
+        self.post_attention_layernorm = OdeGPTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = OdeGPTMLP(config)
+
+    def attention_branch(self, h, **attention_inputs) -> torch.Tensor:
+        return self.self_attn(self.input_layernorm(h), **attention_inputs)
+
+    def mlp_branch(self, h) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(h))
+
+    def keys_values(self, h, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values this block's step would attend with at state ``h`` (no attention, no MLP)."""
+        return self.self_attn.keys_values(self.input_layernorm(h), cos, sin)
+
+
+def attention_mask_for(
+    padding_mask: torch.Tensor | None, query_len: int, past_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """A boolean (batch, 1, query, key) mask: causal, and blind to padded keys.
+
+    Returns None when plain causal attention is exact (no padding, no past, or one new token),
+    which lets SDPA take its fastest kernels. A padded query row that would see no key at all
+    is allowed to see itself, so SDPA never normalises over an empty set (its output is unused).
+    """
+    if padding_mask is None or bool(padding_mask.all()):
+        if past_len == 0 or query_len == 1:
+            return None
+        padding_mask = None
+    key_len = past_len + query_len
+    key_positions = torch.arange(key_len, device=device)
+    query_positions = torch.arange(past_len, key_len, device=device)
+    mask = (key_positions[None, :] <= query_positions[:, None])[None, None]
+    if padding_mask is not None:
+        mask = mask & padding_mask[:, None, None, -key_len:].bool()
+        mask = mask | (~mask.any(-1, keepdim=True) & (key_positions == query_positions[:, None]))
+    return mask
+
+
+class OdeGPTPreTrainedModel(PreTrainedModel):
+    config_class = OdeGPTConfig
+    config: OdeGPTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["OdeGPTBlock"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_sdpa = True
+
+
+class OdeGPTModel(OdeGPTPreTrainedModel):
+    """Embedding, the solve over all segments, final norm."""
+
+    def __init__(self, config: OdeGPTConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # All distinct blocks in segment order: a shared segment owns one, an unshared one owns `depth`.
+        self.blocks = nn.ModuleList(OdeGPTBlock(config) for _ in range(num_blocks(config.segments)))
+        self.norm = OdeGPTRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self._rotary_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see rotary_table
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: OdeCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        step_size: float | None = None,
+        output_hidden_states: bool | None = None,
+        cache: OdeCache | None = None,
+        solver: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """``step_size`` and ``solver`` override the config's for this call. ``output_hidden_states=True`` also
+        returns the state before the first step and after every executed step (before the final norm), e.g.
+        to read out intermediate times. The KV cache comes as ``cache`` or ``past_key_values`` (transformers'
+        name from 5.24 on, and before)."""
+        past_key_values = received_cache(cache, past_key_values, kwargs)
+        step_size, plan, method = self.plan(step_size, solver)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None and not self.training:
+            past_key_values = OdeCache()
+        if past_key_values is not None:
+            if not isinstance(past_key_values, OdeCache):
+                raise TypeError(f"odegpt needs an odegpt OdeCache (one slot per block evaluation), "
+                                f"got {type(past_key_values).__name__}")
+            past_key_values.bind(step_size, len(plan) * method.evaluations, method.name)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cos, sin, mask = self.attention_inputs(h, attention_mask, position_ids, past_len)
+
+        recorder = StateRecorder(h) if output_hidden_states else None
+        checkpoint = self._gradient_checkpointing_func if self.gradient_checkpointing and self.training else None
+        h = integrate(self.blocks, h, plan, method, past_key_values, hook=recorder, checkpoint=checkpoint,
+                      cos=cos, sin=sin, mask=mask)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), hidden_states=None if recorder is None else
+                                       tuple(recorder.states), **{CACHE_FIELD: past_key_values})
+
+    def plan(self, step_size: float | None = None, solver: str | None = None):
+        """``(step size, plan, method)`` of a solve, the config's where not given; bad values raise ValueError."""
+        step_size = self.config.step_size if step_size is None else check_step_size(step_size)
+        plan = plan_solve(self.config.segments, step_size, self.config.max_solver_steps)
+        return step_size, plan, solver_method(self.config.solver if solver is None else solver)
+
+    def attention_inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None,
+                         position_ids: torch.LongTensor | None, past_len: int):
+        """Rotary tables and the attention mask for new states ``h`` (batch, seq, hidden) after ``past_len``
+        cached positions; a left-padded batch counts positions from its first real token."""
+        batch, seq = h.shape[:2]
+        mask = attention_mask_for(attention_mask, seq, past_len, h.device)
+        in_table = past_len + seq <= self.config.max_position_embeddings  # every position we count is below this
+        if position_ids is None and attention_mask is None and in_table:  # decoding's case: one slice of the table
+            cos, sin = self.rotary_table(h.device, h.dtype)
+            return cos[None, None, past_len:past_len + seq], sin[None, None, past_len:past_len + seq], mask
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: count only real tokens
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+            else:
+                position_ids = torch.arange(past_len, past_len + seq, device=h.device)[None].expand(batch, -1)
+            if in_table:
+                cos, sin = self.rotary_table(h.device, h.dtype)
+                return cos[position_ids][:, None], sin[position_ids][:, None], mask
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        return cos, sin, mask
+
+    def rotary_table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of every position below ``max_position_embeddings``, (positions, head_dim), made once per
+        device and dtype: decoding would otherwise recompute its one row of them at every token."""
+        key = (device, dtype, self.config.head_dim, self.config.rope_theta, self.config.max_position_embeddings)
+        if key not in self._rotary_tables:
+            # An ordinary tensor even when first asked for under inference_mode, so training can use it later.
+            with torch.inference_mode(False), torch.no_grad():
+                positions = torch.arange(self.config.max_position_embeddings, device=device)[None]
+                cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
+            self._rotary_tables[key] = cos[0, 0], sin[0, 0]
+        return self._rotary_tables[key]
+
+
+class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: OdeGPTConfig):
+        super().__init__(config)
+        self.model = OdeGPTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: OdeCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        step_size: float | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        cache: OdeCache | None = None,
+        solver: str | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """``step_size`` and ``solver`` override the config's for this call; ``labels`` follow the HF
+        convention (the same tokens as ``input_ids``, shifted here, -100 ignored)."""
+        past_key_values = received_cache(cache, past_key_values, kwargs)
+        if labels is not None and use_cache is None:
+            use_cache = False  # scoring a sequence keeps no cache unless asked to
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            step_size=step_size, output_hidden_states=output_hidden_states, solver=solver,
+        )
+        h = outputs.last_hidden_state
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = None if labels is None else shifted_cross_entropy(logits, labels)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      **{CACHE_FIELD: output_cache(outputs)})
+
+    # ---- The model as decoders use it (odegpt/decoding): embed, solve, read out, a cache ---------------------
+
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """The state at time 0."""
+        return self.model.embed_tokens(input_ids)
+
+    def attention_inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, past_len: int = 0):
+        """Rotary tables and mask for states ``h`` after ``past_len`` cached positions, as a dict for :meth:`solve`."""
+        cos, sin, mask = self.model.attention_inputs(h, attention_mask, None, past_len)
+        return dict(cos=cos, sin=sin, mask=mask)
+
+    def plan(self, step_size: float | None = None, solver: str | None = None):
+        """``(step size, plan, method)`` of a solve (``odegpt.model.solver``), the config's where not given."""
+        return self.model.plan(step_size, solver)
+
+    def solve(self, h: torch.Tensor, plan, method, attention_inputs: dict, cache=None, hook=None) -> torch.Tensor:
+        """Integrate states ``h`` along ``plan`` (the one loop, ``odegpt.model.solver.integrate``); the final state."""
+        return integrate(self.model.blocks, h, plan, method, cache, hook=hook, **attention_inputs)
+
+    def keys_values(self, block: int, h: torch.Tensor, attention_inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values block ``block`` would attend with at states ``h`` (no attention, no MLP)."""
+        return self.model.blocks[block].keys_values(h, attention_inputs["cos"], attention_inputs["sin"])
+
+    def read_out(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of states ``h`` at any time: the final norm and LM head, as at the end of the solve."""
+        return self.lm_head(self.model.norm(h))
+
+    def new_cache(self) -> OdeCache:
+        """An empty KV cache of this model's layout (one slot per block evaluation, bound to its step size and
+        solver on first use), for decoders that keep their own (odegpt/decoding)."""
+        return OdeCache()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """The model owns its cache layout: one slot per executed step, not per trained layer."""
+        if (
+            model_kwargs.get(CACHE_FIELD) is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation in (None, "dynamic")
+        ):
+            model_kwargs[CACHE_FIELD] = self.new_cache()
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+__all__ = ["OdeGPTConfig", "OdeGPTForCausalLM", "OdeGPTModel", "OdeGPTPreTrainedModel"]

@@ -1,0 +1,249 @@
+"""The ODE solver behind odegpt: plan the steps of a solve, and integrate. The one solve loop lives here.
+
+A pre-norm residual block ``h <- h + F(h)`` is one explicit Euler step of ``dh/dt = F(h)`` with
+step 1. A shared segment of depth ``D`` is ONE block ``F`` integrated over time ``D``; with step
+size ``a`` that takes ``ceil(D / a)`` steps, the last one shortened so the steps add up to ``D``.
+An unshared segment is ``D`` distinct blocks, each always taking step 1 (ordinary layers).
+
+- :func:`plan_solve`: the steps of a solve (which block, for how long); the same for every method.
+- :data:`METHODS`: how one step is taken (a :class:`SolverMethod`: its step function, how many block
+  evaluations and so KV-cache slots a step costs, and whether a step unrolls into Llama layers).
+- :func:`integrate`: the loop over a plan, for every path that solves (the forward pass, cached decoding,
+  adaptive depth, self-speculative drafts); a :class:`SolveHook` lets a decoder treat tokens differently
+  at each step without writing a loop of its own.
+
+Adding a method means adding a step function and one :data:`METHODS` entry here.
+
+This file is copied verbatim into exported model folders, so it imports only torch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
+from typing import NamedTuple
+
+import torch
+
+# Slack for float step sizes: D / a may land a hair above an integer (12 / 0.3 = 40.000000000000004),
+# which must not add a step of length 1e-15.
+_STEP_COUNT_TOLERANCE = 1e-9
+# A solve longer than this is refused before anything is planned or computed (a typo such as
+# --step-size 1e-6 would otherwise run for hours or exhaust memory). Models carry their own limit
+# in ``config.max_solver_steps``; this is its default.
+DEFAULT_MAX_SOLVER_STEPS = 1024
+
+
+class SolveTooLongError(ValueError):
+    """A step size so small that the solve would exceed the allowed number of steps."""
+
+
+class SolverStep(NamedTuple):
+    """One executed step: which block's vector field, and for how long (``dt``)."""
+
+    block: int
+    dt: float
+
+
+def check_step_size(step_size: object, name: str = "step_size") -> float:
+    """Return ``step_size`` as a float, or raise if it is not a real number > 0."""
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0:
+        raise ValueError(f"{name} must be a real number > 0, got {step_size!r}")
+    if step_size == float("inf"):
+        raise ValueError(f"{name} must be finite, got {step_size!r}")
+    return float(step_size)
+
+
+def _segment_num_steps(depth: int, step_size: float) -> int:
+    return max(1, math.ceil(depth / step_size - _STEP_COUNT_TOLERANCE))
+
+
+def segment_step_sizes(depth: int, step_size: float) -> tuple[float, ...]:
+    """Step lengths of a shared segment's solve: ``ceil(depth / a)`` steps summing to ``depth``."""
+    num_steps = _segment_num_steps(depth, step_size)
+    return (step_size,) * (num_steps - 1) + (depth - (num_steps - 1) * step_size,)
+
+
+def count_steps(segments: list[dict], step_size: float) -> int:
+    """How many steps a solve at ``step_size`` executes, computed without planning them."""
+    return sum(_segment_num_steps(s["depth"], step_size) if s["shared"] else s["depth"] for s in segments)
+
+
+def check_solve_length(segments: list[dict], step_size: float, max_steps: int = DEFAULT_MAX_SOLVER_STEPS) -> int:
+    """The step count at ``step_size``; raise :class:`SolveTooLongError` if it exceeds ``max_steps``
+    (and ``ValueError`` if ``step_size`` is not a finite real > 0)."""
+    steps = count_steps(segments, check_step_size(step_size))
+    if steps > max_steps:
+        depth = sum(s["depth"] for s in segments)
+        raise SolveTooLongError(
+            f"step size {step_size:g} needs {steps:,} solver steps (trained depth {depth}), more than the "
+            f"maximum of {max_steps:,}; use a step size >= {depth / max_steps:.3g} or raise max_solver_steps"
+        )
+    return steps
+
+
+@lru_cache(maxsize=256)
+def _plan(segments: tuple[tuple[int, bool], ...], step_size: float) -> tuple[SolverStep, ...]:
+    plan: list[SolverStep] = []
+    block = 0
+    for depth, shared in segments:
+        if shared:
+            plan.extend(SolverStep(block, dt) for dt in segment_step_sizes(depth, step_size))
+            block += 1
+        else:
+            plan.extend(SolverStep(block + layer, 1.0) for layer in range(depth))
+            block += depth
+    return tuple(plan)
+
+
+def plan_solve(segments: list[dict], step_size: float, max_steps: int = DEFAULT_MAX_SOLVER_STEPS
+               ) -> tuple[SolverStep, ...]:
+    """Every step the model executes at step size ``a``, in order; one KV-cache slot per step.
+    A solve of more than ``max_steps`` steps is refused before it is planned."""
+    step_size = check_step_size(step_size)
+    check_solve_length(segments, step_size, max_steps)
+    return _plan(tuple((s["depth"], s["shared"]) for s in segments), float(step_size))
+
+
+def num_blocks(segments: list[dict]) -> int:
+    """How many distinct blocks (parameter sets) the segments hold."""
+    return sum(1 if s["shared"] else s["depth"] for s in segments)
+
+
+def euler_step(block: torch.nn.Module, h: torch.Tensor, dt: float, cache=None, slot: int = 0,
+               **attention_inputs) -> torch.Tensor:
+    """``h <- h + dt * Attn(norm(h))``, then ``h <- h + dt * MLP(norm(h))``: one evaluation of the block,
+    whose keys and values go to ``cache`` slot ``slot``."""
+    h = _add_scaled(h, block.attention_branch(h, cache=cache, slot=slot, **attention_inputs), dt)
+    return _add_scaled(h, block.mlp_branch(h), dt)
+
+
+def _add_scaled(h: torch.Tensor, update: torch.Tensor, dt: float) -> torch.Tensor:
+    return h + update if dt == 1.0 else torch.add(h, update, alpha=dt)
+
+
+def heun_step(block: torch.nn.Module, h: torch.Tensor, dt: float, cache=None, slot: int = 0,
+              **attention_inputs) -> torch.Tensor:
+    """Heun's method (explicit trapezoid): two evaluations of the block, at ``h`` and at the Euler prediction,
+    averaged. With ``g(x) = (euler_step(x, dt) - x) / dt`` the block's increment per unit time,
+    ``h + dt/2 (g(h) + g(h + dt g(h)))``, which is ``(h + euler_step(euler_step(h)))/2``."""
+    predicted = euler_step(block, h, dt, cache, slot, **attention_inputs)
+    return (h + euler_step(block, predicted, dt, cache, slot + 1, **attention_inputs)) / 2
+
+
+# Why a Heun step is not a sequence of Llama layers: its update adds the four branch outputs at half weight
+# to the state it started from, h + (u1 + u2 + u3 + u4)/2, but computes u2, u3, u4 from the full-weight
+# intermediate states h + u1, h + u1 + u2, ... A residual layer can only add to the stream what it computes
+# from the stream, which would then hold h + u1/2 where the method needs h + u1 (and RMSNorm's scale
+# invariance cannot turn one into the other).
+_HEUN_NOT_UNROLLABLE = ("a Heun step is h + (u1 + u2 + u3 + u4)/2 with u2, u3, u4 computed from the states "
+                        "h + u1, ... that the residual stream of Llama layers never holds; export it unrolled "
+                        "with the euler solver, or natively")
+
+
+class SolverMethod(NamedTuple):
+    """How one step of a solve is taken.
+
+    ``step(block, h, dt, cache, slot, **attention_inputs)`` returns the next state, writing the keys and values
+    of its block evaluations to cache slots ``slot, slot + 1, ...``; ``stage_times`` says when in the step, as a
+    fraction of ``dt``, each evaluation stands (its length is the number of evaluations, and of KV-cache slots,
+    per step). ``not_unrollable`` says why a step cannot become Llama layers, or is None when it can (one layer
+    per step, ``dt`` folded into the branch outputs: odegpt/folders/export.py)."""
+
+    name: str
+    stage_times: tuple[float, ...]
+    step: Callable[..., torch.Tensor]
+    not_unrollable: str | None = None
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.stage_times)
+
+
+METHODS: dict[str, SolverMethod] = {
+    "euler": SolverMethod("euler", (0.0,), euler_step),
+    "heun": SolverMethod("heun", (0.0, 1.0), heun_step, not_unrollable=_HEUN_NOT_UNROLLABLE),
+}
+
+
+def solver_method(name: object) -> SolverMethod:
+    """The method called ``name``, or a ValueError listing the known ones."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"solver must be one of {', '.join(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+class StepContext(NamedTuple):
+    """Where one step of a solve stands: its index in the plan, block, length, start and end time, and the
+    KV-cache slots its evaluations write."""
+
+    index: int
+    block: int
+    dt: float
+    start: float
+    end: float
+    slots: range
+    last: bool
+
+
+class SolveHook:
+    """Per-step control of :func:`integrate` for decoders that treat tokens differently (adaptive depth).
+
+    A hook is any object with some of these four methods: :func:`integrate` uses the default below for a
+    method it lacks, so decoders that live outside the model's files (odegpt/decoding, which exported folders
+    carry separately) need not import this class. The defaults integrate every token at every step."""
+
+    def cache(self, step: StepContext, cache):
+        """The cache this step's evaluations write to and attend over (e.g. one that fills some tokens' keys)."""
+        return cache
+
+    def evaluate(self, step: StepContext, h: torch.Tensor) -> bool:
+        """Whether to evaluate the block at this step; when not, the state stays and :meth:`skipped` runs."""
+        return True
+
+    def skipped(self, step: StepContext, h: torch.Tensor) -> None:
+        """Called for a step that was not evaluated (e.g. to fill the cache's slots for later tokens)."""
+
+    def advance(self, step: StepContext, h: torch.Tensor, stepped: torch.Tensor) -> torch.Tensor:
+        """The state to carry on from, given the state before the step and after it (e.g. frozen tokens keep
+        theirs); also where a decoder observes the states of a solve."""
+        return stepped
+
+
+def integrate(blocks, h: torch.Tensor, plan: tuple[SolverStep, ...], method: SolverMethod, cache=None,
+              hook: SolveHook | None = None, checkpoint: Callable | None = None, **attention_inputs) -> torch.Tensor:
+    """The solve: take every step of ``plan`` from state ``h`` with ``method``; return the final state.
+
+    ``blocks[i]`` is block ``i``'s vector field, ``cache`` holds ``len(plan) * method.evaluations`` slots of
+    keys and values (or is None), ``checkpoint(function, *args, **kwargs)`` recomputes a step in the backward
+    pass (activation checkpointing), and ``hook`` shapes each step (:class:`SolveHook`'s methods, any of them)."""
+    evaluate, cache_for, skipped, advance = (getattr(hook, name, getattr(_PLAIN, name))
+                                             for name in ("evaluate", "cache", "skipped", "advance"))
+    time, last = 0.0, len(plan) - 1
+    for index, (block, dt) in enumerate(plan):
+        first = index * method.evaluations
+        step = StepContext(index, block, dt, time, time + dt, range(first, first + method.evaluations), index == last)
+        if evaluate(step, h):
+            arguments = (blocks[block], h, dt, cache_for(step, cache), first)
+            stepped = method.step(*arguments, **attention_inputs) if checkpoint is None else \
+                checkpoint(method.step, *arguments, **attention_inputs)
+            h = advance(step, h, stepped)
+        else:
+            skipped(step, h)
+        time = step.end
+    return h
+
+
+_PLAIN = SolveHook()
+
+
+class StateRecorder(SolveHook):
+    """Keeps the state before the first step and after every step, with their times."""
+
+    def __init__(self, h: torch.Tensor) -> None:
+        self.states, self.times = [h], [0.0]
+
+    def advance(self, step: StepContext, h: torch.Tensor, stepped: torch.Tensor) -> torch.Tensor:
+        self.states.append(stepped)
+        self.times.append(step.end)
+        return stepped

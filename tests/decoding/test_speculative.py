@@ -1,0 +1,189 @@
+"""Self-speculative decoding: drafts at step size B, verification at a, output as if decoded at a alone."""
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from odegpt import OdeCache
+from odegpt.decoding.speculative import _Sampler
+from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, UNSHARED, damped, left_padded, tiny_model
+
+
+@pytest.fixture(params=["fully_shared", "partially_shared"])
+def drafting_model(request):
+    """A random model whose residual branches are scaled down, so that, as in a trained model, its solves at
+    different step sizes mostly agree: drafts are both accepted and rejected (at full scale nearly all fail)."""
+    return damped(tiny_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED), 0.05)
+
+
+@pytest.mark.parametrize("a, draft_step_size, k", [(1, 4, 2), (1, 2, 4), (0.5, 2, 3), (2, 4, 1), (1, 4, 6)])
+def test_greedy_equals_plain_greedy(drafting_model, a, draft_step_size, k):
+    prompt = torch.randint(1, 97, (1, 6))
+    kwargs = dict(max_new_tokens=17, do_sample=False, step_size=a, pad_token_id=0)
+    plain = drafting_model.generate(prompt, **kwargs)
+    out = drafting_model.generate(prompt, draft_step_size=draft_step_size, draft_tokens=k,
+                                  return_dict_in_generate=True, **kwargs)
+    assert torch.equal(out.sequences, plain)
+    assert 0 < out.accepted_tokens < out.drafted_tokens  # both paths taken: kept drafts and rejected ones
+    assert len(set(plain[0, 6:].tolist())) > 3  # not a degenerate repetition
+
+
+def test_a_draft_confidence_threshold_ends_rounds_early_and_keeps_the_output(drafting_model):
+    prompt = torch.randint(1, 97, (1, 6))
+    kwargs = dict(max_new_tokens=17, do_sample=False, step_size=1, pad_token_id=0, draft_step_size=4,
+                  draft_tokens=6, return_dict_in_generate=True)
+    plain = drafting_model.generate(prompt, max_new_tokens=17, do_sample=False, step_size=1, pad_token_id=0)
+    off, never, always = (drafting_model.generate(prompt, draft_confidence=p, **kwargs) for p in (None, 0.0, 1.0))
+    for out in (off, never, always):
+        assert torch.equal(out.sequences, plain)
+    assert never.drafted_tokens == off.drafted_tokens  # no draft is less likely than 0
+    # Every draft is less likely than 1, so each round drafts one token (the last one none if only the target's
+    # own token is left to generate): about as many drafts as verifications, and more rounds than without.
+    assert always.target_forwards - 1 <= always.drafted_tokens <= always.target_forwards
+    assert always.target_forwards > off.target_forwards
+
+
+@pytest.mark.parametrize("a, draft_step_size, k", [(1, 4, 3), (0.5, 2, 2)])
+def test_left_padded_batch_of_different_lengths_equals_plain_and_each_row_alone(drafting_model, a, draft_step_size,
+                                                                                   k):
+    rows = [torch.randint(1, 97, (n,)) for n in (7, 2, 5)]
+    input_ids, attention_mask = left_padded(rows)
+    kwargs = dict(max_new_tokens=12, do_sample=False, step_size=a, pad_token_id=0)
+    plain = drafting_model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+    speculative = drafting_model.generate(input_ids, attention_mask=attention_mask, draft_step_size=draft_step_size,
+                                          draft_tokens=k, **kwargs)
+    assert torch.equal(speculative, plain)
+    for i, row in enumerate(rows):
+        alone = drafting_model.generate(row[None], draft_step_size=draft_step_size, draft_tokens=k, **kwargs)
+        assert torch.equal(speculative[i, input_ids.shape[1]:], alone[0, len(row):]), f"row {i}"
+
+
+def test_end_of_sequence_stops_rows_as_plain_decoding_does(drafting_model):
+    rows = [torch.randint(1, 97, (n,)) for n in (6, 3, 4)]
+    input_ids, attention_mask = left_padded(rows)
+    kwargs = dict(max_new_tokens=16, do_sample=False, step_size=1, pad_token_id=0)
+    free = drafting_model.generate(input_ids, attention_mask=attention_mask, **kwargs)[:, input_ids.shape[1]:]
+    eos = int(free[0, 4])  # a token row 0 emits mid-way: rows stop at different points (or never)
+    plain = drafting_model.generate(input_ids, attention_mask=attention_mask, eos_token_id=eos, **kwargs)
+    speculative = drafting_model.generate(input_ids, attention_mask=attention_mask, eos_token_id=eos,
+                                        draft_step_size=4, draft_tokens=3, **kwargs)
+    assert torch.equal(speculative, plain)
+    assert (plain[0, input_ids.shape[1]:] == eos).any()
+
+
+@pytest.mark.parametrize("segments, a, draft_step_size", [(UNSHARED, 1, 4), (FULLY_SHARED, 2, 2)])
+def test_a_draft_that_is_the_target_is_always_accepted(segments, a, draft_step_size):
+    # Unshared layers take step 1 whatever B is, and B == a is the target itself: every draft must pass.
+    model = tiny_model(segments)
+    out = model.generate(torch.randint(1, 97, (1, 5)), max_new_tokens=11, do_sample=False, step_size=a,
+                         draft_step_size=draft_step_size, draft_tokens=4, pad_token_id=0, return_dict_in_generate=True)
+    assert out.acceptance_rate == 1.0 and out.target_forwards == 3  # 5 + 5 + 1 tokens
+
+
+def test_accept_resample_math_gives_the_target_distribution():
+    """One draft position, fixed target p and draft q (temperature and top-k shaping both): the emitted token
+    (the draft if accepted with min(1, p/q), else a sample of norm(max(p - q, 0))) is distributed as p."""
+    torch.manual_seed(0)
+    vocab, rows = 6, 200_000
+    target_logits = torch.tensor([2.0, 1.5, 0.2, -1.0, 0.7, -3.0])
+    draft_logits = torch.tensor([0.1, 2.5, 1.9, -0.5, -2.0, 0.3])
+    sampler = _Sampler(type("Config", (), dict(do_sample=True, temperature=0.7, top_k=4, top_p=1.0))())
+    p, q = sampler.probs(target_logits[None])[0], sampler.probs(draft_logits[None])[0]
+    assert (p - q).abs().sum() > 0.5  # far apart, so accepting every draft or never resampling would show
+    drafts = torch.multinomial(q.expand(rows, vocab), 1)
+    logits = torch.stack([target_logits, target_logits]).expand(rows, 2, vocab)  # after the draft: unused
+    accepted, token = sampler.verify(drafts, q.expand(rows, 1, vocab), logits, torch.arange(rows))
+    assert accepted == 0  # some row rejected, so every row emits its position-0 token
+    frequencies = torch.bincount(token, minlength=vocab).float() / rows
+    assert (frequencies - p).abs().max() < 0.005, (frequencies, p)  # 5 standard deviations at most
+    assert frequencies[p == 0].sum() == 0
+
+
+@pytest.mark.parametrize("draft_confidence", [None, 0.6])
+def test_sampled_tokens_follow_the_target_distribution(draft_confidence):
+    """The first three tokens of many seeded runs at batch 1 (so drafts are accepted, resampled and given a
+    bonus) match the exact joint distribution of plain sampling at a, computed from the target's logits."""
+    model = tiny_model(FULLY_SHARED, initializer_range=0.05)  # milder logits: drafts often accepted
+    prompt = torch.randint(1, 97, (1, 4))
+    settings = dict(do_sample=True, temperature=1.5, top_k=2, pad_token_id=0)
+    sampler = _Sampler(type("Config", (), dict(do_sample=True, temperature=1.5, top_k=2, top_p=1.0))())
+
+    @torch.no_grad()
+    def next_probs(tokens):
+        return sampler.probs(model(tokens, step_size=1).logits[:, -1].float())[0]
+
+    exact = {}
+    first = next_probs(prompt)
+    for x1 in first.nonzero().flatten().tolist():
+        second = next_probs(torch.cat([prompt, torch.tensor([[x1]])], 1))
+        for x2 in second.nonzero().flatten().tolist():
+            third = next_probs(torch.cat([prompt, torch.tensor([[x1, x2]])], 1))
+            for x3 in third.nonzero().flatten().tolist():
+                exact[(x1, x2, x3)] = float(first[x1] * second[x2] * third[x3])
+    runs, counts, accepted, drafted = 500, {}, 0, 0
+    for seed in range(runs):
+        torch.manual_seed(seed)
+        out = model.generate(prompt, max_new_tokens=3, step_size=1, draft_step_size=4, draft_tokens=2,
+                             draft_confidence=draft_confidence, return_dict_in_generate=True, **settings)
+        key = tuple(out.sequences[0, 4:].tolist())
+        counts[key] = counts.get(key, 0) + 1
+        accepted, drafted = accepted + out.accepted_tokens, drafted + out.drafted_tokens
+    assert 0.1 < accepted / drafted < 0.9  # both acceptances and rejections were exercised
+    assert set(counts) <= set(exact)
+    # Pearson's chi-square over the 8 cells (7 degrees of freedom): 29.9 is its 1e-4 quantile.
+    chi_square = sum((counts.get(key, 0) - runs * prob) ** 2 / (runs * prob) for key, prob in exact.items())
+    assert chi_square < 29.9, (chi_square, counts, exact)
+
+
+def test_cropping_a_rejected_continuation_equals_recomputation(shared_model):
+    tokens = torch.randint(1, 97, (2, 9))
+    rejected = torch.randint(1, 97, (2, 3))
+    for a in (1, 4):  # a target and a draft cache, each bound to its own step size
+        cache = OdeCache()
+        shared_model(tokens[:, :6], past_key_values=cache, step_size=a)
+        shared_model(rejected, past_key_values=cache, step_size=a)  # drafts that will be rejected
+        cache.crop_to(6)
+        assert cache.get_seq_length() == 6 and cache.step_size == a
+        assert all(layer.keys.shape[-2] == 6 and layer.values.shape[-2] == 6 for layer in cache.layers)
+        continued = shared_model(tokens[:, 6:], past_key_values=cache, step_size=a).logits
+        recomputed = shared_model(tokens, step_size=a, use_cache=False).logits[:, 6:]
+        torch.testing.assert_close(continued, recomputed, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot crop"):
+        cache.crop_to(cache.get_seq_length() + 1)
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1))
+
+    def end(self):
+        self.chunks.append(None)
+
+
+def test_a_streamer_sees_the_prompt_then_every_token_once():
+    model = tiny_model(PARTIALLY_SHARED)
+    prompt, streamer = torch.randint(1, 97, (1, 5)), Collect()
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, draft_step_size=4, draft_tokens=3,
+                         pad_token_id=0, streamer=streamer)
+    assert streamer.chunks[-1] is None and torch.equal(streamer.chunks[0], prompt[0])
+    assert torch.equal(torch.cat(streamer.chunks[1:-1]), out[0, 5:])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_beams=2), "num_beams=2"),
+    (dict(repetition_penalty=1.3), "repetition_penalty"),
+    (dict(use_cache=False), "needs the KV cache"),
+    (dict(draft_tokens=0), "draft_tokens must be an integer >= 1"),
+    (dict(draft_step_size=0.0), "must be a real number > 0"),
+    (dict(draft_step_size=1e-6), "solver steps"),
+    (dict(draft_step_size=None, draft_tokens=3), "give draft_step_size too"),
+    (dict(draft_confidence=1.5), "draft_confidence must be a probability in"),
+    (dict(draft_step_size=None, draft_confidence=0.3), "draft_confidence applies to self-speculative"),
+])
+def test_unsupported_settings_are_refused(kwargs, message):
+    model = tiny_model(FULLY_SHARED)
+    settings = dict(max_new_tokens=4, pad_token_id=0, draft_step_size=4) | kwargs
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.randint(1, 97, (1, 4)), **settings)

@@ -1,0 +1,87 @@
+"""Native folders on every client: a folder is loaded, as its users load it, by a Python where odegpt is not
+installed, and must compute what odegpt computes: logits, greedy tokens with and without the KV cache (against
+a reference decoded here with neither cache nor transformers' generate), self-speculative decoding, tokenizer ids.
+
+The client is this Python by default; ``ODEGPT_CLIENT_PYTHONS`` (space-separated interpreters, e.g. venvs with
+other transformers releases, as .ci/run makes) adds more."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from odegpt.folders.export import save_native
+from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, left_padded, tiny_model
+
+CHECK_SCRIPT = Path(__file__).parent / "clients" / "check_native_folder.py"
+CLIENTS = [sys.executable, *os.environ.get("ODEGPT_CLIENT_PYTHONS", "").split()]
+TEXTS = ["def f(x):\n\treturn x  # tabs", "ünïcödé 12345"]
+VOCAB = 400
+
+
+def _client_id(python: str) -> str:
+    if python == sys.executable:
+        return "this-python"
+    return Path(python).parent.parent.name  # the venv's folder name, e.g. .venv-transformers-4.57.6
+
+
+@torch.no_grad()
+def greedy_without_cache(model, prompt: torch.Tensor, mask: torch.Tensor | None, step_size: float,
+                         new_tokens: int) -> torch.Tensor:
+    """Greedy tokens from a full forward over the whole sequence per token: no cache, no generate()."""
+    tokens = prompt
+    for _ in range(new_tokens):
+        logits = model(tokens, attention_mask=mask, step_size=step_size, use_cache=False).logits
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return tokens
+
+
+@pytest.fixture(scope="module", params=["partially_shared", "fully_shared_tied", "partially_shared_heun"])
+def native_folder(request, tmp_path_factory) -> tuple[Path, Path]:
+    """A native folder with a tokenizer, and what odegpt computes with it (the client must agree)."""
+    from data_pipeline.tokenizer import train_tokenizer
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp(request.param)
+    tokenizer_dir = root / "tokenizer"
+    train_tokenizer(["stdlib"], tokenizer_dir, vocab_size=VOCAB, max_files=10, max_sentences=3000)
+    if request.param.startswith("partially_shared"):
+        model = tiny_model(PARTIALLY_SHARED, vocab_size=VOCAB,
+                           solver="heun" if request.param.endswith("heun") else "euler")
+    else:
+        model = tiny_model(FULLY_SHARED, vocab_size=VOCAB, tie_word_embeddings=True, seed=1)
+    folder = save_native(model, root / "native", tokenizer_dir=tokenizer_dir)
+    torch.manual_seed(2)
+    single = torch.randint(4, VOCAB, (1, 7))
+    batch, mask = left_padded([torch.randint(4, VOCAB, (n,)) for n in (6, 3)])
+    cases = []
+    for step_size, prompt, attention_mask in ((1.0, single, None), (2.0, single, None), (1.0, batch, mask),
+                                              (2.0, batch, mask)):
+        with torch.no_grad():
+            logits = model(prompt, attention_mask=attention_mask, step_size=step_size).logits
+        cases.append(dict(step_size=step_size, prompt=prompt, attention_mask=attention_mask, logits=logits,
+                          new_tokens=10, greedy=greedy_without_cache(model, prompt, attention_mask, step_size, 10)))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    expected = dict(cases=cases, pad_token_id=0, draft_step_size=4.0, texts=TEXTS,
+                    text_ids=[tokenizer(text)["input_ids"] for text in TEXTS])
+    torch.save(expected, root / "expected.pt")
+    return folder, root / "expected.pt"
+
+
+@pytest.mark.parametrize("python", CLIENTS, ids=_client_id)
+def test_native_folder_computes_what_odegpt_computes_on_the_client(native_folder, python, tmp_path):
+    folder, expected = native_folder
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([python, str(CHECK_SCRIPT), str(folder), str(expected)], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=600)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "all checks passed" in result.stdout
+    # cached and uncached greedy, and self-speculative, for each of the 4 cases
+    assert result.stdout.count("ok greedy use_cache=True") == 4 and result.stdout.count("ok self-speculative") == 4

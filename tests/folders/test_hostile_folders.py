@@ -1,0 +1,88 @@
+"""Folders that used to give wrong numbers with exit 0 or lose data: export onto its own input, step sizes refused
+before any weight is read, non-finite weights."""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+
+
+
+# ---- 2, 3. export: step sizes refused before any weight is read; never onto its own input ------------------
+
+from odegpt.commands.cli import main as odegpt_main  # noqa: E402
+from tests.commands.test_generate import model_folder  # noqa: E402,F401  (a fixture: tiny model + tokenizer)
+
+
+def _odegpt(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()
+    code = odegpt_main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_export_refuses_a_too_small_step_size_before_reading_any_weight(model_folder, tmp_path, capsys,
+                                                                        monkeypatch):
+    from odegpt import OdeGPTForCausalLM
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the step size was checked")
+
+    monkeypatch.setattr(OdeGPTForCausalLM, "from_pretrained", no_weights)
+    code, err = _odegpt(capsys, "export", "--model", model_folder, "--output", tmp_path / "out", "--step-size", "1e-6")
+    assert code == 2 and err.count("\n") == 1 and "--step-size: step size 1e-06 needs" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_never_overwrites_its_input_nor_a_folder_without_overwrite(model_folder, tmp_path, capsys):
+    model = tmp_path / "m"
+    shutil.copytree(model_folder, model)
+    weights = (model / "model.safetensors").read_bytes()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    cases = [(model, "is the --model folder"), (model / "sub", "is inside --model"),
+             (tmp_path, "holds the --model folder"), (kept, "exists and is not empty")]
+    for output, message in cases:
+        code, err = _odegpt(capsys, "export", "--model", model, "--output", output, "--dtype", "bfloat16")
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert (model / "model.safetensors").read_bytes() == weights and not (model / "sub").exists()
+    assert (kept / "notes.txt").read_text() == "mine"
+
+    code, err = _odegpt(capsys, "export", "--model", model, "--output", kept, "--dtype", "bfloat16", "--overwrite")
+    assert code == 0, err
+    assert not (kept / "notes.txt").exists() and (kept / "model.safetensors").is_file()
+    assert len((kept / "model.safetensors").read_bytes()) < len(weights)  # bf16 now
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "m"]  # no staging folder left behind
+
+
+# ---- 5. non-finite weights: refused on load, naming the tensor ------------------------------------------
+
+def _overwrite_tensor_bytes(folder: Path, name: str) -> None:
+    """What a damaged copy does: the tensor's bytes become 0xff (NaN in float32); the file still loads."""
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    header_size = struct.unpack("<Q", data[:8])[0]
+    start, end = json.loads(data[8:8 + header_size])[name]["data_offsets"]
+    data[8 + header_size + start:8 + header_size + end] = b"\xff" * (end - start)
+    path.write_bytes(bytes(data))
+
+
+def test_nonfinite_weights_are_refused_by_every_command_that_loads_them(model_folder, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_folder, damaged)
+    _overwrite_tensor_bytes(damaged, "model.norm.weight")
+    (tmp_path / "text.txt").write_text("def add(a, b):\n    return a + b\n" * 20)
+    commands = [["generate", "--model", damaged, "--max-new-tokens", "3"],
+                ["evaluate", "--model", damaged, "--data", tmp_path / "text.txt", "--step-sizes", "1",
+                 "--seq-len", "16"],
+                ["export", "--model", damaged, "--output", tmp_path / "out"]]
+    for argv in commands:
+        code, err = _odegpt(capsys, *argv)
+        assert code == 2 and "Traceback" not in err, (argv, err)
+        err = err.strip().splitlines()[-1]  # after transformers' loading bar, one line
+        assert f"odegpt {argv[0]}: {damaged} has non-finite weights (NaN or infinity): model.norm.weight (64 of 64)" in err, err
+    assert not (tmp_path / "out").exists()
+
+
