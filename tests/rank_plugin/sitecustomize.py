@@ -115,11 +115,13 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
             return spec
-        exec_module, patch = spec.loader.exec_module, self.patches.pop(name)
+        exec_module = spec.loader.exec_module
 
-        def exec_and_patch(module):
+        def exec_and_patch(module):  # `python -m` finds the spec too but runs the code as __main__ without this
             exec_module(module)
-            patch(module)
+            patch = self.patches.pop(name, None)
+            if patch is not None:
+                patch(module)
 
         spec.loader.exec_module = exec_and_patch
         return spec
