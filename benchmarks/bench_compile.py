@@ -40,7 +40,7 @@ def main() -> int:
         block.mlp_branch = torch.compile(block.mlp_branch)
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=t.lr)
                   for name, model in (("eager", eager), ("compiled", compiled))}
-    step_sizes = StepSizeDistribution.from_dict(t.step_size)
+    step_sizes = StepSizeDistribution.from_dict(t.step_size_distribution)
     step_sizes = list(step_sizes.choices) if step_sizes.choices is not None else [1.0]
     vocab = config.model_config().vocab_size
     tokens = t.micro_batch_size * t.seq_len

@@ -56,7 +56,7 @@ def deepspeed_throughput(work: Path, common: list[str], stage: int, ranks: int, 
     _run(ODEGPT + ["launch", "--num-gpus", str(ranks), "--master-port", str(free_port()), "--quiet",
                    "--resume", "none", "--config", "quickstart", *common,
                    f"--set=run.output_dir={out}", f"--set=deepspeed.zero_stage={stage}",
-                   f"--set=train.train_steps={steps}", "--set=train.step_size={choices: [1.0]}",
+                   f"--set=train.train_steps={steps}", "--set=train.step_size_distribution={choices: [1.0]}",
                    "--set=eval.interval=0", "--set=eval.at_end=false", "--set=checkpoint.interval=0",
                    "--set=logging.tensorboard=false", "--set=logging.progress_bar=false"], env=env)
     return median_tokens_per_s(out, skip=steps // 5)

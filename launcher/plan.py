@@ -89,12 +89,12 @@ def make_plan(config, nodes: int, gpus_per_node: int, gpu_tflops: float, mfu: fl
     model_config = config.model_config()
     t = config.train
     gpus = nodes * gpus_per_node
-    step_sizes = sorted({*config.eval_step_sizes, *(a for a, _ in expected_step_sizes(t.step_size, t.seed)
-                                                     if not t.step_size.get("low"))})
+    step_sizes = sorted({*config.eval_step_sizes, *(a for a, _ in expected_step_sizes(t.step_size_distribution, t.seed)
+                                                     if not t.step_size_distribution.get("low"))})
     costs = {a: model_cost(model_config, step_size=a, seq_len=t.seq_len) for a in step_sizes}
     reference_steps = model_cost(model_config, step_size=REFERENCE_STEP_SIZE, seq_len=t.seq_len).executed_steps
     expected_flops = expected_steps = 0.0
-    for a, p in expected_step_sizes(t.step_size, t.seed):
+    for a, p in expected_step_sizes(t.step_size_distribution, t.seed):
         # The trainer's MFU counts the same FLOPs: the drawn solve plus the objective's a=1 and read-out passes.
         expected_flops += p * objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight,
                                                         t.reference_weight, t.readout_weights)
@@ -137,7 +137,7 @@ def format_plan(plan: Plan, config, gpu_tflops: float, mfu: float) -> str:
               for a in plan.step_sizes]
     passes = [name for name, on in (("the a=1 loss", t.reference_weight > 0), ("the consistency term", t.consistency_weight > 0),
                                     ("read-out losses", bool(t.readout_weights))) if on]
-    lines.append(f"  training, expected over a ~ {t.step_size}{' with ' + ', '.join(passes) if passes else ''}: "
+    lines.append(f"  training, expected over a ~ {t.step_size_distribution}{' with ' + ', '.join(passes) if passes else ''}: "
                  f"{format_count(plan.expected_training_flops_per_token)}FLOP per token")
     lines.append("  model states per GPU: " + "  ".join(f"{stage} {value / GIB:.2f} GiB"
                                                          for stage, value in plan.model_states_bytes.items()))

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                              str(data_dir), "--val-fraction", "0.01", "--workers", "2"])
 
     t = config.train
-    stages.begin(f"pretrain: {config.model.segments} at a ~ {t.step_size}, {t.train_steps} steps x "
+    stages.begin(f"pretrain: {config.model.segments} at a ~ {t.step_size_distribution}, {t.train_steps} steps x "
                  f"{t.global_batch_size} x {t.seq_len} tokens, {args.ranks} CPU ranks, "
                  f"ZeRO-{config.deepspeed.zero_stage}, deepspeed launcher")
     stages.run(odegpt + ["launch", "--num-gpus", str(args.ranks), "--master-port", str(free_port()), "--quiet",

@@ -74,11 +74,11 @@ def test_model_section_is_odegpt_configs_signature():
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["train.step_size={choices: [1, 1e-3]}"], "train.step_size.choices"),
-    (["train.step_size={low: 1e-4, high: 2}"], "train.step_size.low"),
+    (["train.step_size_distribution={choices: [1, 1e-3]}"], "train.step_size_distribution.choices"),
+    (["train.step_size_distribution={low: 1e-4, high: 2}"], "train.step_size_distribution.low"),
     (["eval.step_sizes=[1, 0.001]"], "eval.step_sizes[1]"),
-    (["model.max_solver_steps=4", "train.step_size={choices: [0.5]}", "eval.step_sizes=[1]"],
-     "train.step_size.choices"),
+    (["model.max_solver_steps=4", "train.step_size_distribution={choices: [0.5]}", "eval.step_sizes=[1]"],
+     "train.step_size_distribution.choices"),
 ])
 def test_step_sizes_beyond_the_solver_limit_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as error:
@@ -92,7 +92,7 @@ def test_yaml_syntax_errors_are_one_line_for_every_command(tmp_path, capsys):
     bad.write_text("model:\n  hidden_size: [128\ntrain:\n  lr: 1\n")
     for argv in (["train", "--config", bad], ["plan", "--config", bad],
                  ["launch", "--config", bad, "--num-gpus", "1", "--dry-run"],
-                 ["train", "--config", "quickstart", "--set", "train.step_size={choices: [1"]):
+                 ["train", "--config", "quickstart", "--set", "train.step_size_distribution={choices: [1"]):
         code, err = _odegpt(*argv, capsys=capsys)
         assert code == 2, argv
         lines = err.strip().splitlines()
@@ -228,7 +228,7 @@ def test_a_resume_with_other_step_size_draws_says_so(trained, tmp_path):
     """The sampler state saved with each checkpoint is read back: draws that change on resume are said."""
     run = _copy(trained, tmp_path)
     process = _plain(run, **{"deepspeed.zero_stage": 1, "train.train_steps": 3, "checkpoint.interval": 1,
-                             "eval.interval": 0, "eval.num_samples": 4, "train.step_size": "{choices: [2.0]}"})
+                             "eval.interval": 0, "eval.num_samples": 4, "train.step_size_distribution": "{choices: [2.0]}"})
     _, stderr = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 0, stderr[-3000:]
     assert "the step-size draws change at step 2: the checkpoint drew from {'seed': 1234, 'distribution': " \
