@@ -70,7 +70,7 @@ def training_budget(config: RunConfig) -> dict:
 
     t = config.train
     model_config = config.model_config()
-    sampler = StepSizeSampler(StepSizeDistribution.from_dict(t.step_size), t.seed)
+    sampler = StepSizeSampler(StepSizeDistribution.from_dict(t.step_size_distribution), t.seed)
     tokens_per_step = t.global_batch_size * t.seq_len
     flops: dict[float, float] = {}
     total = 0.0
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["variants"].append({
             "name": variant.name, "label": variant.label, "description": variant.description, "config": str(variant.path.relative_to(REPO))
             if variant.path.is_relative_to(REPO) else str(variant.path),
-            "segments": config.model.segments, "step_size": t.step_size,
+            "segments": config.model.segments, "step_size_distribution": t.step_size_distribution,
             "consistency_weight": t.consistency_weight, "reference_weight": t.reference_weight, "lr": t.lr,
             "budget": {**budget, "training_seconds": training_seconds(run_dir)},
             "evaluation": report,

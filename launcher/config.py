@@ -75,7 +75,8 @@ class TrainSection:
     seed: int = 1234
     # Distribution of the step size `a`, sampled once per optimizer step (odegpt.training.objective), e.g.
     # {choices: [0.5, 1, 2, 4], weights: [1, 3, 1, 1], curriculum_steps: 300} or {low: 0.5, high: 4}.
-    step_size: dict = field(default_factory=lambda: {"choices": [1.0]})
+    # (model.step_size is the one float a model is solved at by default.)
+    step_size_distribution: dict = field(default_factory=lambda: {"choices": [1.0]})
     consistency_weight: float = 0.0  # KL(p_1 || p_a) towards the detached a=1 solve, on steps with a != 1
     reference_weight: float = 0.0  # also the a=1 loss (this weight) on steps with a != 1: one more pass
     # Auxiliary read-out losses {time: weight} at intermediate solver times of the drawn solve (where it
@@ -87,6 +88,10 @@ class TrainSection:
     max_nonfinite_steps: int = 3  # stop after this many optimizer steps in a row with a non-finite loss
     dist_timeout_s: int = 600  # collectives with a dead peer fail after this long
     compile: bool = False  # torch.compile each block's attention and MLP branches (ZeRO 0-2)
+    # Start from the weights of an odegpt model folder (e.g. `odegpt import` of a pretrained Llama): the model
+    # section's shape is taken from the folder, and a shape the config sets otherwise is an error.
+    init_from: str | None = None
+    relax_lr_scale: float = 1.0  # learning-rate multiplier of the time-continuous relaxation's parameters
 
 
 @dataclass
@@ -216,7 +221,7 @@ class RunConfig:
             _positive(f"train.{name}", getattr(t, name))
         for name in ("lr", "adam_eps"):
             _positive(f"train.{name}", getattr(t, name))
-        for name in ("min_lr", "weight_decay", "grad_clip", "consistency_weight", "reference_weight"):
+        for name in ("min_lr", "weight_decay", "grad_clip", "consistency_weight", "reference_weight", "relax_lr_scale"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)!r}")
         if isinstance(t.seed, bool) or not isinstance(t.seed, int) or not 0 <= t.seed < 2**63:
@@ -236,13 +241,13 @@ class RunConfig:
         from odegpt.training.objective import StepSizeDistribution
         from odegpt.model.solver import SolveTooLongError
 
-        if not isinstance(t.step_size, dict):
-            raise ConfigError(f"train.step_size must be a mapping ({{choices: [...]}} or {{low: ..., high: ...}}), "
-                              f"got {t.step_size!r}")
+        if not isinstance(t.step_size_distribution, dict):
+            raise ConfigError(f"train.step_size_distribution must be a mapping ({{choices: [...]}} or {{low: ..., high: ...}}), "
+                              f"got {t.step_size_distribution!r}")
         try:
-            distribution = StepSizeDistribution.from_dict(t.step_size)
+            distribution = StepSizeDistribution.from_dict(t.step_size_distribution)
         except (ValueError, TypeError) as error:
-            raise ConfigError(f"train.step_size: {error}") from None
+            raise ConfigError(f"train.step_size_distribution: {error}") from None
         try:
             model_config = self.model_config()
         except (ValueError, TypeError) as error:
@@ -273,8 +278,8 @@ class RunConfig:
             raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_position_embeddings "
                               f"({model_config.max_position_embeddings})")
         # The smallest step size is the longest solve: refuse it here, not after hours of set-up.
-        smallest = ("train.step_size.low", distribution.low) if distribution.choices is None else \
-            ("train.step_size.choices", min(distribution.choices))
+        smallest = ("train.step_size_distribution.low", distribution.low) if distribution.choices is None else \
+            ("train.step_size_distribution.choices", min(distribution.choices))
         e = self.eval
         for index, a in enumerate(e.step_sizes):
             if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < math.inf:
@@ -303,6 +308,9 @@ class RunConfig:
             raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage: 3")
         if z.offload_optimizer and z.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        if t.init_from is not None and z.zero_stage == 3 and z.zero3_init:
+            raise ConfigError("train.init_from loads the folder's weights whole before DeepSpeed partitions them: "
+                              "set deepspeed.zero3_init: false (or use ZeRO 0-2)")
         if t.compile and z.zero_stage == 3:
             raise ConfigError("train.compile needs deepspeed.zero_stage <= 2: ZeRO-3 gathers parameters in "
                               "module hooks that torch.compile does not trace")
@@ -601,7 +609,39 @@ def apply_override(tree: dict, assignment: str) -> dict:
 
 def build_config(tree: dict) -> RunConfig:
     """Typed ``RunConfig`` from a raw tree; unknown keys and wrong types are errors."""
+    init_from = (tree.get("train") or {}).get("init_from") if isinstance(tree.get("train"), dict) else None
+    if init_from is not None:
+        tree = {**tree, "model": model_from_folder(str(init_from), tree.get("model") or {})}
     return _build(RunConfig, tree, "")
+
+
+def model_from_folder(folder: str, configured: dict) -> dict:
+    """The ``model`` section of a run that starts from ``folder`` (``train.init_from``): the folder's, with the
+    settings that do not change the weights (step size, solver limit, special ids) as ``configured`` says; any
+    other ``model.`` key the config sets must agree with the folder."""
+    from odegpt.model.configuration_odegpt import OdeGPTConfig
+
+    path = Path(folder) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"train.init_from: cannot read {path}: {error}") from None
+    if saved.get("model_type") != OdeGPTConfig.model_type:
+        raise ConfigError(f"train.init_from: {folder} holds a {saved.get('model_type')!r} model, not an odegpt one; "
+                          f"import it first (odegpt import --model {folder} --output DIR)")
+    names = [f.name for f in dataclasses.fields(model_section())]
+    try:
+        folder_model = OdeGPTConfig(**{k: v for k, v in saved.items() if k in names})
+        merged = OdeGPTConfig(**{**{k: v for k, v in saved.items() if k in names}, **configured})
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"train.init_from {folder}: {error}") from None
+    differing = [f"model.{name} is {getattr(merged, name)!r} in the config but {getattr(folder_model, name)!r} in "
+                 f"{folder}" for name in configured if name in names and name not in RunConfig.RESUMABLE_MODEL_FIELDS
+                 and getattr(merged, name) != getattr(folder_model, name)]
+    if differing:
+        raise ConfigError(f"train.init_from: {'; '.join(differing)}: the shape comes from the folder; remove those "
+                          f"keys from the config or make them agree")
+    return {name: getattr(merged, name) for name in names}
 
 
 def load_config(paths: list[str] | tuple = (), overrides: list[str] | tuple = (),
@@ -615,6 +655,10 @@ def load_config(paths: list[str] | tuple = (), overrides: list[str] | tuple = ()
     return build_config(tree).validate(world_size)
 
 
+# Keys renamed since configs were first written: named in the error instead of "unknown key".
+RENAMED = {"train": {"step_size": "step_size_distribution"}}
+
+
 def _build(cls, data: Any, where: str):
     if data is None:
         data = {}
@@ -624,6 +668,9 @@ def _build(cls, data: Any, where: str):
     sections = {f.name: f.metadata["section"]() for f in dataclasses.fields(cls) if "section" in f.metadata}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    if where in RENAMED and set(unknown) & set(RENAMED[where]):
+        old = sorted(set(unknown) & set(RENAMED[where]))[0]
+        raise ConfigError(f"{where}.{old} is now {where}.{RENAMED[where][old]}; rename it in your config")
     if unknown:
         place = f"section {where!r}" if where else "the top level"
         raise ConfigError(f"unknown key(s) {', '.join(repr(f'{where}.{k}' if where else k) for k in unknown)} "

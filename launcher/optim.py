@@ -7,17 +7,27 @@ from dataclasses import dataclass
 import torch
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: norms, biases and embeddings are excluded (GPT-NeoX convention)."""
-    decay, no_decay = [], []
+def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                     relax_lr_scale: float = 1.0) -> list[dict]:
+    """Decay matrices only: norms, biases and embeddings are excluded (GPT-NeoX convention). The time-continuous
+    relaxation's corrections (``relax_*``) form their own group at ``relax_lr_scale`` times ``lr``, decayed towards
+    zero, i.e. towards the shared weights (their bias corrections are not decayed)."""
+    decay, no_decay, relax, relax_biases = [], [], [], []
     for name, parameter in model.named_parameters():  # tied weights appear once
         if not parameter.requires_grad:
             continue
-        if parameter.ndim < 2 or "norm" in name or "embed" in name:
+        if ".relax_" in name:
+            (relax_biases if name.endswith("relax_bias") else relax).append(parameter)
+        elif parameter.ndim < 2 or "norm" in name or "embed" in name:
             no_decay.append(parameter)
         else:
             decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if relax or relax_biases:
+        scaled = {} if lr is None else {"lr": lr * relax_lr_scale}
+        groups += [{"params": relax, "weight_decay": weight_decay, **scaled},
+                   {"params": relax_biases, "weight_decay": 0.0, **scaled}]
+    return [group for group in groups if group["params"]]
 
 
 @dataclass

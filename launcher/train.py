@@ -239,7 +239,7 @@ class Trainer:
         self.model = self._build_model(ds_config)
         schedule = schedule_for(t)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=parameter_groups(self.model, t.weight_decay), config=ds_config,
+            model=self.model, model_parameters=parameter_groups(self.model, t.weight_decay, t.lr, t.relax_lr_scale), config=ds_config,
             # A plain function, so the schedule is not restored from a checkpoint: after a resume the
             # configured schedule (perhaps with a new train.train_steps) applies from the saved step on.
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda index: schedule(index)))
@@ -258,13 +258,13 @@ class Trainer:
             self.say(f"resumed from {checkpoint.path}" + (f" (DeepSpeed universal checkpoint, saved on {saved_on} "
                                                           f"rank(s), now {world_size})" if checkpoint.universal else "")
                      + f": step {self.step}, {self.consumed_samples} samples consumed")
-        self.sampler = StepSizeSampler(StepSizeDistribution.from_dict(t.step_size), t.seed)
+        self.sampler = StepSizeSampler(StepSizeDistribution.from_dict(t.step_size_distribution), t.seed)
         saved_sampler = checkpoint.state.get("step_size_sampler") if checkpoint else None
         if saved_sampler is not None and saved_sampler != self.sampler.state_dict():
             # A pure function of (seed, step): a resume draws what the run would have drawn, unless the settings
             # changed, which is allowed (a new curriculum, say) but said.
             self.say(f"the step-size draws change at step {self.step}: the checkpoint drew from {saved_sampler}, "
-                     f"this run draws from {self.sampler.state_dict()} (train.step_size, train.seed)")
+                     f"this run draws from {self.sampler.state_dict()} (train.step_size_distribution, train.seed)")
         self.solvers = None if t.solvers is None else SolverSampler(t.solvers, t.seed)
         self.grad_accum = config.gradient_accumulation_steps(world_size)
         self.batches = data.train_micro_batches(train_ds, self.consumed_samples, t.micro_batch_size, rank, world_size)
@@ -311,6 +311,11 @@ class Trainer:
             model.tie_weights()
         else:
             model = OdeGPTForCausalLM(model_config)
+        if t.init_from is not None:  # the weights of an imported or trained folder (its shape is the config's)
+            from odegpt.folders.model_folder import load_model
+
+            model.load_state_dict(load_model(t.init_from).float().state_dict(), strict=True)
+            self.say(f"initialised from {t.init_from}")
         if t.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if t.compile:

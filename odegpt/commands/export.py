@@ -38,16 +38,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_model(folder: str, dtype=None):
     """An odegpt model from ``folder``: an odegpt folder as it is, a Llama folder (an unrolled export, or any
-    bias-free SiLU Llama) imported as an unshared odegpt model with its weights (``export.from_llama``)."""
+    Llama) imported exactly as an unshared odegpt model with its weights (``odegpt.folders.importing``)."""
     from odegpt.commands.cli import CommandError
-    from odegpt.folders.export import from_llama
+    from odegpt.folders.importing import UnsupportedModelError, check_importable, retrofit
     from odegpt.folders.model_folder import load_model as load_folder_model
 
     model = load_folder_model(folder)
     if model.config.model_type == "llama":
         try:
-            model = from_llama(model)
-        except ValueError as error:  # rotary scaling, biases, another activation: not an odegpt block
+            check_importable(model.config.to_dict(), f"{folder}/config.json")
+            stored = model.dtype
+            model = retrofit(model.float())[0].to(stored)
+        except UnsupportedModelError as error:  # length-dependent rotary scaling, another activation, ...
             raise CommandError(f"{folder}: this Llama cannot be imported: {error}") from None
     return model if dtype is None else model.to(dtype)
 

@@ -197,6 +197,11 @@ def adaptive_forward(model, input_ids: torch.LongTensor, settings: AdaptiveDepth
     return AdaptiveOutput(logits=logits, counts=counts, cache=past_key_values)
 
 
+def _evaluation_time(step, slot: int, stage_times: tuple[float, ...]) -> float:
+    """The solve time of the step's evaluation that writes ``slot`` (the method's ``stage_times``)."""
+    return step.start + stage_times[slot - step.slots.start] * step.dt
+
+
 def _zeros(h: torch.Tensor) -> torch.Tensor:
     return torch.zeros(h.shape[:2], device=h.device)
 
@@ -216,11 +221,14 @@ class _EarlyExit:
         # projects the same frozen state to the same keys and values at every later step, so a token costs
         # one projection per block it passes after its exit, not one per step.
         self.projected_with = torch.full(h.shape[:2], -1, dtype=torch.long, device=h.device)
+        # A relaxed model's maps vary with time (model.time_dependent): a frozen state is projected anew at each step.
+        self.time_dependent = bool(getattr(model, "time_dependent", False))
+        self.stage_times = model.plan(settings.step_size)[2].stage_times
         self.logits: torch.Tensor | None = None
         self.reused: tuple | None = None
 
     def evaluate(self, step, h: torch.Tensor) -> bool:
-        self.any_active = bool(self.active.any())
+        self.any_active, self.state_before = bool(self.active.any()), h
         return self.lazy or self.any_active
 
     def cache(self, step, cache):
@@ -231,6 +239,9 @@ class _EarlyExit:
         first: dict[str, tuple] = {}
 
         def frozen(slot: int, keys: torch.Tensor, values: torch.Tensor):
+            if self.time_dependent and slot != step.slots.start:  # the frozen state, projected at this evaluation
+                time = _evaluation_time(step, slot, self.stage_times)
+                return self.model.keys_values(step.block, self.state_before, self.inputs, time)
             return first.setdefault("kv", (keys, values))
 
         return _FilledKeysValues(cache, self.active, frozen)
@@ -238,9 +249,10 @@ class _EarlyExit:
     def skipped(self, step, h: torch.Tensor) -> None:
         """Every token has exited: cache the frozen states' keys and values, nothing else."""
         if self.kv is not None:
-            if self.reused is None or self.reused[0] != step.block:
-                self.reused = (step.block, *self.model.keys_values(step.block, h, self.inputs))
             for slot in step.slots:
+                time = _evaluation_time(step, slot, self.stage_times) if self.time_dependent else None
+                if self.reused is None or self.reused[0] != (step.block, time):
+                    self.reused = ((step.block, time), *self.model.keys_values(step.block, h, self.inputs, time or 0.0))
                 self.kv.update(*self.reused[1:], slot)
         self._count_and_check(step, h)
 
@@ -257,7 +269,7 @@ class _EarlyExit:
         if self.lazy:
             self.continued.add_(~active)
         else:
-            self.kv_projections.add_(~active & (self.projected_with != step.block))
+            self.kv_projections.add_(~active & ((self.projected_with != step.block) | self.time_dependent))
             self.projected_with.masked_fill_(~active, step.block)
         check_due = (step.index + 1) % settings.check_every == 0 and step.end >= settings.min_time - _TIME_TOLERANCE
         forced = step.end >= self.max_time - _TIME_TOLERANCE
@@ -314,7 +326,7 @@ class _RoutedSuperSolve:
 
     def _filled(self, step, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The fill at the time of the step's evaluation writing ``slot`` (Heun's second one: the step's end)."""
-        time = step.start + self.stage_times[slot - step.slots.start] * step.dt
+        time = _evaluation_time(step, slot, self.stage_times)
         keys, values, projections = _fill(self.model, step.block, self.swift.states, self.swift.times, time,
                                           self.settings.kv_fill, self.inputs, self.projected)
         self.kv_projections += projections * ~self.routed
@@ -370,11 +382,13 @@ def _fill(model, block: int, states: list[torch.Tensor], times: list[float], tim
     interpolate: linear between the two around it), and how many projections that cost per token. A
     state's projection by a block is kept in ``projected`` and reused: a shared block projects it the
     same at every step that needs it."""
+    at = time if getattr(model, "time_dependent", False) else None  # a relaxed block projects by time
+
     def keys_values(index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        fresh = (block, index) not in projected
+        fresh = (block, index, at) not in projected
         if fresh:
-            projected[block, index] = model.keys_values(block, states[index], inputs)
-        return *projected[block, index], int(fresh)
+            projected[block, index, at] = model.keys_values(block, states[index], inputs, at or 0.0)
+        return *projected[block, index, at], int(fresh)
 
     after = next((i for i, t in enumerate(times) if t >= time - _TIME_TOLERANCE), len(times) - 1)
     if abs(times[after] - time) <= _TIME_TOLERANCE or after == 0:

@@ -1,4 +1,4 @@
-"""Exports of an odegpt model, and the import of a plain Llama.
+"""Exports of an odegpt model (the import of Llama-family models is odegpt.folders.importing).
 
 - native: a ``save_pretrained`` folder (safetensors) carrying its configuration and modeling code,
   so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without odegpt;
@@ -6,7 +6,6 @@
   solve becomes Llama layer ``k``, with its ``dt`` folded into ``o_proj`` and ``down_proj``
   (``h + dt * W x == h + (dt * W) x``), so any Llama engine serves the accelerated model with its
   own KV cache;
-- ``from_llama``: an unshared odegpt model with a Llama's weights (the block IS Llama's).
 """
 from __future__ import annotations
 
@@ -14,11 +13,12 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
 from odegpt.model.configuration_odegpt import OdeGPTConfig
-from odegpt.model.modeling_odegpt import OdeGPTForCausalLM
+from odegpt.model.modeling_odegpt import OdeGPTForCausalLM, OdeGPTLinear
 
 DECODING_DIR = Path(__file__).resolve().parent.parent / "decoding"
 # Block weights that multiply a residual branch's output: where a step's dt is folded in.
@@ -73,7 +73,7 @@ def add_fields_older_clients_read(output_dir: str | Path) -> dict:
     means the same model to every client (and the engines that read config.json the 4.x way, e.g. ctranslate2):
 
     - ``rope_theta`` at the top level: 4.x never looks inside ``rope_parameters`` and silently uses 10000;
-    - ``rope_scaling: null``: 4.x's name for "default rotary positions" (the only kind exported);
+    - ``rope_scaling``: 4.x's name for the rotary scaling (null for default positions, else the parameters);
     - ``torch_dtype``: the weights' dtype as transformers before 4.56 reads it.
 
     transformers 5 reads them too (``rope_parameters`` and ``dtype`` win, and they agree). Returns the config."""
@@ -83,10 +83,9 @@ def add_fields_older_clients_read(output_dir: str | Path) -> dict:
     config = json.loads(path.read_text())
     rope = config.get("rope_parameters")
     if rope is not None:
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"only default rotary positions are exported, got {rope!r}")
         config["rope_theta"] = rope["rope_theta"]
-        config["rope_scaling"] = None
+        scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
+        config["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
     if config.get("dtype") is not None:
         config["torch_dtype"] = config["dtype"]
     config = dict(sorted(config.items()))
@@ -104,12 +103,12 @@ def llama_config_for(config: OdeGPTConfig, num_layers: int) -> LlamaConfig:
         num_key_value_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
         max_position_embeddings=config.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rope_parameters=dict(config.source_rope_parameters or {"rope_type": "default", "rope_theta": config.rope_theta}),
         rms_norm_eps=config.rms_norm_eps,
         tie_word_embeddings=config.tie_word_embeddings,
         hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
+        attention_bias=config.attention_bias or config.attention_output_bias,  # Llama's: all four projections
+        mlp_bias=config.mlp_bias,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
@@ -129,14 +128,25 @@ def unroll_to_llama(model: OdeGPTForCausalLM, step_size: float, solver: str | No
         "model.norm.weight": source["model.norm.weight"],
         "lm_head.weight": source["lm_head.weight"],
     }
-    block_names = [name for name, _ in model.model.blocks[0].named_parameters()]
-    for layer, (block, dt) in enumerate(plan):
-        for name in block_names:
-            weight = source[f"model.blocks.{block}.{name}"]
-            state[f"model.layers.{layer}.{name}"] = weight * dt if name in _BRANCH_OUTPUTS else weight.clone()
     llama_config = llama_config_for(config, len(plan))
     with no_init_weights():  # every weight is overwritten below
         llama = LlamaForCausalLM(llama_config)
+    names, time = set(llama.state_dict()), 0.0
+    for layer, (block, dt) in enumerate(plan):
+        module = model.model.blocks[block]
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            state[f"model.layers.{layer}.{name}.weight"] = getattr(module, name).weight.detach().clone()
+        for name, linear in module.named_modules():
+            if not isinstance(linear, OdeGPTLinear):
+                continue
+            # A relaxed map applies its weights at the step's time (segment-local), merged here exactly.
+            weight, bias = linear.merged(time - module.segment_start)
+            scale = dt if f"{name}.weight" in _BRANCH_OUTPUTS else 1.0
+            state[f"model.layers.{layer}.{name}.weight"] = weight * scale
+            if f"model.layers.{layer}.{name}.bias" in names:  # Llama biases all four projections when any
+                state[f"model.layers.{layer}.{name}.bias"] = (torch.zeros(weight.shape[0], dtype=weight.dtype)
+                                                              if bias is None else bias * scale)
+        time += dt
     llama.load_state_dict(state, strict=True)
     return llama.to(model.dtype).eval()
 
@@ -153,30 +163,6 @@ def save_unrolled(
     add_fields_older_clients_read(output_dir)
     copy_tokenizer(tokenizer_dir, output_dir)
     return output_dir
-
-
-def from_llama(llama: LlamaForCausalLM) -> OdeGPTForCausalLM:
-    """An unshared odegpt model (``[{"depth": L, "shared": False}]``) with ``llama``'s weights."""
-    lc = llama.config
-    rope = lc.rope_parameters or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"only default rotary positions are supported, got rope_type={rope.get('rope_type')!r}")
-    if lc.head_dim != lc.hidden_size // lc.num_attention_heads:
-        raise ValueError(f"Llama head_dim {lc.head_dim} != hidden_size / num_attention_heads")
-    if lc.attention_bias or lc.mlp_bias or lc.hidden_act != "silu":
-        raise ValueError("only bias-free SiLU Llama models map onto the odegpt block")
-    config = OdeGPTConfig(
-        vocab_size=lc.vocab_size, hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
-        num_attention_heads=lc.num_attention_heads, num_key_value_heads=lc.num_key_value_heads,
-        max_position_embeddings=lc.max_position_embeddings, rope_theta=rope.get("rope_theta", 10000.0),
-        rms_norm_eps=lc.rms_norm_eps, tie_word_embeddings=lc.tie_word_embeddings,
-        segments=[{"depth": lc.num_hidden_layers, "shared": False}],
-        bos_token_id=lc.bos_token_id, eos_token_id=lc.eos_token_id, pad_token_id=lc.pad_token_id,
-    )
-    state = {name.replace("model.layers.", "model.blocks."): w for name, w in llama.state_dict().items()}
-    model = OdeGPTForCausalLM(config)
-    model.load_state_dict(state, strict=True)
-    return model.to(llama.dtype).eval()
 
 
 # ---- GGUF: the unrolled Llama in llama.cpp's file format ----------------------------------------------
@@ -222,6 +208,13 @@ def save_gguf(model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     config = model.config
+    unsupported = [name for name in ("attention_bias", "attention_output_bias", "mlp_bias") if getattr(config, name)]
+    if config.rotary_inv_freq is not None:
+        unsupported.append(f"rotary scaling {config.source_rope_parameters}")
+    if unsupported:
+        raise ValueError(f"the GGUF export writes llama.cpp's bias-free llama with default rotary positions; this "
+                         f"model has {', '.join(unsupported)}: export it unrolled (--format unrolled) and convert that "
+                         f"folder with llama.cpp's convert_hf_to_gguf.py")
     llama = unroll_to_llama(model, step_size).float()
     processor, info = load_sentencepiece(tokenizer_dir), TokenizerInfo.load(tokenizer_dir)
     if processor.get_piece_size() > config.vocab_size:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from .configuration_odegpt import OdeGPTConfig, check_step_size
-from .solver import num_blocks, plan_solve, solver_method
+from .solver import num_blocks, plan_solve, relaxation_knots, segment_starts, solver_method
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,54 @@ class ModelCost:
     kv_cache_bytes_per_token: int
 
 
+def linear_shapes(config: OdeGPTConfig) -> list[tuple[int, int, bool]]:
+    """``(in, out, has bias)`` of each linear map of a block."""
+    d, q, kv, ff = (config.hidden_size, config.num_attention_heads * config.head_dim,
+                    config.num_key_value_heads * config.head_dim, config.intermediate_size)
+    attention, output, mlp = config.attention_bias, config.attention_output_bias, config.mlp_bias
+    return [(d, q, attention), (d, kv, attention), (d, kv, attention), (q, d, output),
+            (d, ff, mlp), (d, ff, mlp), (ff, d, mlp)]
+
+
 def block_parameter_count(config: OdeGPTConfig) -> tuple[int, int]:
-    """(matmul parameters, all parameters) of one block."""
-    d, hd = config.hidden_size, config.head_dim
-    attention = 2 * d * config.num_attention_heads * hd + 2 * d * config.num_key_value_heads * hd
-    mlp = 3 * d * config.intermediate_size
-    return attention + mlp, attention + mlp + 2 * d
+    """(matmul parameters, all parameters) of one block, without the relaxation."""
+    shapes = linear_shapes(config)
+    matmul = sum(n_in * n_out for n_in, n_out, _ in shapes)
+    return matmul, matmul + sum(n_out for _, n_out, bias in shapes if bias) + 2 * config.hidden_size
+
+
+def _relaxed_macs(config: OdeGPTConfig) -> int:
+    """Multiply-accumulates of one knot's corrections of a relaxed block, per token (odegpt.model.modeling_odegpt:
+    dense below a matrix's own rank, else ``up @ down``)."""
+    rank = config.relax_rank
+    return sum(n_in * n_out if rank == "full" or rank >= min(n_in, n_out) else rank * (n_in + n_out)
+               for n_in, n_out, _ in linear_shapes(config))
+
+
+def relaxation_parameter_count(config: OdeGPTConfig) -> int:
+    """Parameters of the time-continuous relaxation: one knot per unit of each shared segment's depth."""
+    if not config.relax_rank:
+        return 0
+    biases = sum(n_out for _, n_out, bias in linear_shapes(config) if bias)
+    knots = sum(s["depth"] for s in config.segments if s["shared"])
+    return knots * (_relaxed_macs(config) + biases)
+
+
+def relaxation_flops(config: OdeGPTConfig, plan, stage_times: tuple[float, ...]) -> int:
+    """Forward FLOPs of the relaxation's corrections over a solve (one or two knots per evaluation of a shared
+    block), per token."""
+    if not config.relax_rank:
+        return 0
+    starts, shared = segment_starts(config.segments), []
+    for segment in config.segments:
+        shared.extend([segment["depth"]] if segment["shared"] else [0] * segment["depth"])
+    knots_used, time = 0, 0.0
+    for block, dt in plan:
+        if shared[block]:
+            knots_used += sum(len(relaxation_knots(time + stage * dt - starts[block], shared[block]))
+                              for stage in stage_times)
+        time += dt
+    return 2 * knots_used * _relaxed_macs(config)
 
 
 def step_flops(config: OdeGPTConfig, seq_len: int = 2048) -> int:
@@ -57,20 +99,23 @@ def model_cost(
     """Cost of ``config`` solved at ``step_size`` with ``solver`` (default: the config's) with ``seq_len`` context.
     A block evaluation costs one step's FLOPs and one KV-cache slot."""
     step_size = config.step_size if step_size is None else check_step_size(step_size)
-    executed = len(plan_solve(config.segments, step_size, config.max_solver_steps))
-    steps = executed * solver_method(config.solver if solver is None else solver).evaluations
+    plan = plan_solve(config.segments, step_size, config.max_solver_steps)
+    method = solver_method(config.solver if solver is None else solver)
+    executed = len(plan)
+    steps = executed * method.evaluations
     _, per_block = block_parameter_count(config)
     d, vocab = config.hidden_size, config.vocab_size
     blocks = num_blocks(config.segments) * per_block
     embeddings = vocab * d * (1 if config.tie_word_embeddings else 2)
-    forward = steps * step_flops(config, seq_len) + readout_flops(config)
+    forward = steps * step_flops(config, seq_len) + readout_flops(config) + relaxation_flops(config, plan,
+                                                                                            method.stage_times)
     kv = steps * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
     return ModelCost(
         step_size=step_size,
         executed_steps=executed,
         block_evaluations=steps,
-        parameters=blocks + embeddings + d,
-        block_parameters=blocks,
+        parameters=blocks + embeddings + d + relaxation_parameter_count(config),
+        block_parameters=blocks + relaxation_parameter_count(config),
         flops_per_token=float(forward),
         training_flops_per_token=float(3 * forward),
         kv_cache_bytes_per_token=kv,

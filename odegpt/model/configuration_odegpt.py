@@ -37,7 +37,21 @@ def check_transformers_version(installed: str = transformers.__version__) -> Non
 check_transformers_version()
 
 
+def parse_segments(text: str) -> list[dict]:
+    """``"1u,6s,1u"`` -> segments: depth then ``u`` (unshared: that many layers) or ``s`` (shared: one block)."""
+    segments = []
+    for part in text.replace(" ", "").split(","):
+        kind, depth = part[-1:], part[:-1]
+        if kind not in ("u", "s") or not depth.isdigit() or int(depth) < 1:
+            raise ValueError(f"segments {text!r}: each comma-separated part is a depth >= 1 and u (unshared) or "
+                             f"s (shared), e.g. 1u,6s,1u; got {part!r}")
+        segments.append({"depth": int(depth), "shared": kind == "s"})
+    return segments
+
+
 def _check_segments(segments: object) -> list[dict]:
+    if isinstance(segments, str):
+        segments = parse_segments(segments)
     if not isinstance(segments, (list, tuple)) or len(segments) == 0:
         raise ValueError(f"segments must be a non-empty list of {{'depth': int, 'shared': bool}}, got {segments!r}")
     checked = []
@@ -68,7 +82,7 @@ class OdeGPTConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-5,
         tie_word_embeddings: bool = False,
-        segments: list[dict] | None = None,
+        segments: list[dict] | str | None = None,
         step_size: float = 1.0,
         solver: str = "euler",
         max_solver_steps: int = DEFAULT_MAX_SOLVER_STEPS,
@@ -77,6 +91,14 @@ class OdeGPTConfig(PretrainedConfig):
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
+        head_dim: int | None = None,
+        attention_bias: bool = False,
+        attention_output_bias: bool = False,
+        mlp_bias: bool = False,
+        source_rope_parameters: dict | None = None,
+        rotary_inv_freq: list[float] | None = None,
+        rotary_attention_scaling: float = 1.0,
+        relax_rank: int | str = 0,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -93,6 +115,17 @@ class OdeGPTConfig(PretrainedConfig):
         self.max_solver_steps = max_solver_steps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        # What a model imported from a pretrained checkpoint may carry (odegpt.folders.importing): an explicit head
+        # size, biases (Llama's attention_bias is both; Qwen2's is the input projections only), and rotary positions
+        # other than the default, as the source's parameters (``source_rope_parameters``, kept for the Llama export) and the
+        # inverse frequencies and cos/sin scale transformers' own rotary initialisation computed from them.
+        self.head_dim = hidden_size // num_attention_heads if head_dim is None else head_dim
+        self.attention_bias, self.attention_output_bias, self.mlp_bias = attention_bias, attention_output_bias, mlp_bias
+        self.source_rope_parameters = source_rope_parameters
+        self.rotary_inv_freq = rotary_inv_freq
+        self.rotary_attention_scaling = float(rotary_attention_scaling)
+        # The time-continuous relaxation of shared blocks: rank of each linear map's correction ("full": dense).
+        self.relax_rank = relax_rank
         kwargs.pop("num_hidden_layers", None)  # derived from segments; older folders may carry it
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
@@ -118,9 +151,15 @@ class OdeGPTConfig(PretrainedConfig):
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
-        if (self.hidden_size // self.num_attention_heads) % 2 != 0:
-            raise ValueError(f"head dimension hidden_size/num_attention_heads must be even for rotary positions, "
-                             f"got {self.hidden_size // self.num_attention_heads}")
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 2 \
+                or self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be an even positive integer for rotary positions, got {self.head_dim!r}")
+        if self.rotary_inv_freq is not None and len(self.rotary_inv_freq) != self.head_dim // 2:
+            raise ValueError(f"rotary_inv_freq must hold head_dim/2 = {self.head_dim // 2} frequencies, "
+                             f"got {len(self.rotary_inv_freq)}")
+        if not (self.relax_rank == "full" or (isinstance(self.relax_rank, int) and not isinstance(self.relax_rank, bool)
+                                              and self.relax_rank >= 0)):
+            raise ValueError(f"relax_rank must be an integer >= 0 or 'full', got {self.relax_rank!r}")
         solver_method(self.solver)  # one of odegpt.model.solver.METHODS
         check_solve_length(self.segments, self.step_size, self.max_solver_steps)
         if not self.rms_norm_eps > 0:
@@ -130,10 +169,6 @@ class OdeGPTConfig(PretrainedConfig):
     def num_hidden_layers(self) -> int:
         """The trained depth: the time horizon of the whole solve at step size 1."""
         return sum(segment["depth"] for segment in self.segments)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     def solver_steps(self, step_size: float | None = None) -> int:
         """Executed steps at ``step_size`` (default: the config's); raises ``SolveTooLongError`` beyond

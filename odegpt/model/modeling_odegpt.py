@@ -25,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache import CACHE_FIELD, OdeCache, output_cache, received_cache
 from .configuration_odegpt import OdeGPTConfig, check_step_size
 from .loss import shifted_cross_entropy
-from .solver import StateRecorder, integrate, num_blocks, plan_solve, solver_method
+from .solver import StateRecorder, integrate, plan_solve, relaxation_knots, solver_method
 
 
 class OdeGPTRMSNorm(nn.Module):
@@ -40,12 +40,21 @@ class OdeGPTRMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for the positions in ``position_ids`` (batch, seq), shaped (batch, 1, seq, head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
-    angles = position_ids[:, None, :, None].float() * inv_freq
+def rotary_inv_freq(config: OdeGPTConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The rotary inverse frequencies (head_dim/2,): the default ``theta ** (-2i / head_dim)``, or those an imported
+    model's rotary scaling gave (``config.rotary_inv_freq``, computed by transformers' own initialisation)."""
+    if config.rotary_inv_freq is not None:
+        return torch.tensor(config.rotary_inv_freq, dtype=torch.float32, device=device)
+    exponents = torch.arange(0, config.head_dim, 2, device=device, dtype=torch.float32) / config.head_dim
+    return 1.0 / config.rope_theta ** exponents
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype):
+    """cos/sin tables for the positions in ``position_ids`` (batch, seq), shaped (batch, 1, seq, head_dim), times
+    the rotary scaling's attention factor (1 but for YaRN-like scalings)."""
+    angles = position_ids[:, None, :, None].float() * inv_freq.to(position_ids.device)
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -53,67 +62,115 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class OdeGPTLinear(nn.Linear):
+    """A linear map; in a relaxed shared block (``knots > 0``), ``W + dW(t)`` with a correction ``dW(t)`` that is
+    linear in the segment's time ``t`` between knots at the source layers' times (odegpt.folders.importing
+    initialises knot ``k`` from layer ``k``'s difference to the shared weights). A knot's correction is low-rank,
+    ``up @ down``, or dense when ``rank`` reaches the matrix's own rank; biases are relaxed densely."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, knots: int = 0, rank: int | str = 0):
+        super().__init__(in_features, out_features, bias=bias)
+        self.knots = knots if rank else 0
+        if self.knots:
+            if rank == "full" or rank >= min(in_features, out_features):
+                self.relax_weight = nn.Parameter(torch.zeros(knots, out_features, in_features))
+            else:
+                self.relax_down = nn.Parameter(torch.zeros(knots, rank, in_features))
+                self.relax_up = nn.Parameter(torch.zeros(knots, out_features, rank))
+            if bias:
+                self.relax_bias = nn.Parameter(torch.zeros(knots, out_features))
+
+    def forward(self, x: torch.Tensor, time: float = 0.0) -> torch.Tensor:
+        y = super().forward(x)
+        for knot, weight in relaxation_knots(time, self.knots) if self.knots else ():
+            if hasattr(self, "relax_weight"):
+                correction = F.linear(x, self.relax_weight[knot])
+            else:
+                correction = F.linear(F.linear(x, self.relax_down[knot]), self.relax_up[knot])
+            if self.bias is not None:
+                correction = correction + self.relax_bias[knot]
+            y = y + weight * correction
+        return y
+
+    def merged(self, time: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias this map applies at ``time`` (for the unrolled export)."""
+        weight, bias = self.weight.detach().clone(), None if self.bias is None else self.bias.detach().clone()
+        for knot, share in relaxation_knots(time, self.knots) if self.knots else ():
+            delta = self.relax_weight[knot] if hasattr(self, "relax_weight") else self.relax_up[knot] @ self.relax_down[knot]
+            weight += share * delta.detach()
+            if bias is not None:
+                bias += share * self.relax_bias[knot].detach()
+        return weight, bias
+
+
 class OdeGPTAttention(nn.Module):
-    def __init__(self, config: OdeGPTConfig):
+    def __init__(self, config: OdeGPTConfig, knots: int = 0):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        relax = dict(knots=knots, rank=config.relax_rank)
+        bias = config.attention_bias
+        self.q_proj = OdeGPTLinear(config.hidden_size, self.num_heads * self.head_dim, bias, **relax)
+        self.k_proj = OdeGPTLinear(config.hidden_size, self.num_kv_heads * self.head_dim, bias, **relax)
+        self.v_proj = OdeGPTLinear(config.hidden_size, self.num_kv_heads * self.head_dim, bias, **relax)
+        self.o_proj = OdeGPTLinear(self.num_heads * self.head_dim, config.hidden_size, config.attention_output_bias,
+                                   **relax)
 
-    def keys_values(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, x, cos, sin, time: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated keys and the values of the (normed) inputs ``x``, shaped (batch, kv heads, seq, head_dim)."""
         batch, seq, _ = x.shape
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x, time).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x, time).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return k * cos + rotate_half(k) * sin, v
 
-    def forward(self, x, cos, sin, mask, cache: OdeCache | None, slot: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: OdeCache | None, slot: int, time: float = 0.0) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x, time).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
-        k, v = self.keys_values(x, cos, sin)
+        k, v = self.keys_values(x, cos, sin, time)
         if cache is not None:
             k, v = cache.update(k, v, slot)  # one slot per executed solver step
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1), time)
 
 
 class OdeGPTMLP(nn.Module):
-    def __init__(self, config: OdeGPTConfig):
+    def __init__(self, config: OdeGPTConfig, knots: int = 0):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        relax = dict(knots=knots, rank=config.relax_rank)
+        self.gate_proj = OdeGPTLinear(config.hidden_size, config.intermediate_size, config.mlp_bias, **relax)
+        self.up_proj = OdeGPTLinear(config.hidden_size, config.intermediate_size, config.mlp_bias, **relax)
+        self.down_proj = OdeGPTLinear(config.intermediate_size, config.hidden_size, config.mlp_bias, **relax)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, time: float = 0.0) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, time)) * self.up_proj(x, time), time)
 
 
 class OdeGPTBlock(nn.Module):
-    """The vector field F = Attn(norm(.)) then MLP(norm(.)); the solver decides the step."""
+    """The vector field F = Attn(norm(.)) then MLP(norm(.)); the solver decides the step. ``time`` is the solve's
+    time; a relaxed shared block (``knots`` > 0) varies its linear maps with the time inside its segment, which
+    starts at ``segment_start``."""
 
-    def __init__(self, config: OdeGPTConfig):
+    def __init__(self, config: OdeGPTConfig, knots: int = 0, segment_start: float = 0.0):
         super().__init__()
+        self.segment_start = segment_start
         self.input_layernorm = OdeGPTRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = OdeGPTAttention(config)
+        self.self_attn = OdeGPTAttention(config, knots)
         self.post_attention_layernorm = OdeGPTRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = OdeGPTMLP(config)
+        self.mlp = OdeGPTMLP(config, knots)
 
-    def attention_branch(self, h, **attention_inputs) -> torch.Tensor:
-        return self.self_attn(self.input_layernorm(h), **attention_inputs)
+    def attention_branch(self, h, time: float = 0.0, **attention_inputs) -> torch.Tensor:
+        return self.self_attn(self.input_layernorm(h), time=time - self.segment_start, **attention_inputs)
 
-    def mlp_branch(self, h) -> torch.Tensor:
-        return self.mlp(self.post_attention_layernorm(h))
+    def mlp_branch(self, h, time: float = 0.0) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(h), time - self.segment_start)
 
-    def keys_values(self, h, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, h, cos, sin, time: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values this block's step would attend with at state ``h`` (no attention, no MLP)."""
-        return self.self_attn.keys_values(self.input_layernorm(h), cos, sin)
+        return self.self_attn.keys_values(self.input_layernorm(h), cos, sin, time - self.segment_start)
 
 
 def attention_mask_for(
@@ -155,8 +212,17 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
     def __init__(self, config: OdeGPTConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        # All distinct blocks in segment order: a shared segment owns one, an unshared one owns `depth`.
-        self.blocks = nn.ModuleList(OdeGPTBlock(config) for _ in range(num_blocks(config.segments)))
+        # All distinct blocks in segment order: a shared segment owns one, an unshared one owns `depth`. With the
+        # time-continuous relaxation a shared block has one knot per unit of its segment's time (its source layers).
+        blocks, start = [], 0.0
+        for segment in config.segments:
+            if segment["shared"]:
+                knots = segment["depth"] if config.relax_rank else 0
+                blocks.append(OdeGPTBlock(config, knots=knots, segment_start=start))
+            else:
+                blocks.extend(OdeGPTBlock(config) for _ in range(segment["depth"]))
+            start += segment["depth"]
+        self.blocks = nn.ModuleList(blocks)
         self.norm = OdeGPTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
         self._rotary_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see rotary_table
@@ -234,18 +300,21 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
             if in_table:
                 cos, sin = self.rotary_table(h.device, h.dtype)
                 return cos[position_ids][:, None], sin[position_ids][:, None], mask
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        cos, sin = rotary_cos_sin(position_ids, rotary_inv_freq(self.config), self.config.rotary_attention_scaling, h.dtype)
         return cos, sin, mask
 
     def rotary_table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of every position below ``max_position_embeddings``, (positions, head_dim), made once per
         device and dtype: decoding would otherwise recompute its one row of them at every token."""
-        key = (device, dtype, self.config.head_dim, self.config.rope_theta, self.config.max_position_embeddings)
+        config = self.config
+        key = (device, dtype, config.head_dim, config.rope_theta, config.max_position_embeddings,
+               None if config.rotary_inv_freq is None else tuple(config.rotary_inv_freq), config.rotary_attention_scaling)
         if key not in self._rotary_tables:
             # An ordinary tensor even when first asked for under inference_mode, so training can use it later.
             with torch.inference_mode(False), torch.no_grad():
-                positions = torch.arange(self.config.max_position_embeddings, device=device)[None]
-                cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
+                positions = torch.arange(config.max_position_embeddings, device=device)[None]
+                cos, sin = rotary_cos_sin(positions, rotary_inv_freq(config, device), config.rotary_attention_scaling,
+                                          dtype)
             self._rotary_tables[key] = cos[0, 0], sin[0, 0]
         return self._rotary_tables[key]
 
@@ -322,9 +391,17 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         """Integrate states ``h`` along ``plan`` (the one loop, ``odegpt.model.solver.integrate``); the final state."""
         return integrate(self.model.blocks, h, plan, method, cache, hook=hook, **attention_inputs)
 
-    def keys_values(self, block: int, h: torch.Tensor, attention_inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values block ``block`` would attend with at states ``h`` (no attention, no MLP)."""
-        return self.model.blocks[block].keys_values(h, attention_inputs["cos"], attention_inputs["sin"])
+    def keys_values(self, block: int, h: torch.Tensor, attention_inputs: dict, time: float = 0.0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values block ``block`` would attend with at states ``h`` at solve time ``time`` (no
+        attention, no MLP)."""
+        return self.model.blocks[block].keys_values(h, attention_inputs["cos"], attention_inputs["sin"], time)
+
+    @property
+    def time_dependent(self) -> bool:
+        """Whether a shared block's maps vary with time (the relaxation): then a state projected at one step is not
+        projected the same at another."""
+        return bool(self.config.relax_rank)
 
     def read_out(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of states ``h`` at any time: the final norm and LM head, as at the end of the solve."""

@@ -105,30 +105,49 @@ def plan_solve(segments: list[dict], step_size: float, max_steps: int = DEFAULT_
     return _plan(tuple((s["depth"], s["shared"]) for s in segments), float(step_size))
 
 
+def relaxation_knots(time: float, knots: int) -> list[tuple[int, float]]:
+    """``(knot, weight)`` pairs of linear interpolation at ``time`` between knots at times 0, 1, ..., knots - 1
+    (constant beyond the last): continuous in time, and exactly knot ``k`` at time ``k``. A relaxed shared block
+    (odegpt.model.modeling_odegpt.OdeGPTLinear) interpolates its corrections so."""
+    time = min(max(time, 0.0), knots - 1.0)
+    knot = min(int(math.floor(time + _STEP_COUNT_TOLERANCE)), knots - 1)
+    weight = time - knot
+    return [(knot, 1.0)] if weight <= _STEP_COUNT_TOLERANCE else [(knot, 1.0 - weight), (knot + 1, weight)]
+
+
+def segment_starts(segments: list[dict]) -> list[float]:
+    """The solve time at which each block's segment starts, one entry per block."""
+    starts, time = [], 0.0
+    for segment in segments:
+        starts.extend([time] * (1 if segment["shared"] else segment["depth"]))
+        time += segment["depth"]
+    return starts
+
+
 def num_blocks(segments: list[dict]) -> int:
     """How many distinct blocks (parameter sets) the segments hold."""
     return sum(1 if s["shared"] else s["depth"] for s in segments)
 
 
-def euler_step(block: torch.nn.Module, h: torch.Tensor, dt: float, cache=None, slot: int = 0,
+def euler_step(block: torch.nn.Module, h: torch.Tensor, dt: float, cache=None, slot: int = 0, time: float = 0.0,
                **attention_inputs) -> torch.Tensor:
-    """``h <- h + dt * Attn(norm(h))``, then ``h <- h + dt * MLP(norm(h))``: one evaluation of the block,
-    whose keys and values go to ``cache`` slot ``slot``."""
-    h = _add_scaled(h, block.attention_branch(h, cache=cache, slot=slot, **attention_inputs), dt)
-    return _add_scaled(h, block.mlp_branch(h), dt)
+    """``h <- h + dt * Attn(norm(h))``, then ``h <- h + dt * MLP(norm(h))``: one evaluation of the block at solve
+    time ``time`` (which only a relaxed block reads), whose keys and values go to ``cache`` slot ``slot``."""
+    h = _add_scaled(h, block.attention_branch(h, time=time, cache=cache, slot=slot, **attention_inputs), dt)
+    return _add_scaled(h, block.mlp_branch(h, time=time), dt)
 
 
 def _add_scaled(h: torch.Tensor, update: torch.Tensor, dt: float) -> torch.Tensor:
     return h + update if dt == 1.0 else torch.add(h, update, alpha=dt)
 
 
-def heun_step(block: torch.nn.Module, h: torch.Tensor, dt: float, cache=None, slot: int = 0,
+def heun_step(block: torch.nn.Module, h: torch.Tensor, dt: float, cache=None, slot: int = 0, time: float = 0.0,
               **attention_inputs) -> torch.Tensor:
     """Heun's method (explicit trapezoid): two evaluations of the block, at ``h`` and at the Euler prediction,
     averaged. With ``g(x) = (euler_step(x, dt) - x) / dt`` the block's increment per unit time,
     ``h + dt/2 (g(h) + g(h + dt g(h)))``, which is ``(h + euler_step(euler_step(h)))/2``."""
-    predicted = euler_step(block, h, dt, cache, slot, **attention_inputs)
-    return (h + euler_step(block, predicted, dt, cache, slot + 1, **attention_inputs)) / 2
+    predicted = euler_step(block, h, dt, cache, slot, time, **attention_inputs)
+    return (h + euler_step(block, predicted, dt, cache, slot + 1, time + dt, **attention_inputs)) / 2
 
 
 # Why a Heun step is not a sequence of Llama layers: its update adds the four branch outputs at half weight
@@ -144,7 +163,7 @@ _HEUN_NOT_UNROLLABLE = ("a Heun step is h + (u1 + u2 + u3 + u4)/2 with u2, u3, u
 class SolverMethod(NamedTuple):
     """How one step of a solve is taken.
 
-    ``step(block, h, dt, cache, slot, **attention_inputs)`` returns the next state, writing the keys and values
+    ``step(block, h, dt, cache, slot, time, **attention_inputs)`` returns the next state from time ``time``, writing the keys and values
     of its block evaluations to cache slots ``slot, slot + 1, ...``; ``stage_times`` says when in the step, as a
     fraction of ``dt``, each evaluation stands (its length is the number of evaluations, and of KV-cache slots,
     per step). ``not_unrollable`` says why a step cannot become Llama layers, or is None when it can (one layer
@@ -224,7 +243,7 @@ def integrate(blocks, h: torch.Tensor, plan: tuple[SolverStep, ...], method: Sol
         first = index * method.evaluations
         step = StepContext(index, block, dt, time, time + dt, range(first, first + method.evaluations), index == last)
         if evaluate(step, h):
-            arguments = (blocks[block], h, dt, cache_for(step, cache), first)
+            arguments = (blocks[block], h, dt, cache_for(step, cache), first, step.start)
             stepped = method.step(*arguments, **attention_inputs) if checkpoint is None else \
                 checkpoint(method.step, *arguments, **attention_inputs)
             h = advance(step, h, stepped)

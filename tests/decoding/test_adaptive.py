@@ -14,13 +14,23 @@ from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, damped, left_padded, 
 FILLS = ("lazy", "copy", "interpolate")
 
 
-@pytest.fixture(params=["fully_shared", "partially_shared", "partially_shared-heun"])
+@pytest.fixture(params=["fully_shared", "partially_shared", "partially_shared-heun", "partially_shared-relaxed",
+                        "partially_shared-relaxed-heun"])
 def model(request):
     """Residual branches scaled down, as in a trained model, so that solves at different step sizes
     mostly agree and read-outs sharpen along the solve: exits and routing then split the tokens. The Heun
-    variant takes two block evaluations (two KV-cache slots) per step."""
+    variant takes two block evaluations (two KV-cache slots) per step; the relaxed ones have shared maps that
+    vary with time (random rank-2 corrections), so a state's keys depend on the step that projects it."""
     segments = FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED
-    return damped(tiny_model(segments, solver="heun" if request.param.endswith("heun") else "euler"), 0.3)
+    relaxed = "relaxed" in request.param
+    model = damped(tiny_model(segments, solver="heun" if request.param.endswith("heun") else "euler",
+                              relax_rank=2 if relaxed else 0), 0.3)
+    if relaxed:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if ".relax_" in name:
+                    parameter.normal_(0, 0.3)
+    return model
 
 
 def decode(model, settings: AdaptiveDepth, input_ids, attention_mask=None, prefix: int = 3) -> torch.Tensor:
@@ -127,7 +137,7 @@ def uncached_early_exit(model, input_ids, threshold: float) -> tuple[torch.Tenso
     plan, method = plan_solve(model.config.segments, 1.0), solver_method(model.config.solver)
     logits = exit_step = None
     for slot, (block, dt) in enumerate(plan):
-        h = method.step(inner.blocks[block], h, dt, cos=cos, sin=sin, mask=mask, cache=None, slot=slot)
+        h = method.step(inner.blocks[block], h, dt, cos=cos, sin=sin, mask=mask, cache=None, slot=slot, time=float(slot))
         step_logits = model.read_out(h)
         if logits is None:
             logits, exit_step = step_logits.clone(), torch.full(input_ids.shape, len(plan))

@@ -42,7 +42,30 @@ def greedy_without_cache(model, prompt: torch.Tensor, mask: torch.Tensor | None,
     return tokens
 
 
-@pytest.fixture(scope="module", params=["partially_shared", "fully_shared_tied", "partially_shared_heun"])
+def imported_relaxed_model():
+    """A Llama with llama3 rotary scaling and biases, retrofitted into 1u,2s,1u with a rank-2 relaxation: every
+    field an imported model adds to a folder (biases, rotary frequencies and scale, the relaxation's knots)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from odegpt.decoding.generate import with_decoders
+    from odegpt.folders.importing import retrofit
+
+    torch.manual_seed(3)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.15, attention_bias=True,
+        tie_word_embeddings=False, rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 32})).eval()
+    with torch.no_grad():
+        for name, parameter in llama.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.2)
+    return with_decoders(retrofit(llama, "1u,2s,1u", "average", 2)[0])
+
+
+@pytest.fixture(scope="module", params=["partially_shared", "fully_shared_tied", "partially_shared_heun",
+                                        "imported_relaxed"])
 def native_folder(request, tmp_path_factory) -> tuple[Path, Path]:
     """A native folder with a tokenizer, and what odegpt computes with it (the client must agree)."""
     from data_pipeline.tokenizer import train_tokenizer
@@ -51,7 +74,9 @@ def native_folder(request, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp(request.param)
     tokenizer_dir = root / "tokenizer"
     train_tokenizer(["stdlib"], tokenizer_dir, vocab_size=VOCAB, max_files=10, max_sentences=3000)
-    if request.param.startswith("partially_shared"):
+    if request.param == "imported_relaxed":
+        model = imported_relaxed_model()
+    elif request.param.startswith("partially_shared"):
         model = tiny_model(PARTIALLY_SHARED, vocab_size=VOCAB,
                            solver="heun" if request.param.endswith("heun") else "euler")
     else:

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from odegpt.commands.cli import main as odegpt_main
-from odegpt.folders.export import from_llama, save_native, save_unrolled, unroll_to_llama
+from odegpt.folders.export import save_native, save_unrolled, unroll_to_llama
+from odegpt.folders.importing import retrofit
 from odegpt.model.solver import plan_solve
 from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, left_padded, tiny_model
 
@@ -22,7 +23,7 @@ def test_unshared_odegpt_is_llama():
         num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0}, rms_norm_eps=1e-6,
     )).eval()
-    model = from_llama(llama)
+    model, _ = retrofit(llama)
     assert model.config.segments == [{"depth": 3, "shared": False}]
     x = torch.randint(0, 101, (2, 11))
     torch.testing.assert_close(model(x).logits, llama(x).logits, rtol=0, atol=1e-5)

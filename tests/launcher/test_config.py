@@ -34,7 +34,7 @@ def test_presets_compose_and_overrides_are_typed():
     (["train.seq_len=4096"], None, "train.seq_len (4096) exceeds model.max_position_embeddings (256)"),
     (["model.hidden_size=130"], None, "model: num_attention_heads (4) must divide hidden_size (130)"),
     (["model.segments=[{depth: 0}]"], None, "segments[0].depth"),
-    (["train.step_size={low: 2, high: 1}"], None, "train.step_size"),
+    (["train.step_size_distribution={low: 2, high: 1}"], None, "train.step_size_distribution"),
     (["deepspeed.offload_param=true"], None, "deepspeed.offload_param needs deepspeed.zero_stage: 3"),
     (["deepspeed.zero_stage=4"], None, "deepspeed.zero_stage must be 0, 1, 2 or 3"),
     (["eval.step_sizes=[1, 0]"], None, "eval.step_sizes[1]"),
@@ -226,3 +226,25 @@ def test_plan_refuses_impossible_hardware_figures(capsys, flags, message):
 def test_train_seed_must_be_a_64_bit_integer(seed):
     with pytest.raises(ConfigError, match=r"train.seed must be (an integer in \[0, 2\*\*63\)|int)"):
         load_config(["quickstart"], [f"train.seed={seed}"])
+
+
+def test_init_from_takes_the_shape_from_the_folder_and_names_every_disagreeing_key(tmp_path):
+    from odegpt import OdeGPTConfig, OdeGPTForCausalLM
+    from odegpt.folders.export import save_native
+
+    save_native(OdeGPTForCausalLM(OdeGPTConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                               num_attention_heads=2, segments="1u,2s", relax_rank=4)), tmp_path / "m")
+    config = load_config([], [f"train.init_from={tmp_path / 'm'}", "model.step_size=2"])
+    assert config.model.hidden_size == 32 and config.model.relax_rank == 4 and config.model.step_size == 2.0
+    assert config.model.segments == [{"depth": 1, "shared": False}, {"depth": 2, "shared": True}]
+    with pytest.raises(ConfigError) as error:
+        load_config(["quickstart"], [f"train.init_from={tmp_path / 'm'}"])
+    message = str(error.value)
+    assert "model.hidden_size is" in message and "in the config but 32 in" in message and "\n" not in message
+    with pytest.raises(ConfigError, match="train.init_from: cannot read"):
+        load_config([], [f"train.init_from={tmp_path / 'missing'}"])
+
+
+def test_the_renamed_step_size_distribution_key_is_named():
+    with pytest.raises(ConfigError, match=r"train.step_size is now train.step_size_distribution"):
+        load_config(["quickstart"], ["train.step_size={choices: [1]}"])

@@ -32,7 +32,7 @@ def _overrides(output_dir: Path, **extra) -> list[str]:
               "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_attention_heads": 2,
               "model.segments": "[{depth: 2, shared: true}]", "train.seq_len": 16, "train.micro_batch_size": 2,
               "train.global_batch_size": 4, "train.train_steps": 4, "train.warmup_steps": 1,
-              "train.step_size": "{choices: [0.5, 1, 2]}", "train.reference_weight": 0, "eval.interval": 2,
+              "train.step_size_distribution": "{choices: [0.5, 1, 2]}", "train.reference_weight": 0, "eval.interval": 2,
               "eval.num_samples": 4,
               "eval.step_sizes": "[1, 2]", "checkpoint.interval": 2, "checkpoint.keep_last": 2,
               "logging.progress_bar": "false", "logging.interval": 1, **extra}
@@ -284,3 +284,33 @@ def test_a_second_run_into_a_training_run_folder_is_refused_while_the_first_trai
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=TIMEOUT)
+
+
+def test_uptraining_starts_from_a_folder_and_trains_its_relaxation_at_its_own_learning_rate(tmp_path):
+    import torch
+
+    from odegpt import OdeGPTForCausalLM
+    from odegpt.folders.export import save_native
+    from odegpt.folders.model_folder import load_model
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config([{"depth": 2, "shared": True}], vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=2, num_key_value_heads=2, relax_rank=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    start = OdeGPTForCausalLM(config)
+    save_native(start, tmp_path / "start")
+    run = tmp_path / "run"
+    process = _plain(run, **{"train.init_from": str(tmp_path / "start"), "train.relax_lr_scale": 0.0,
+                             "train.train_steps": 2, "checkpoint.interval": 2})
+    stdout, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, stderr[-3000:]
+    assert f"initialised from {tmp_path / 'start'}" in stdout + stderr, stderr[-3000:]
+    from launcher.convert import convert
+
+    trained = load_model(convert(run / "checkpoints", tmp_path / "trained"))
+    assert trained.config.relax_rank == 2
+    before, after = start.state_dict(), trained.state_dict()
+    # lr scale 0: the relaxation is exactly where it started; everything else moved.
+    assert all(torch.equal(before[name], after[name]) for name in before if ".relax_" in name)
+    assert not torch.equal(before["model.blocks.0.mlp.up_proj.weight"], after["model.blocks.0.mlp.up_proj.weight"])

@@ -1,12 +1,12 @@
 """The rotary table: made once per device and dtype, read by slicing; the same angles as computing them."""
 import torch
 
-from odegpt.model.modeling_odegpt import rotary_cos_sin
+from odegpt.model.modeling_odegpt import rotary_cos_sin, rotary_inv_freq
 from tests.conftest import left_padded, tiny_model
 
 
 def direct(model, position_ids):
-    return rotary_cos_sin(position_ids, model.config.head_dim, model.config.rope_theta, torch.float32)
+    return rotary_cos_sin(position_ids, rotary_inv_freq(model.config), 1.0, torch.float32)
 
 
 def test_the_table_gives_the_angles_of_each_position_with_and_without_padding():
