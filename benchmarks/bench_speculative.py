@@ -1,7 +1,15 @@
-"""Self-speculative decoding against plain decoding, on a trained odegpt model folder.
+"""Self-speculative decoding against plain decoding and transformers' own speculative modes, on trained models.
 
     python benchmarks/bench_speculative.py --model runs/quickstart/export/native [MORE_MODELS ...]
                                            [--new-tokens 96] [--rounds 3]
+
+Every model decodes prompts from two corpora: Python code (what the quickstart models train on) and English
+prose from this repository's docs/ (text they did not train on). Beside the grid below, at a = 1 it times
+odegpt's prompt lookup (``prompt_lookup_num_tokens``), step-size drafts with an adaptive length
+(``draft_tokens="auto"``), both combined, and, on the same weights unrolled to a plain ``LlamaForCausalLM``,
+transformers' plain ``generate``, its prompt-lookup decoding and its assisted generation with the a = 4
+unrolled export as the assistant. Each model's summary gives the best odegpt mode over plain ``generate``
+and over transformers' prompt lookup; the last line is the geometric mean over models.
 
 For every target step size a, draft step size B, draft length k and draft confidence threshold p
 (``--draft-confidence``: a round stops drafting after a draft less likely than p) it reports the share of drafted
@@ -24,13 +32,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from odegpt import OdeCache
 from odegpt.model.accounting import format_count
+from odegpt.folders.export import unroll_to_llama
 from odegpt.folders.model_folder import load_model, load_tokenizer
 from odegpt.evaluation.throughput import Variant as Timed, time_generation
 
@@ -81,10 +92,20 @@ def speculative_name(a: float, b: float, k: int, confidence: float | None) -> st
     return f"speculative a={a:g} B={b:g} k={k}" + ("" if confidence is None else f" p={confidence:g}")
 
 
+def prose_prompts(count: int = 5, characters: int = 160) -> list[str]:
+    """The openings of ``count`` paragraphs of this repository's docs/: English text a code model did not train on."""
+    paragraphs = []
+    for path in sorted((Path(__file__).resolve().parent.parent / "docs").glob("*.md")):
+        paragraphs += [p.strip() for p in path.read_text().split("\n\n")
+                       if len(p.strip()) > characters and p.strip()[0].isalpha()]
+    step = max(1, len(paragraphs) // count)
+    return [p[:characters] for p in paragraphs[::step][:count]]
+
+
 def bench_model(path: str, args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(path)
     model = load_model(path).float().eval()
-    prompts = [tokenizer(p, return_tensors="pt").input_ids for p in PROMPTS]
+    prompts = [tokenizer(p, return_tensors="pt").input_ids for p in PROMPTS + prose_prompts()]
     settings = dict(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
                     pad_token_id=tokenizer.pad_token_id)
     targets = sorted(set([1.0, *args.step_sizes]))
@@ -100,6 +121,22 @@ def bench_model(path: str, args: argparse.Namespace) -> dict:
         variants[speculative_name(a, b, k, p)] = (
             lambda a=a, b=b, k=k, p=p: run_generate(a, draft_step_size=b, draft_tokens=k, draft_confidence=p,
                                                     return_dict_in_generate=True))
+    # At a = 1: odegpt's other draft sources, and transformers' own modes on the unrolled Llama.
+    b, lookup = max(args.draft_step_sizes), args.lookup_tokens
+    modes = {f"odegpt lookup K={lookup}": dict(prompt_lookup_num_tokens=lookup),
+             f"odegpt steps B={b:g} auto": dict(draft_step_size=b, draft_tokens="auto"),
+             f"odegpt lookup K={lookup} + steps B={b:g} auto": dict(prompt_lookup_num_tokens=lookup, draft_step_size=b,
+                                                                     draft_tokens="auto")}
+    for name, extra in modes.items():
+        variants[name] = lambda extra=extra: run_generate(1.0, return_dict_in_generate=True, **extra)
+    llama, assistant = unroll_to_llama(model, 1.0).eval(), unroll_to_llama(model, 4.0).eval()
+
+    def run_llama(**extra):
+        return [llama.generate(p, attention_mask=torch.ones_like(p), **settings, **extra) for p in prompts]
+
+    variants["transformers generate (unrolled a=1)"] = run_llama
+    variants[f"transformers prompt lookup K={lookup}"] = lambda: run_llama(prompt_lookup_num_tokens=lookup)
+    variants["transformers assisted (a=4 assistant)"] = lambda: run_llama(assistant_model=assistant)
 
     print(f"\n{path}: {format_count(sum(p.numel() for p in model.parameters()))} parameters, segments "
           f"{model.config.segments}; {len(prompts)} prompts x {args.new_tokens} new tokens, greedy, batch 1, "
@@ -151,7 +188,26 @@ def bench_model(path: str, args: argparse.Namespace) -> dict:
               f"{row['speedup_vs_generate_a1']:>16.2f}x{row['speedup_vs_bare_loop_a']:>15.2f}x"
               f"{row['ceiling_vs_generate_a1']:>15.2f}x  "
               f"{'identical' if identical else 'DIFFERENT'}")
+    print(f"\n{'at a = 1, same prompts':<46}{'tokens/s':>10}{'vs generate a=1':>17}{'vs transformers lookup':>24}"
+          f"  greedy text")
+    plain1, tf_lookup = rate["generate a=1"], rate[f"transformers prompt lookup K={lookup}"]
+    modes_rows = []
+    for name in [*modes, "transformers generate (unrolled a=1)", f"transformers prompt lookup K={lookup}",
+                 "transformers assisted (a=4 assistant)"]:
+        sequences = [o.sequences if hasattr(o, "sequences") else o for o in outputs[name]]
+        identical = all(torch.equal(x, y) for x, y in zip(sequences, outputs["generate a=1"]))
+        modes_rows.append(dict(mode=name, tokens_per_s=rate[name], speedup_vs_generate_a1=rate[name] / plain1,
+                               speedup_vs_transformers_lookup=rate[name] / tf_lookup, identical=identical))
+        print(f"{name:<46}{rate[name]:>10.1f}{rate[name] / plain1:>16.2f}x{rate[name] / tf_lookup:>23.2f}x  "
+              f"{'identical' if identical else 'DIFFERENT'}")
+    ours = [r for r in modes_rows if r["mode"].startswith("odegpt")] + [
+        dict(mode=f"self-speculative a=1 B={r['B']:g} k={r['k']}", speedup_vs_generate_a1=r["speedup_vs_generate_a1"],
+             speedup_vs_transformers_lookup=r["tokens_per_s"] / tf_lookup) for r in rows if r["a"] == 1.0]
+    best = max(ours, key=lambda r: r["speedup_vs_generate_a1"])
+    print(f"best odegpt mode: {best['mode']}: {best['speedup_vs_generate_a1']:.2f}x over generate a=1, "
+          f"{best['speedup_vs_transformers_lookup']:.2f}x over transformers' prompt lookup")
     return dict(model=path, baselines={n: rate[n] for n in rate if "speculative" not in n}, speculative=rows,
+                modes=modes_rows, best=best,
                 forward_cost_vs_one_token_a1={f"a={a:g} q={q}": c / unit for (a, q), c in cost.items()},
                 new_tokens=args.new_tokens, rounds=args.rounds)
 
@@ -168,14 +224,23 @@ def main() -> None:
                         help="k (default: 2,4,6)")
     parser.add_argument("--draft-confidence", type=parse_confidences, default=[None],
                         help="draft confidence thresholds P, 'off' for none (default: off), e.g. off,0.3,0.5")
+    parser.add_argument("--lookup-tokens", type=int, default=4, help="K of the prompt-lookup modes (default: 4)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = [bench_model(path, args) for path in args.model]
+    if results:
+        def geometric_mean(values):
+            return math.exp(sum(math.log(v) for v in values) / len(values))
+
+        print(f"\ngeometric mean over {len(results)} model(s) of each model's best odegpt mode: "
+              f"{geometric_mean([r['best']['speedup_vs_generate_a1'] for r in results]):.2f}x over generate a=1, "
+              f"{geometric_mean([r['best']['speedup_vs_transformers_lookup'] for r in results]):.2f}x over "
+              f"transformers' prompt lookup")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    if not all(row["identical"] for result in results for row in result["speculative"]):
+    if not all(row["identical"] for result in results for row in result["speculative"] + result["modes"]):
         raise SystemExit("self-speculative greedy output differs from plain greedy decoding")
 
 

@@ -44,6 +44,11 @@ def run(command: list[str], env: dict, log: Path | None = None) -> str:
     return result.stdout
 
 
+def write_variant(path: Path, title: str, init_from: Path) -> None:
+    """An uptraining variant: configs/retrofit/base.yaml started from the imported folder ``init_from``."""
+    path.write_text(f"# {title}\ndefaults: [{CONFIGS / 'base.yaml'}]\ntrain:\n  init_from: {init_from}\n")
+
+
 def ablation(variants: list[str], out: Path, args, env: dict) -> None:
     run([sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--variants", *variants, "--output-dir", str(out),
          "--data-from", args.data_from, "--reference", "source", "--step-sizes", "0.5,1,2,4",
@@ -102,16 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{best}-r{rank}"
         imported[name] = do_import(name, best, rank)
         path = variant_dir / f"{name}.yaml"
-        path.write_text(f"# {best}, rank {rank}: retrofitted from the source ({best} init, the best import at rank 0), "
-                        f"relaxation rank {rank}, uptrained\ndefaults: [{CONFIGS / 'base.yaml'}]\n"
-                        f"train:\n  init_from: {imports / name}\n")
+        write_variant(path, f"{best}, rank {rank}: retrofitted from the source ({best} init, the best import at "
+                      f"rank 0), relaxation rank {rank}, uptrained", imports / name)
         relaxed.append(str(path))
     timings["imports"] = time.perf_counter() - start - timings["source"]
 
     # 3. Uptraining, and the same shape from scratch, evaluated beside the source.
-    for init in INITS:  # the checked-in variants name their import relative to the repository
-        (variant_dir / f"{init}-r0.yaml").write_text(
-            (CONFIGS / f"{init}-r0.yaml").read_text().replace("runs/retrofit/import", str(imports)))
+    for init in INITS:
+        write_variant(variant_dir / f"{init}-r0.yaml", f"{init}, rank 0: retrofitted from the source ({init} init), "
+                      f"no relaxation, uptrained", imports / f"{init}-r0")
     variants = [str(CONFIGS / "source.yaml"), *(str(variant_dir / f"{init}-r0.yaml") for init in INITS), *relaxed,
                 str(CONFIGS / "scratch.yaml")]
     ablation(variants, out, args, env)

@@ -48,8 +48,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--draft-step-size", type=float, default=None, metavar="B",
                         help="self-speculative decoding: draft with the same weights at step size B (e.g. 4) and "
                              "verify at --step-size; greedy output is unchanged, sampling keeps its distribution")
-    parser.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, metavar="K",
-                        help="tokens drafted per verification with --draft-step-size (default: %(default)s)")
+    parser.add_argument("--prompt-lookup", type=int, default=None, metavar="K",
+                        help="self-speculative decoding with drafts copied from the text itself: up to K tokens "
+                             "that followed the last n-gram's latest earlier occurrence (transformers' "
+                             "prompt_lookup_num_tokens); with --draft-step-size too, each round drafts from the "
+                             "source whose recent acceptance per cost is best")
+    parser.add_argument("--draft-tokens", type=_draft_tokens, default=None, metavar="K|auto",
+                        help=f"tokens drafted per verification (default: {DEFAULT_DRAFT_TOKENS} with "
+                             f"--draft-step-size, K of --prompt-lookup alone); 'auto' adapts the length to the "
+                             f"running acceptance, down to plain decoding when no draft pays")
     parser.add_argument("--draft-confidence", type=float, default=None, metavar="P",
                         help="with --draft-step-size: stop a round's drafting after a draft whose own probability "
                              "is below P (saves drafts the target would reject; output unchanged; default: off)")
@@ -117,15 +124,19 @@ def run(args: argparse.Namespace) -> int:
         settings.update(do_sample=False)
     if native:
         settings["step_size"] = step_size
-    if args.draft_step_size is not None:
+    speculative_decoding = native and (args.draft_step_size is not None or args.prompt_lookup is not None)
+    if args.prompt_lookup is not None and not native:  # a plain Llama: transformers' own prompt lookup
+        settings["prompt_lookup_num_tokens"] = args.prompt_lookup
+    if speculative_decoding:
         settings.update(draft_step_size=args.draft_step_size, draft_tokens=args.draft_tokens,
-                        draft_confidence=args.draft_confidence, return_dict_in_generate=True)
+                        draft_confidence=args.draft_confidence, prompt_lookup_num_tokens=args.prompt_lookup,
+                        return_dict_in_generate=True)
     if adaptive is not None:
         settings.update(adaptive=adaptive, return_dict_in_generate=True)
 
     torch.manual_seed(args.seed)
     batch_size = 1 if args.stream else args.batch_size
-    total_tokens, total_seconds, drafted, accepted = 0, 0.0, 0, 0
+    total_tokens, total_seconds, drafted, accepted, by_source = 0, 0.0, 0, 0, {}
     executed_steps, counted_tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         batch = list(range(start, min(start + batch_size, len(prompts))))
@@ -136,12 +147,16 @@ def run(args: argparse.Namespace) -> int:
             output = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                     streamer=streamer, **settings)
         seconds = time.perf_counter() - began
-        sequences = output.sequences if args.draft_step_size is not None or adaptive is not None else output
+        sequences = output.sequences if speculative_decoding or adaptive is not None else output
         if adaptive is not None and output.counted_tokens:
             executed_steps += output.executed_steps_per_token * output.counted_tokens
             counted_tokens += output.counted_tokens
-        if args.draft_step_size is not None:
+        if speculative_decoding:
             drafted, accepted = drafted + output.drafted_tokens, accepted + output.accepted_tokens
+            for source, counts in output.sources.items():
+                totals = by_source.setdefault(source, dict.fromkeys(counts, 0))
+                for key, value in counts.items():
+                    totals[key] += value
         width = inputs["input_ids"].shape[1]
         results = [_result(tokenizer, prompt_ids[i], sequences[row, width:].tolist()) for row, i in enumerate(batch)]
         batch_tokens = sum(r["completion_tokens"] for r in results)
@@ -152,9 +167,11 @@ def run(args: argparse.Namespace) -> int:
                 record = dict(prompt=prompts[i], **result, seconds=round(seconds, 4),
                               tokens_per_second=round(batch_tokens / seconds, 2), batch_size=len(batch),
                               step_size=step_size, draft_step_size=args.draft_step_size,
-                              draft_tokens=args.draft_tokens if args.draft_step_size is not None else None,
+                              draft_tokens=(args.draft_tokens or DEFAULT_DRAFT_TOKENS) if args.draft_step_size is not None
+                              else args.draft_tokens, prompt_lookup=args.prompt_lookup,
                               draft_confidence=args.draft_confidence,
-                              acceptance_rate=_rate(output) if args.draft_step_size is not None else None,
+                              acceptance_rate=_rate(output) if speculative_decoding else None,
+                              draft_sources=output.sources if speculative_decoding else None,
                               **(_adaptive_record(adaptive, output) if adaptive is not None else {}),
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               model=args.model)
@@ -165,11 +182,21 @@ def run(args: argparse.Namespace) -> int:
     where = f"step size {step_size:g}" if native else config.model_type
     cache = "no cache" if args.no_cache else "KV cache"
     speculative = ""
-    if args.draft_step_size is not None:
+    if speculative_decoding:
         rate = f"{accepted / drafted:.0%}" if drafted else "n/a"
-        upto = "" if args.draft_confidence is None else f"up to {args.draft_tokens} (none after one below p={args.draft_confidence:g})"
-        speculative = (f", self-speculative: drafts at step size {args.draft_step_size:g}, {upto or args.draft_tokens} per "
-                       f"verification, {rate} accepted")
+        length = args.draft_tokens or (DEFAULT_DRAFT_TOKENS if args.draft_step_size is not None else args.prompt_lookup)
+        length = "an adaptive number" if length == "auto" else length
+        upto = "" if args.draft_confidence is None else f"up to {length} (none after one below p={args.draft_confidence:g})"
+        where = " and ".join(([f"at step size {args.draft_step_size:g}"] if args.draft_step_size is not None else [])
+                             + ([f"by prompt lookup (up to {args.prompt_lookup})"] if args.prompt_lookup is not None
+                                else []))
+        split = ""
+        if len(by_source) > 2 or "none" in by_source and by_source["none"]["rounds"]:
+            split = " (" + ", ".join(f"{name.replace('_', ' ')}: {c['rounds']} rounds" + (
+                f", {c['accepted']}/{c['drafted']} kept" if c["drafted"] else "") for name, c in by_source.items()
+                if c["rounds"]) + ")"
+        speculative = (f", self-speculative: drafts {where}, {upto or length} per verification, {rate} "
+                       f"accepted{split}")
     if adaptive is not None:
         method = (f"exit at entropy < {adaptive.exit_entropy:g}" if not adaptive.routing else
                   f"route energy > {adaptive.route_energy:.4g} from step size {adaptive.swift_step_size:g}")
@@ -193,8 +220,12 @@ def _check_options(args: argparse.Namespace) -> None:
         raise CommandError(f"--top-p must be in (0, 1], got {args.top_p:g}")
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.draft_tokens < 1:
-        raise CommandError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
+    if isinstance(args.draft_tokens, int) and args.draft_tokens < 1:
+        raise CommandError(f"--draft-tokens must be at least 1 (or 'auto'), got {args.draft_tokens}")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise CommandError(f"--prompt-lookup must be at least 1, got {args.prompt_lookup}")
+    if args.prompt_lookup is not None and args.no_cache:
+        raise CommandError("--prompt-lookup needs the KV cache; drop --no-cache")
     if args.draft_confidence is not None and not 0 <= args.draft_confidence <= 1:  # false for nan too
         raise CommandError(f"--draft-confidence must be a probability in [0, 1], got {args.draft_confidence:g}")
     if args.draft_confidence is not None and args.draft_step_size is None:
@@ -214,8 +245,9 @@ def _adaptive_settings(args: argparse.Namespace, config, step_size: float):
         return None
     if len(chosen) > 1:
         raise CommandError(f"{' and '.join(chosen)} are alternatives: give one")
-    if args.draft_step_size is not None:
-        raise CommandError(f"{chosen[0]} and --draft-step-size are separate decoders: give one")
+    if args.draft_step_size is not None or args.prompt_lookup is not None:
+        option = "--draft-step-size" if args.draft_step_size is not None else "--prompt-lookup"
+        raise CommandError(f"{chosen[0]} and {option} are separate decoders: give one")
     if args.no_cache:
         raise CommandError(f"{chosen[0]} decodes with its own KV cache; drop --no-cache")
     names = {"exit_entropy": "--exit-entropy", "route_energy": "--route-energy", "kv_fill": "--kv-fill",
@@ -338,6 +370,15 @@ def _result(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> dict:
         tokenizer.decode(new_ids, skip_special_tokens=True)
     return dict(completion=completion, text=text, prompt_tokens=len(prompt_ids), completion_tokens=len(new_ids),
                 finish_reason=finish_reason)
+
+
+def _draft_tokens(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'auto', got {text!r}") from None
 
 
 def _rate(output) -> float | None:

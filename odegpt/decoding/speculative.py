@@ -30,7 +30,7 @@ import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.utils import ModelOutput
 
-from .defaults import DEFAULT_DRAFT_TOKENS
+from .defaults import DEFAULT_DRAFT_TOKENS, DEFAULT_LOOKUP_NGRAM, DEFAULT_MAX_DRAFT_TOKENS
 
 # generate() settings this loop does not implement, each with the value that means "off": anything else
 # is refused rather than silently ignored.
@@ -52,6 +52,9 @@ class SelfSpeculativeOutput(ModelOutput):
     drafted_tokens: int | None = None  # draft tokens proposed, summed over rounds
     accepted_tokens: int | None = None  # of those, kept
     target_forwards: int | None = None  # verification passes at the target step size (one per round)
+    # Per draft source ("step_size": the model at draft_step_size, "prompt_lookup": n-grams of the sequence):
+    # {source: {"rounds", "drafted", "accepted"}}; rounds without drafts count under "none".
+    sources: dict | None = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -136,6 +139,81 @@ class _Sampler:
         return m, torch.where(accepted > m, drafts[:, m], resampled)
 
 
+def prompt_lookup(tokens: torch.Tensor, num_tokens: int, max_ngram: int = DEFAULT_LOOKUP_NGRAM) -> torch.Tensor:
+    """Draft tokens copied from the sequence itself (prompt-lookup decoding, as transformers'
+    ``prompt_lookup_num_tokens``): per row, the (up to) ``num_tokens`` tokens that followed the latest earlier
+    occurrence of the row's last ``n`` tokens with that many after it (else the one with the most), for the
+    longest ``n <= max_ngram`` that occurs. Returns
+    (batch, k) with ``k`` the longest proposal (0 when no row has one); shorter rows are padded with their
+    own last token (a draft like any other: verification keeps it only where the target agrees)."""
+    proposals = []
+    for row in tokens:
+        proposal = row[:0]
+        for n in range(min(max_ngram, len(row) - 1), 0, -1):
+            windows = row.unfold(0, n, 1)[:-1]  # every n-gram that ends before the last token
+            starts = (windows == row[-n:]).all(-1).nonzero().flatten()
+            for start in reversed(starts.tolist()):  # the latest occurrence with the longest continuation
+                continuation = row[start + n: start + n + num_tokens]
+                if len(continuation) > len(proposal):
+                    proposal = continuation
+                if len(proposal) == num_tokens:
+                    break
+            if len(proposal):
+                break
+        proposals.append(proposal)
+    k = max(len(p) for p in proposals)
+    drafts = tokens[:, -1:].repeat(1, k)
+    for i, proposal in enumerate(proposals):
+        drafts[i, : len(proposal)] = proposal
+    return drafts
+
+
+class DraftPolicy:
+    """Chooses each round's draft source and length from the running acceptance.
+
+    A source ``s`` has a per-token acceptance ``alpha_s`` (an exponential average of what its rounds showed)
+    and a cost per drafted token ``c_s`` in target forwards (the step-size draft: its block evaluations
+    per token over the target's; prompt lookup: none). Under the usual geometric model a round of ``k``
+    drafts yields ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens for ``1 + k c_s`` target forwards (the
+    verification of ``k + 1`` tokens counted as one forward: decoding is memory-bound). With ``adaptive``
+    the round takes the source and length with the most tokens per cost, and no drafts at all (a plain
+    decoding step, worth 1) when nothing beats that: a model that accepts little stops paying for drafts;
+    a source left unused drifts back towards its prior, so it is tried again. Without it, the length is
+    ``max_tokens`` and only the source is chosen."""
+
+    PRIOR, MEMORY, DRIFT = 0.6, 0.7, 0.05
+
+    def __init__(self, costs: dict[str, float], max_tokens: int, adaptive: bool) -> None:
+        self.costs, self.max_tokens, self.adaptive = costs, max_tokens, adaptive
+        self.alpha = {source: self.PRIOR for source in costs}
+
+    @staticmethod
+    def expected_tokens(alpha: float, k: int) -> float:
+        return k + 1.0 if alpha >= 0.999 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+    def value(self, source: str, k: int) -> float:
+        return self.expected_tokens(self.alpha[source], k) / (1 + k * self.costs[source])
+
+    def choose(self, available: list[str], limit: int) -> tuple[str | None, int]:
+        """(source, k) for a round that may draft at most ``limit`` tokens from ``available`` sources."""
+        lengths = range(1, min(self.max_tokens, limit) + 1) if self.adaptive else [min(self.max_tokens, limit)]
+        options = [(self.value(s, k), s, k) for s in available for k in lengths if k >= 1]
+        if not options:
+            return None, 0
+        value, source, k = max(options)
+        if self.adaptive and value <= 1.0:
+            for s in available:  # a plain step; let the estimates drift back so the sources are retried
+                self.alpha[s] += self.DRIFT * (self.PRIOR - self.alpha[s])
+            return None, 0
+        return source, k
+
+    def update(self, source: str, drafted: int, accepted: int) -> None:
+        """A round of ``drafted`` drafts from ``source`` kept ``accepted`` (then stopped at a rejection, if any)."""
+        if drafted:
+            observed = accepted / (accepted + (1 if accepted < drafted else 0))
+            self.alpha[source] = self.MEMORY * self.alpha[source] + (1 - self.MEMORY) * observed
+
+
 def decoding_limits(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """(new tokens to generate, EOS ids as a tensor or None, the pad id, the attention mask or None when
     nothing is padded: plain causal attention, the fastest path) from a generation config."""
@@ -168,9 +246,11 @@ def self_speculative_generate(
     generation_config=None,
     *,
     input_ids: torch.LongTensor | None = None,
-    draft_step_size: float,
-    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    draft_step_size: float | None = None,
+    draft_tokens: int | str = DEFAULT_DRAFT_TOKENS,
     draft_confidence: float | None = None,
+    prompt_lookup_num_tokens: int | None = None,
+    max_matching_ngram_size: int = DEFAULT_LOOKUP_NGRAM,
     step_size: float | None = None,
     attention_mask: torch.Tensor | None = None,
     streamer=None,
@@ -186,15 +266,31 @@ def self_speculative_generate(
     is below ``P`` in some unfinished row (a draft the target is unlikely to keep; what transformers'
     assisted generation calls ``assistant_confidence_threshold``). It decides from the drafts alone, so
     the output is unchanged; it only saves the draft forwards a rejection would waste.
+
+    ``prompt_lookup_num_tokens=K`` drafts up to ``K`` tokens by prompt lookup (:func:`prompt_lookup`,
+    n-grams up to ``max_matching_ngram_size``), alone or beside the step-size drafts; each round then
+    drafts from the source whose recent acceptance per unit of cost is best (:class:`DraftPolicy`).
+    ``draft_tokens="auto"`` adapts the draft length (up to ``DEFAULT_MAX_DRAFT_TOKENS``, or ``K``) to the
+    running acceptance and drafts nothing when no draft pays; an integer fixes it. Either way the output is
+    the target's: greedy identical, sampled exactly (a lookup draft is a draft with probability 1).
     """
     input_ids = inputs if inputs is not None else input_ids
     config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
     _check_supported(config, model_kwargs)
     target_step = model.config.step_size if step_size is None else step_size
     model.config.solver_steps(target_step)  # refuses a step size that is not a finite real > 0, or too small
-    model.config.solver_steps(draft_step_size)
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
-        raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+    if draft_step_size is None and prompt_lookup_num_tokens is None:
+        raise ValueError("self-speculative decoding needs a draft source: draft_step_size and/or "
+                         "prompt_lookup_num_tokens")
+    if draft_step_size is not None:
+        model.config.solver_steps(draft_step_size)
+    for name, value in (("prompt_lookup_num_tokens", prompt_lookup_num_tokens),
+                        ("max_matching_ngram_size", max_matching_ngram_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    adaptive = draft_tokens == "auto"
+    if not adaptive and (isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1):
+        raise ValueError(f"draft_tokens must be an integer >= 1 or 'auto', got {draft_tokens!r}")
     if draft_confidence is not None and not 0 <= draft_confidence <= 1:
         raise ValueError(f"draft_confidence must be a probability in [0, 1], got {draft_confidence!r}")
     if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -203,7 +299,17 @@ def self_speculative_generate(
     batch, prompt_len = input_ids.shape
     max_new, eos, pad, attention_mask = decoding_limits(config, input_ids, attention_mask)
     sampler = _Sampler(config)
-    target, draft = _Solve(model, target_step), _Solve(model, draft_step_size)
+    target = _Solve(model, target_step)
+    draft = None if draft_step_size is None else _Solve(model, draft_step_size)
+    costs = {}
+    if draft is not None:  # block evaluations per drafted token, over the target's per verification
+        costs["step_size"] = len(model.plan(draft_step_size)[1]) / len(model.plan(target_step)[1])
+    if prompt_lookup_num_tokens is not None:
+        costs["prompt_lookup"] = 0.0
+    max_tokens = ((prompt_lookup_num_tokens if draft is None else DEFAULT_MAX_DRAFT_TOKENS) if adaptive
+                  else draft_tokens)
+    policy = DraftPolicy(costs, max_tokens, adaptive)
+    sources = {name: {"rounds": 0, "drafted": 0, "accepted": 0} for name in [*costs, "none"]}
 
     tokens, mask = input_ids, attention_mask
     unfinished = torch.ones(batch, dtype=torch.bool, device=tokens.device)
@@ -212,38 +318,42 @@ def self_speculative_generate(
         streamer.put(tokens.cpu())
     if prompt_len > 1:  # both caches hold every committed token but the last, which each round feeds
         target.logits(tokens[:, :-1], mask, keep=1)
-        draft.logits(tokens[:, :-1], mask, keep=1)
+        if draft is not None:
+            draft.logits(tokens[:, :-1], mask, keep=1)
 
     while tokens.shape[1] - prompt_len < max_new and bool(unfinished.any()):
         committed = tokens.shape[1]
-        k = min(draft_tokens, max_new - (committed - prompt_len) - 1)
-        mask_ahead = None if mask is None else torch.cat([mask, mask.new_ones(batch, k + 1)], dim=1)
+        limit = max_new - (committed - prompt_len) - 1
 
-        # 1. Draft up to k tokens at the draft step size, one at a time.
-        drafts = tokens.new_empty(batch, k)
-        draft_probs = [] if sampler.do_sample else None
-        feed = tokens[:, len(draft):]
-        for j in range(k):
-            logits = draft.logits(feed, mask_ahead, keep=1)[:, -1]
-            drafts[:, j], probs = sampler.draw(logits)
-            if draft_probs is not None:
-                draft_probs.append(probs)
-            feed = drafts[:, j : j + 1]
-            if draft_confidence is not None and j + 1 < k:
-                own = (probs if probs is not None else logits.softmax(-1)).gather(-1, feed).squeeze(-1)
-                if bool((own[unfinished] < draft_confidence).any()):
-                    drafts = drafts[:, : j + 1]
-                    break
+        # 1. Draft: by prompt lookup, or up to k tokens at the draft step size, one at a time, or not at all.
+        source, k = policy.choose(list(costs), limit)
+        drafts, draft_probs = tokens.new_empty(batch, 0), None
+        if source == "prompt_lookup":
+            drafts = prompt_lookup(tokens, k, max_matching_ngram_size)
+            if drafts.shape[1] == 0 and draft is not None:  # nothing to copy: draft with the model instead
+                source, k = policy.choose(["step_size"], limit)
+            elif sampler.do_sample and drafts.shape[1]:  # a copied draft has probability 1 under its source
+                draft_probs = torch.nn.functional.one_hot(drafts, model.config.vocab_size).float()
+        mask_ahead = None if mask is None else torch.cat([mask, mask.new_ones(batch, max(k, drafts.shape[1]) + 1)], 1)
+        if source == "step_size":
+            drafts, draft_probs = _draft_with_model(draft, tokens, k, mask_ahead, sampler, draft_confidence,
+                                                    unfinished)
         k = drafts.shape[1]
-        draft_probs = torch.stack(draft_probs, dim=1) if draft_probs else None
 
         # 2. Verify all of them in one forward at the target step size; keep the agreed prefix.
         target_logits = target.logits(torch.cat([tokens[:, len(target):], drafts], dim=1), mask_ahead)
         m, next_token = sampler.verify(drafts, draft_probs, target_logits, unfinished.nonzero().squeeze(-1))
         new = torch.cat([drafts[:, :m], next_token[:, None]], dim=1)
         target.crop(committed + m)
-        draft.crop(committed + m)
+        if draft is not None:
+            draft.crop(committed + m)
         drafted, accepted, rounds = drafted + k, accepted + m, rounds + 1
+        used = source if k else "none"
+        sources[used]["rounds"] += 1
+        sources[used]["drafted"] += k
+        sources[used]["accepted"] += m
+        if k:
+            policy.update(source, k, m)
 
         # 3. Stop rows at their end-of-sequence token; what a finished row "generates" is padding.
         if eos is not None:
@@ -263,5 +373,26 @@ def self_speculative_generate(
         streamer.end()
     if config.return_dict_in_generate:
         return SelfSpeculativeOutput(sequences=tokens, drafted_tokens=drafted, accepted_tokens=accepted,
-                                     target_forwards=rounds)
+                                     target_forwards=rounds, sources=sources)
     return tokens
+
+
+def _draft_with_model(draft: _Solve, tokens, k: int, mask_ahead, sampler: _Sampler, draft_confidence, unfinished):
+    """Up to ``k`` drafts from the model at the draft step size, one at a time (fed the committed tokens its cache
+    lacks first), and their distributions when sampling."""
+    batch = tokens.shape[0]
+    drafts = tokens.new_empty(batch, k)
+    draft_probs = [] if sampler.do_sample else None
+    feed = tokens[:, len(draft):]
+    for j in range(k):
+        logits = draft.logits(feed, mask_ahead, keep=1)[:, -1]
+        drafts[:, j], probs = sampler.draw(logits)
+        if draft_probs is not None:
+            draft_probs.append(probs)
+        feed = drafts[:, j : j + 1]
+        if draft_confidence is not None and j + 1 < k:
+            own = (probs if probs is not None else logits.softmax(-1)).gather(-1, feed).squeeze(-1)
+            if bool((own[unfinished] < draft_confidence).any()):
+                drafts = drafts[:, : j + 1]
+                break
+    return drafts, torch.stack(draft_probs, dim=1) if draft_probs else None

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -202,3 +203,32 @@ def test_a_step_size_needing_millions_of_steps_is_refused_at_once_by_the_command
     assert result.stderr.strip().splitlines() == [
         "odegpt generate: --step-size: step size 1e-06 needs 5,000,002 solver steps (trained depth 7), more than "
         "the maximum of 1,024; use a step size >= 0.00684 or raise max_solver_steps"], result.stderr
+
+
+def test_prompt_lookup_and_an_adaptive_draft_length_keep_the_greedy_text_and_say_where_drafts_came_from(
+        model_folder, capsys, tmp_path):
+    common = ["--prompt", "def add(a, b):\n    return a + b\n\ndef add(a, b):", "--max-new-tokens", "16"]
+    plain, _ = generate(capsys, model_folder, *common)
+    lookup, summary = generate(capsys, model_folder, *common, "--prompt-lookup", "3")
+    assert lookup == plain and "drafts by prompt lookup (up to 3), 3 per verification" in summary
+    both, summary = generate(capsys, model_folder, *common, "--prompt-lookup", "3", "--draft-step-size", "4",
+                             "--draft-tokens", "auto")
+    assert both == plain and "at step size 4 and by prompt lookup (up to 3), an adaptive number per" in summary
+    out, _ = generate(capsys, model_folder, *common, "--prompt-lookup", "2", "--json")
+    assert set(json.loads(out)["draft_sources"]) >= {"prompt_lookup", "none"}
+    # A plain Llama folder gets transformers' own prompt lookup: the same text.
+    assert odegpt_main(["export", "--model", str(model_folder), "--output", str(tmp_path / "llama"), "--unroll"]) == 0
+    llama, _ = generate(capsys, tmp_path / "llama", *common, "--prompt-lookup", "3")
+    assert llama == plain
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--prompt-lookup", "0"], "--prompt-lookup must be at least 1"),
+    (["--draft-step-size", "4", "--draft-tokens", "sometimes"], "must be an integer >= 1 or 'auto'"),
+    (["--prompt-lookup", "2", "--exit-entropy", "1"], "--exit-entropy and --prompt-lookup are separate decoders"),
+])
+def test_bad_draft_options_are_one_line_errors(model_folder, capsys, options, message):
+    with pytest.raises(SystemExit) if "sometimes" in options else nullcontext():
+        code = odegpt_main(["generate", "--model", str(model_folder), "--prompt", "x", *options])
+        assert code == 2
+    assert message in capsys.readouterr().err

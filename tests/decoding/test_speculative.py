@@ -4,7 +4,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from odegpt import OdeCache
-from odegpt.decoding.speculative import _Sampler
+from odegpt.decoding.speculative import _Sampler, prompt_lookup
 from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, UNSHARED, damped, left_padded, tiny_model
 
 
@@ -98,8 +98,10 @@ def test_accept_resample_math_gives_the_target_distribution():
     assert frequencies[p == 0].sum() == 0
 
 
-@pytest.mark.parametrize("draft_confidence", [None, 0.6])
-def test_sampled_tokens_follow_the_target_distribution(draft_confidence):
+@pytest.mark.parametrize("drafts", [dict(draft_confidence=None), dict(draft_confidence=0.6),
+                                    dict(draft_confidence=None, prompt_lookup_num_tokens=2)],
+                         ids=["steps", "steps-confident", "steps+lookup"])
+def test_sampled_tokens_follow_the_target_distribution(drafts):
     """The first three tokens of many seeded runs at batch 1 (so drafts are accepted, resampled and given a
     bonus) match the exact joint distribution of plain sampling at a, computed from the target's logits."""
     model = tiny_model(FULLY_SHARED, initializer_range=0.05)  # milder logits: drafts often accepted
@@ -123,7 +125,7 @@ def test_sampled_tokens_follow_the_target_distribution(draft_confidence):
     for seed in range(runs):
         torch.manual_seed(seed)
         out = model.generate(prompt, max_new_tokens=3, step_size=1, draft_step_size=4, draft_tokens=2,
-                             draft_confidence=draft_confidence, return_dict_in_generate=True, **settings)
+                             return_dict_in_generate=True, **settings, **drafts)
         key = tuple(out.sequences[0, 4:].tolist())
         counts[key] = counts.get(key, 0) + 1
         accepted, drafted = accepted + out.accepted_tokens, drafted + out.drafted_tokens
@@ -178,7 +180,7 @@ def test_a_streamer_sees_the_prompt_then_every_token_once():
     (dict(draft_tokens=0), "draft_tokens must be an integer >= 1"),
     (dict(draft_step_size=0.0), "must be a real number > 0"),
     (dict(draft_step_size=1e-6), "solver steps"),
-    (dict(draft_step_size=None, draft_tokens=3), "give draft_step_size too"),
+    (dict(draft_step_size=None, draft_tokens=3), "give draft_step_size or prompt_lookup_num_tokens too"),
     (dict(draft_confidence=1.5), "draft_confidence must be a probability in"),
     (dict(draft_step_size=None, draft_confidence=0.3), "draft_confidence applies to self-speculative"),
 ])
@@ -187,3 +189,77 @@ def test_unsupported_settings_are_refused(kwargs, message):
     settings = dict(max_new_tokens=4, pad_token_id=0, draft_step_size=4) | kwargs
     with pytest.raises(ValueError, match=message):
         model.generate(torch.randint(1, 97, (1, 4)), **settings)
+
+
+def repetitive_prompt(length: int = 5, seed: int = 0) -> torch.Tensor:
+    """A prompt that repeats itself, so prompt lookup finds continuations to copy (right and wrong ones)."""
+    torch.manual_seed(seed)
+    base = torch.randint(1, 97, (length,))
+    return torch.cat([base, base, base[:3]])
+
+
+def test_prompt_lookup_copies_what_followed_the_latest_match_of_the_last_ngram():
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 1, 2, 5, 6]])
+    assert prompt_lookup(tokens, 3).tolist() == [[1, 2, 5]]  # "5 6" last seen before "1 2 5"
+    assert prompt_lookup(torch.tensor([[3, 4, 9, 4]]), 2).tolist() == [[9, 4]]  # no bigram: the unigram "4"
+    assert prompt_lookup(torch.tensor([[1, 2, 3]]), 4).shape == (1, 0)  # nothing repeats
+    batch = prompt_lookup(torch.tensor([[7, 1, 9, 7], [1, 2, 3, 4]]), 2)  # row 2 has no match: padded, own last
+    assert batch.tolist() == [[1, 9], [4, 4]]
+
+
+@pytest.mark.parametrize("segments", [FULLY_SHARED, PARTIALLY_SHARED], ids=["fully", "partially"])
+@pytest.mark.parametrize("drafts", [dict(prompt_lookup_num_tokens=4),
+                                    dict(prompt_lookup_num_tokens=3, draft_step_size=4),
+                                    dict(prompt_lookup_num_tokens=3, draft_step_size=2, draft_tokens="auto"),
+                                    dict(draft_step_size=4, draft_tokens="auto")],
+                         ids=["lookup", "lookup+steps", "lookup+steps-auto", "steps-auto"])
+def test_prompt_lookup_and_adaptive_drafts_give_the_plain_greedy_tokens_in_a_left_padded_batch(segments, drafts):
+    model = damped(tiny_model(segments), 0.05)
+    rows = [repetitive_prompt(5, seed=1), repetitive_prompt(3, seed=2)[:7]]
+    input_ids, attention_mask = left_padded(rows)
+    kwargs = dict(max_new_tokens=20, do_sample=False, step_size=1, pad_token_id=0, attention_mask=attention_mask)
+    plain = model.generate(input_ids, **kwargs)
+    out = model.generate(input_ids, return_dict_in_generate=True, **kwargs, **drafts)
+    assert torch.equal(out.sequences, plain)
+    if "prompt_lookup_num_tokens" in drafts:
+        assert out.sources["prompt_lookup"]["drafted"] > 0
+    for index, row in enumerate(rows):  # and each row alone decodes what it decodes in the batch
+        alone = model.generate(row[None], **{**kwargs, "attention_mask": None}, **drafts)
+        assert torch.equal(alone[0, len(row):], plain[index, input_ids.shape[1]:])
+
+
+def test_an_adaptive_draft_length_stops_drafting_for_a_model_that_accepts_nothing():
+    model = tiny_model(FULLY_SHARED)  # full-scale random weights: solves at 1 and 4 disagree almost always
+    prompt = torch.randint(1, 97, (1, 6))
+    kwargs = dict(max_new_tokens=40, do_sample=False, step_size=1, pad_token_id=0, draft_step_size=4,
+                  return_dict_in_generate=True)
+    fixed = model.generate(prompt, draft_tokens=4, **kwargs)
+    auto = model.generate(prompt, draft_tokens="auto", **kwargs)
+    assert torch.equal(fixed.sequences, auto.sequences)
+    assert fixed.accepted_tokens / fixed.drafted_tokens < 0.2  # the premise: drafts are wasted
+    assert auto.drafted_tokens < fixed.drafted_tokens / 4
+    assert auto.sources["none"]["rounds"] > auto.sources["step_size"]["rounds"]  # mostly plain steps
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens must be an integer >= 1"),
+    (dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=0), "max_matching_ngram_size must be an integer"),
+    (dict(draft_step_size=4, draft_tokens="sometimes"), "draft_tokens must be an integer >= 1 or 'auto'"),
+    (dict(prompt_lookup_num_tokens=2, exit_entropy=1.0), "separate decoders"),
+])
+def test_bad_draft_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(FULLY_SHARED).generate(torch.randint(1, 97, (1, 4)), max_new_tokens=3, pad_token_id=0, **kwargs)
+
+
+def test_prompt_lookup_keeps_the_continuation_a_model_repeats():
+    model = damped(tiny_model(PARTIALLY_SHARED), 0.05)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: greedy writes token 0 forever, so earlier text predicts later
+    prompt = repetitive_prompt(4)
+    kwargs = dict(max_new_tokens=24, do_sample=False, step_size=1, pad_token_id=0)
+    plain = model.generate(prompt[None], **kwargs)
+    out = model.generate(prompt[None], prompt_lookup_num_tokens=4, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(out.sequences, plain)
+    lookup = out.sources["prompt_lookup"]
+    assert lookup["accepted"] >= lookup["drafted"] / 2 and out.target_forwards < 24 / 2  # 2+ tokens per forward
