@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,16 +70,34 @@ def model_type_of(folder: str | Path, config: dict | None = None) -> str:
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """No "Loading weights" or "Writing model shards" bar and no load report from transformers: a load or save that
-    succeeds says nothing, one that fails is reported by odegpt, in one line."""
+    succeeds says nothing, one that fails is reported by odegpt, in one line. Whatever the libraries still print
+    goes to stderr, never into a command's ``--json`` output; and a save does not import DeepSpeed to check
+    whether the model is wrapped in its engine (accelerate's check; an exported model never is), which would
+    print DeepSpeed's accelerator warning and cost a second."""
     verbosity, bar = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr), _without_deepspeed_probe():
+            yield
     finally:
         transformers_logging.set_verbosity(verbosity)
         if bar:
             transformers_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _without_deepspeed_probe() -> Iterator[None]:
+    other = sys.modules.get("accelerate.utils.other")  # imported by transformers when accelerate is installed
+    if other is None or not hasattr(other, "is_deepspeed_available") or "deepspeed" in sys.modules:
+        yield
+        return
+    probe = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = probe
 
 
 # The most a folder may ask for: beyond these a load would hang or exhaust memory rather than fail.
