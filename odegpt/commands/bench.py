@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from .cli import CommandError
+from .threads import add_threads_argument, choose_threads, describe
 from .evaluate import DTYPES
 
 
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds, median (default: %(default)s)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default: %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps per run (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.set_defaults(func=run)
 
@@ -63,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     batch_sizes = _positive_ints(args.batch_sizes, "--batch-sizes")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = describe(*choose_threads(args.threads))
     config = load_native_config(args.model)
     step_sizes = parse_step_sizes(args.step_sizes, config)
     if args.prompt_tokens + args.new_tokens + 1 > config.max_position_embeddings:
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     segments = ", ".join(f"{s['depth']}{' shared' if s['shared'] else ''}" for s in config.segments)
     print(f"{args.model}: segments [{segments}], hidden {config.hidden_size}, "
-          f"{format_count(model_cost(config).parameters)} parameters, {args.dtype}, {document['threads']} threads")
+          f"{format_count(model_cost(config).parameters)} parameters, {args.dtype}, {threads}")
     print(f"prompt {args.prompt_tokens} tokens, {args.new_tokens} greedy decode steps with the KV cache; "
           f"median of {args.rounds} interleaved rounds; torch {torch.__version__}, transformers "
           f"{transformers.__version__}")

@@ -7,6 +7,7 @@ from pathlib import Path
 from odegpt.decoding.defaults import DEFAULT_SWIFT_STEP_SIZE
 
 from .cli import CommandError
+from .threads import add_threads_argument, choose_threads, describe as describe_threads
 
 DTYPES = ("float32", "bfloat16")
 SPEED_PROMPT_TOKENS = 32  # decode speed is measured after a prompt of this many (random) tokens
@@ -42,6 +43,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default: %(default)s)")
     parser.add_argument("--no-speed", action="store_true", help="skip the decode speed measurement")
+    add_threads_argument(parser)
     parser.add_argument("--decode-tokens", type=int, default=64,
                         help="decode speed: greedy tokens per timed run, batch 1 (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3,
@@ -292,6 +294,10 @@ def run(args: argparse.Namespace) -> int:
     from odegpt.evaluation.throughput import Variant, measure_interleaved, random_prompt
 
     # Everything the user typed is checked before the weights are loaded.
+    try:
+        threads = choose_threads(args.threads)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     config = load_native_config(args.model, args.solver)
     step_sizes = parse_step_sizes(args.step_sizes, config)
     seq_len = args.seq_len if args.seq_len is not None else min(512, config.max_position_embeddings)
@@ -321,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
     if sources:
         batches += raw_text_batches(sources, args, seq_len, stride)
 
+    print(f"odegpt evaluate: {describe_threads(*threads)}", file=sys.stderr)
     model = load_native_model(args.model, config, args.dtype)
     progress = tqdm(batches, desc=f"perplexity at {len(step_sizes)} step sizes", unit="batch", file=sys.stderr)
     sums = nll_sums(model, progress, step_sizes)
@@ -356,7 +363,8 @@ def run(args: argparse.Namespace) -> int:
             "decode_speedup": None if speed is None else speed / speeds[1.0],
         })
     document = {"model": args.model, "data": list(args.data), "seq_len": seq_len, "stride": stride,
-                "num_tokens": num_tokens, "dtype": args.dtype, "solver": config.solver, "decode": decode,
+                "num_tokens": num_tokens, "dtype": args.dtype, "solver": config.solver, "threads": threads[0],
+                "decode": decode,
                 "results": results}
     if adaptive_results:
         document["adaptive"] = adaptive_results

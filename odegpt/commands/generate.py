@@ -15,6 +15,7 @@ from pathlib import Path
 from odegpt.decoding.defaults import DEFAULT_DRAFT_TOKENS, DEFAULT_SWIFT_STEP_SIZE
 
 from .cli import CommandError
+from .threads import add_threads_argument, choose_threads, describe
 
 DEFAULT_PROMPT = "def "
 WEIGHT_FILES = ("*.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
@@ -44,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="sample from the smallest set of tokens with probability >= p (default: 1.0 = off)")
     parser.add_argument("--seed", type=int, default=0)
+    add_threads_argument(parser)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every token")
     parser.add_argument("--draft-step-size", type=float, default=None, metavar="B",
                         help="self-speculative decoding: draft with the same weights at step size B (e.g. 4) and "
@@ -95,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
     from odegpt.folders.model_folder import load_config, load_model, load_tokenizer
 
     _check_options(args)
+    try:
+        threads = describe(*choose_threads(args.threads))
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     _check_model_folder(Path(args.model))
     config = load_config(args.model, solver=args.solver)
     native = config.model_type == "odegpt"
@@ -205,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
                        f"(fixed: {config.solver_steps(step_size)})")
     for_prompts = f" for {len(prompts)} prompts" if len(prompts) > 1 else ""
     print(f"-- {total_tokens} tokens{for_prompts} in {total_seconds:.2f}s "
-          f"({total_tokens / total_seconds:.1f} tokens/s, {where}, {cache}{speculative})", file=sys.stderr)
+          f"({total_tokens / total_seconds:.1f} tokens/s, {where}, {cache}{speculative}; {threads})", file=sys.stderr)
     return 0
 
 

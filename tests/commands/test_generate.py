@@ -232,3 +232,20 @@ def test_bad_draft_options_are_one_line_errors(model_folder, capsys, options, me
         code = odegpt_main(["generate", "--model", str(model_folder), "--prompt", "x", *options])
         assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_thread_count_leaves_busy_cores_alone_and_is_printed(model_folder, capsys, monkeypatch):
+    import odegpt.commands.threads as threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.2, 3.0, 2.0))  # 3 of 4 cores busy
+    assert threads.choose_threads(None) == (1, "4 cores, load average 3.2")
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert threads.choose_threads(None)[0] == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.choose_threads(None) == (2, "OMP_NUM_THREADS")
+    _, summary = generate(capsys, model_folder, "--prompt", "x", "--max-new-tokens", "2", "--threads", "1")
+    assert "; 1 thread (--threads))" in summary
+    assert odegpt_main(["generate", "--model", str(model_folder), "--prompt", "x", "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
