@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         length = args.draft_tokens or (DEFAULT_DRAFT_TOKENS if args.draft_step_size is not None else args.prompt_lookup)
         length = "an adaptive number" if length == "auto" else length
         upto = "" if args.draft_confidence is None else f"up to {length} (none after one below p={args.draft_confidence:g})"
-        where = " and ".join(([f"at step size {args.draft_step_size:g}"] if args.draft_step_size is not None else [])
+        origins = " and ".join(([f"at step size {args.draft_step_size:g}"] if args.draft_step_size is not None else [])
                              + ([f"by prompt lookup (up to {args.prompt_lookup})"] if args.prompt_lookup is not None
                                 else []))
         split = ""
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             split = " (" + ", ".join(f"{name.replace('_', ' ')}: {c['rounds']} rounds" + (
                 f", {c['accepted']}/{c['drafted']} kept" if c["drafted"] else "") for name, c in by_source.items()
                 if c["rounds"]) + ")"
-        speculative = (f", self-speculative: drafts {where}, {upto or length} per verification, {rate} "
+        speculative = (f", self-speculative: drafts {origins}, {upto or length} per verification, {rate} "
                        f"accepted{split}")
     if adaptive is not None:
         method = (f"exit at entropy < {adaptive.exit_entropy:g}" if not adaptive.routing else

@@ -179,11 +179,11 @@ class DraftPolicy:
     the round takes the source and length with the most tokens per cost, and no drafts at all (a plain
     decoding step, worth 1) when nothing beats that: a model that accepts little stops paying for drafts;
     a source left unused drifts back towards its prior, so it is tried again. Without it, the length is
-    ``max_tokens`` and only the source is chosen."""
+    the source's maximum (``max_tokens``) and only the source is chosen."""
 
     PRIOR, MEMORY, DRIFT = 0.6, 0.7, 0.05
 
-    def __init__(self, costs: dict[str, float], max_tokens: int, adaptive: bool) -> None:
+    def __init__(self, costs: dict[str, float], max_tokens: dict[str, int], adaptive: bool) -> None:
         self.costs, self.max_tokens, self.adaptive = costs, max_tokens, adaptive
         self.alpha = {source: self.PRIOR for source in costs}
 
@@ -196,8 +196,11 @@ class DraftPolicy:
 
     def choose(self, available: list[str], limit: int) -> tuple[str | None, int]:
         """(source, k) for a round that may draft at most ``limit`` tokens from ``available`` sources."""
-        lengths = range(1, min(self.max_tokens, limit) + 1) if self.adaptive else [min(self.max_tokens, limit)]
-        options = [(self.value(s, k), s, k) for s in available for k in lengths if k >= 1]
+        def lengths(source: str):
+            most = min(self.max_tokens[source], limit)
+            return range(1, most + 1) if self.adaptive else [most]
+
+        options = [(self.value(s, k), s, k) for s in available for k in lengths(s) if k >= 1]
         if not options:
             return None, 0
         value, source, k = max(options)
@@ -306,8 +309,10 @@ def self_speculative_generate(
         costs["step_size"] = len(model.plan(draft_step_size)[1]) / len(model.plan(target_step)[1])
     if prompt_lookup_num_tokens is not None:
         costs["prompt_lookup"] = 0.0
-    max_tokens = ((prompt_lookup_num_tokens if draft is None else DEFAULT_MAX_DRAFT_TOKENS) if adaptive
-                  else draft_tokens)
+    max_tokens = {"step_size": DEFAULT_MAX_DRAFT_TOKENS if adaptive else draft_tokens}
+    if prompt_lookup_num_tokens is not None:  # a lookup drafts at most K, and at most draft_tokens when fixed
+        max_tokens["prompt_lookup"] = prompt_lookup_num_tokens if adaptive else min(prompt_lookup_num_tokens,
+                                                                                    draft_tokens)
     policy = DraftPolicy(costs, max_tokens, adaptive)
     sources = {name: {"rounds": 0, "drafted": 0, "accepted": 0} for name in [*costs, "none"]}
 
