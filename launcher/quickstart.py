@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                                              "--seq-len", str(t.seq_len), "--num-samples", "256", "--no-speed",
                                              "--json"], capture=True, env=env))
     table = {f"{row['step_size']:g}": row["perplexity"] for row in report["results"]}
+    scored = (f"odegpt evaluate: {report['num_tokens']:,} tokens in windows of {report['seq_len']} of {data_dir}'s "
+              f"validation split; training's own validation uses fewer samples, so its figures differ a little")
+    print(f"  {scored}")
     for a, ppl in table.items():
         print(f"  a={a:<4} perplexity {ppl:.2f}")
 
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  checkpoints {config.checkpoint_dir}")
     print(f"  model       {model_dir}")
     print(f"  exports     {native_dir}  {unrolled_dir}")
-    print("  validation perplexity: " + "  ".join(f"a={a}: {ppl:.2f}" for a, ppl in table.items()))
+    print(f"  validation perplexity ({report['num_tokens']:,} tokens, windows of {report['seq_len']}): "
+          + "  ".join(f"a={a}: {ppl:.2f}" for a, ppl in table.items()))
     return 0
 
 

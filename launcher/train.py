@@ -163,9 +163,10 @@ class StepResult:
 class Evaluator:
     """Validation perplexity at ``eval.step_sizes`` on a fixed, evenly spread subset of the validation split."""
 
-    def __init__(self, model, batches: list, step_sizes: list[float], interval: int, at_end: bool) -> None:
+    def __init__(self, model, batches: list, step_sizes: list[float], interval: int, at_end: bool,
+                 description: str = "") -> None:
         self.model, self.batches, self.step_sizes = model, batches, step_sizes
-        self.interval, self.at_end = interval, at_end
+        self.interval, self.at_end, self.description = interval, at_end, description
 
     def due(self, step: int, last: bool) -> bool:
         if not self.batches:
@@ -191,6 +192,7 @@ class Trainer:
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
+        from odegpt.evaluation.perplexity import evaluation_indices
         from odegpt.training.objective import SolverSampler, StepSizeDistribution, StepSizeSampler
 
         from . import checkpointing, data, faults
@@ -272,8 +274,10 @@ class Trainer:
         eval_batches = [batch.to(self.device) for batch in data.valid_batches(
             valid_ds, config.eval.num_samples, eval_micro, rank, world_size)] \
             if valid_ds is not None and config.eval.num_samples else []
+        scored = 0 if valid_ds is None else len(evaluation_indices(len(valid_ds), config.eval.num_samples))
         self.evaluator = Evaluator(self.engine.module, eval_batches, config.eval_step_sizes, config.eval.interval,
-                                   config.eval.at_end)
+                                   config.eval.at_end, f"{scored // world_size * world_size} validation samples of "
+                                                       f"{t.seq_len} tokens")
         self.peak_flops = peak_flops_per_device(config, device_type, self.say) * world_size
         self.stop = faults.StopRequest().install()
         self.guard = faults.NonFiniteGuard(t.max_nonfinite_steps)
@@ -295,6 +299,7 @@ class Trainer:
 
         from odegpt import OdeGPTForCausalLM
         from odegpt.model.accounting import model_cost
+        from odegpt.training.objective import describe_objective
 
         from .metrics import GIB, gather_floats, peak_memory_bytes
 
@@ -335,6 +340,7 @@ class Trainer:
         self.say(f"built {parameters:,} parameters ({model_gib:.2f} GiB) in {time.perf_counter() - start:.1f}s"
                  + (f", created partitioned over {self.world_size} rank(s) (zero.Init)" if zero_init else "")
                  + "; peak memory per rank " + ", ".join(f"{a:.2f} GiB" for _, a in memory))
+        self.say("loss = " + describe_objective(t.consistency_weight, t.reference_weight, t.readout_weights))
         return model
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -426,7 +432,8 @@ class Trainer:
         start = time.perf_counter()
         result = self.evaluator.run()
         self.metrics.record("valid", self.step, {f"ppl_a{a:g}": p for a, p in result.items()})
-        self.say(f"step {self.step}: validation perplexity " + "  ".join(f"a={a:g}: {p:.2f}" for a, p in result.items()))
+        self.say(f"step {self.step}: validation perplexity ({self.evaluator.description}) "
+                 + "  ".join(f"a={a:g}: {p:.2f}" for a, p in result.items()))
         self.metrics.exclude(time.perf_counter() - start)
 
     def maybe_save(self) -> None:

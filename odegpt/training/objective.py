@@ -173,6 +173,19 @@ def readout_slots(config: OdeGPTConfig, step_size: float, readout_weights: dict[
     return slots
 
 
+def describe_objective(consistency_weight: float = 0.0, reference_weight: float = 0.0,
+                       readout_weights: dict | None = None) -> str:
+    """What :func:`language_model_loss` sums, in words (the training progress bar's ``loss``)."""
+    terms = ["CE at the drawn a"]
+    if readout_weights:
+        terms.append("the read-out CEs at times " + ", ".join(f"{t:g} (x{w:g})" for t, w in readout_weights.items()))
+    if reference_weight > 0:
+        terms.append(f"{reference_weight:g} x CE at a=1 when a != 1")
+    if consistency_weight > 0:
+        terms.append(f"{consistency_weight:g} x KL(p_1 || p_a) when a != 1")
+    return " + ".join(terms) + " (CE: mean next-token cross-entropy in nats)"
+
+
 def language_model_loss(
     model: torch.nn.Module, tokens: torch.Tensor, step_size: float, consistency_weight: float = 0.0,
     reference_weight: float = 0.0, readout_weights: dict[float, float] | None = None, solver: str | None = None,
