@@ -44,6 +44,36 @@ def run(command: list[str], env: dict, log: Path | None = None) -> str:
     return result.stdout
 
 
+def plot_against_parameters(results: dict, out: Path) -> Path:
+    """``parameters.png``: perplexity at each evaluated a against each model's parameter count (relaxation
+    included), the source and the model from scratch among them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from odegpt.folders.model_folder import load_config
+    from odegpt.model.accounting import model_cost
+
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    for variant in results["variants"]:
+        parameters = model_cost(load_config(out / variant["name"] / "model")).parameters
+        rows = variant["evaluation"]["results"]
+        ax.scatter([parameters] * len(rows), [r["perplexity"] for r in rows], s=12, alpha=0.6)
+        one = next(r["perplexity"] for r in rows if r["step_size"] == 1.0)
+        ax.annotate(f"{variant['label']} ({variant['budget']['tokens'] / 1e6:.2f}M tokens)", (parameters, one),
+                    fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel("parameters (relaxation included)")
+    ax.set_ylabel("validation perplexity at a = 0.5, 1, 2, 4")
+    ax.set_yscale("log")
+    ax.set_title("retrofitted from an 8-layer source, uptrained on a quarter of its tokens")
+    figure.tight_layout()
+    path = out / "parameters.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def write_variant(path: Path, title: str, init_from: Path) -> None:
     """An uptraining variant: configs/retrofit/base.yaml started from the imported folder ``init_from``."""
     path.write_text(f"# {title}\ndefaults: [{CONFIGS / 'base.yaml'}]\ntrain:\n  init_from: {init_from}\n")
@@ -135,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                "a1_perplexity_after_uptraining": a1, "best_retrofitted": best_model,
                "minutes": {k: v / 60 for k, v in timings.items()}}
     (out / "retrofit.json").write_text(json.dumps(summary, indent=2))
+    plot_against_parameters(results, out)
     print(json.dumps(summary, indent=2))
     print(f"retrofit: done in {(time.perf_counter() - start) / 60:.1f} min; table {out / 'results.md'}, "
           f"plots {out / 'perplexity.png'} {out / 'pareto.png'}, headroom {headroom / 'results.md'}")
