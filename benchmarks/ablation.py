@@ -167,9 +167,10 @@ def decode_speeds(model_dirs: dict[str, Path], step_sizes: list[float], rounds: 
     import torch
     from tqdm import tqdm
 
+    from odegpt.evaluation.throughput import Variant as Timed
+    from odegpt.evaluation.throughput import measure_interleaved, random_prompt
     from odegpt.folders.model_folder import load_model
     from odegpt.model.solver import plan_solve
-    from odegpt.evaluation.throughput import Variant as Timed, measure_interleaved, random_prompt
 
     torch.set_num_threads(1)
     models = {name: load_model(path) for name, path in model_dirs.items()}

@@ -23,9 +23,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from odegpt.model.accounting import adaptive_flops_per_token, model_cost
 from odegpt.decoding.adaptive import energy, entropy
 from odegpt.evaluation.perplexity import perplexity
+from odegpt.model.accounting import adaptive_flops_per_token, model_cost
 
 EXIT_BUDGETS = (0.25, 0.375, 0.5, 0.625, 0.75)  # mean executed steps, as fractions of the a=1 solve's (> 1 step)
 ROUTED_FRACTIONS = (0.1, 0.25, 0.5)

@@ -30,12 +30,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from odegpt.model.accounting import adaptive_flops_per_token, format_count, model_cost
+from odegpt.commands.evaluate import (
+    load_native_config,
+    load_native_model,
+    prepared_batches,
+    raw_text_batches,
+    raw_text_sources,
+)
 from odegpt.decoding.adaptive import AdaptiveCache, AdaptiveDepth, adaptive_forward, adaptive_generate
 from odegpt.evaluation.calibration import calibrate_energy
 from odegpt.evaluation.perplexity import adaptive_nll_sums, nll_sums, perplexity
-from odegpt.commands.evaluate import load_native_config, load_native_model, prepared_batches, raw_text_batches, \
-    raw_text_sources
+from odegpt.model.accounting import adaptive_flops_per_token, format_count, model_cost
 
 sys.path.insert(0, str(Path(__file__).parent))
 import adaptive_headroom  # noqa: E402  (a sibling script module)

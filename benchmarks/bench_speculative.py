@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 
 from odegpt import OdeCache
-from odegpt.model.accounting import format_count
+from odegpt.evaluation.throughput import Variant as Timed
+from odegpt.evaluation.throughput import time_generation
 from odegpt.folders.export import unroll_to_llama
 from odegpt.folders.model_folder import load_model, load_tokenizer
-from odegpt.evaluation.throughput import Variant as Timed, time_generation
+from odegpt.model.accounting import format_count
 
 PROMPTS = [
     "def ",

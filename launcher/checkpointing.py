@@ -341,8 +341,11 @@ def universal_checkpoint_info() -> dict:
     """What DeepSpeed's ``ds_to_universal`` needs in the model-states file to convert a checkpoint to its
     universal (world-size independent) form without ``--inject_missing_state``: the format version. The model
     has no tensor or pipeline parallelism, so no parameter patterns to merge."""
-    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
 
     return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 

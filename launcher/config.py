@@ -238,8 +238,8 @@ class RunConfig:
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({t.micro_batch_size})")
-        from odegpt.training.objective import StepSizeDistribution
         from odegpt.model.solver import SolveTooLongError
+        from odegpt.training.objective import StepSizeDistribution
 
         if not isinstance(t.step_size_distribution, dict):
             raise ConfigError(f"train.step_size_distribution must be a mapping ({{choices: [...]}} or {{low: ..., high: ...}}), "

@@ -12,6 +12,7 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
+
 class NonFiniteLossError(RuntimeError):
     """Raised after ``train.max_nonfinite_steps`` optimizer steps in a row with a non-finite loss."""
 

@@ -180,11 +180,11 @@ def format_table(plans: list[Plan]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    import math
+
     from odegpt.model.accounting import PEAK_TFLOPS, peak_tflops
 
     from .config import ConfigError, load_config
-
-    import math
 
     world = args.num_nodes * args.num_gpus
     for flag, value, upper in (("--gpu-tflops", args.gpu_tflops, math.inf), ("--mfu", args.mfu, 1.0)):

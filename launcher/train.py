@@ -192,15 +192,14 @@ class Trainer:
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
+        from data_pipeline.writer_lock import hold_writer_lock
         from odegpt.evaluation.perplexity import evaluation_indices
         from odegpt.training.objective import SolverSampler, StepSizeDistribution, StepSizeSampler
 
         from . import checkpointing, data, faults
         from .metrics import MetricsLogger
-        from data_pipeline.writer_lock import hold_writer_lock
-
-        from .run_folder import check_run_folder
         from .optim import parameter_groups, schedule_for
+        from .run_folder import check_run_folder
 
         self.config, self.rank, self.world_size, self.device_type = config, rank, world_size, device_type
         config.validate(world_size)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 
 from .cli import CommandError
-from .threads import add_threads_argument, choose_threads, describe
 from .evaluate import DTYPES
+from .threads import add_threads_argument, choose_threads, describe
 
 
 def register(subparsers) -> None:
@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers import LlamaForCausalLM
 
-    from odegpt.model.accounting import format_count, model_cost
     from odegpt.commands.evaluate import load_native_config, load_native_model, parse_step_sizes
-    from odegpt.folders.export import save_unrolled
     from odegpt.evaluation.throughput import Variant, measure_interleaved, random_prompt
+    from odegpt.folders.export import save_unrolled
+    from odegpt.model.accounting import format_count, model_cost
 
     for name in ("rounds", "prompt_tokens", "new_tokens", "threads"):
         value = getattr(args, name)

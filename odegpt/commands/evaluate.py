@@ -7,7 +7,8 @@ from pathlib import Path
 from odegpt.decoding.defaults import DEFAULT_SWIFT_STEP_SIZE
 
 from .cli import CommandError
-from .threads import add_threads_argument, choose_threads, describe as describe_threads
+from .threads import add_threads_argument, choose_threads
+from .threads import describe as describe_threads
 
 DTYPES = ("float32", "bfloat16")
 SPEED_PROMPT_TOKENS = 32  # decode speed is measured after a prompt of this many (random) tokens
@@ -154,9 +155,9 @@ def _adaptive_results(model, config, rows: list[dict], batches: list, args, seq_
 
     from tqdm import tqdm
 
-    from odegpt.model.accounting import adaptive_flops_per_token
     from odegpt.evaluation.calibration import calibrate_energy, load_calibration, save_calibration
     from odegpt.evaluation.perplexity import adaptive_nll_sums, perplexity
+    from odegpt.model.accounting import adaptive_flops_per_token
 
     results = []
     calibration_batches = None
@@ -288,10 +289,10 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from odegpt.model.accounting import model_cost
     from odegpt.evaluation.perplexity import nll_sums, perplexity
     from odegpt.evaluation.report import adaptive_table, describe, markdown_table, write_report
     from odegpt.evaluation.throughput import Variant, measure_interleaved, random_prompt
+    from odegpt.model.accounting import model_cost
 
     # Everything the user typed is checked before the weights are loaded.
     try:

@@ -68,11 +68,11 @@ def _checked(config, step_size: float | None) -> float:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from odegpt.model.accounting import format_count, model_cost
     from odegpt.commands.cli import CommandError
     from odegpt.folders.export import save_gguf, save_native, save_unrolled
     from odegpt.folders.model_folder import load_config
     from odegpt.folders.output_folder import check_output, staged_folder
+    from odegpt.model.accounting import format_count, model_cost
     from odegpt.model.solver import solver_method
 
     if args.unroll and args.format not in (None, "unrolled"):

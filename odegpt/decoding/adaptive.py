@@ -50,6 +50,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from .defaults import DEFAULT_SWIFT_STEP_SIZE
+from .speculative import _UNSUPPORTED_UNLESS, _Sampler, decoding_limits
 
 KV_FILLS = ("lazy", "copy", "interpolate")
 _TIME_TOLERANCE = 1e-9
@@ -422,8 +423,6 @@ def adaptive_generate(model, inputs: torch.LongTensor | None = None, generation_
     """``model.generate`` decoding one token per forward with a per-token adaptive solve and its own
     ``AdaptiveCache``. Takes the generation settings self-speculative decoding takes (greedy or sampled
     with temperature, top-k, top-p; EOS and padding; a left-padded batch with its attention mask)."""
-    from .speculative import _UNSUPPORTED_UNLESS, _Sampler, decoding_limits
-
     input_ids = inputs if inputs is not None else input_ids
     config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
     for name, off in _UNSUPPORTED_UNLESS.items():

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from odegpt.model.accounting import adaptive_flops_per_token, model_cost
 from odegpt.decoding.adaptive import AdaptiveDepth, energy
+from odegpt.model.accounting import adaptive_flops_per_token, model_cost
+
 from .perplexity import IGNORE_INDEX, Batch
 
 CALIBRATION_FILE = "adaptive_calibration.json"

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from odegpt.decoding.adaptive import adaptive_forward
+from odegpt.model.solver import plan_solve
+
 # Targets with this value are context only: not scored (the cross-entropy convention of PyTorch and HF).
 IGNORE_INDEX = -100
 
@@ -159,9 +162,6 @@ def adaptive_nll_sums(model: torch.nn.Module, batches: Iterable[Batch], settings
     """Score ``batches`` with a per-token adaptive solve (``odegpt.decoding.adaptive.AdaptiveDepth``), one
     teacher-forced pass per batch: causal attention gives every token the schedule and logits it would
     have in decoding."""
-    from odegpt.decoding.adaptive import adaptive_forward
-    from odegpt.model.solver import plan_solve
-
     was_training = model.training
     model.eval()
     settings = settings.checked(model.config)

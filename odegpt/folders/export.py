@@ -13,12 +13,15 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
 from odegpt.model.configuration_odegpt import OdeGPTConfig
 from odegpt.model.modeling_odegpt import OdeGPTForCausalLM, OdeGPTLinear
+
+from .model_folder import quiet_transformers
 
 DECODING_DIR = Path(__file__).resolve().parent.parent / "decoding"
 # Block weights that multiply a residual branch's output: where a step's dt is folded in.
@@ -45,8 +48,6 @@ def copy_tokenizer(source: str | Path | None, output_dir: str | Path) -> list[st
 
 def save_native(model: OdeGPTForCausalLM, output_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Write a self-contained Hugging Face folder (safetensors + modeling code via auto_map)."""
-    from .model_folder import quiet_transformers
-
     output_dir = Path(output_dir)
     with quiet_transformers():
         model.save_pretrained(output_dir)
@@ -155,8 +156,6 @@ def save_unrolled(
     model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float, tokenizer_dir: str | Path | None = None,
     solver: str | None = None,
 ) -> Path:
-    from .model_folder import quiet_transformers
-
     output_dir = Path(output_dir)
     with quiet_transformers():
         unroll_to_llama(model, step_size, solver).save_pretrained(output_dir)
@@ -200,8 +199,6 @@ def save_gguf(model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float
     llama.cpp tokenize a text prompt exactly as the folder's tokenizer does (no BOS, no dummy space prefix).
     Matrices are stored in ``dtype`` (f32, f16 or bf16); norms stay f32, as llama.cpp's converter keeps them."""
     import gguf
-    import numpy as np
-    import torch
 
     from data_pipeline.tokenizer import TokenizerInfo, load_sentencepiece
 

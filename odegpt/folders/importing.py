@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from odegpt.model.configuration_odegpt import OdeGPTConfig, parse_segments
 from odegpt.model.modeling_odegpt import OdeGPTForCausalLM, OdeGPTLinear
 
 from .integrity import check_finite_weights
+from .model_folder import quiet_transformers
 
 # Architectures whose decoder layer is the odegpt block (pre-norm RMSNorm, rotary attention with optional GQA and
 # biases, SwiGLU MLP), by config.json model_type.
@@ -105,10 +107,6 @@ class ImportReport:
 def load_source(source_dir: str | Path):
     """The source's config.json (checked first), then the model itself in float32, through transformers (never
     the folder's own code)."""
-    from transformers import AutoModelForCausalLM
-
-    from .model_folder import quiet_transformers
-
     path = Path(source_dir) / "config.json"
     try:
         config = json.loads(path.read_text())

@@ -28,11 +28,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
 from odegpt.commands.cli import CommandError
 from odegpt.decoding.generate import with_decoders
+from odegpt.model.accounting import model_cost
 from odegpt.model.configuration_odegpt import OdeGPTConfig
 from odegpt.model.modeling_odegpt import OdeGPTForCausalLM
 from odegpt.model.solver import solver_method
@@ -107,14 +109,10 @@ MAX_FOLDER_LAYERS = 1 << 14
 
 def check_bounds(folder: str | Path, config: PretrainedConfig) -> None:
     """Refuse a configuration whose model could not be built or solved in reasonable time and memory."""
-    import psutil
-
     if config.model_type == "odegpt":
         if config.max_solver_steps > MAX_FOLDER_SOLVER_STEPS:
             raise CommandError(f"{folder}/config.json asks for max_solver_steps {config.max_solver_steps:,}; odegpt "
                                f"loads at most {MAX_FOLDER_SOLVER_STEPS:,} (a longer solve would run for hours)")
-        from odegpt.model.accounting import model_cost
-
         parameters = model_cost(config, config.step_size, seq_len=1).parameters
     else:
         if config.num_hidden_layers > MAX_FOLDER_LAYERS:

@@ -13,7 +13,6 @@ from transformers import PretrainedConfig
 
 from .solver import DEFAULT_MAX_SOLVER_STEPS, check_solve_length, check_step_size, solver_method
 
-
 # The oldest transformers a native folder runs on (its layered DynamicCache; tests/folders/test_clients.py checks it in CI).
 OLDEST_TRANSFORMERS = "4.57"
 # Releases that load this code wrongly, and why. 5.3 drops a custom-code model's tied LM head from the weights it

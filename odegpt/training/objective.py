@@ -32,8 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from odegpt.model.accounting import model_cost
-from odegpt.model.accounting import readout_flops
+from odegpt.model.accounting import model_cost, readout_flops
 from odegpt.model.configuration_odegpt import OdeGPTConfig, check_step_size
 from odegpt.model.loss import shifted_cross_entropy
 from odegpt.model.solver import plan_solve, solver_method

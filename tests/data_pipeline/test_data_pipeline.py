@@ -11,14 +11,19 @@ import numpy as np
 import pytest
 
 from data_pipeline import cli
-from data_pipeline.datasets import (DistributedBatchSampler, TokenStream, blend_counts, build_datasets,
-                                    cached_array)
+from data_pipeline.datasets import DistributedBatchSampler, TokenStream, blend_counts, build_datasets, cached_array
 from data_pipeline.manifest import MANIFEST, Manifest
 from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.readers import decode, iter_documents, resolve_inputs
 from data_pipeline.shards import ShardError, choose_dtype, verify_corpus
-from data_pipeline.tokenizer import (EOS_ID, TokenizerInfo, load_sentencepiece, load_tokenizer, sample_sentences,
-                                     train_tokenizer)
+from data_pipeline.tokenizer import (
+    EOS_ID,
+    TokenizerInfo,
+    load_sentencepiece,
+    load_tokenizer,
+    sample_sentences,
+    train_tokenizer,
+)
 
 STDLIB_FILES = 40
 TRICKY = [

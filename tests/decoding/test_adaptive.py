@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from odegpt import OdeGPTForCausalLM
-from odegpt.model.accounting import adaptive_flops_per_token, model_cost
+from odegpt.commands.cli import main as odegpt_main
 from odegpt.decoding.adaptive import AdaptiveCache, AdaptiveDepth, adaptive_forward, energy, entropy
 from odegpt.evaluation.calibration import calibrate_energy
-from odegpt.commands.cli import main as odegpt_main
 from odegpt.evaluation.perplexity import adaptive_nll_sums
+from odegpt.model.accounting import adaptive_flops_per_token, model_cost
 from odegpt.model.solver import plan_solve, solver_method
 from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, damped, left_padded, tiny_config, tiny_model
 

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from odegpt.model.accounting import model_cost
 from odegpt.commands.cli import main as odegpt_main
-from odegpt.folders.export import save_native, unroll_to_llama
 from odegpt.evaluation.throughput import Variant, measure_interleaved, random_prompt, time_generation
+from odegpt.folders.export import save_native, unroll_to_llama
+from odegpt.model.accounting import model_cost
 from tests.conftest import PARTIALLY_SHARED, tiny_config, tiny_model
 
 

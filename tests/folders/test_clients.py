@@ -68,8 +68,9 @@ def imported_relaxed_model():
                                         "imported_relaxed"])
 def native_folder(request, tmp_path_factory) -> tuple[Path, Path]:
     """A native folder with a tokenizer, and what odegpt computes with it (the client must agree)."""
-    from data_pipeline.tokenizer import train_tokenizer
     from transformers import AutoTokenizer
+
+    from data_pipeline.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp(request.param)
     tokenizer_dir = root / "tokenizer"

@@ -151,3 +151,45 @@ def test_the_model_imports_no_decoder_and_the_decoders_import_no_odegpt():
             outside = {m for m in _imported_modules(path) if m.startswith(".") and m not in siblings
                        or m.split(".")[0] in ("odegpt", "launcher", "data_pipeline")}
             assert not outside, f"{path.name} imports {outside}"
+
+
+def _run(*argv, capsys) -> tuple[int, str]:
+    """``odegpt ARGV`` in this process: (exit code, stderr)."""
+    code = odegpt_main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_export_imports_an_unrolled_llama_and_refuses_bad_step_sizes(tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from odegpt import OdeGPTForCausalLM
+    from odegpt.folders.export import save_native, save_unrolled
+    from odegpt.model.solver import plan_solve
+    from tests.conftest import PARTIALLY_SHARED, tiny_model
+
+    model = tiny_model(PARTIALLY_SHARED)
+    save_native(model, tmp_path / "native")
+    save_unrolled(model, tmp_path / "unrolled", step_size=2)
+    code, _ = _run("export", "--model", tmp_path / "unrolled", "--output", tmp_path / "reimported", capsys=capsys)
+    assert code == 0
+    reimported = OdeGPTForCausalLM.from_pretrained(tmp_path / "reimported").eval()
+    steps = len(plan_solve(PARTIALLY_SHARED, 2))
+    assert reimported.config.segments == [{"depth": steps, "shared": False}]  # a layer per executed step at a=2
+    x = torch.randint(0, 97, (2, 9))
+    llama = AutoModelForCausalLM.from_pretrained(tmp_path / "unrolled").eval()
+    torch.testing.assert_close(reimported(x).logits, llama(x).logits, rtol=0, atol=1e-5)
+
+    for bad, message in (("1e-9", "needs 5,000,000,002 solver steps (trained depth 7), more than the maximum of "
+                                  "1,024"), ("0", "must be a real number > 0"), ("nan", "must be a real number > 0"),
+                         ("inf", "must be finite")):
+        code, err = _run("export", "--model", tmp_path / "native", "--output", tmp_path / f"out-{bad}",
+                            "--step-size", bad, capsys=capsys)
+        lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("odegpt export: --step-size: "), err
+        assert message in lines[0]
+        assert not (tmp_path / f"out-{bad}").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "gpt2"}')
+    code, err = _run("export", "--model", tmp_path / "other", "--output", tmp_path / "x", capsys=capsys)
+    assert code == 2 and "holds a 'gpt2' model" in err

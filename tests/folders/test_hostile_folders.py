@@ -7,11 +7,7 @@ import shutil
 import struct
 from pathlib import Path
 
-
-
-
 # ---- 2, 3. export: step sizes refused before any weight is read; never onto its own input ------------------
-
 from odegpt.commands.cli import main as odegpt_main  # noqa: E402
 from tests.commands.test_generate import model_folder  # noqa: E402,F401  (a fixture: tiny model + tokenizer)
 

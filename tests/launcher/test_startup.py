@@ -6,9 +6,7 @@ import signal
 import subprocess
 import time
 
-
 from tests.launcher.test_train import PYTHON, TIMEOUT, _env, _overrides
-
 
 # ---- 1. stale torch-extension build locks, signals during start-up ----------------------------------------
 

@@ -112,7 +112,6 @@ def test_resume_is_bit_exact_and_converts(tmp_path, stage):
     folder = convert(checkpoints, tmp_path / "model")
     model = OdeGPTForCausalLM.from_pretrained(folder)
     from odegpt.evaluation.perplexity import evaluation_indices
-
     from tests.rank_plugin.synthetic_data import SYNTHETIC_VOCAB, SyntheticTokens
 
     valid = SyntheticTokens(64, 16, SYNTHETIC_VOCAB, 1234 + 1)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from odegpt.model.accounting import model_cost
-from odegpt.training.objective import StepSizeDistribution, StepSizeSampler, language_model_loss
 from odegpt.model.solver import plan_solve, segment_step_sizes
+from odegpt.training.objective import StepSizeDistribution, StepSizeSampler, language_model_loss
 from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, tiny_config, tiny_model
 
 

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 
+
 def _is_synthetic(config) -> bool:
     from synthetic_data import SYNTHETIC_CORPUS  # beside this file, on PYTHONPATH
 

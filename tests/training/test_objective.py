@@ -5,8 +5,12 @@ import torch.nn.functional as F
 
 from launcher.config import ConfigError, load_config
 from odegpt.model.accounting import model_cost
-from odegpt.training.objective import (StepSizeDistribution, StepSizeSampler, language_model_loss,
-                              objective_flops_per_token)
+from odegpt.training.objective import (
+    StepSizeDistribution,
+    StepSizeSampler,
+    language_model_loss,
+    objective_flops_per_token,
+)
 from tests.conftest import tiny_config, tiny_model
 
 
@@ -112,8 +116,8 @@ def _registered_solvers() -> list[str]:
 
 
 def test_the_loss_and_its_flops_follow_the_drawn_solver():
-    from odegpt.training.objective import objective_flops_per_token
     from odegpt.model.solver import METHODS
+    from odegpt.training.objective import objective_flops_per_token
 
     model, tokens = tiny_model(), torch.randint(1, 97, (2, 9))
     config = model.config
