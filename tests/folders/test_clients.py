@@ -64,17 +64,23 @@ def imported_relaxed_model():
     return with_decoders(retrofit(llama, "1u,2s,1u", "average", 2)[0])
 
 
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """One tokenizer for every folder kind (training it was most of a kind's set-up time)."""
+    from data_pipeline.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
+    train_tokenizer(["stdlib"], folder, vocab_size=VOCAB, max_files=10, max_sentences=3000)
+    return folder
+
+
 @pytest.fixture(scope="module", params=["partially_shared", "fully_shared_tied", "partially_shared_heun",
                                         "imported_relaxed"])
-def native_folder(request, tmp_path_factory) -> tuple[Path, Path]:
+def native_folder(request, tmp_path_factory, tokenizer_dir) -> tuple[Path, Path]:
     """A native folder with a tokenizer, and what odegpt computes with it (the client must agree)."""
     from transformers import AutoTokenizer
 
-    from data_pipeline.tokenizer import train_tokenizer
-
     root = tmp_path_factory.mktemp(request.param)
-    tokenizer_dir = root / "tokenizer"
-    train_tokenizer(["stdlib"], tokenizer_dir, vocab_size=VOCAB, max_files=10, max_sentences=3000)
     if request.param == "imported_relaxed":
         model = imported_relaxed_model()
     elif request.param.startswith("partially_shared"):
