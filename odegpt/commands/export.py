@@ -41,16 +41,19 @@ def load_model(folder: str, dtype=None):
     Llama) imported exactly as an unshared odegpt model with its weights (``odegpt.folders.importing``)."""
     from odegpt.commands.cli import CommandError
     from odegpt.folders.importing import UnsupportedModelError, check_importable, retrofit
+    from odegpt.folders.model_folder import load_config
     from odegpt.folders.model_folder import load_model as load_folder_model
 
-    model = load_folder_model(folder)
-    if model.config.model_type == "llama":
+    config = load_config(folder)
+    if config.model_type == "llama":  # refused from its config, before any weight is read
         try:
-            check_importable(model.config.to_dict(), f"{folder}/config.json")
-            stored = model.dtype
-            model = retrofit(model.float())[0].to(stored)
+            check_importable(config.to_dict(), f"{folder}/config.json")
         except UnsupportedModelError as error:  # length-dependent rotary scaling, another activation, ...
             raise CommandError(f"{folder}: this Llama cannot be imported: {error}") from None
+    model = load_folder_model(folder, config)
+    if config.model_type == "llama":
+        stored = model.dtype
+        model = retrofit(model.float())[0].to(stored)
     return model if dtype is None else model.to(dtype)
 
 

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from odegpt.commands.cli import CommandError
     from odegpt.evaluation.perplexity import evaluate_perplexity
-    from odegpt.folders.export import copy_tokenizer, save_native
+    from odegpt.folders.export import save_native
     from odegpt.folders.importing import UnsupportedModelError, load_source, parse_relax_rank, retrofit
     from odegpt.folders.output_folder import check_output, staged_folder
     from odegpt.model.accounting import format_count
@@ -98,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"perplexity on {tokens:,} tokens of --data: source {before:.3f}; imported a=1 {after[1.0]:.3f} "
               f"({after[1.0] / before - 1:+.1%}), a=2 {after[2.0]:.3f}")
     with staged_folder(output) as staging:
-        save_native(model, staging)
-        copy_tokenizer(args.model, staging)
+        save_native(model, staging, tokenizer_dir=args.model)
     print(f"native odegpt folder -> {output}")
     return 0
 
