@@ -2,9 +2,10 @@
 segments, optionally with the time-continuous relaxation.
 
 - **Exact import**: every layer of the source becomes an unshared odegpt block with its weights; biases, an
-  explicit head size and any rotary scaling transformers computes once (default, linear, llama3, YaRN, ...) come
-  along, the latter through the source's own rotary embedding (transformers' initialisation, not a copy), so
-  the logits equal the source's under transformers.
+  explicit head size and every rotary scaling come along through transformers' own code, not a copy: the
+  frequencies the source's rotary embedding computed once (default, linear, llama3, YaRN, ...), or, for scalings
+  that change with the sequence length (dynamic NTK, LongRoPE), transformers' Llama rotary embedding at run time
+  (odegpt.model.modeling_odegpt.length_dependent_rotary). So the logits equal the source's under transformers.
 - **Retrofitting** (``segments``, e.g. ``1u,6s,1u``): the source's layers are mapped onto the segments in order.
   An unshared segment takes its layers as they are; a shared segment of depth ``D`` takes ``D`` source layers and
   initialises its one block from them by ``init``: ``lower`` (the first of them), ``stepwise`` (the one in the
@@ -39,8 +40,6 @@ from .model_folder import quiet_transformers
 # biases, SwiGLU MLP), by config.json model_type.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 INIT_RULES = ("stepwise", "average", "lower")
-# Rotary scalings whose frequencies depend on the sequence length at run time: odegpt keeps one table.
-_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # Which RMSNorm feeds which linear maps (its weight is folded into them in a shared block).
@@ -80,11 +79,6 @@ def check_importable(config: dict, where: str = "config.json") -> None:
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedModelError(f"{where}: partial rotary positions (partial_rotary_factor="
                                     f"{config['partial_rotary_factor']}) are not odegpt's")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type in _LENGTH_DEPENDENT_ROPE:
-        raise UnsupportedModelError(f"{where}: rotary scaling {rope_type!r} (rope_scaling.rope_type) changes with the "
-                                    f"sequence length; odegpt keeps one table of frequencies")
 
 
 def check_segments_fit(segments: list[dict], num_layers: int) -> None:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .cache import CACHE_FIELD, OdeCache, output_cache, received_cache
 from .configuration_odegpt import OdeGPTConfig, check_step_size
@@ -47,6 +48,28 @@ def rotary_inv_freq(config: OdeGPTConfig, device: torch.device | None = None) ->
         return torch.tensor(config.rotary_inv_freq, dtype=torch.float32, device=device)
     exponents = torch.arange(0, config.head_dim, 2, device=device, dtype=torch.float32) / config.head_dim
     return 1.0 / config.rope_theta ** exponents
+
+
+# Rotary scalings whose frequencies depend on the longest position of each forward call (dynamic NTK, LongRoPE).
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def scales_with_length(config: OdeGPTConfig) -> bool:
+    return (config.source_rope_parameters or {}).get("rope_type") in LENGTH_DEPENDENT_ROPE
+
+
+def length_dependent_rotary(config: OdeGPTConfig, device: torch.device) -> nn.Module:
+    """transformers' own Llama rotary embedding for an imported length-dependent scaling: it recomputes the
+    frequencies at every call from the call's longest position, as the source model does (its state included), so
+    the import stays exact at every length without a copy of those rules. The config is spelled so that transformers
+    4.x (``rope_scaling``, a top-level ``original_max_position_embeddings``) and 5.x (``rope_parameters``) read it."""
+    rope = {key: value for key, value in config.source_rope_parameters.items() if key != "rope_theta"}
+    original = {"original_max_position_embeddings": rope["original_max_position_embeddings"]} \
+        if "original_max_position_embeddings" in rope else {}
+    llama = LlamaConfig(hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
+                        head_dim=config.head_dim, max_position_embeddings=config.max_position_embeddings,
+                        rope_theta=config.rope_theta, rope_scaling=rope, **original)
+    return LlamaRotaryEmbedding(llama).to(device)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype):
@@ -226,6 +249,7 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         self.norm = OdeGPTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
         self._rotary_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see rotary_table
+        self._length_rotaries: dict[torch.device, nn.Module] = {}  # see length_dependent_rotary; not submodules
         self.post_init()
 
     def get_input_embeddings(self):
@@ -288,7 +312,8 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         cached positions; a left-padded batch counts positions from its first real token."""
         batch, seq = h.shape[:2]
         mask = attention_mask_for(attention_mask, seq, past_len, h.device)
-        in_table = past_len + seq <= self.config.max_position_embeddings  # every position we count is below this
+        # Every position we count is below the table's end, and the frequencies do not change with the length.
+        in_table = past_len + seq <= self.config.max_position_embeddings and not scales_with_length(self.config)
         if position_ids is None and attention_mask is None and in_table:  # decoding's case: one slice of the table
             cos, sin = self.rotary_table(h.device, h.dtype)
             return cos[None, None, past_len:past_len + seq], sin[None, None, past_len:past_len + seq], mask
@@ -300,6 +325,11 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
             if in_table:
                 cos, sin = self.rotary_table(h.device, h.dtype)
                 return cos[position_ids][:, None], sin[position_ids][:, None], mask
+        if scales_with_length(self.config):
+            if h.device not in self._length_rotaries:
+                self._length_rotaries[h.device] = length_dependent_rotary(self.config, h.device)
+            cos, sin = self._length_rotaries[h.device](h, position_ids)
+            return cos[:, None], sin[:, None], mask
         cos, sin = rotary_cos_sin(position_ids, rotary_inv_freq(self.config), self.config.rotary_attention_scaling, h.dtype)
         return cos, sin, mask
 

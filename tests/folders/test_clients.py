@@ -43,8 +43,11 @@ def greedy_without_cache(model, prompt: torch.Tensor, mask: torch.Tensor | None,
 
 
 def imported_relaxed_model():
-    """A Llama with llama3 rotary scaling and biases, retrofitted into 1u,2s,1u with a rank-2 relaxation: every
-    field an imported model adds to a folder (biases, rotary frequencies and scale, the relaxation's knots)."""
+    """A Llama with LongRoPE and biases, retrofitted into 1u,2s,1u with a rank-2 relaxation: every field an imported
+    model adds to a folder (biases, rotary parameters, the relaxation's knots), and a rotary scaling the folder
+    computes with the client's own transformers. Its switch to the long frequencies lies past these tests' lengths:
+    across it, decoding with a cache differs from decoding without one, in transformers' Llama as here (which
+    tests/folders/test_importing.py checks against the source)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from odegpt.decoding.generate import with_decoders
@@ -54,9 +57,9 @@ def imported_relaxed_model():
     llama = LlamaForCausalLM(LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.15, attention_bias=True,
-        tie_word_embeddings=False, rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0,
-                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                    "original_max_position_embeddings": 32})).eval()
+        tie_word_embeddings=False, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 50000.0, "original_max_position_embeddings": 64,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [1.0 + 0.7 * i for i in range(8)]})).eval()
     with torch.no_grad():
         for name, parameter in llama.named_parameters():
             if name.endswith("bias"):

@@ -29,6 +29,13 @@ FAMILIES = {
                          "original_max_position_embeddings": 64})),
     "qwen2-qkv-biases": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
     "mistral-no-window": (MistralConfig, MistralForCausalLM, dict(sliding_window=None)),
+    # Scalings whose frequencies change with the longest position of a call: short tables, so tests cross them.
+    "llama-dynamic-ntk": (LlamaConfig, LlamaForCausalLM, dict(
+        max_position_embeddings=16, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})),
+    "llama-longrope": (LlamaConfig, LlamaForCausalLM, dict(
+        max_position_embeddings=64, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [1.0 + 0.5 * i for i in range(8)]})),
 }
 
 
@@ -36,7 +43,7 @@ def save_source(root, family: str):
     """A random-weight source folder of ``family`` (biases and norm gains random too, so that they matter)."""
     config_class, model_class, extra = FAMILIES[family]
     torch.manual_seed(0)
-    model = model_class(config_class(**SHAPE, **extra)).eval()
+    model = model_class(config_class(**{**SHAPE, **extra})).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):
@@ -61,6 +68,19 @@ def test_an_unshared_import_gives_the_sources_logits(sources, family):
     tokens = torch.randint(0, 101, (2, 40))
     torch.testing.assert_close(model(tokens, use_cache=False).logits, source(tokens).logits, rtol=0, atol=1e-5)
     assert report.parameters == report.source_parameters and report.relaxation_parameters == 0
+
+
+@pytest.mark.parametrize("family", ["llama-dynamic-ntk", "llama-longrope"])
+def test_a_length_dependent_rotary_scaling_is_exact_past_its_switch_and_while_decoding_across_it(sources, family):
+    source = load_source(sources[family])
+    model, _ = retrofit(source)
+    for length in (12, 40):  # below and above the length where the frequencies change
+        tokens = torch.randint(0, 101, (2, length))
+        torch.testing.assert_close(model(tokens, use_cache=False).logits, source(tokens).logits, rtol=0, atol=1e-5)
+    prompt = torch.randint(0, 101, (1, 10))
+    settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    expected = source.generate(prompt, **settings)
+    assert torch.equal(with_decoders(model).generate(prompt, **settings), expected)
 
 
 @pytest.mark.parametrize("family", ["llama-llama3-rope-biases-untied", "qwen2-qkv-biases"])
@@ -133,7 +153,7 @@ def test_the_import_command_writes_a_native_folder_and_prints_perplexity_and_par
     (dict(num_local_experts=8), "num_local_experts"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"]), "model_type 'qwen3'"),
-    (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), "rope_scaling.rope_type"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
 ])
 def test_an_unsupported_architecture_is_refused_from_its_config_before_any_weight(sources, tmp_path, capsys,
                                                                                    change, named):
