@@ -55,20 +55,78 @@ class SelfSpeculativeOutput(ModelOutput):
     # Per draft source ("step_size": the model at draft_step_size, "prompt_lookup": n-grams of the sequence):
     # {source: {"rounds", "drafted", "accepted"}}; rounds without drafts count under "none".
     sources: dict | None = None
+    # Verification's work taken from the drafts instead of recomputed (reuse_draft), in token-steps: whole block
+    # evaluations of the steps both solves share, and first attention branches of the step after them.
+    reused_evaluations: int | None = None
+    reused_attention: int | None = None
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else float("nan")
 
 
-class _Solve:
-    """The model solved at one step size, with its own KV cache."""
+def shared_steps(plan, other) -> int | None:
+    """How many leading steps two plans of one model have in common (the unshared layers before the first shared
+    segment, and any equal steps after them); the step after those is taken by both from the same state, so its
+    first attention branch, keys and values are common too. None when one plan is the other's beginning."""
+    common = 0
+    while common < min(len(plan), len(other)) and plan[common] == other[common]:
+        common += 1
+    return None if common == min(len(plan), len(other)) else common
 
-    def __init__(self, model, step_size: float) -> None:
+
+class _Solve:
+    """The model solved at one step size, with its own KV cache. ``shared``: how many leading steps this solve has
+    in common with the other one (:func:`shared_steps`) when their common work is reused, else None."""
+
+    def __init__(self, model, step_size: float, shared: int | None = None) -> None:
         self.model, self.step_size, self.cache = model, step_size, model.new_cache()
+        _, self.plan, self.method = model.plan(step_size)
+        self.shared = shared
 
     def __len__(self) -> int:
         return self.cache.get_seq_length()
+
+    def _begin(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, past: int):
+        """States at time 0 of ``tokens`` after ``past`` cached positions, and their attention inputs."""
+        self.cache.bind(self.step_size, len(self.plan) * self.method.evaluations, self.method.name)
+        h = self.model.embed(tokens)
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, : past + tokens.shape[1]]
+        return h, self.model.attention_inputs(h, attention_mask, past)
+
+    def _to_shared(self, h: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared steps, then the first attention branch of the step after them: (state before it, branch)."""
+        h = self.model.solve(h, self.plan, self.method, inputs, self.cache, stop=self.shared)
+        return h, self.model.first_attention(h, self.plan, self.method, self.shared, inputs, self.cache)
+
+    def recorded_logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None):
+        """Float logits of the last of ``tokens`` fed after the cached ones, and what a solve sharing this one's
+        first steps can reuse of that position: (state after the shared steps, first attention branch after them)."""
+        h, inputs = self._begin(tokens, attention_mask, len(self))
+        h, attention = self._to_shared(h, inputs)
+        record = h[:, -1:], attention[:, -1:]
+        h = self.model.solve(h, self.plan, self.method, inputs, self.cache, start=self.shared, first_attention=attention)
+        return self.model.read_out(h[:, -1:]).float(), record
+
+    def logits_reusing(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, draft: _Solve,
+                       records: list) -> torch.Tensor:
+        """Float logits of all ``tokens`` fed after the cached ones, where the draft solve fed all but the last of
+        them and kept ``records`` (:meth:`recorded_logits`): its keys and values of the shared steps' cache slots
+        and of the first slot after them are copied, its states and first attention branches continue from there,
+        and only the last token is solved through the shared steps here."""
+        past, reused = len(self), len(records)
+        for slot in range(self.shared * self.method.evaluations + 1):
+            layer = draft.cache.layers[slot]
+            self.cache.update(layer.keys[:, :, past: past + reused], layer.values[:, :, past: past + reused], slot)
+        last, last_inputs = self._begin(tokens[:, -1:], attention_mask, past + reused)
+        last, last_attention = self._to_shared(last, last_inputs)
+        h = torch.cat([*(state for state, _ in records), last], dim=1)
+        attention = torch.cat([*(branch for _, branch in records), last_attention], dim=1)
+        mask = None if attention_mask is None else attention_mask[:, : past + tokens.shape[1]]
+        inputs = self.model.attention_inputs(h, mask, past)
+        h = self.model.solve(h, self.plan, self.method, inputs, self.cache, start=self.shared, first_attention=attention)
+        return self.model.read_out(h).float()
 
     def logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, keep: int = 0) -> torch.Tensor:
         """Feed ``tokens`` after the cached ones; float logits of the last ``keep`` positions (0: all)."""
@@ -255,6 +313,7 @@ def self_speculative_generate(
     prompt_lookup_num_tokens: int | None = None,
     max_matching_ngram_size: int = DEFAULT_LOOKUP_NGRAM,
     step_size: float | None = None,
+    reuse_draft: bool = True,
     attention_mask: torch.Tensor | None = None,
     streamer=None,
     **kwargs,
@@ -276,6 +335,12 @@ def self_speculative_generate(
     ``draft_tokens="auto"`` adapts the draft length (up to ``DEFAULT_MAX_DRAFT_TOKENS``, or ``K``) to the
     running acceptance and drafts nothing when no draft pays; an integer fixes it. Either way the output is
     the target's: greedy identical, sampled exactly (a lookup draft is a draft with probability 1).
+
+    ``reuse_draft`` (default True): verification continues from what the step-size draft computed. Both solves
+    take the same first steps (the unshared layers before the first shared segment) and then the first step of
+    their own length from the same state, whose attention branch (not its MLP, which reads the state after a step
+    of that length) is common too; the drafted tokens' states, attention branches and keys and values there are
+    taken, not recomputed. Off for rotary scalings that change with the length of a call.
     """
     input_ids = inputs if inputs is not None else input_ids
     config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
@@ -302,8 +367,13 @@ def self_speculative_generate(
     batch, prompt_len = input_ids.shape
     max_new, eos, pad, attention_mask = decoding_limits(config, input_ids, attention_mask)
     sampler = _Sampler(config)
-    target = _Solve(model, target_step)
-    draft = None if draft_step_size is None else _Solve(model, draft_step_size)
+    shared = None
+    length_dependent = (getattr(model.config, "source_rope_parameters", None) or {}).get("rope_type") in \
+        ("dynamic", "longrope")  # their frequencies follow each call's longest position: a draft's keys differ
+    if reuse_draft and draft_step_size is not None and not length_dependent:
+        shared = shared_steps(model.plan(target_step)[1], model.plan(draft_step_size)[1])
+    target = _Solve(model, target_step, shared)
+    draft = None if draft_step_size is None else _Solve(model, draft_step_size, shared)
     costs = {}
     if draft is not None:  # block evaluations per drafted token, over the target's per verification
         costs["step_size"] = len(model.plan(draft_step_size)[1]) / len(model.plan(target_step)[1])
@@ -318,7 +388,7 @@ def self_speculative_generate(
 
     tokens, mask = input_ids, attention_mask
     unfinished = torch.ones(batch, dtype=torch.bool, device=tokens.device)
-    drafted = accepted = rounds = 0
+    drafted = accepted = rounds = reused_evaluations = reused_attention = 0
     if streamer is not None:
         streamer.put(tokens.cpu())
     if prompt_len > 1:  # both caches hold every committed token but the last, which each round feeds
@@ -332,7 +402,7 @@ def self_speculative_generate(
 
         # 1. Draft: by prompt lookup, or up to k tokens at the draft step size, one at a time, or not at all.
         source, k = policy.choose(list(costs), limit)
-        drafts, draft_probs = tokens.new_empty(batch, 0), None
+        drafts, draft_probs, records = tokens.new_empty(batch, 0), None, None
         if source == "prompt_lookup":
             drafts = prompt_lookup(tokens, k, max_matching_ngram_size)
             if drafts.shape[1] == 0 and draft is not None:  # nothing to copy: draft with the model instead
@@ -341,12 +411,19 @@ def self_speculative_generate(
                 draft_probs = torch.nn.functional.one_hot(drafts, model.config.vocab_size).float()
         mask_ahead = None if mask is None else torch.cat([mask, mask.new_ones(batch, max(k, drafts.shape[1]) + 1)], 1)
         if source == "step_size":
-            drafts, draft_probs = _draft_with_model(draft, tokens, k, mask_ahead, sampler, draft_confidence,
-                                                    unfinished)
+            drafts, draft_probs, records = _draft_with_model(draft, tokens, k, mask_ahead, sampler, draft_confidence,
+                                                             unfinished)
         k = drafts.shape[1]
 
-        # 2. Verify all of them in one forward at the target step size; keep the agreed prefix.
-        target_logits = target.logits(torch.cat([tokens[:, len(target):], drafts], dim=1), mask_ahead)
+        # 2. Verify all of them in one forward at the target step size (continuing from the draft's shared work);
+        #    keep the agreed prefix.
+        fed = torch.cat([tokens[:, len(target):], drafts], dim=1)
+        if records:
+            target_logits = target.logits_reusing(fed, mask_ahead, draft, records)
+            reused_evaluations += len(records) * shared * target.method.evaluations
+            reused_attention += len(records)
+        else:
+            target_logits = target.logits(fed, mask_ahead)
         m, next_token = sampler.verify(drafts, draft_probs, target_logits, unfinished.nonzero().squeeze(-1))
         new = torch.cat([drafts[:, :m], next_token[:, None]], dim=1)
         target.crop(committed + m)
@@ -378,19 +455,28 @@ def self_speculative_generate(
         streamer.end()
     if config.return_dict_in_generate:
         return SelfSpeculativeOutput(sequences=tokens, drafted_tokens=drafted, accepted_tokens=accepted,
-                                     target_forwards=rounds, sources=sources)
+                                     target_forwards=rounds, sources=sources, reused_evaluations=reused_evaluations,
+                                     reused_attention=reused_attention)
     return tokens
 
 
 def _draft_with_model(draft: _Solve, tokens, k: int, mask_ahead, sampler: _Sampler, draft_confidence, unfinished):
     """Up to ``k`` drafts from the model at the draft step size, one at a time (fed the committed tokens its cache
-    lacks first), and their distributions when sampling."""
+    lacks first), their distributions when sampling, and, when verification reuses the draft's work, what it
+    reuses of each position the draft fed after the committed ones (the last committed token and the drafts but
+    the last; see :meth:`_Solve.recorded_logits`), else None."""
     batch = tokens.shape[0]
     drafts = tokens.new_empty(batch, k)
     draft_probs = [] if sampler.do_sample else None
+    records = [] if draft.shared is not None else None
     feed = tokens[:, len(draft):]
     for j in range(k):
-        logits = draft.logits(feed, mask_ahead, keep=1)[:, -1]
+        if records is None:
+            logits = draft.logits(feed, mask_ahead, keep=1)[:, -1]
+        else:
+            logits, record = draft.recorded_logits(feed, mask_ahead)
+            logits = logits[:, -1]
+            records.append(record)
         drafts[:, j], probs = sampler.draw(logits)
         if draft_probs is not None:
             draft_probs.append(probs)
@@ -400,4 +486,4 @@ def _draft_with_model(draft: _Solve, tokens, k: int, mask_ahead, sampler: _Sampl
             if bool((own[unfinished] < draft_confidence).any()):
                 drafts = drafts[:, : j + 1]
                 break
-    return drafts, torch.stack(draft_probs, dim=1) if draft_probs else None
+    return drafts, torch.stack(draft_probs, dim=1) if draft_probs else None, records

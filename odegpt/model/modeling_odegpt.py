@@ -8,7 +8,7 @@ decoder, LM head.
 
 The model knows nothing of its decoders: self-speculative and adaptive-depth decoding live in
 odegpt/decoding and use the model through the few methods at the end of ``OdeGPTForCausalLM``
-(embed, attention_inputs, plan, solve, keys_values, read_out, new_cache); a native export carries them in
+(embed, attention_inputs, plan, solve, first_attention, keys_values, read_out, new_cache); a native export carries them in
 its ``custom_generate/`` folder, which transformers installs as ``model.generate``.
 
 This file is copied verbatim into exported model folders, so it imports only torch, transformers
@@ -26,7 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from .cache import CACHE_FIELD, OdeCache, output_cache, received_cache
 from .configuration_odegpt import OdeGPTConfig, check_step_size
 from .loss import shifted_cross_entropy
-from .solver import StateRecorder, integrate, plan_solve, relaxation_knots, solver_method
+from .solver import StateRecorder, first_attention, integrate, plan_solve, relaxation_knots, solver_method
 
 
 class OdeGPTRMSNorm(nn.Module):
@@ -417,9 +417,18 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         """``(step size, plan, method)`` of a solve (``odegpt.model.solver``), the config's where not given."""
         return self.model.plan(step_size, solver)
 
-    def solve(self, h: torch.Tensor, plan, method, attention_inputs: dict, cache=None, hook=None) -> torch.Tensor:
-        """Integrate states ``h`` along ``plan`` (the one loop, ``odegpt.model.solver.integrate``); the final state."""
-        return integrate(self.model.blocks, h, plan, method, cache, hook=hook, **attention_inputs)
+    def solve(self, h: torch.Tensor, plan, method, attention_inputs: dict, cache=None, hook=None, start: int = 0,
+              stop: int | None = None, first_attention: torch.Tensor | None = None) -> torch.Tensor:
+        """Integrate states ``h`` along ``plan`` (the one loop, ``odegpt.model.solver.integrate``); the final state.
+        ``start``/``stop``/``first_attention`` take a part of it (steps ``start`` to ``stop``), as integrate says."""
+        return integrate(self.model.blocks, h, plan, method, cache, hook=hook, start=start, stop=stop,
+                         first_attention=first_attention, **attention_inputs)
+
+    def first_attention(self, h: torch.Tensor, plan, method, index: int, attention_inputs: dict, cache=None
+                        ) -> torch.Tensor:
+        """Step ``index``'s first attention branch at states ``h``, its keys and values to ``cache``: what a solve at
+        another step size that reaches that step at the same state shares (``odegpt.model.solver.first_attention``)."""
+        return first_attention(self.model.blocks, h, plan, method, index, cache, **attention_inputs)
 
     def keys_values(self, block: int, h: torch.Tensor, attention_inputs: dict, time: float = 0.0
                     ) -> tuple[torch.Tensor, torch.Tensor]:

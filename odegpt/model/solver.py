@@ -130,10 +130,13 @@ def num_blocks(segments: list[dict]) -> int:
 
 
 def euler_step(block: torch.nn.Module, h: torch.Tensor, dt: float, cache=None, slot: int = 0, time: float = 0.0,
-               **attention_inputs) -> torch.Tensor:
+               first_attention: torch.Tensor | None = None, **attention_inputs) -> torch.Tensor:
     """``h <- h + dt * Attn(norm(h))``, then ``h <- h + dt * MLP(norm(h))``: one evaluation of the block at solve
-    time ``time`` (which only a relaxed block reads), whose keys and values go to ``cache`` slot ``slot``."""
-    h = _add_scaled(h, block.attention_branch(h, time=time, cache=cache, slot=slot, **attention_inputs), dt)
+    time ``time`` (which only a relaxed block reads), whose keys and values go to ``cache`` slot ``slot``.
+    ``first_attention``: ``Attn(norm(h))`` computed before (its keys and values already in that slot)."""
+    attention = first_attention if first_attention is not None else \
+        block.attention_branch(h, time=time, cache=cache, slot=slot, **attention_inputs)
+    h = _add_scaled(h, attention, dt)
     return _add_scaled(h, block.mlp_branch(h, time=time), dt)
 
 
@@ -142,11 +145,11 @@ def _add_scaled(h: torch.Tensor, update: torch.Tensor, dt: float) -> torch.Tenso
 
 
 def heun_step(block: torch.nn.Module, h: torch.Tensor, dt: float, cache=None, slot: int = 0, time: float = 0.0,
-              **attention_inputs) -> torch.Tensor:
+              first_attention: torch.Tensor | None = None, **attention_inputs) -> torch.Tensor:
     """Heun's method (explicit trapezoid): two evaluations of the block, at ``h`` and at the Euler prediction,
     averaged. With ``g(x) = (euler_step(x, dt) - x) / dt`` the block's increment per unit time,
     ``h + dt/2 (g(h) + g(h + dt g(h)))``, which is ``(h + euler_step(euler_step(h)))/2``."""
-    predicted = euler_step(block, h, dt, cache, slot, time, **attention_inputs)
+    predicted = euler_step(block, h, dt, cache, slot, time, first_attention, **attention_inputs)
     return (h + euler_step(block, predicted, dt, cache, slot + 1, time + dt, **attention_inputs)) / 2
 
 
@@ -163,8 +166,10 @@ _HEUN_NOT_UNROLLABLE = ("a Heun step is h + (u1 + u2 + u3 + u4)/2 with u2, u3, u
 class SolverMethod(NamedTuple):
     """How one step of a solve is taken.
 
-    ``step(block, h, dt, cache, slot, time, **attention_inputs)`` returns the next state from time ``time``, writing the keys and values
-    of its block evaluations to cache slots ``slot, slot + 1, ...``; ``stage_times`` says when in the step, as a
+    ``step(block, h, dt, cache, slot, time, first_attention, **attention_inputs)`` returns the next state from time
+    ``time``, writing the keys and values of its block evaluations to cache slots ``slot, slot + 1, ...``; its first
+    evaluation starts with the attention branch at ``h``, which does not depend on ``dt`` and may be given
+    (``first_attention``, see :func:`first_attention`); ``stage_times`` says when in the step, as a
     fraction of ``dt``, each evaluation stands (its length is the number of evaluations, and of KV-cache slots,
     per step). ``not_unrollable`` says why a step cannot become Llama layers, or is None when it can (one layer
     per step, ``dt`` folded into the branch outputs: odegpt/folders/export.py)."""
@@ -230,27 +235,50 @@ class SolveHook:
 
 
 def integrate(blocks, h: torch.Tensor, plan: tuple[SolverStep, ...], method: SolverMethod, cache=None,
-              hook: SolveHook | None = None, checkpoint: Callable | None = None, **attention_inputs) -> torch.Tensor:
+              hook: SolveHook | None = None, checkpoint: Callable | None = None, start: int = 0,
+              stop: int | None = None, first_attention: torch.Tensor | None = None, **attention_inputs) -> torch.Tensor:
     """The solve: take every step of ``plan`` from state ``h`` with ``method``; return the final state.
 
     ``blocks[i]`` is block ``i``'s vector field, ``cache`` holds ``len(plan) * method.evaluations`` slots of
     keys and values (or is None), ``checkpoint(function, *args, **kwargs)`` recomputes a step in the backward
-    pass (activation checkpointing), and ``hook`` shapes each step (:class:`SolveHook`'s methods, any of them)."""
+    pass (activation checkpointing), and ``hook`` shapes each step (:class:`SolveHook`'s methods, any of them).
+
+    A solve may be taken in parts: only steps ``start`` to ``stop`` (exclusive) run, ``h`` being the state before
+    step ``start``, and ``first_attention`` that step's first attention branch if it was computed before
+    (:func:`first_attention`). Two solves at different step sizes run the same steps up to the first where their
+    plans differ, and that step's first attention branch too: self-speculative decoding reuses its draft's."""
     evaluate, cache_for, skipped, advance = (getattr(hook, name, getattr(_PLAIN, name))
                                              for name in ("evaluate", "cache", "skipped", "advance"))
     time, last = 0.0, len(plan) - 1
-    for index, (block, dt) in enumerate(plan):
+    stop = len(plan) if stop is None else stop
+    for index, (block, dt) in enumerate(plan[:stop]):
         first = index * method.evaluations
         step = StepContext(index, block, dt, time, time + dt, range(first, first + method.evaluations), index == last)
+        time = step.end
+        if index < start:
+            continue
         if evaluate(step, h):
-            arguments = (blocks[block], h, dt, cache_for(step, cache), first, step.start)
+            arguments = (blocks[block], h, dt, cache_for(step, cache), first, step.start,
+                         first_attention if index == start else None)
             stepped = method.step(*arguments, **attention_inputs) if checkpoint is None else \
                 checkpoint(method.step, *arguments, **attention_inputs)
             h = advance(step, h, stepped)
         else:
             skipped(step, h)
-        time = step.end
     return h
+
+
+def first_attention(blocks, h: torch.Tensor, plan: tuple[SolverStep, ...], method: SolverMethod, index: int,
+                    cache=None, **attention_inputs) -> torch.Tensor:
+    """Step ``index``'s first attention branch at states ``h`` (its keys and values to the step's first cache slot):
+    the part of the step that its length does not change, to be given to :func:`integrate` as ``first_attention``."""
+    block = plan[index].block
+    time = 0.0
+    for step in plan[:index]:  # summed as integrate sums it, so relaxed blocks see the same float time
+        time += step.dt
+    return blocks[block].attention_branch(h, time=time, cache=cache, slot=index * method.evaluations,
+                                          **attention_inputs)
+
 
 
 _PLAIN = SolveHook()

@@ -1,10 +1,12 @@
 """Self-speculative decoding: drafts at step size B, verification at a, output as if decoded at a alone."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers.generation.streamers import BaseStreamer
 
 from odegpt import OdeCache
-from odegpt.decoding.speculative import _Sampler, prompt_lookup
+from odegpt.decoding.speculative import _draft_with_model, _Sampler, _Solve, prompt_lookup, shared_steps
 from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, UNSHARED, damped, left_padded, tiny_model
 
 
@@ -25,6 +27,41 @@ def test_greedy_equals_plain_greedy(drafting_model, a, draft_step_size, k):
     assert torch.equal(out.sequences, plain)
     assert 0 < out.accepted_tokens < out.drafted_tokens  # both paths taken: kept drafts and rejected ones
     assert len(set(plain[0, 6:].tolist())) > 3  # not a degenerate repetition
+
+
+@pytest.mark.parametrize("segments, solver, shared", [(FULLY_SHARED, "euler", 0), (PARTIALLY_SHARED, "euler", 1),
+                                                      (PARTIALLY_SHARED, "heun", 1)])
+def test_a_verification_that_reuses_the_drafts_work_equals_one_that_recomputes_everything(segments, solver, shared):
+    model = damped(tiny_model(segments, solver=solver), 0.05)
+    assert shared_steps(model.plan(1.0)[1], model.plan(2.0)[1]) == shared  # the unshared first layer, if any
+    tokens, mask = left_padded([torch.randint(1, 97, (n,)) for n in (7, 4)])
+    draft, reusing, recomputing = _Solve(model, 2.0, shared), _Solve(model, 1.0, shared), _Solve(model, 1.0)
+    for solve in (draft, reusing, recomputing):  # every committed token but the last, as a round starts
+        solve.logits(tokens[:, :-1], mask, keep=1)
+    mask_ahead = torch.cat([mask, mask.new_ones(2, 4)], dim=1)
+    drafts, _, records = _draft_with_model(draft, tokens, 3, mask_ahead, _Sampler(SimpleNamespace(do_sample=False)),
+                                           None, torch.ones(2, dtype=torch.bool))
+    assert len(records) == 3  # the last committed token and the drafts but the last
+    fed = torch.cat([tokens[:, -1:], drafts], dim=1)
+    torch.testing.assert_close(reusing.logits_reusing(fed, mask_ahead, draft, records),
+                               recomputing.logits(fed, mask_ahead), rtol=0, atol=1e-5)
+    assert len(reusing.cache.layers) == len(recomputing.cache.layers)
+    for reused, recomputed in zip(reusing.cache.layers, recomputing.cache.layers, strict=True):
+        torch.testing.assert_close(reused.keys, recomputed.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(reused.values, recomputed.values, rtol=0, atol=1e-5)
+
+
+def test_decoding_reuses_the_drafts_work_and_gives_the_tokens_it_gives_without_reuse():
+    model = damped(tiny_model(PARTIALLY_SHARED), 0.05)
+    prompt = torch.randint(1, 97, (1, 6))
+    kwargs = dict(max_new_tokens=17, do_sample=False, pad_token_id=0, draft_step_size=2, draft_tokens=3,
+                  return_dict_in_generate=True)
+    reused, recomputed = (model.generate(prompt, reuse_draft=reuse, **kwargs) for reuse in (True, False))
+    assert torch.equal(reused.sequences, recomputed.sequences)
+    assert torch.equal(reused.sequences, model.generate(prompt, max_new_tokens=17, do_sample=False, pad_token_id=0))
+    # One unshared layer before the shared segments: one evaluation and one attention branch per drafted position.
+    assert reused.reused_evaluations == reused.reused_attention == reused.drafted_tokens > 0
+    assert recomputed.reused_evaluations == recomputed.reused_attention == 0
 
 
 def test_a_draft_confidence_threshold_ends_rounds_early_and_keeps_the_output(drafting_model):
