@@ -211,13 +211,13 @@ def run_inspect(args) -> int:
     print(f"  skipped    {m.skipped}")
     print(f"  repaired   {m.repaired}")
     try:
-        verify_corpus(args.directory, m, checksum=not args.no_verify)
         _check_tokenizer_record(m)
+        verify_corpus(args.directory, m, checksum=not args.no_verify)
     except (ShardError, ValueError) as error:
         print(f"odegpt inspect: error: {error}", file=sys.stderr)
         return 1
     files = sum(len(s.splits) for s in m.shards)
     print(f"  tokenizer  matches {tok.get('path')}" if Path(tok.get("path") or "").is_dir() else
           f"  tokenizer  {tok.get('path')} is not here: vocabulary and special ids not checked")
-    print(f"  verified   {files} shard files: sizes, offsets{'' if args.no_verify else ' and checksums'} OK")
+    print(f"  verified   {files} shard files: sizes, offsets{'' if args.no_verify else ', checksums and token ids'} OK")
     return 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,12 +91,25 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def cached_array(path: Path, build: Callable[[Path], None]) -> np.ndarray:
-    """Memory-map ``path``, building it first (under a file lock, via temp file + rename) if absent.
+def cached_array(path: Path, build: Callable[[Path], None],
+                 valid: Callable[[np.ndarray], bool] | None = None) -> np.ndarray:
+    """Memory-map ``path``, building it first (under a file lock, via temp file + rename) if absent, or again if
+    ``valid`` says the cached array is not what ``build`` writes (a damaged or edited cache is rebuilt, not used).
 
     `build(tmp_path)` must write a ``.npy`` file at `tmp_path`. Concurrent callers on the same
     file system block on the lock; exactly one builds, the others then map the finished file.
     """
+    if valid is not None and path.is_file():
+        try:
+            cached = np.load(path, mmap_mode="r")
+        except (OSError, ValueError):
+            cached = None
+        if cached is not None and valid(cached):
+            return cached
+        print(f"odegpt: index cache {path} is damaged (not the index it names); rebuilding it", file=sys.stderr)
+        del cached
+        with _file_lock(path.with_name(path.name + ".lock")):
+            path.unlink(missing_ok=True)
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +152,21 @@ def build_shuffle_index(path: Path, epoch_samples: int, num_samples: int, seed: 
         pos, epoch = pos + take, epoch + 1
     out.flush()
     del out
+
+
+def is_shuffle_index(order: np.ndarray, epoch_samples: int, num_samples: int) -> bool:
+    """Whether ``order`` can be what :func:`build_shuffle_index` wrote: its length, an integer dtype, and its first
+    and last epochs permutations of ``range(epoch_samples)`` (the last one cut short). A zeroed or overwritten file
+    fails; checking two epochs keeps this O(epoch) however many epochs a run spans."""
+    if order.ndim != 1 or len(order) != num_samples or order.dtype.kind not in "iu":
+        return False
+    last_start = (num_samples - 1) // epoch_samples * epoch_samples
+    for start in {0, last_start}:
+        chunk = np.asarray(order[start:start + epoch_samples])
+        if len(chunk) and (chunk.min() < 0 or chunk.max() >= epoch_samples or
+                           np.unique(chunk).size != len(chunk)):
+            return False
+    return True
 
 
 def blend_counts(weights: np.ndarray, num_samples: int) -> np.ndarray:
@@ -268,7 +297,8 @@ def _build_split(corpora: list[str], manifests: list[Manifest], weights: np.ndar
         if n == 0:
             order = np.zeros(0, np.int64)
         elif shuffle:
-            order = cached_array(cache / name, lambda tmp: build_shuffle_index(tmp, epoch, int(n), seed, corpus_seed))
+            order = cached_array(cache / name, lambda tmp: build_shuffle_index(tmp, epoch, int(n), seed, corpus_seed),
+                                 valid=lambda order: is_shuffle_index(order, epoch, int(n)))
         else:
             order = np.arange(int(n), dtype=np.int64) % epoch
         parts.append(_Part(stream, order))

@@ -97,5 +97,48 @@ class Manifest:
         if d.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} has format version {d.get('format_version')}, "
                              f"this odegpt reads version {FORMAT_VERSION}; re-run `odegpt prepare`")
-        d["shards"] = [ShardRecord.from_dict(s) for s in d["shards"]]
-        return cls(**d)
+        try:
+            d["shards"] = [ShardRecord.from_dict(s) for s in d["shards"]]
+            manifest = cls(**d)
+        except (TypeError, KeyError, AttributeError) as error:
+            raise ValueError(f"{path} is not a manifest odegpt wrote ({error}); re-run `odegpt prepare`") from None
+        manifest.check(path)
+        return manifest
+
+    def check(self, path: Path) -> None:
+        """Refuse, in one line naming the field, what would otherwise read the tokens wrongly or twice: a dtype
+        that is not an unsigned integer wide enough for the vocabulary, a shard listed twice, or a shard whose
+        index or folder is not a plain number or a path inside the corpus."""
+        vocab = self.tokenizer.get("vocab_size") if isinstance(self.tokenizer, dict) else None
+        if not _is_count(vocab) or vocab < 1:
+            raise ValueError(f"{path}: tokenizer.vocab_size must be a positive integer, got {vocab!r}")
+        if self.dtype not in TOKEN_DTYPES:
+            raise ValueError(f"{path}: dtype {self.dtype!r} is not a token dtype odegpt writes "
+                             f"({', '.join(TOKEN_DTYPES)}); the tokens would be misread")
+        if vocab > TOKEN_DTYPES[self.dtype]:
+            raise ValueError(f"{path}: dtype {self.dtype} holds ids below {TOKEN_DTYPES[self.dtype]}, but the "
+                             f"tokenizer's vocab_size is {vocab}")
+        seen = set()
+        for shard in self.shards:
+            where = f"{path}: shard {shard.index!r}"
+            if not _is_count(shard.index):
+                raise ValueError(f"{where}: its index must be an integer >= 0")
+            folder = Path(shard.directory) if isinstance(shard.directory, str) else None
+            if folder is None or folder.is_absolute() or ".." in folder.parts:
+                raise ValueError(f"{where}: directory {shard.directory!r} must be a folder inside the corpus")
+            if (shard.directory, shard.index) in seen:
+                raise ValueError(f"{where}{f' in {shard.directory}' if shard.directory else ''} is listed twice; "
+                                 f"its tokens would be read twice")
+            seen.add((shard.directory, shard.index))
+            for split, record in shard.splits.items():
+                if split not in SPLITS or not _is_count(record.tokens) or not _is_count(record.documents):
+                    raise ValueError(f"{where}: split {split!r} needs integer tokens and documents >= 0, got "
+                                     f"{record.tokens!r} and {record.documents!r}")
+
+
+# The token dtypes a corpus may be written in, with how many ids each holds.
+TOKEN_DTYPES = {"uint16": 2**16, "uint32": 2**32}
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -43,7 +43,7 @@ import xxhash
 from .files import json_digest, write_json_atomic
 from .manifest import FORMAT_VERSION, MANIFEST, Manifest, ShardRecord
 from .readers import Source, iter_documents, resolve_inputs
-from .shards import ShardWriter, choose_dtype, open_tokens
+from .shards import ShardWriter, choose_dtype, verify_shard
 from .tokenizer import MODEL_FILE, TokenizerInfo, tokenizer_fingerprint
 from .writer_lock import writer_lock
 
@@ -253,8 +253,8 @@ def _load_finished(out: Path, key: str, dtype: np.dtype) -> list[ShardRecord]:
             record = ShardRecord.from_dict(json.loads(path.read_text()))
             if record.config_key != key:
                 break
-            for split, f in record.splits.items():  # cheap size check; a bad shard is redone
-                open_tokens(out, split, record.index, f, dtype)
+            for split, f in record.splits.items():  # size and checksums: a damaged or replaced shard is redone
+                verify_shard(out, split, record.index, f, dtype, checksum=True)
         except Exception:
             break
         done.append(record)

@@ -122,6 +122,7 @@ def resolve_inputs(patterns: list[str], max_files: int | None = None) -> list[So
             found = sorted(str(f) for f in path.rglob("*") if f.is_file() and _supported(f))
             if not found:
                 raise FileNotFoundError(f"input directory {pattern!r} holds no supported files")
+            _warn_about_links_out_of(path, found)
             sources += [_classify(f) for f in found]
         elif path.is_file():
             sources.append(_classify(str(path)))
@@ -135,6 +136,17 @@ def resolve_inputs(patterns: list[str], max_files: int | None = None) -> list[So
     return sources[:max_files] if max_files else sources
 
 
+def _warn_about_links_out_of(folder: Path, files: list[str]) -> None:
+    """Name each file found in ``folder`` that a symbolic link (to it, or to a folder holding it) puts outside
+    ``folder``: it is read, but a user who gave a folder may not expect text from elsewhere in the corpus."""
+    root = folder.resolve()
+    for file in files:
+        target = Path(file).resolve()
+        if not target.is_relative_to(root):
+            print(f"odegpt: warning: input {file} is a symbolic link to {target}, outside {folder}; it is read",
+                  file=sys.stderr)
+
+
 def _supported(path: Path) -> bool:
     try:
         _classify(str(path))
@@ -144,12 +156,20 @@ def _supported(path: Path) -> bool:
 
 
 def decode(raw: bytes) -> tuple[str, int]:
-    """UTF-8 decode; undecodable bytes become U+FFFD and are counted (never an exception)."""
+    """UTF-8 decode (UTF-16 when the bytes start with its byte-order mark); undecodable bytes become U+FFFD and are
+    counted (never an exception). NUL characters are no text either: valid UTF-8, but what binary files and
+    UTF-16 without a byte-order mark are full of, so they are replaced and counted too (such a file is then
+    skipped as binary instead of tokenized as ``d\x00e\x00f\x00``)."""
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8"
     try:
-        return raw.decode("utf-8"), 0
+        text, replaced = raw.decode(encoding), 0
     except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        return text, text.count("\ufffd") - raw.count("\ufffd".encode())
+        text = raw.decode(encoding, errors="replace")
+        replaced = text.count("\ufffd") - (raw.count("\ufffd".encode()) if encoding == "utf-8" else 0)
+    if "\x00" in text:
+        replaced += text.count("\x00")
+        text = text.replace("\x00", "\ufffd")
+    return text.removeprefix("\ufeff") if encoding == "utf-16" else text, replaced
 
 
 def _fix_surrogates(text: str) -> tuple[str, int]:
@@ -197,6 +217,8 @@ def _iter_jsonl(source: Source, text_key: str) -> Iterator[Document]:
                 rows = json.loads(text)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{source.path}: malformed JSON: {error}") from None
+            except RecursionError:
+                raise ValueError(f"{source.path}: JSON nested too deeply to read") from None
             for i, obj in enumerate(rows):
                 doc = _json_text(obj, text_key, f"{source.path}[{i}]")
                 yield Document(doc.text, doc.replaced + (replaced if i == 0 else 0))
@@ -209,6 +231,8 @@ def _iter_jsonl(source: Source, text_key: str) -> Iterator[Document]:
                 obj = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{source.path}:{lineno}: malformed JSON line: {error}") from None
+            except RecursionError:
+                raise ValueError(f"{source.path}:{lineno}: JSON nested too deeply to read") from None
             doc = _json_text(obj, text_key, f"{source.path}:{lineno}")
             yield Document(doc.text, doc.replaced + replaced)
 

@@ -139,7 +139,21 @@ def verify_corpus(directory: str | os.PathLike, manifest: Manifest | None = None
     for shard in manifest.shards:
         for split, record in shard.splits.items():
             verify_shard(shard.folder(directory), split, shard.index, record, dtype, checksum=checksum)
+            if checksum:  # read in full anyway: also check every id against the vocabulary, once
+                check_ids(shard.folder(directory), split, shard.index, record, dtype, manifest.tokenizer["vocab_size"])
     return manifest
+
+
+def check_ids(directory: str | os.PathLike, split: str, index: int, record: ShardFile, dtype: np.dtype,
+              vocab_size: int, block: int = 1 << 24) -> None:
+    """Raise `ShardError` if a shard holds a token id outside the vocabulary (it would index past the embedding)."""
+    tokens = open_tokens(directory, split, index, record, dtype)
+    for start in range(0, len(tokens), block):
+        largest = int(tokens[start:start + block].max())
+        if largest >= vocab_size:
+            raise ShardError(f"shard {Path(directory, shard_name(split, index))}.bin holds token id {largest}, "
+                             f"outside the tokenizer's vocabulary of {vocab_size}: corrupted or from another "
+                             f"tokenizer")
 
 
 def open_tokens(directory: str | os.PathLike, split: str, index: int, record: ShardFile,

@@ -91,3 +91,125 @@ def test_convert_refuses_a_checkpoint_with_nonfinite_weights(tmp_path, capsys, m
     assert code == 2 and err.count("\n") == 1, err
     assert f"checkpoint {checkpoint.path} has non-finite weights (NaN or infinity): model.norm.weight (1 of 2)" in err
     assert not (tmp_path / "model").exists()
+
+
+# ---- the second list: corpora that read wrong numbers silently ---------------------------------------------
+
+@pytest.fixture()
+def small_corpus(tokenizer_dir, tmp_path, capsys):
+    """A small prepared corpus (training and validation splits), in its own folder per test."""
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(6):
+        (text / f"{i}.txt").write_text(f"def add_{i}(a, b):\n    return a + b * {i}\n\nclass Point{i}:\n    x = {i}\n" * 30)
+    code, _, err = _prepare(capsys, "--input", text, "--tokenizer", tokenizer_dir, "--output", tmp_path / "corpus",
+                            "--shard-tokens", "1500", "--val-fraction", "0.2")
+    assert code == 0, err
+    return tmp_path / "corpus"
+
+
+def _edit_manifest(corpus, edit) -> None:
+    path = corpus / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda m: m.update(dtype="float16"), "dtype 'float16' is not a token dtype"),
+    (lambda m: m["shards"].append(m["shards"][0]), "is listed twice"),
+    (lambda m: m["shards"][0].update(index="../.."), "its index must be an integer"),
+    (lambda m: m["shards"][0].update(directory="../elsewhere"), "must be a folder inside the corpus"),
+    (lambda m: m["shards"][0]["splits"]["train"].update(tokens="many"), "needs integer tokens"),
+    (lambda m: m["tokenizer"].update(vocab_size=70000), "holds ids below 65536"),
+    (lambda m: m["shards"][0].pop("splits"), "is not a manifest odegpt wrote"),
+])
+def test_a_manifest_that_would_misread_the_tokens_is_refused_in_one_line(small_corpus, capsys, edit, named):
+    _edit_manifest(small_corpus, edit)
+    code, err = _odegpt(capsys, "inspect", small_corpus)
+    assert code == 1 and named in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_out_of_vocabulary_ids_are_found_when_the_corpus_is_first_verified(small_corpus):
+    import numpy as np
+
+    from data_pipeline.datasets import build_datasets
+    from data_pipeline.shards import ShardError, file_checksum
+
+    shard = small_corpus / "train-00000.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[5] = 299 + 7  # past the vocabulary of 300, with the checksum rewritten to match (an edit, not rot)
+    tokens.tofile(shard)
+    _edit_manifest(small_corpus, lambda m: m["shards"][0]["splits"]["train"].update(bin_checksum=file_checksum(shard)))
+    with pytest.raises(ShardError, match="holds token id 306, outside the tokenizer's vocabulary of 300"):
+        build_datasets([str(small_corpus)], None, 16, 0, 10)
+
+
+def test_a_damaged_shuffle_index_is_rebuilt_not_read(small_corpus, capsys):
+    from data_pipeline.datasets import build_datasets
+
+    first, _ = build_datasets([str(small_corpus)], None, 16, 0, 50)
+    expected = [first[i].tolist() for i in range(len(first))]
+    (index,) = (small_corpus / "index_cache").glob("shuffle-*.npy")
+    for damage in (lambda raw: bytes(len(raw)),  # zeroed, header and all
+                   lambda raw: raw[:128] + bytes(len(raw) - 128)):  # the header kept, every sample id 0
+        index.write_bytes(damage(index.read_bytes()))
+        capsys.readouterr()
+        again, _ = build_datasets([str(small_corpus)], None, 16, 0, 50)
+        assert [again[i].tolist() for i in range(len(again))] == expected
+        assert f"index cache {index} is damaged" in capsys.readouterr().err
+
+
+def test_nul_bytes_are_binary_and_utf16_with_a_byte_order_mark_is_text(tokenizer_dir, tmp_path, capsys):
+    from data_pipeline.tokenizer import load_tokenizer
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "nul.txt").write_bytes(bytes(1_000_000))
+    text = "def add(a, b):\n    return a + b\n" * 20
+    (inputs / "utf16.txt").write_bytes(text.encode("utf-16"))  # with its byte-order mark
+    (inputs / "utf16-no-bom.txt").write_bytes(text.encode("utf-16-le"))
+    code, out, err = _prepare(capsys, "--input", inputs, "--tokenizer", tokenizer_dir, "--output", tmp_path / "c",
+                              "--val-fraction", "0")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert sorted(manifest["skipped"]["undecodable_files"]) == [str(inputs / "nul.txt"),
+                                                                 str(inputs / "utf16-no-bom.txt")]
+    import numpy as np
+
+    ids = np.fromfile(tmp_path / "c" / "train-00000.bin", dtype=np.uint16).tolist()
+    assert load_tokenizer(tokenizer_dir).decode([i for i in ids if i > 3]) == text  # no "d\x00e\x00"
+
+
+def test_a_symbolic_link_out_of_the_input_folder_is_named(tokenizer_dir, tmp_path, capsys):
+    inputs, elsewhere = tmp_path / "inputs", tmp_path / "elsewhere.txt"
+    inputs.mkdir()
+    (inputs / "code.txt").write_text("def add(a, b):\n    return a + b\n" * 30)
+    elsewhere.write_text("class Point:\n    x = 0\n" * 30)
+    (inputs / "link.txt").symlink_to(elsewhere)
+    code, _, err = _prepare(capsys, "--input", inputs, "--tokenizer", tokenizer_dir, "--output", tmp_path / "c")
+    assert code == 0, err
+    assert f"input {inputs / 'link.txt'} is a symbolic link to {elsewhere}, outside {inputs}" in err
+    assert "code.txt is a symbolic" not in err
+
+
+def test_a_finished_shard_replaced_by_garbage_is_redone_on_rerun(small_corpus, tokenizer_dir, capsys):
+    manifest = json.loads((small_corpus / "manifest.json").read_text())
+    (small_corpus / "manifest.json").unlink()  # as if killed after its shards were finished
+    shard = small_corpus / "train-00000.bin"
+    shard.write_bytes(os.urandom(shard.stat().st_size))
+    code, _, err = _prepare(capsys, "--input", small_corpus.parent / "text", "--tokenizer", tokenizer_dir,
+                            "--output", small_corpus, "--shard-tokens", "1500", "--val-fraction", "0.2")
+    assert code == 0, err
+    rerun = json.loads((small_corpus / "manifest.json").read_text())
+    assert [s["splits"] for s in rerun["shards"]] == [s["splits"] for s in manifest["shards"]]
+    from data_pipeline.shards import verify_corpus
+
+    verify_corpus(small_corpus)
+
+
+def test_json_nested_too_deeply_is_one_line(tokenizer_dir, tmp_path, capsys):
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    code, _, err = _prepare(capsys, "--input", tmp_path / "deep.jsonl", "--tokenizer", tokenizer_dir,
+                            "--output", tmp_path / "c")
+    assert code == 1 and "nested too deeply" in err and len(err.strip().splitlines()) == 1, err
