@@ -546,6 +546,9 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         data = _parse_yaml(path.read_text(), str(path)) or {}
     except OSError as error:
         raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                          f"{error.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     merged: dict = {}

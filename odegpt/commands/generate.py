@@ -218,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
 def _check_options(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0 <= args.seed < 2**63:  # torch's seeds are 64-bit
+        raise CommandError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise CommandError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature:g}")
     if args.top_k < 0:
@@ -321,11 +323,21 @@ def _checked_step_size(config, option: str, step_size: float | None) -> float:
     return step_size
 
 
+def _utf8(raw: bytes, option: str) -> str:
+    """``raw`` (stdin's bytes) as UTF-8 text, or a one-line error naming ``option`` and the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CommandError(f"{option}: stdin is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
+                           f"{error.start})") from None
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt_file is not None:
         source = "stdin" if args.prompt_file == "-" else args.prompt_file
         try:
-            text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text()
+            text = _utf8(sys.stdin.buffer.read(), "--prompt-file -") if args.prompt_file == "-" else \
+                Path(args.prompt_file).read_text()
         except (OSError, UnicodeDecodeError) as error:
             raise CommandError(f"cannot read --prompt-file {source}: {error}") from None
         prompts = text.splitlines()
@@ -336,8 +348,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
                 raise CommandError(f"--prompt-file {source}: line {number} is empty (one prompt per line)")
         return prompts
     if args.prompt == "-":
-        prompt = sys.stdin.read()
-        prompt = prompt[:-1] if prompt.endswith("\n") else prompt
+        prompt = _utf8(sys.stdin.buffer.read(), "--prompt -").removesuffix("\n")
         if not prompt:
             raise CommandError("--prompt -: stdin gave an empty prompt")
         return [prompt]

@@ -159,6 +159,10 @@ def load_config(folder: str | Path, expect: str | None = None, solver: str | Non
         raise CommandError(f"--solver applies to native odegpt models; {folder} is {model_type!r} (an unrolled "
                            f"export has its solver baked in)")
     config_class, _ = MODEL_CLASSES[model_type]
+    for field in REQUIRED_FIELDS[model_type]:
+        if field not in fields:
+            raise CommandError(f"{folder}/config.json has no {field}, which fixes the shape of the model's weights "
+                               f"(a default would give them another shape)")
     if model_type == "odegpt" and "segments" not in fields:
         raise CommandError(f"{folder}/config.json has no segments: an odegpt model's depth and sharing are not "
                            f"optional (the default would give these weights another model's shape)")
@@ -175,11 +179,42 @@ def load_config(folder: str | Path, expect: str | None = None, solver: str | Non
     return config
 
 
+# The config.json fields that fix the shape of a model's weights; each class has a default for them, which would
+# build a model of another shape and fail on its weights with a message about sizes.
+REQUIRED_FIELDS = {"odegpt": ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads"),
+                   "llama": ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                             "num_hidden_layers")}
+
+
+def _weight_file_problem(folder: str | Path, model_class, config: PretrainedConfig) -> str | None:
+    """What is wrong with ``folder``'s safetensors files for this config, in a few words naming the file or
+    tensor: unreadable, or a tensor of another shape than the model's. None when nothing is found."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as weights:
+                for name in weights.keys():
+                    shape = tuple(weights.get_slice(name).get_shape())
+                    if name in expected and shape != expected[name]:
+                        return (f"{path.name}: {name} has shape {list(shape)}, the model's is {list(expected[name])} "
+                                f"(config.json and the weights disagree)")
+        except SafetensorError as error:
+            return f"{path.name} is not a readable safetensors file ({error})"
+    return None
+
+
 def load_model(folder: str | Path, config: PretrainedConfig | None = None) -> PreTrainedModel:
     """The model of ``folder`` in eval mode, its weights as stored and checked finite; an odegpt model with its
     decoders as ``model.generate`` (``odegpt.decoding``), as transformers gives a native folder's."""
     config = load_config(folder) if config is None else config
     _, model_class = MODEL_CLASSES[config.model_type]
+    problem = _weight_file_problem(folder, model_class, config)  # a header read: no weights loaded yet
+    if problem is not None:
+        raise CommandError(f"cannot load the model of {folder}: {problem}")
     try:
         with quiet_transformers():
             model, loading = model_class.from_pretrained(folder, config=config, trust_remote_code=False,

@@ -94,7 +94,7 @@ def test_json_record_has_what_a_script_needs(model_folder, capsys):
 
 def test_prompt_dash_reads_stdin(model_folder, capsys, monkeypatch):
     expected, _ = generate(capsys, model_folder, "--prompt", "def add(", "--max-new-tokens", "6")
-    monkeypatch.setattr(sys, "stdin", io.StringIO("def add(\n"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"def add(\n")))
     from_stdin, _ = generate(capsys, model_folder, "--prompt", "-", "--max-new-tokens", "6")
     assert from_stdin == expected
 
@@ -161,7 +161,7 @@ def test_bad_prompt_sources_are_refused(model_folder, tmp_path, capsys, monkeypa
              (["--prompt-file", str(tmp_path / "empty.txt")], "holds no prompts"),
              (["--prompt", "-"], "stdin gave an empty prompt")]
     for options, message in cases:
-        monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\n")))
         capsys.readouterr()
         assert odegpt_main(["generate", "--model", str(model_folder), *options]) == 2
         err = capsys.readouterr().err

@@ -82,3 +82,76 @@ def test_nonfinite_weights_are_refused_by_every_command_that_loads_them(model_fo
     assert not (tmp_path / "out").exists()
 
 
+
+
+# ---- the second list: weight files and config.json values that gave tracebacks or wrong numbers ----------
+
+def _edited_weights(model_folder, tmp_path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "edited"
+    shutil.copytree(model_folder, folder)
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _first(tensors, part: str) -> str:
+    return next(name for name in sorted(tensors) if part in name)
+
+
+def test_weights_of_another_shape_are_named_with_both_shapes(model_folder, tmp_path, capsys):
+    def narrower(t):
+        t[_first(t, "q_proj")] = t[_first(t, "q_proj")][:, :-1].contiguous()
+
+    def transposed(t):
+        t[_first(t, "up_proj")] = t[_first(t, "up_proj")].t().contiguous()
+
+    for edit, part in ((narrower, "q_proj"), (transposed, "up_proj")):
+        folder = _edited_weights(model_folder, tmp_path / part, edit)
+        code, err = _odegpt(capsys, "generate", "--model", folder, "--prompt", "def ", "--max-new-tokens", "2")
+        assert code == 2 and f"{part}.weight has shape" in err and "the model's is" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_an_empty_or_garbled_weight_file_is_one_line(model_folder, tmp_path, capsys):
+    for name, content in (("empty", b""), ("bad-header", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")):
+        folder = tmp_path / name
+        shutil.copytree(model_folder, folder)
+        (folder / "model.safetensors").write_bytes(content)
+        code, err = _odegpt(capsys, "generate", "--model", folder, "--prompt", "def ", "--max-new-tokens", "2")
+        assert code == 2 and "model.safetensors is not a readable safetensors file" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_finite_weights_too_large_for_any_model_are_refused(model_folder, tmp_path, capsys):
+    def huge(t):
+        t[_first(t, "down_proj")] = t[_first(t, "down_proj")] * 1e35
+
+    folder = _edited_weights(model_folder, tmp_path, huge)
+    code, err = _odegpt(capsys, "generate", "--model", folder, "--prompt", "def ", "--max-new-tokens", "2")
+    assert code == 2 and "down_proj.weight, beyond any trained model's" in err, err
+
+
+def test_a_config_without_a_shape_field_is_named(model_folder, tmp_path, capsys):
+    for field in ("hidden_size", "vocab_size"):
+        folder = tmp_path / field
+        shutil.copytree(model_folder, folder)
+        config = json.loads((folder / "config.json").read_text())
+        del config[field]
+        (folder / "config.json").write_text(json.dumps(config))
+        code, err = _odegpt(capsys, "generate", "--model", folder, "--prompt", "def ", "--max-new-tokens", "2")
+        assert code == 2 and f"config.json has no {field}" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_prompt_on_stdin_that_is_not_utf8_and_a_seed_past_64_bits_are_one_line(model_folder, capsys, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"def \xff\xfe x")))
+    code, err = _odegpt(capsys, "generate", "--model", model_folder, "--prompt", "-", "--max-new-tokens", "2")
+    assert code == 2 and "--prompt -: stdin is not UTF-8 text (byte 0xff at offset 4)" in err, err
+    code, err = _odegpt(capsys, "generate", "--model", model_folder, "--prompt", "def ", "--seed",
+                        "99999999999999999999", "--temperature", "1")
+    assert code == 2 and "--seed must be an integer in [0, 2**63)" in err, err

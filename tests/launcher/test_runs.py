@@ -100,6 +100,15 @@ def test_yaml_syntax_errors_are_one_line_for_every_command(tmp_path, capsys):
     assert str(bad) in _odegpt("plan", "--config", bad, capsys=capsys)[1]
 
 
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("model:\n  hidden_size: 64  # caf\xe9\n".encode("latin-1"))
+    for argv in (["train", "--config", bad], ["plan", "--config", bad]):
+        code, err = _odegpt(*argv, capsys=capsys)
+        assert code == 2 and f"config file {bad} is not UTF-8 text (byte 0xe9 at offset 31)" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
 def test_generated_deepspeed_config_on_gpus_and_compile_limits():
     gpu = load_config(["model/125m-shared", "train/pretrain"]).to_deepspeed_config(8, "cuda")
     assert gpu["bf16"]["enabled"] and gpu["optimizer"]["params"]["torch_adam"]
