@@ -167,7 +167,7 @@ def _adaptive_results(model, config, rows: list[dict], batches: list, args, seq_
             record = load_calibration(args.model, row["target_compute"], settings, seq_len)
             if record is None:
                 if calibration_batches is None:
-                    calibration_batches = (prepared_batches(args.calibration_data, args, seq_len)
+                    calibration_batches = (prepared_batches(args.calibration_data, args, seq_len, config.vocab_size)
                                            if args.calibration_data else batches)
                 try:
                     record = calibrate_energy(model, calibration_batches, settings, row["target_compute"], seq_len)
@@ -218,13 +218,16 @@ def load_native_model(path: str, config, dtype: str):
     return load_model(path, config).to(getattr(torch, dtype)).eval()
 
 
-def prepared_batches(corpora: list[str], args, seq_len: int) -> list:
-    """(B, seq_len + 1) token batches of the prepared corpora's validation samples."""
+def prepared_batches(corpora: list[str], args, seq_len: int, vocab_size: int | None = None) -> list:
+    """(B, seq_len + 1) token batches of the prepared corpora's validation samples; corpora tokenized with a
+    vocabulary larger than the model's ``vocab_size`` are refused."""
     import numpy as np
     import torch
 
     from data_pipeline.datasets import build_datasets
+    from data_pipeline.manifest import Manifest
     from odegpt.evaluation.perplexity import evaluation_indices
+    from odegpt.folders.model_folder import check_vocabulary
 
     # The model folder's tokenizer, when it has one, must be the one the corpora were prepared with.
     tokenizer_dir = args.model if (Path(args.model) / "tokenizer.model").is_file() else None
@@ -232,6 +235,9 @@ def prepared_batches(corpora: list[str], args, seq_len: int) -> list:
         # The whole validation split, unshuffled; then the same evenly spread subset training evaluates.
         _, valid = build_datasets(corpora, None, seq_len, seed=0, num_train_samples=0, num_valid_samples=None,
                                   tokenizer_dir=tokenizer_dir)
+        for corpus in corpora:
+            check_vocabulary(int(Manifest.load(corpus).tokenizer["vocab_size"]), vocab_size,
+                             f"--data: the tokenizer of corpus {corpus}")
     except (OSError, ValueError) as error:
         raise CommandError(f"--data: {error}") from None
     if len(valid) == 0:
@@ -255,7 +261,7 @@ def raw_text_sources(inputs: list[str], model_dir: str) -> list:
     return sources
 
 
-def raw_text_batches(sources: list, args, seq_len: int, stride: int) -> list:
+def raw_text_batches(sources: list, args, seq_len: int, stride: int, vocab_size: int | None = None) -> list:
     """Sliding-window (input ids, targets) batches over raw documents, tokenized with the model's tokenizer.
     Each document is framed by EOS on both sides, as packed training data puts one before and after it:
     its first token is predicted after an EOS, and its closing EOS is scored too."""
@@ -266,7 +272,7 @@ def raw_text_batches(sources: list, args, seq_len: int, stride: int) -> list:
     from odegpt.evaluation.perplexity import window_batches
     from odegpt.folders.model_folder import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, vocab_size)
     frame = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     documents = []
     try:
@@ -324,9 +330,9 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--stride applies to raw text; prepared corpora are scored in their fixed validation "
                            "samples of seq_len + 1 tokens (use --seq-len)")
     sources = raw_text_sources(raw, args.model) if raw else []
-    batches = prepared_batches(prepared, args, seq_len) if prepared else []
+    batches = prepared_batches(prepared, args, seq_len, config.vocab_size) if prepared else []
     if sources:
-        batches += raw_text_batches(sources, args, seq_len, stride)
+        batches += raw_text_batches(sources, args, seq_len, stride, config.vocab_size)
 
     print(f"odegpt evaluate: {describe_threads(*threads)}", file=sys.stderr)
     model = load_native_model(args.model, config, args.dtype)

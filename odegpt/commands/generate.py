@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         _checked_step_size(config, "--draft-step-size", args.draft_step_size)
     adaptive = _adaptive_settings(args, config, step_size) if native else None
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, config.vocab_size)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -129,12 +129,12 @@ class _Solve:
         return self.model.read_out(h).float()
 
     def logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, keep: int = 0) -> torch.Tensor:
-        """Feed ``tokens`` after the cached ones; float logits of the last ``keep`` positions (0: all)."""
-        if attention_mask is not None:
-            attention_mask = attention_mask[:, : len(self) + tokens.shape[1]]
-        out = self.model(input_ids=tokens, attention_mask=attention_mask, past_key_values=self.cache,
-                         use_cache=True, step_size=self.step_size, logits_to_keep=keep)
-        return out.logits.float()
+        """Feed ``tokens`` after the cached ones; float logits of the last ``keep`` positions (0: all). The solve is
+        called directly, as :meth:`recorded_logits` and :meth:`logits_reusing` call it, so a comparison of the
+        two costs only what they compute."""
+        h, inputs = self._begin(tokens, attention_mask, len(self))
+        h = self.model.solve(h, self.plan, self.method, inputs, self.cache)
+        return self.model.read_out(h[:, -keep:] if keep else h).float()
 
     def crop(self, length: int) -> None:
         self.cache.crop_to(min(length, len(self)))

@@ -236,11 +236,21 @@ def load_model(folder: str | Path, config: PretrainedConfig | None = None) -> Pr
     return model.eval()
 
 
-def load_tokenizer(folder: str | Path):
+def load_tokenizer(folder: str | Path, vocab_size: int | None = None):
     """The Hugging Face tokenizer saved in ``folder`` (never the folder's own tokenizer code), checked against
-    odegpt's record of it when the folder has one."""
+    odegpt's record of it when the folder has one, and against the model's ``vocab_size`` when given: a larger
+    tokenizer's ids would index past the embedding."""
     check_tokenizer_record(folder)
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise _one_line("tokenizer", folder, error) from None
+    check_vocabulary(len(tokenizer), vocab_size, f"the tokenizer of {folder}")
+    return tokenizer
+
+
+def check_vocabulary(tokens: int, vocab_size: int | None, what: str) -> None:
+    """Refuse token ids the model has no embedding for: ``what`` has ``tokens`` ids, the model ``vocab_size``."""
+    if vocab_size is not None and tokens > vocab_size:
+        raise CommandError(f"{what} has {tokens:,} tokens, more than the model's vocabulary of {vocab_size:,} "
+                           f"(config.json vocab_size): it is not the tokenizer the model was trained with")
