@@ -128,11 +128,11 @@ class Checkpoint:
         return self.directory / self.tag
 
 
-def verify(checkpoint_dir: Path, tag: str, rng: bool = True) -> Checkpoint:
+def verify(checkpoint_dir: Path, tag: str) -> Checkpoint:
     """Check that every file the ``COMPLETE`` marker lists is there with its saved size, that every
-    ``.pt`` file is a checkpoint that loads safely (structure only: tensors are memory-mapped), and
-    read odegpt's state. Raises :class:`CheckpointError` naming the checkpoint and the file.
-    ``rng=False`` leaves the RNG states out (``odegpt convert`` never reads them)."""
+    ``.pt`` file is a checkpoint that loads safely (structure only: tensors are memory-mapped; the RNG states
+    too, although ``odegpt convert`` never reads them: a file that would run code is refused wherever it is),
+    and read odegpt's state. Raises :class:`CheckpointError` naming the checkpoint and the file."""
     path = checkpoint_dir / tag
     try:
         marker = json.loads((path / COMPLETE).read_text())
@@ -149,17 +149,31 @@ def verify(checkpoint_dir: Path, tag: str, rng: bool = True) -> Checkpoint:
     if not files:
         raise CheckpointError(f"checkpoint {path}: no checkpoint files (*.pt) in it")
     for file in files:
-        if rng or not file.name.startswith("rng_state_"):
-            load_file(file, mmap=True)
-    return Checkpoint(checkpoint_dir, tag, _read_state(path, files))
+        load_file(file, mmap=True)
+    return Checkpoint(checkpoint_dir, tag, _checked_state(path, _read_state(path, files)))
+
+
+def _checked_state(path: Path, state: dict) -> dict:
+    """odegpt's state with its counters checked: an edited ``odegpt_state.json`` is named, not a traceback later."""
+    for key in ("step", "consumed_samples"):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+            raise CheckpointError(f"checkpoint {path}: {STATE} {key} must be a whole number >= 0, got {value!r} "
+                                  f"(the file was edited or damaged)")
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"checkpoint {path}: {STATE} has no run config (the file was edited or damaged)")
+    return state
 
 
 def _read_state(path: Path, files: list[Path]) -> dict:
     if (path / STATE).is_file():
         try:
-            return json.loads((path / STATE).read_text())
+            state = json.loads((path / STATE).read_text())
         except ValueError as error:
             raise CheckpointError(f"checkpoint {path}: {STATE} is not valid JSON ({error})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"checkpoint {path}: {STATE} is not a JSON object")
+        return state
     # Checkpoints written before odegpt_state.json kept the state in DeepSpeed's model-states file.
     model_states = [f for f in files if f.name.endswith("model_states.pt")]
     state = load_file(model_states[0], mmap=True).get(STATE_KEY) if model_states else None
@@ -285,10 +299,17 @@ class Checkpointer:
         dist.barrier()
         # odegpt's state rides along in the model-states file too: DeepSpeed's ds_to_universal copies that file
         # into a universal checkpoint, which can then be resumed on another number of ranks.
-        self.engine.save_checkpoint(str(self.directory), tag=tag_for(step), save_latest=False,
-                                    client_state={**universal_checkpoint_info(), STATE_KEY: state})
-        torch.save(rng_state(), tag_dir / f"rng_state_rank{rank:05d}.pt")
-        dist.barrier()  # every rank's files are on disk
+        failure = None
+        try:
+            self.engine.save_checkpoint(str(self.directory), tag=tag_for(step), save_latest=False,
+                                        client_state={**universal_checkpoint_info(), STATE_KEY: state})
+            torch.save(rng_state(), tag_dir / f"rng_state_rank{rank:05d}.pt")
+        except (OSError, RuntimeError) as error:  # a full disk: torch.save's "file write failed" is a RuntimeError
+            failure = error
+        failed = torch.tensor(float(failure is not None))
+        dist.all_reduce(failed)  # every rank's files are on disk, or every rank stops here together
+        if failed.item():
+            self._abandon(tag_dir, step, failure)
         if rank == 0:
             write_json_atomic(tag_dir / STATE, state)
             files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != COMPLETE}
@@ -298,6 +319,23 @@ class Checkpointer:
         dist.barrier()
         self.saved_step = step
         return tag_dir
+
+    def _abandon(self, tag_dir: Path, step: int, failure: BaseException | None) -> None:
+        """A save that failed on some rank: its partial files are removed (they would only fill the disk further;
+        without a COMPLETE marker they are never resumed from) and every rank raises one line saying what is
+        left to resume from."""
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        dist.barrier()
+        reason = "on another rank" if failure is None else \
+            f"({(str(failure).strip().splitlines() or [type(failure).__name__])[-1]})"
+        newest = latest_complete_tag(self.directory)
+        raise CheckpointError(f"saving checkpoint step {step} to {tag_dir} failed {reason}, e.g. a full disk; its "
+                              f"partial files were removed and the earlier checkpoints are intact (newest complete: "
+                              f"{self.directory / newest if newest else 'none'}); free space, then resume with "
+                              f"--resume auto")
 
     def load(self, checkpoint: Checkpoint) -> None:
         """Collective: restore the engine, optimizer, scheduler and this rank's RNG from a verified checkpoint."""

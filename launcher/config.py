@@ -99,6 +99,8 @@ class DataSection:
     corpora: list = field(default_factory=list)  # prepared corpus directories (odegpt prepare)
     weights: list | None = None  # blending weights, one per corpus; None = proportional to size
     tokenizer: str | None = None  # tokenizer directory; copied into converted models
+    cache_dir: str | None = None  # where sample indices are cached; None = each corpus's index_cache/ (a read-only
+    #                               corpus needs one elsewhere)
 
 
 @dataclass

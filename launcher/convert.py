@@ -24,17 +24,17 @@ def _locate(checkpoint: str | Path) -> checkpointing.Checkpoint:
     """A checkpoint tag directory, or a checkpoints directory (its newest complete checkpoint), verified."""
     path = Path(checkpoint)
     if (path / checkpointing.COMPLETE).is_file():
-        return checkpointing.verify(path.parent, path.name, rng=False)
+        return checkpointing.verify(path.parent, path.name)
     tag = checkpointing.latest_complete_tag(path)
     if tag is None:
         raise CheckpointError(f"no complete checkpoint at {checkpoint} (a directory of step_* checkpoints, or one "
                               f"of them, with a {checkpointing.COMPLETE} marker)")
-    return checkpointing.verify(path, tag, rng=False)
+    return checkpointing.verify(path, tag)
 
 
 def load_state_dict(checkpoint_dir: Path, tag: str) -> tuple[dict, dict]:
     """(fp32 model state dict, odegpt's saved state with the run config) of one verified checkpoint tag."""
-    checkpoint = checkpointing.verify(Path(checkpoint_dir), tag, rng=False)
+    checkpoint = checkpointing.verify(Path(checkpoint_dir), tag)
     return _load_weights(checkpoint), checkpoint.state
 
 

@@ -53,7 +53,7 @@ def build_datasets(config: RunConfig):
     return build(list(config.data.corpora), config.data.weights, t.seq_len, t.seed,
                    t.train_steps * t.global_batch_size,
                    # None: the whole validation split, unshuffled, from which valid_batches picks
-                   None if config.eval.num_samples else 0, config.data.tokenizer)
+                   None if config.eval.num_samples else 0, config.data.tokenizer, cache_dir=config.data.cache_dir)
 
 
 def _collate(dataset, indices) -> torch.Tensor:

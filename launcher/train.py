@@ -187,6 +187,14 @@ class Evaluator:
         return {a: perplexity(float(s), int(n)) for a, (s, n) in zip(sums, totals.tolist())}
 
 
+def gradient_norm(model) -> float | None:
+    """The L2 norm of ``model``'s gradients (None when it holds none, as under DeepSpeed's bf16 wrapper)."""
+    import torch
+
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+
 class Trainer:
     def __init__(self, config, resume: str | None, rank: int, world_size: int, device_type: str) -> None:
         import deepspeed
@@ -281,6 +289,7 @@ class Trainer:
         self.stop = faults.StopRequest().install()
         self.guard = faults.NonFiniteGuard(t.max_nonfinite_steps)
         self._costs: dict[tuple, tuple[int, float]] = {}  # (a, solver) -> (solver steps, training FLOPs/token)
+        self._grad_norm: float | None = None  # measured here where DeepSpeed reports none (ZeRO-0)
 
     def say(self, message: str) -> None:
         if self.rank == 0:
@@ -382,6 +391,8 @@ class Trainer:
             loss_sum += loss.detach().double()
             # A non-finite micro-batch back-propagates zero instead (collectives stay aligned).
             self.engine.backward(torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)))
+            if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
+                self._grad_norm = gradient_norm(self.engine.module)  # reduced, not yet clipped or applied
             self.engine.step()
         stop = torch.tensor(float(self.stop.requested), dtype=torch.float64, device=self.device)
         reduced = torch.stack([loss_sum / self.grad_accum, stop])
@@ -411,6 +422,8 @@ class Trainer:
                                                                 t.reference_weight, t.readout_weights, solver))
         executed_steps, flops_per_token = self._costs[a, solver]
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None or not math.isfinite(float(grad_norm)):  # ZeRO-0 computes it only to clip, if at all
+            grad_norm = self._grad_norm if self._grad_norm is not None else grad_norm
         tokens = t.global_batch_size * t.seq_len
         self.metrics.train_step(self.step, {
             "loss": result.loss, "step_size": a, "lr": self.scheduler.get_last_lr()[0],

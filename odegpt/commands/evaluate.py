@@ -38,6 +38,9 @@ def register(subparsers) -> None:
                         help="raw text: a window starts every STRIDE tokens and scores only tokens no earlier "
                              "window scored, so every token is scored once with up to seq_len tokens of "
                              "context (default: seq_len, disjoint windows)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="where a prepared corpus's verification record is kept (default: its index_cache/); "
+                             "for a read-only corpus")
     parser.add_argument("--num-samples", type=int, default=None,
                         help="prepared corpora: validation sequences, spread evenly over the split (default: all)")
     parser.add_argument("--text-key", default="text", help="raw .jsonl/.parquet inputs: the text field")
@@ -234,7 +237,7 @@ def prepared_batches(corpora: list[str], args, seq_len: int, vocab_size: int | N
     try:
         # The whole validation split, unshuffled; then the same evenly spread subset training evaluates.
         _, valid = build_datasets(corpora, None, seq_len, seed=0, num_train_samples=0, num_valid_samples=None,
-                                  tokenizer_dir=tokenizer_dir)
+                                  tokenizer_dir=tokenizer_dir, cache_dir=getattr(args, "cache_dir", None))
         for corpus in corpora:
             check_vocabulary(int(Manifest.load(corpus).tokenizer["vocab_size"]), vocab_size,
                              f"--data: the tokenizer of corpus {corpus}")

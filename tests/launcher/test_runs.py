@@ -217,11 +217,35 @@ def test_convert_names_the_damaged_file_and_never_unpickles_code(trained, tmp_pa
     assert not victim.exists() and not (tmp_path / "m").exists()
 
 
+def test_convert_checks_the_rng_files_too_and_never_unpickles_them(trained, tmp_path, capsys):
+    run, victim = _copy(trained, tmp_path), tmp_path / "pwned"
+    rng = run / "checkpoints" / "step_00000002" / "rng_state_rank00000.pt"
+    _craft(rng, victim)
+    _reseal(rng.parent)
+    code, err = _odegpt("convert", "--checkpoint", run / "checkpoints", "--output", tmp_path / "m", capsys=capsys)
+    assert code == 2 and "rng_state_rank00000.pt cannot be read" in err and err.count("\n") == 1, err
+    assert not victim.exists() and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("key, value", [("consumed_samples", -16), ("consumed_samples", 10**30), ("step", 1.5),
+                                        ("step", "two"), ("config", None)])
+def test_an_edited_state_file_is_named_in_one_line(trained, tmp_path, capsys, key, value):
+    run = _copy(trained, tmp_path)
+    state_file = run / "checkpoints" / "step_00000002" / "odegpt_state.json"
+    state = json.loads(state_file.read_text())
+    state[key] = value
+    state_file.write_text(json.dumps(state))
+    _reseal(state_file.parent)
+    code, err = _odegpt("convert", "--checkpoint", state_file.parent, "--output", tmp_path / "m", capsys=capsys)
+    assert code == 2 and f"odegpt_state.json" in err and err.count("\n") == 1, err
+    assert (f"{key} must be a whole number >= 0, got {value!r}" if key != "config" else "has no run config") in err
+
+
 def test_resuming_a_zero_checkpoint_on_another_world_size_says_how(trained):
     from launcher.checkpointing import CheckpointError, check_world_size, latest_complete_tag, verify
 
     checkpoints = trained / "checkpoints"
-    checkpoint = verify(checkpoints, latest_complete_tag(checkpoints), rng=False)
+    checkpoint = verify(checkpoints, latest_complete_tag(checkpoints))
     check_world_size(checkpoint, 1)  # saved on 1 rank
     with pytest.raises(CheckpointError) as error:
         check_world_size(checkpoint, 2)
@@ -453,3 +477,51 @@ def test_metrics_summary_reads_throughput_and_fails_on_a_bad_run(tmp_path, capsy
     assert summary["tokens_per_s"] == 35000.0 and summary["ranks"] == 2  # the first 20% of steps left out and summary["loss"] == 2.5
     assert main([str(good)]) == 0 and main([str(good), str(bad)]) == 1
     assert "last loss is nan" in capsys.readouterr().err
+
+
+def test_zero0_logs_the_gradient_norm_the_other_stages_log(trained, tmp_path):
+    """ZeRO-0 used to log grad_norm NaN at every step: DeepSpeed computes none there."""
+    import math
+
+    run = tmp_path / "run"
+    process = _plain(run, **{"deepspeed.zero_stage": 0, "train.train_steps": 2, "checkpoint.interval": 1,
+                             "eval.interval": 0, "eval.num_samples": 4})
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, stderr[-3000:]
+    zero0, zero1 = _train_metrics(run), _train_metrics(trained)  # the same run at ZeRO-1
+    for step in (1, 2):
+        assert math.isfinite(zero0[step]["grad_norm"]), zero0[step]
+        assert zero0[step]["grad_norm"] == pytest.approx(zero1[step]["grad_norm"], rel=1e-5), step
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    process = _plain(run, env=_env(ODEGPT_FAULT_DISK_FULL_IN_SAVE="0:4"), **{
+        "deepspeed.zero_stage": 1, "train.train_steps": 4, "checkpoint.interval": 2, "eval.interval": 0,
+        "eval.num_samples": 4})
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode != 0
+    checkpoints = run / "checkpoints"
+    line = next(line for line in stderr.splitlines() if "saving checkpoint step 4" in line)
+    assert "file write failed" in line and f"newest complete: {checkpoints / 'step_00000002'}" in line, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000002"]  # the partial one removed
+    from launcher.checkpointing import verify
+
+    assert verify(checkpoints, "step_00000002").state["step"] == 2
+
+
+def test_data_cache_dir_keeps_a_corpus_folder_untouched(corpus, tmp_path, capsys):
+    """A read-only corpus needs its index cache elsewhere: data.cache_dir (and evaluate --cache-dir) puts it there."""
+    from launcher.data import build_datasets
+
+    tokenizer, data = corpus
+    copy = tmp_path / "corpus"
+    shutil.copytree(data, copy, ignore=shutil.ignore_patterns("index_cache"))
+    before = sorted(p.name for p in copy.rglob("*"))
+    config = load_config(["quickstart"], [f"data.corpora=[{copy}]", f"data.tokenizer={tokenizer}",
+                                          f"data.cache_dir={tmp_path / 'cache'}", "train.train_steps=4"])
+    train, valid = build_datasets(config)
+    assert len(train) == 4 * config.train.global_batch_size and len(valid) > 0
+    assert sorted(p.name for p in copy.rglob("*")) == before  # nothing written into the corpus
+    assert list((tmp_path / "cache").rglob("shuffle-*.npy")) and list((tmp_path / "cache").rglob("verified-*"))

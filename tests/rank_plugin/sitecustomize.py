@@ -8,6 +8,8 @@ only what the environment asks for:
 - ``ODEGPT_FAULT_KILL=RANK:STEP``: that rank is killed (SIGKILL) as it starts that optimizer step;
 - ``ODEGPT_FAULT_KILL_IN_SAVE=RANK:STEP``: killed in the middle of that step's checkpoint (its model and
   optimizer states written, its RNG state not);
+- ``ODEGPT_FAULT_DISK_FULL_IN_SAVE=RANK:STEP``: that rank's write of that step's RNG state fails as a full
+  disk makes ``torch.save`` fail;
 - ``ODEGPT_FAULT_NONFINITE_STEPS=3,4,5``: the loss of those optimizer steps is NaN.
 """
 from __future__ import annotations
@@ -81,8 +83,8 @@ def _patch_train(train) -> None:
 
 
 def _patch_checkpointing(checkpointing) -> None:
-    target = _rank_step("ODEGPT_FAULT_KILL_IN_SAVE")
-    if target is None:
+    target, disk_full = _rank_step("ODEGPT_FAULT_KILL_IN_SAVE"), _rank_step("ODEGPT_FAULT_DISK_FULL_IN_SAVE")
+    if target is None and disk_full is None:
         return
     save, rng_state, saving = checkpointing.Checkpointer.save, checkpointing.rng_state, []
 
@@ -99,6 +101,9 @@ def _patch_checkpointing(checkpointing) -> None:
 
         if saving and (dist.get_rank(), saving[-1]) == target:
             _die()
+        if saving and (dist.get_rank(), saving[-1]) == disk_full:  # what torch.save raises on a full disk
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
+                               "file data/0: file write failed")
         return rng_state()
 
     checkpointing.Checkpointer.save, checkpointing.rng_state = recording_save, dying_rng_state
