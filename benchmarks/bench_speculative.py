@@ -27,11 +27,11 @@ prints each (a, B, k)'s ceiling: the tokens/s if every draft were accepted, (k +
 k * draft + verify forwards, against plain generate at a = 1. Where that ceiling is under a target, no
 draft model of this cost can reach it on this machine, however well it agrees with the target.
 
-Verification continues from the draft's work (``reuse_draft``, the default): the steps both solves share and
-the next step's first attention branch are taken from the draft, not recomputed. Each row runs beside the same
-decoding with ``reuse_draft=False`` ("vs no reuse"), reports what was reused per round (token-steps: block
-evaluations plus first attention branches) and that share of verification's work, and its ceiling counts
-verification's forward less that share.
+Each row also runs with ``reuse_draft=True`` (verification continues from the draft's work: the steps both
+solves share and the next step's first attention branch are taken from the draft, not recomputed): "reuse:
+speed" is its tokens/s over the row's, "reused/round" what it took from the draft per round (token-steps: block
+evaluations plus first attention branches) and that share of verification's work; the JSON's
+``ceiling_with_reuse_vs_generate_a1`` takes that share off verification's forward.
 """
 from __future__ import annotations
 
@@ -132,8 +132,8 @@ def bench_model(path: str, args: argparse.Namespace) -> dict:
                  for a in targets}
     combos = list(itertools.product(args.step_sizes, args.draft_step_sizes, args.draft_tokens, args.draft_confidence))
     for a, b, k, p in combos:
-        for reuse in (True, False):  # verification continuing from the draft's shared work, or recomputing it
-            variants[speculative_name(a, b, k, p) + ("" if reuse else " no reuse")] = (
+        for reuse in (False, True):  # verification recomputing everything (the default), or continuing from the
+            variants[speculative_name(a, b, k, p) + (" reuse" if reuse else "")] = (  # draft's shared work
                 lambda a=a, b=b, k=k, p=p, reuse=reuse: run_generate(
                     a, draft_step_size=b, draft_tokens=k, draft_confidence=p, reuse_draft=reuse,
                     return_dict_in_generate=True))
@@ -186,37 +186,39 @@ def bench_model(path: str, args: argparse.Namespace) -> dict:
         plain = outputs[f"generate a={a:g}"]
         assert all(torch.equal(x, y) for x, y in zip(plain, outputs[f"bare loop a={a:g}"])), f"bare loop a={a:g}"
     print(f"\n{'a':>4}{'B':>5}{'k':>4}{'p':>5}{'accepted':>10}{'tokens/s':>10}{'vs generate a':>15}{'vs generate a=1':>17}"
-          f"{'vs bare loop a':>16}{'ceiling vs a=1':>16}{'vs no reuse':>13}{'reused/round':>14}  greedy text")
+          f"{'vs bare loop a':>16}{'ceiling vs a=1':>16}{'reuse: speed':>13}{'reused/round':>14}  greedy text")
     rows = []
     for a, b, k, p in combos:
         name = speculative_name(a, b, k, p)
-        results = outputs[name]
+        results, reusing = outputs[name], outputs[f"{name} reuse"]
         accepted = sum(r.accepted_tokens for r in results) / sum(r.drafted_tokens for r in results)
         identical = all(torch.equal(r.sequences, p) for r, p in zip(results, outputs[f"generate a={a:g}"]))
-        identical &= all(torch.equal(r.sequences, p.sequences) for r, p in zip(results, outputs[f"{name} no reuse"]))
-        # Verification's cost with reuse: the share of its block evaluations taken from the draft (first attention
-        # branches counted as the attention part of an evaluation) comes off the measured k + 1 token forward.
+        identical &= all(torch.equal(r.sequences, p.sequences) for r, p in zip(reusing, results))
+        # What reuse takes from the draft: the share of verification's block evaluations (first attention branches
+        # counted as the attention part of an evaluation), which the ceiling with reuse takes off its forward.
         plan_a, method = model.plan(a)[1:]
         attention_share = attention_flops_share(model.config)
-        verified = sum(r.target_forwards for r in results) * (k + 1) * len(plan_a) * method.evaluations
-        saved = sum(r.reused_evaluations + attention_share * r.reused_attention for r in results) / verified
-        all_accepted_rate = (k + 1) / (k * cost[b, 1] + cost[a, k + 1] * (1 - saved))  # tokens/s, every draft kept
-        per_round = sum(r.reused_evaluations + r.reused_attention for r in results) / sum(r.target_forwards
-                                                                                        for r in results)
+        verified = sum(r.target_forwards for r in reusing) * (k + 1) * len(plan_a) * method.evaluations
+        saved = sum(r.reused_evaluations + attention_share * r.reused_attention for r in reusing) / verified
+        all_accepted_rate = (k + 1) / (k * cost[b, 1] + cost[a, k + 1])  # tokens/s, every draft kept
+        per_round = sum(r.reused_evaluations + r.reused_attention for r in reusing) / sum(r.target_forwards
+                                                                                        for r in reusing)
         row = dict(a=a, B=b, k=k, draft_confidence=p, acceptance_rate=accepted, tokens_per_s=rate[name],
                    speedup_vs_generate_a=rate[name] / rate[f"generate a={a:g}"],
                    speedup_vs_generate_a1=rate[name] / rate["generate a=1"],
                    speedup_vs_bare_loop_a=rate[name] / rate[f"bare loop a={a:g}"],
                    ceiling_vs_generate_a1=all_accepted_rate / rate["generate a=1"],
-                   speedup_vs_no_reuse=rate[name] / rate[f"{name} no reuse"], verification_work_reused=saved,
-                   reused_per_round=dict(evaluations=sum(r.reused_evaluations for r in results) / sum(
-                       r.target_forwards for r in results), attention_branches=sum(
-                       r.reused_attention for r in results) / sum(r.target_forwards for r in results)),
+                   ceiling_with_reuse_vs_generate_a1=(k + 1) / (k * cost[b, 1] + cost[a, k + 1] * (1 - saved))
+                   / rate["generate a=1"],
+                   reuse_speedup=rate[f"{name} reuse"] / rate[name], verification_work_reused=saved,
+                   reused_per_round=dict(evaluations=sum(r.reused_evaluations for r in reusing) / sum(
+                       r.target_forwards for r in reusing), attention_branches=sum(
+                       r.reused_attention for r in reusing) / sum(r.target_forwards for r in reusing)),
                    identical=identical)
         rows.append(row)
         print(f"{a:>4g}{b:>5g}{k:>4}{'off' if p is None else f'{p:g}':>5}{accepted:>10.0%}{rate[name]:>10.1f}{row['speedup_vs_generate_a']:>14.2f}x"
               f"{row['speedup_vs_generate_a1']:>16.2f}x{row['speedup_vs_bare_loop_a']:>15.2f}x"
-              f"{row['ceiling_vs_generate_a1']:>15.2f}x{row['speedup_vs_no_reuse']:>12.2f}x"
+              f"{row['ceiling_vs_generate_a1']:>15.2f}x{row['reuse_speedup']:>12.2f}x"
               f"{f'{per_round:.1f} ({saved:.0%})':>14}  {'identical' if identical else 'DIFFERENT'}")
     print(f"\n{'at a = 1, same prompts':<46}{'tokens/s':>10}{'vs generate a=1':>17}{'vs transformers lookup':>24}"
           f"  greedy text")

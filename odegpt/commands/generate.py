@@ -62,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--draft-confidence", type=float, default=None, metavar="P",
                         help="with --draft-step-size: stop a round's drafting after a draft whose own probability "
                              "is below P (saves drafts the target would reject; output unchanged; default: off)")
+    parser.add_argument("--reuse-draft", action="store_true",
+                        help="with --draft-step-size: verification continues from the draft's shared work (the "
+                             "unshared layers before the first shared segment, the next step's first attention) "
+                             "instead of recomputing it; output unchanged; it saves 6-14%% of verification's work "
+                             "but on a CPU at batch 1 was no faster (docs/self-speculative.md), so it is off")
     adaptive = parser.add_argument_group("adaptive depth", "per-token depth with the same weights (native models)")
     adaptive.add_argument("--exit-entropy", type=float, default=None, metavar="H",
                           help="early exit: a token stops integrating at --step-size once its read-out's entropy "
@@ -136,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     if speculative_decoding:
         settings.update(draft_step_size=args.draft_step_size, draft_tokens=args.draft_tokens,
                         draft_confidence=args.draft_confidence, prompt_lookup_num_tokens=args.prompt_lookup,
-                        return_dict_in_generate=True)
+                        reuse_draft=args.reuse_draft, return_dict_in_generate=True)
     if adaptive is not None:
         settings.update(adaptive=adaptive, return_dict_in_generate=True)
 

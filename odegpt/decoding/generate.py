@@ -29,7 +29,8 @@ def generate(inputs=None, generation_config=None, *, model, draft_step_size: flo
     ``P``). Greedy output is identical; sampled output follows the target's distribution.
     ``prompt_lookup_num_tokens=K`` drafts by prompt lookup (copies of what followed the sequence's last
     n-gram earlier on), alone or beside ``draft_step_size``, each round taking the source that pays best;
-    ``draft_tokens="auto"`` adapts the draft length to the running acceptance (speculative.DraftPolicy).
+    ``draft_tokens="auto"`` adapts the draft length to the running acceptance (speculative.DraftPolicy);
+    ``reuse_draft=True`` lets verification continue from the draft's shared work (same output).
 
     With ``exit_entropy=H`` each token stops integrating once its read-out's entropy is below ``H`` nats;
     with ``route_energy=E`` each token is solved at ``swift_step_size`` (default
