@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from odegpt import OdeCache
+from odegpt.decoding.speculative import _Solve  # the decoder's own solve: what its rounds cost
 from odegpt.evaluation.throughput import Variant as Timed
 from odegpt.evaluation.throughput import time_generation
 from odegpt.folders.export import unroll_to_llama
@@ -76,19 +76,21 @@ def plain_loop(model, prompt: torch.Tensor, new_tokens: int, step_size: float) -
 
 
 def forward_costs(model, prompt: torch.Tensor, cases: list[tuple[float, int]], rounds: int = 9) -> dict:
-    """Median seconds of one cached forward over ``q`` new tokens at step size ``a``, for each (a, q)."""
-    caches = {}
+    """Median seconds of one cached forward over ``q`` new tokens at step size ``a``, for each (a, q), through the
+    calls self-speculative decoding makes (its solve at one step size; not the model's ``forward``, whose
+    wrapper would count a cost the decoder does not pay)."""
+    solves = {}
     for a, q in cases:
-        caches[a, q] = OdeCache()
-        model(prompt, past_key_values=caches[a, q], step_size=a)
+        solves[a, q] = _Solve(model, a)
+        solves[a, q].logits(prompt, None, keep=1)
     seconds = {case: [] for case in cases}
     for _ in range(rounds):
         for a, q in cases:  # interleaved
             tokens = prompt[:, -q:]
             start = time.perf_counter()
             for _ in range(20):
-                model(tokens, past_key_values=caches[a, q], step_size=a)
-                caches[a, q].crop_to(prompt.shape[1])
+                solves[a, q].logits(tokens, None)
+                solves[a, q].crop(prompt.shape[1])
             seconds[a, q].append((time.perf_counter() - start) / 20)
     return {case: statistics.median(s) for case, s in seconds.items()}
 

@@ -41,6 +41,7 @@ def register_tokenizer(subparsers) -> None:
     p.add_argument("--text-key", default="text", help="text field of json/parquet/dataset inputs")
     p.add_argument("--max-files", type=int, default=None, help="use only the first N input files")
     p.add_argument("--seed", type=int, default=0, help="seed of the line sample")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_tokenizer)
 
 
@@ -53,7 +54,7 @@ def run_tokenizer(args) -> int:
     try:
         info = train_tokenizer(args.input, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
                                max_sentences=args.max_sentences, seed=args.seed, text_key=args.text_key,
-                               max_files=args.max_files)
+                               max_files=args.max_files, progress=not args.no_progress and sys.stderr.isatty())
     except (OSError, ValueError, RuntimeError) as error:
         print(f"odegpt tokenizer: error: {error}", file=sys.stderr)
         return 1

@@ -16,14 +16,16 @@ The fingerprint (blake2b of the ``.model`` bytes) is what manifests record and w
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import tempfile
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 from .files import write_atomic, write_json_atomic
 
@@ -126,25 +128,53 @@ def _write_canonical_model(trained: str | os.PathLike, target: Path) -> None:
     write_atomic(target, proto.SerializeToString())
 
 
+@contextlib.contextmanager
+def _elapsed_bar(description: str, enabled: bool) -> Iterator[None]:
+    """A progress line that counts the seconds of a step with no progress of its own to report (SentencePiece's
+    training, which releases the GIL, so a thread can keep the line moving)."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, bar_format="{desc}: {elapsed}", disable=not enabled, leave=False)
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.5):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        bar.close()
+
+
 def train_tokenizer(inputs: list[str], output: str | os.PathLike, vocab_size: int,
                     model_type: str = "bpe", max_sentences: int = 2_000_000, seed: int = 0,
                     text_key: str = "text", num_threads: int | None = None,
-                    character_coverage: float = 0.9995, max_files: int | None = None) -> TokenizerInfo:
-    """Train a SentencePiece model on `inputs` and write a complete tokenizer directory."""
+                    character_coverage: float = 0.9995, max_files: int | None = None,
+                    progress: bool = False) -> TokenizerInfo:
+    """Train a SentencePiece model on `inputs` and write a complete tokenizer directory; ``progress`` shows a
+    bar over the input files read, then the seconds SentencePiece has been training."""
     import sentencepiece as spm
+    from tqdm import tqdm
 
     from .readers import iter_documents, resolve_inputs
 
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     sources = resolve_inputs(inputs, max_files=max_files)
-    sentences = sample_sentences((doc.text for doc in iter_documents(sources, text_key=text_key)),
-                                 max_sentences=max_sentences, seed=seed)
+    documents = iter_documents(tqdm(sources, desc="tokenizer: read", unit="file", disable=not progress,
+                                    leave=False), text_key=text_key)
+    sentences = sample_sentences((doc.text for doc in documents), max_sentences=max_sentences, seed=seed)
     if not sentences:
         raise ValueError(f"no text found in {inputs} to train a tokenizer on")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output, prefix=".train-") as tmp:
+    with tempfile.TemporaryDirectory(dir=output, prefix=".train-") as tmp, \
+            _elapsed_bar(f"tokenizer: training SentencePiece {model_type} on {len(sentences):,} lines", progress):
         prefix = os.path.join(tmp, "tokenizer")
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences),

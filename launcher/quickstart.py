@@ -20,11 +20,12 @@ from .launch import free_port
 from .stages import Stages
 
 STEP_SIZES = (0.5, 1.0, 2.0, 4.0)
-# The sample: a function signature and the start of its docstring (a prompt ending in a space would
-# end on a lone-space token the tokenizer never produces before a word), continued at a=1 with a
-# fixed seed and mildly sharpened sampling.
-PROMPT = 'def read_lines(path):\n    """Return'
-SAMPLING = {"temperature": 0.4, "top_k": 40, "seed": 0, "max_new_tokens": 96}
+# The sample: a model of 463K parameters at perplexity ~45 has learned the surface of the standard library, much of
+# which is its test suite, not programs. So the prompt opens what it has seen most (a unittest class and a test
+# method's name; a prompt ending in a space would end on a lone-space token the tokenizer never produces before a
+# word) and sampling is sharpened (temperature 0.5, top-k 40; greedy decoding loops on one line), at a=1, seed 0.
+PROMPT = "class TestPath(unittest.TestCase):\n\n    def test_"
+SAMPLING = {"temperature": 0.5, "top_k": 40, "seed": 0, "max_new_tokens": 96}
 
 
 def main(argv: list[str] | None = None) -> int:
