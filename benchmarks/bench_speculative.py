@@ -20,8 +20,9 @@ variants run interleaved, round after round, in this one process; each reports t
 rounds (the machine is shared and noisy, so only ratios measured side by side mean anything). Every
 speculative output is checked token for token against plain greedy decoding at a.
 
-It also prints what one round costs, in units of a one-token forward at a = 1: a draft forward at
-each B, and the verification forward at a over k + 1 tokens. Speculation pays when
+It also prints what one round costs, in units of a one-token forward at a = 1 (at the context decoding sees
+on average: a prompt and half the new tokens): a draft forward at each B, and the verification forward at a
+over k + 1 tokens. Speculation pays when
 k * draft + verify is well under the tokens a round keeps, 1 + (accepted drafts). From the same costs it
 prints each (a, B, k)'s ceiling: the tokens/s if every draft were accepted, (k + 1) tokens per
 k * draft + verify forwards, against plain generate at a = 1. Where that ceiling is under a target, no
@@ -172,7 +173,9 @@ def bench_model(path: str, args: argparse.Namespace) -> dict:
             print(f"  round {round_ + 1}/{args.rounds} done", flush=True)
         cases = [(1.0, 1)] + [(b, 1) for b in args.draft_step_sizes] + [(a, k + 1) for a in args.step_sizes
                                                                          for k in args.draft_tokens]
-        cost = forward_costs(model, torch.cat(prompts, dim=1), list(dict.fromkeys(cases)))
+        # At the context decoding sees on average: a prompt and half the new tokens.
+        context = round(statistics.mean(p.shape[1] for p in prompts)) + args.new_tokens // 2
+        cost = forward_costs(model, torch.cat(prompts, dim=1)[:, :context], list(dict.fromkeys(cases)))
     tokens = len(prompts) * args.new_tokens
     rate = {name: tokens / statistics.median(s) for name, s in seconds.items()}
 
