@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as error:
         print(f"odegpt {args.command}: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the file system said no (permissions, a full disk, ...): one line naming the path
+        where = f": {error.filename}" if error.filename else ""
+        print(f"odegpt {args.command}: {error.strerror or error}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

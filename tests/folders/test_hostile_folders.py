@@ -155,3 +155,23 @@ def test_a_prompt_on_stdin_that_is_not_utf8_and_a_seed_past_64_bits_are_one_line
     code, err = _odegpt(capsys, "generate", "--model", model_folder, "--prompt", "def ", "--seed",
                         "99999999999999999999", "--temperature", "1")
     assert code == 2 and "--seed must be an integer in [0, 2**63)" in err, err
+
+
+def test_an_output_that_is_a_file_or_cannot_be_written_is_one_line(model_folder, tmp_path, capsys, monkeypatch):
+    (tmp_path / "text.txt").write_text("def add(a, b):\n    return a + b\n" * 40)
+    taken = tmp_path / "taken.txt"
+    taken.write_text("mine")
+    evaluate = ["evaluate", "--model", model_folder, "--data", tmp_path / "text.txt", "--seq-len", "16", "--no-speed"]
+    code, err = _odegpt(capsys, *evaluate, "--output", taken)
+    assert code == 2 and f"--output {taken} is a file, not a folder" in err and err.count("\n") == 1, err
+    assert taken.read_text() == "mine"
+
+    import odegpt.evaluation.report as report  # what a read-only folder or a full disk does to the write
+
+    def refused(document, output_dir):
+        raise PermissionError(13, "Permission denied", str(Path(output_dir) / "results.json"))
+
+    monkeypatch.setattr(report, "write_report", refused)
+    code, err = _odegpt(capsys, *evaluate, "--output", tmp_path / "report")
+    assert code == 1 and err.strip().splitlines()[-1] == \
+        f"odegpt evaluate: Permission denied: {tmp_path / 'report' / 'results.json'}", err
