@@ -175,3 +175,13 @@ def test_an_output_that_is_a_file_or_cannot_be_written_is_one_line(model_folder,
     code, err = _odegpt(capsys, *evaluate, "--output", tmp_path / "report")
     assert code == 1 and err.strip().splitlines()[-1] == \
         f"odegpt evaluate: Permission denied: {tmp_path / 'report' / 'results.json'}", err
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_one_line(model_folder, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(model_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = 100  # the tokenizer has more ids: they would index past the embedding
+    (folder / "config.json").write_text(json.dumps(config))
+    code, err = _odegpt(capsys, "generate", "--model", folder, "--prompt", "def ", "--max-new-tokens", "2")
+    assert code == 2 and "tokens, more than the model's vocabulary of 100" in err and err.count("\n") == 1, err
