@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, default=["quickstart"])
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks (default: %(default)s)")
     parser.add_argument("--prompt", default=PROMPT, help="generation prompt (default: %(default)r)")
+    parser.add_argument("--max-files", type=int, default=None, metavar="N",
+                        help="tokenizer and corpus from the first N standard-library files only (a quick look; "
+                             "default: all)")
     args = parser.parse_args(argv)
 
     from .config import load_config
@@ -48,20 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DS_ACCELERATOR": "cpu",
            "TOKENIZERS_PARALLELISM": "false"}
     stages = Stages("quickstart", 7)
+    max_files = [] if args.max_files is None else ["--max-files", str(args.max_files)]
 
     stages.begin("tokenizer on the Python standard library")
     if (tokenizer_dir / "tokenizer.json").is_file():
         print(f"exists: {tokenizer_dir}")
     else:
         stages.run(odegpt + ["tokenizer", "--input", "stdlib", "--vocab-size", str(config.model.vocab_size),
-                             "--output", str(tokenizer_dir)])
+                             "--output", str(tokenizer_dir), *max_files])
 
     stages.begin("prepare: tokenize and shard the corpus, 1% validation")
     if (data_dir / "manifest.json").is_file():
         print(f"exists: {data_dir}")
     else:
         stages.run(odegpt + ["prepare", "--input", "stdlib", "--tokenizer", str(tokenizer_dir), "--output",
-                             str(data_dir), "--val-fraction", "0.01", "--workers", "2"])
+                             str(data_dir), "--val-fraction", "0.01", "--workers", "2", *max_files])
 
     t = config.train
     stages.begin(f"pretrain: {config.model.segments} at a ~ {t.step_size_distribution}, {t.train_steps} steps x "
