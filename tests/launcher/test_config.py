@@ -170,12 +170,13 @@ def test_checkpoint_bookkeeping(tmp_path):
         tag_dir = tmp_path / tag_for(step)
         tag_dir.mkdir()
         torch.save({"module": {}}, tag_dir / "mp_rank_00_model_states.pt")
-        (tag_dir / STATE).write_text(json.dumps({"step": step}))
+        (tag_dir / STATE).write_text(json.dumps({"step": step, "consumed_samples": 8 * step, "config": {}}))
         if step != 4:  # step 4: a save that crashed half-way
             files = {p.name: p.stat().st_size for p in tag_dir.iterdir()}
             (tag_dir / COMPLETE).write_text(json.dumps({"step": step, "files": files}))
     assert complete_tags(tmp_path) == [tag_for(1), tag_for(2), tag_for(3)]
-    assert choose("auto", tmp_path).tag == tag_for(3) and choose("auto", tmp_path).state == {"step": 3}
+    assert choose("auto", tmp_path).tag == tag_for(3)
+    assert choose("auto", tmp_path).state == {"step": 3, "consumed_samples": 24, "config": {}}
     assert choose(str(tmp_path / tag_for(2)), tmp_path).tag == tag_for(2)
     assert choose(str(tmp_path), tmp_path / "elsewhere").tag == tag_for(3)
     assert choose("none", tmp_path) is None
