@@ -100,16 +100,13 @@ def cached_array(path: Path, build: Callable[[Path], None],
     file system block on the lock; exactly one builds, the others then map the finished file.
     """
     if valid is not None and path.is_file():
-        try:
-            cached = np.load(path, mmap_mode="r")
-        except (OSError, ValueError):
-            cached = None
-        if cached is not None and valid(cached):
+        cached = _valid_array(path, valid)
+        if cached is not None:
             return cached
         print(f"odegpt: index cache {path} is damaged (not the index it names); rebuilding it", file=sys.stderr)
-        del cached
         with _file_lock(path.with_name(path.name + ".lock")):
-            path.unlink(missing_ok=True)
+            if _valid_array(path, valid) is None:  # not rebuilt meanwhile by another rank
+                path.unlink(missing_ok=True)
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +122,15 @@ def cached_array(path: Path, build: Callable[[Path], None],
                 finally:
                     tmp.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r")
+
+
+def _valid_array(path: Path, valid: Callable[[np.ndarray], bool]) -> np.ndarray | None:
+    """``path`` memory-mapped if it is a readable ``.npy`` that ``valid`` accepts, else None."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    return array if valid(array) else None
 
 
 def _key(*parts) -> str:

@@ -139,7 +139,7 @@ def verify_corpus(directory: str | os.PathLike, manifest: Manifest | None = None
     for shard in manifest.shards:
         for split, record in shard.splits.items():
             verify_shard(shard.folder(directory), split, shard.index, record, dtype, checksum=checksum)
-            if checksum:  # read in full anyway: also check every id against the vocabulary, once
+            if checksum:  # the full check, once per node: every id against the vocabulary too
                 check_ids(shard.folder(directory), split, shard.index, record, dtype, manifest.tokenizer["vocab_size"])
     return manifest
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from odegpt.decoding.defaults import DEFAULT_SWIFT_STEP_SIZE
@@ -205,16 +204,6 @@ def _adaptive_results(model, config, rows: list[dict], batches: list, args, seq_
     return results
 
 
-def check_writable_folder(path: str, option: str) -> None:
-    """Refuse, before any work, an output folder that is a file or that cannot be created or written."""
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise CommandError(f"{option} {path} is a file, not a folder")
-    existing = next(folder for folder in (target, *target.parents) if folder.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CommandError(f"{option} {path}: {existing} is not writable")
-
-
 def load_native_config(path: str, solver: str | None = None):
     """The OdeGPTConfig of a native model folder (cheap: no weights), with ``solver`` for this run if given; a
     one-line CommandError otherwise."""
@@ -333,7 +322,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.output:
-        check_writable_folder(args.output, "--output")
+        from odegpt.folders.output_folder import check_writable
+
+        check_writable(Path(args.output))
     adaptive_rows = parse_adaptive(args, config)
     if args.calibration_data and args.target_compute is None:
         raise CommandError("--calibration-data applies to --target-compute")

@@ -371,9 +371,7 @@ def self_speculative_generate(
     max_new, eos, pad, attention_mask = decoding_limits(config, input_ids, attention_mask)
     sampler = _Sampler(config)
     shared = None
-    length_dependent = (getattr(model.config, "source_rope_parameters", None) or {}).get("rope_type") in \
-        ("dynamic", "longrope")  # their frequencies follow each call's longest position: a draft's keys differ
-    if reuse_draft and draft_step_size is not None and not length_dependent:
+    if reuse_draft and draft_step_size is not None and not model.rotary_scales_with_length:  # a draft's keys differ
         shared = shared_steps(model.plan(target_step)[1], model.plan(draft_step_size)[1])
     target = _Solve(model, target_step, shared)
     draft = None if draft_step_size is None else _Solve(model, draft_step_size, shared)

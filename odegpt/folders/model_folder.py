@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
@@ -186,25 +187,17 @@ REQUIRED_FIELDS = {"odegpt": ("vocab_size", "hidden_size", "intermediate_size", 
                              "num_hidden_layers")}
 
 
-def _weight_file_problem(folder: str | Path, model_class, config: PretrainedConfig) -> str | None:
-    """What is wrong with ``folder``'s safetensors files for this config, in a few words naming the file or
-    tensor: unreadable, or a tensor of another shape than the model's. None when nothing is found."""
-    import torch
+def _unreadable_weight_file(folder: str | Path) -> str:
+    """Which of ``folder``'s safetensors files cannot be read, and why (asked once a load failed on one)."""
     from safetensors import SafetensorError, safe_open
 
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
     for path in sorted(Path(folder).glob("*.safetensors")):
         try:
-            with safe_open(str(path), "pt") as weights:
-                for name in weights.keys():
-                    shape = tuple(weights.get_slice(name).get_shape())
-                    if name in expected and shape != expected[name]:
-                        return (f"{path.name}: {name} has shape {list(shape)}, the model's is {list(expected[name])} "
-                                f"(config.json and the weights disagree)")
+            with safe_open(str(path), "pt"):
+                pass
         except SafetensorError as error:
             return f"{path.name} is not a readable safetensors file ({error})"
-    return None
+    return "a weight file is not a readable safetensors file"
 
 
 def load_model(folder: str | Path, config: PretrainedConfig | None = None) -> PreTrainedModel:
@@ -212,16 +205,20 @@ def load_model(folder: str | Path, config: PretrainedConfig | None = None) -> Pr
     decoders as ``model.generate`` (``odegpt.decoding``), as transformers gives a native folder's."""
     config = load_config(folder) if config is None else config
     _, model_class = MODEL_CLASSES[config.model_type]
-    problem = _weight_file_problem(folder, model_class, config)  # a header read: no weights loaded yet
-    if problem is not None:
-        raise CommandError(f"cannot load the model of {folder}: {problem}")
     try:
-        with quiet_transformers():
+        with quiet_transformers():  # tensors of another shape are reported (below), not an error in transformers
             model, loading = model_class.from_pretrained(folder, config=config, trust_remote_code=False,
-                                                         output_loading_info=True)
+                                                         ignore_mismatched_sizes=True, output_loading_info=True)
+    except SafetensorError:
+        raise CommandError(f"cannot load the model of {folder}: {_unreadable_weight_file(folder)}") from None
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise _one_line("model", folder, error) from None
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+    mismatched = sorted(loading.get("mismatched_keys") or [], key=str)  # (name, stored shape, model's shape)
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        raise CommandError(f"cannot load the model of {folder}: {name} has shape {list(stored)}, the model's is "
+                           f"{list(expected)} (config.json and the weights disagree)")
+    for kind in ("missing_keys", "unexpected_keys"):
         if loading.get(kind):
             names = sorted(map(str, loading[kind]))
             raise CommandError(f"cannot load the model of {folder}: {len(names)} {kind.replace('_', ' ')} for a "

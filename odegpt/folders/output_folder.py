@@ -26,11 +26,19 @@ def check_output(source: Path, output: Path, overwrite: bool, source_option: str
                            f"choose another folder")
     if target in source.parents:
         raise CommandError(f"--output {output} holds the {source_option} folder {source}; choose another folder")
-    if target.exists() and not target.is_dir():
-        raise CommandError(f"--output {output} is a file, not a folder")
+    check_writable(output)
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise CommandError(f"--output {output} exists and is not empty; choose another folder, or pass --overwrite "
                            f"to replace it")
+
+
+def check_writable(output: Path, option: str = "--output") -> None:
+    """Refuse, before any work, an output folder that is a file or that cannot be created or written."""
+    if output.exists() and not output.is_dir():
+        raise CommandError(f"{option} {output} is a file, not a folder")
+    existing = next(folder for folder in (output.absolute(), *output.absolute().parents) if folder.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"{option} {output}: {existing} is not writable")
 
 
 @contextlib.contextmanager

@@ -442,6 +442,12 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         projected the same at another."""
         return bool(self.config.relax_rank)
 
+    @property
+    def rotary_scales_with_length(self) -> bool:
+        """Whether rotary frequencies follow each call's longest position (an imported dynamic NTK or LongRoPE
+        scaling): then keys computed in one call are not those of the same positions computed in another."""
+        return scales_with_length(self.config)
+
     def read_out(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of states ``h`` at any time: the final norm and LM head, as at the end of the solve."""
         return self.lm_head(self.model.norm(h))
