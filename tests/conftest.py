@@ -8,6 +8,12 @@ FULLY_SHARED = [{"depth": 4, "shared": True}]
 PARTIALLY_SHARED = [{"depth": 1, "shared": False}, {"depth": 3, "shared": True},
                     {"depth": 2, "shared": True}, {"depth": 1, "shared": False}]
 UNSHARED = [{"depth": 4, "shared": False}]
+# Exactness tests compare two computations of one function: cached against uncached decoding, a draft's reused work
+# against its recomputation, a batch against each row alone. In float32 the two differ by rounding whose size depends
+# on the CPU (AVX2, AVX-512 and NEON kernels sum in other orders: 1.1e-4 on one, 8e-5 on another); in float64 that
+# rounding is about 1e-13 of the values, so their models run in float64 and compare with EXACT, a tolerance far below
+# any real error and far above rounding on every CPU. Greedy tokens compared with torch.equal meet no near-tie then.
+EXACT = dict(rtol=0, atol=1e-9)
 
 
 def tiny_config(segments=FULLY_SHARED, **overrides) -> OdeGPTConfig:
@@ -19,10 +25,16 @@ def tiny_config(segments=FULLY_SHARED, **overrides) -> OdeGPTConfig:
     return OdeGPTConfig(**fields)
 
 
-def tiny_model(segments=FULLY_SHARED, seed=0, **overrides) -> OdeGPTForCausalLM:
-    """A tiny model in eval mode whose ``generate`` has odegpt's decoders, as a loaded folder's has."""
+def tiny_model(segments=FULLY_SHARED, seed=0, dtype: torch.dtype = torch.float32, **overrides) -> OdeGPTForCausalLM:
+    """A tiny model in eval mode whose ``generate`` has odegpt's decoders, as a loaded folder's has; the same
+    weights whatever ``dtype`` (drawn in float32, then cast)."""
     torch.manual_seed(seed)
-    return with_decoders(OdeGPTForCausalLM(tiny_config(segments, **overrides)).eval())
+    return with_decoders(OdeGPTForCausalLM(tiny_config(segments, **overrides)).to(dtype).eval())
+
+
+def exact_model(segments=FULLY_SHARED, seed=0, **overrides) -> OdeGPTForCausalLM:
+    """:func:`tiny_model` in float64, for exactness tests (see EXACT)."""
+    return tiny_model(segments, seed, torch.float64, **overrides)
 
 
 def tokenized_tiny_model(root, text: str, segments=PARTIALLY_SHARED):
@@ -50,7 +62,7 @@ def damped(model: OdeGPTForCausalLM, scale: float) -> OdeGPTForCausalLM:
 
 @pytest.fixture(params=["fully_shared", "partially_shared"])
 def shared_model(request):
-    return tiny_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED)
+    return exact_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED)
 
 
 def left_padded(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

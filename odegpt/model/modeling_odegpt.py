@@ -36,8 +36,8 @@ class OdeGPTRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the compute dtype (bf16 sums of squares lose too much).
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        # Normalise in fp32 at least, whatever the compute dtype (bf16 sums of squares lose too much).
+        normed = F.rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
 

@@ -9,7 +9,7 @@ from odegpt.evaluation.calibration import calibrate_energy
 from odegpt.evaluation.perplexity import adaptive_nll_sums
 from odegpt.model.accounting import adaptive_flops_per_token, model_cost
 from odegpt.model.solver import plan_solve, solver_method
-from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, damped, left_padded, tiny_config, tiny_model
+from tests.conftest import EXACT, FULLY_SHARED, PARTIALLY_SHARED, damped, exact_model, left_padded, tiny_config
 
 FILLS = ("lazy", "copy", "interpolate")
 
@@ -23,7 +23,7 @@ def model(request):
     vary with time (random rank-2 corrections), so a state's keys depend on the step that projects it."""
     segments = FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED
     relaxed = "relaxed" in request.param
-    model = damped(tiny_model(segments, solver="heun" if request.param.endswith("heun") else "euler",
+    model = damped(exact_model(segments, solver="heun" if request.param.endswith("heun") else "euler",
                               relax_rank=2 if relaxed else 0), 0.3)
     if relaxed:
         with torch.no_grad():
@@ -62,7 +62,7 @@ def test_an_exit_that_never_fires_is_the_fixed_step_solve(model, kv_fill, step_s
     fixed = model(prompt, step_size=step_size, use_cache=False).logits
     settings = AdaptiveDepth(exit_entropy=0.0, kv_fill=kv_fill, step_size=step_size)
     out = adaptive_forward(model, prompt, settings)
-    torch.testing.assert_close(out.logits, fixed, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logits, fixed, **EXACT)
     assert bool((out.counts.executed_steps == model.config.solver_steps(step_size)).all())
     kwargs = dict(max_new_tokens=6, do_sample=False, step_size=step_size, pad_token_id=0)
     plain = model.generate(prompt, **kwargs)
@@ -76,7 +76,7 @@ def test_routing_every_token_is_the_super_solve_and_routing_none_is_the_swift_so
     for threshold, step_size in ((-float("inf"), 1.0), (float("inf"), 4.0)):
         settings = AdaptiveDepth(route_energy=threshold, kv_fill=kv_fill, step_size=1.0, swift_step_size=4.0)
         fixed = model(prompt, step_size=step_size, use_cache=False).logits
-        torch.testing.assert_close(adaptive_forward(model, prompt, settings).logits, fixed, atol=1e-5, rtol=0)
+        torch.testing.assert_close(adaptive_forward(model, prompt, settings).logits, fixed, **EXACT)
         plain = model.generate(prompt, step_size=step_size, **kwargs)
         routed = model.generate(prompt, route_energy=threshold, kv_fill=kv_fill, swift_step_size=4.0, **kwargs)
         assert torch.equal(routed, plain), f"route_energy={threshold}"
@@ -84,18 +84,18 @@ def test_routing_every_token_is_the_super_solve_and_routing_none_is_the_swift_so
 
 @pytest.mark.parametrize("kv_fill", FILLS)
 def test_an_exit_that_always_fires_is_the_solve_cut_at_its_first_check(kv_fill):
-    model = tiny_model(FULLY_SHARED)
-    first_step = OdeGPTForCausalLM(tiny_config([{"depth": 1, "shared": True}])).eval()
+    model = exact_model(FULLY_SHARED)
+    first_step = OdeGPTForCausalLM(tiny_config([{"depth": 1, "shared": True}])).double().eval()
     first_step.load_state_dict(model.state_dict())  # the same block, integrated for time 1 only
     prompt = torch.randint(1, 97, (1, 7))
     out = adaptive_forward(model, prompt, AdaptiveDepth(exit_entropy=1e9, kv_fill=kv_fill))
-    torch.testing.assert_close(out.logits, first_step(prompt, use_cache=False).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logits, first_step(prompt, use_cache=False).logits, **EXACT)
     assert bool((out.counts.executed_steps == 1).all()) and bool((out.counts.readouts == 1).all())
     # A check every 2 steps exits at time 2: the same block integrated for time 2.
-    first_two = OdeGPTForCausalLM(tiny_config([{"depth": 2, "shared": True}])).eval()
+    first_two = OdeGPTForCausalLM(tiny_config([{"depth": 2, "shared": True}])).double().eval()
     first_two.load_state_dict(model.state_dict())
     out = adaptive_forward(model, prompt, AdaptiveDepth(exit_entropy=1e9, kv_fill=kv_fill, check_every=2))
-    torch.testing.assert_close(out.logits, first_two(prompt, use_cache=False).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logits, first_two(prompt, use_cache=False).logits, **EXACT)
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(prompt, exit_entropy=1e9, kv_fill=kv_fill, **kwargs)[:, 7:],
                        first_step.generate(prompt, **kwargs)[:, 7:])
@@ -107,7 +107,7 @@ def test_an_exit_that_always_fires_is_the_solve_cut_at_its_first_check(kv_fill):
     (PARTIALLY_SHARED, 2, 3),  # exit one step into block 1: its two remaining steps share one projection
 ])
 def test_a_frozen_token_is_projected_once_per_block_it_has_left(segments, check_every, projections):
-    model, prompt = tiny_model(segments), torch.randint(1, 97, (2, 6))
+    model, prompt = exact_model(segments), torch.randint(1, 97, (2, 6))
     for kv_fill in ("copy", "interpolate"):
         settings = AdaptiveDepth(exit_entropy=1e9, kv_fill=kv_fill, check_every=check_every)
         counts = adaptive_forward(model, prompt, settings).counts
@@ -115,11 +115,11 @@ def test_a_frozen_token_is_projected_once_per_block_it_has_left(segments, check_
         # Decoding, where every token has exited and the reused projection is what later steps cache,
         # gives the same logits as scoring the sequence in one pass.
         torch.testing.assert_close(decode(model, settings, prompt), adaptive_forward(model, prompt, settings).logits,
-                                   atol=1e-5, rtol=0)
+                                   **EXACT)
 
 
 def test_routing_fills_each_swift_state_with_one_projection_per_block():
-    model, prompt = tiny_model(FULLY_SHARED), torch.randint(1, 97, (1, 6))
+    model, prompt = exact_model(FULLY_SHARED), torch.randint(1, 97, (1, 6))
     # Nobody routed: the super solve at times 0, 1, 2, 3 attends to the swift states at times 0 and 4:
     # copy takes 0, 0, 0 (a tie goes earlier), 4; interpolate mixes 0 and 4. Two projections either way.
     for kv_fill in ("copy", "interpolate"):
@@ -153,7 +153,7 @@ def test_lazy_fill_equals_uncached_recomputation_of_the_same_schedule(model):
     reference, exit_step = uncached_early_exit(model, tokens, threshold)
     assert len(exit_step.unique()) > 1  # the schedules are mixed
     settings = AdaptiveDepth(exit_entropy=threshold, kv_fill="lazy")
-    torch.testing.assert_close(decode(model, settings, tokens), reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(decode(model, settings, tokens), reference, **EXACT)
     assert torch.equal(adaptive_forward(model, tokens, settings).counts.executed_steps, exit_step.float())
 
     # Routing: each token's logits are its swift solve's or, above the threshold, the whole super solve's.
@@ -162,7 +162,7 @@ def test_lazy_fill_equals_uncached_recomputation_of_the_same_schedule(model):
     routed = energy(swift) > threshold
     settings = AdaptiveDepth(route_energy=threshold, kv_fill="lazy")
     torch.testing.assert_close(decode(model, settings, tokens), torch.where(routed[..., None], full, swift),
-                               atol=1e-4, rtol=0)
+                               **EXACT)
 
 
 @pytest.mark.parametrize("kv_fill", ["copy", "interpolate"])
@@ -181,10 +181,10 @@ def test_copy_and_interpolate_decode_mixed_schedules_in_a_left_padded_batch(mode
     assert len(whole.counts.executed_steps[real].unique()) > 1  # tokens took different schedules
     # Decoding with the cache gives each token the logits of the one-pass scoring, and padding changes nothing.
     torch.testing.assert_close(decode(model, settings, input_ids, attention_mask)[real], whole.logits[real],
-                               atol=1e-4, rtol=0)
+                               **EXACT)
     for i, row in enumerate(rows):
         alone = adaptive_forward(model, row[None], settings).logits[0]
-        torch.testing.assert_close(whole.logits[i, -len(row):], alone, atol=1e-4, rtol=0)
+        torch.testing.assert_close(whole.logits[i, -len(row):], alone, **EXACT)
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, kv_fill=kv_fill,
                   **({"exit_entropy": settings.exit_entropy} if method == "exit" else
                      {"route_energy": settings.route_energy}))
@@ -198,7 +198,7 @@ def test_copy_and_interpolate_decode_mixed_schedules_in_a_left_padded_batch(mode
 
 
 def test_calibration_hits_its_compute_target_on_held_out_text():
-    model = tiny_model(FULLY_SHARED)
+    model = exact_model(FULLY_SHARED)
     generator = torch.Generator().manual_seed(1)
     calibration, held_out = ([torch.randint(1, 97, (8, 65), generator=generator) for _ in range(2)] for _ in range(2))
     super_flops = model_cost(model.config, 1.0, seq_len=64).flops_per_token
@@ -214,7 +214,7 @@ def test_calibration_hits_its_compute_target_on_held_out_text():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adaptive") / "model"
-    tiny_model(PARTIALLY_SHARED).save_pretrained(folder)
+    exact_model(PARTIALLY_SHARED).save_pretrained(folder)
     (folder / "tokenizer.json").write_text("{}")  # flags are refused before the tokenizer is read
     return folder
 
@@ -240,7 +240,7 @@ def test_bad_flag_values_are_one_line_errors(folder, capsys, command, args, mess
 
 
 def test_generate_keywords_are_checked():
-    model = tiny_model(FULLY_SHARED)
+    model = exact_model(FULLY_SHARED)
     prompt = torch.randint(1, 97, (1, 4))
     with pytest.raises(ValueError, match="exit_entropy must be an entropy in nats >= 0"):
         model.generate(prompt, exit_entropy=-1.0, max_new_tokens=2)
@@ -285,7 +285,7 @@ def test_readout_losses_add_the_weighted_loss_of_the_solve_cut_at_each_time():
     from odegpt.training.objective import language_model_loss, objective_flops_per_token, readout_slots
 
     with torch.enable_grad():
-        model = tiny_model(FULLY_SHARED).train()
+        model = exact_model(FULLY_SHARED).train()
         tokens = torch.randint(1, 97, (2, 13))
         cut = {}
         for depth in (1, 2):
@@ -320,7 +320,7 @@ def test_readout_weights_config_errors_name_the_key(override, message):
 
 
 def test_generate_takes_the_settings_as_one_object():
-    model = tiny_model(FULLY_SHARED)
+    model = exact_model(FULLY_SHARED)
     prompt = torch.randint(1, 97, (1, 5))
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     by_keywords = model.generate(prompt, exit_entropy=4.0, kv_fill="interpolate", step_size=0.5, **kwargs)

@@ -7,14 +7,14 @@ from transformers.generation.streamers import BaseStreamer
 
 from odegpt import OdeCache
 from odegpt.decoding.speculative import _draft_with_model, _Sampler, _Solve, prompt_lookup, shared_steps
-from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, UNSHARED, damped, left_padded, tiny_model
+from tests.conftest import EXACT, FULLY_SHARED, PARTIALLY_SHARED, UNSHARED, damped, exact_model, left_padded
 
 
 @pytest.fixture(params=["fully_shared", "partially_shared"])
 def drafting_model(request):
     """A random model whose residual branches are scaled down, so that, as in a trained model, its solves at
     different step sizes mostly agree: drafts are both accepted and rejected (at full scale nearly all fail)."""
-    return damped(tiny_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED), 0.05)
+    return damped(exact_model(FULLY_SHARED if request.param == "fully_shared" else PARTIALLY_SHARED), 0.05)
 
 
 @pytest.mark.parametrize("a, draft_step_size, k", [(1, 4, 2), (1, 2, 4), (0.5, 2, 3), (2, 4, 1), (1, 4, 6)])
@@ -32,7 +32,7 @@ def test_greedy_equals_plain_greedy(drafting_model, a, draft_step_size, k):
 @pytest.mark.parametrize("segments, solver, shared", [(FULLY_SHARED, "euler", 0), (PARTIALLY_SHARED, "euler", 1),
                                                       (PARTIALLY_SHARED, "heun", 1)])
 def test_a_verification_that_reuses_the_drafts_work_equals_one_that_recomputes_everything(segments, solver, shared):
-    model = damped(tiny_model(segments, solver=solver), 0.05)
+    model = damped(exact_model(segments, solver=solver), 0.05)
     assert shared_steps(model.plan(1.0)[1], model.plan(2.0)[1]) == shared  # the unshared first layer, if any
     tokens, mask = left_padded([torch.randint(1, 97, (n,)) for n in (7, 4)])
     draft, reusing, recomputing = _Solve(model, 2.0, shared), _Solve(model, 1.0, shared), _Solve(model, 1.0)
@@ -44,15 +44,15 @@ def test_a_verification_that_reuses_the_drafts_work_equals_one_that_recomputes_e
     assert len(records) == 3  # the last committed token and the drafts but the last
     fed = torch.cat([tokens[:, -1:], drafts], dim=1)
     torch.testing.assert_close(reusing.logits_reusing(fed, mask_ahead, draft, records),
-                               recomputing.logits(fed, mask_ahead), rtol=0, atol=1e-5)
+                               recomputing.logits(fed, mask_ahead), **EXACT)
     assert len(reusing.cache.layers) == len(recomputing.cache.layers)
     for reused, recomputed in zip(reusing.cache.layers, recomputing.cache.layers, strict=True):
-        torch.testing.assert_close(reused.keys, recomputed.keys, rtol=0, atol=1e-5)
-        torch.testing.assert_close(reused.values, recomputed.values, rtol=0, atol=1e-5)
+        torch.testing.assert_close(reused.keys, recomputed.keys, **EXACT)
+        torch.testing.assert_close(reused.values, recomputed.values, **EXACT)
 
 
 def test_decoding_reuses_the_drafts_work_and_gives_the_tokens_it_gives_without_reuse():
-    model = damped(tiny_model(PARTIALLY_SHARED), 0.05)
+    model = damped(exact_model(PARTIALLY_SHARED), 0.05)
     prompt = torch.randint(1, 97, (1, 6))
     kwargs = dict(max_new_tokens=17, do_sample=False, pad_token_id=0, draft_step_size=2, draft_tokens=3,
                   return_dict_in_generate=True)
@@ -110,7 +110,7 @@ def test_end_of_sequence_stops_rows_as_plain_decoding_does(drafting_model):
 @pytest.mark.parametrize("segments, a, draft_step_size", [(UNSHARED, 1, 4), (FULLY_SHARED, 2, 2)])
 def test_a_draft_that_is_the_target_is_always_accepted(segments, a, draft_step_size):
     # Unshared layers take step 1 whatever B is, and B == a is the target itself: every draft must pass.
-    model = tiny_model(segments)
+    model = exact_model(segments)
     out = model.generate(torch.randint(1, 97, (1, 5)), max_new_tokens=11, do_sample=False, step_size=a,
                          draft_step_size=draft_step_size, draft_tokens=4, pad_token_id=0, return_dict_in_generate=True)
     assert out.acceptance_rate == 1.0 and out.target_forwards == 3  # 5 + 5 + 1 tokens
@@ -141,7 +141,7 @@ def test_accept_resample_math_gives_the_target_distribution():
 def test_sampled_tokens_follow_the_target_distribution(drafts):
     """The first three tokens of many seeded runs at batch 1 (so drafts are accepted, resampled and given a
     bonus) match the exact joint distribution of plain sampling at a, computed from the target's logits."""
-    model = tiny_model(FULLY_SHARED, initializer_range=0.05)  # milder logits: drafts often accepted
+    model = exact_model(FULLY_SHARED, initializer_range=0.05)  # milder logits: drafts often accepted
     prompt = torch.randint(1, 97, (1, 4))
     settings = dict(do_sample=True, temperature=1.5, top_k=2, pad_token_id=0)
     sampler = _Sampler(type("Config", (), dict(do_sample=True, temperature=1.5, top_k=2, top_p=1.0))())
@@ -185,7 +185,7 @@ def test_cropping_a_rejected_continuation_equals_recomputation(shared_model):
         assert all(layer.keys.shape[-2] == 6 and layer.values.shape[-2] == 6 for layer in cache.layers)
         continued = shared_model(tokens[:, 6:], past_key_values=cache, step_size=a).logits
         recomputed = shared_model(tokens, step_size=a, use_cache=False).logits[:, 6:]
-        torch.testing.assert_close(continued, recomputed, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(continued, recomputed, **EXACT)
     with pytest.raises(ValueError, match="cannot crop"):
         cache.crop_to(cache.get_seq_length() + 1)
 
@@ -202,7 +202,7 @@ class Collect(BaseStreamer):
 
 
 def test_a_streamer_sees_the_prompt_then_every_token_once():
-    model = tiny_model(PARTIALLY_SHARED)
+    model = exact_model(PARTIALLY_SHARED)
     prompt, streamer = torch.randint(1, 97, (1, 5)), Collect()
     out = model.generate(prompt, max_new_tokens=10, do_sample=False, draft_step_size=4, draft_tokens=3,
                          pad_token_id=0, streamer=streamer)
@@ -222,7 +222,7 @@ def test_a_streamer_sees_the_prompt_then_every_token_once():
     (dict(draft_step_size=None, draft_confidence=0.3), "draft_confidence applies to self-speculative"),
 ])
 def test_unsupported_settings_are_refused(kwargs, message):
-    model = tiny_model(FULLY_SHARED)
+    model = exact_model(FULLY_SHARED)
     settings = dict(max_new_tokens=4, pad_token_id=0, draft_step_size=4) | kwargs
     with pytest.raises(ValueError, match=message):
         model.generate(torch.randint(1, 97, (1, 4)), **settings)
@@ -251,7 +251,7 @@ def test_prompt_lookup_copies_what_followed_the_latest_match_of_the_last_ngram()
                                     dict(draft_step_size=4, draft_tokens="auto")],
                          ids=["lookup", "lookup+steps", "lookup+steps-auto", "steps-auto"])
 def test_prompt_lookup_and_adaptive_drafts_give_the_plain_greedy_tokens_in_a_left_padded_batch(segments, drafts):
-    model = damped(tiny_model(segments), 0.05)
+    model = damped(exact_model(segments), 0.05)
     rows = [repetitive_prompt(5, seed=1), repetitive_prompt(3, seed=2)[:7]]
     input_ids, attention_mask = left_padded(rows)
     kwargs = dict(max_new_tokens=20, do_sample=False, step_size=1, pad_token_id=0, attention_mask=attention_mask)
@@ -266,7 +266,7 @@ def test_prompt_lookup_and_adaptive_drafts_give_the_plain_greedy_tokens_in_a_lef
 
 
 def test_an_adaptive_draft_length_stops_drafting_for_a_model_that_accepts_nothing():
-    model = tiny_model(FULLY_SHARED)  # full-scale random weights: solves at 1 and 4 disagree almost always
+    model = exact_model(FULLY_SHARED)  # full-scale random weights: solves at 1 and 4 disagree almost always
     prompt = torch.randint(1, 97, (1, 6))
     kwargs = dict(max_new_tokens=40, do_sample=False, step_size=1, pad_token_id=0, draft_step_size=4,
                   return_dict_in_generate=True)
@@ -286,11 +286,11 @@ def test_an_adaptive_draft_length_stops_drafting_for_a_model_that_accepts_nothin
 ])
 def test_bad_draft_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        tiny_model(FULLY_SHARED).generate(torch.randint(1, 97, (1, 4)), max_new_tokens=3, pad_token_id=0, **kwargs)
+        exact_model(FULLY_SHARED).generate(torch.randint(1, 97, (1, 4)), max_new_tokens=3, pad_token_id=0, **kwargs)
 
 
 def test_prompt_lookup_keeps_the_continuation_a_model_repeats():
-    model = damped(tiny_model(PARTIALLY_SHARED), 0.05)
+    model = damped(exact_model(PARTIALLY_SHARED), 0.05)
     with torch.no_grad():
         model.lm_head.weight.zero_()  # every logit 0: greedy writes token 0 forever, so earlier text predicts later
     prompt = repetitive_prompt(4)

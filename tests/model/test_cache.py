@@ -3,7 +3,7 @@ import torch
 
 from odegpt import OdeCache
 from odegpt.model.solver import plan_solve
-from tests.conftest import left_padded
+from tests.conftest import EXACT, left_padded
 
 STEP_SIZES = [0.5, 1, 2, 3, 4]
 
@@ -50,7 +50,7 @@ def test_cache_continues_a_prefix_exactly(shared_model):
     full = shared_model(tokens, step_size=0.5, use_cache=False).logits
     cache = shared_model(tokens[:, :6], step_size=0.5).past_key_values
     rest = shared_model(tokens[:, 6:], past_key_values=cache, step_size=0.5).logits  # several new tokens at once
-    torch.testing.assert_close(rest, full[:, 6:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rest, full[:, 6:], **EXACT)
 
 
 def test_a_plain_dynamic_cache_is_refused(shared_model):
@@ -71,7 +71,7 @@ def test_the_cache_answers_to_both_of_transformers_names(shared_model):
         cache = output_cache(prefix)
         assert isinstance(cache, OdeCache) and cache is prefix[CACHE_FIELD]
         rest = shared_model(tokens[:, 5:], step_size=2, **{name: cache})
-        torch.testing.assert_close(rest.logits, full[:, 5:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rest.logits, full[:, 5:], **EXACT)
         assert output_cache(rest) is cache and cache.get_seq_length() == 8
     with pytest.raises(ValueError, match="not both"):
         shared_model(tokens, cache=OdeCache(), past_key_values=OdeCache())

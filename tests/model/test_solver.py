@@ -7,7 +7,7 @@ import torch
 from odegpt.model.accounting import model_cost
 from odegpt.model.solver import plan_solve, segment_step_sizes
 from odegpt.training.objective import StepSizeDistribution, StepSizeSampler, language_model_loss
-from tests.conftest import FULLY_SHARED, PARTIALLY_SHARED, tiny_config, tiny_model
+from tests.conftest import EXACT, FULLY_SHARED, PARTIALLY_SHARED, exact_model, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("depth, a, expected", [
@@ -186,8 +186,8 @@ def test_a_step_size_set_on_the_config_after_loading_is_still_validated(shared_m
 def test_heun_step_is_the_trapezoid_of_the_blocks_increment():
     from odegpt.model.solver import euler_step, heun_step
 
-    model = tiny_model(FULLY_SHARED)
-    block, h = model.model.blocks[0], torch.randn(2, 5, 64)
+    model = exact_model(FULLY_SHARED)
+    block, h = model.model.blocks[0], torch.randn(2, 5, 64, dtype=torch.float64)
     cos, sin, mask = model.model.attention_inputs(h, None, None, 0)
     inputs = dict(cos=cos, sin=sin, mask=mask)
     dt = 0.7
@@ -197,7 +197,7 @@ def test_heun_step_is_the_trapezoid_of_the_blocks_increment():
 
     with torch.no_grad():
         expected = h + dt / 2 * (g(h) + g(h + dt * g(h)))
-        torch.testing.assert_close(heun_step(block, h, dt, **inputs), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(heun_step(block, h, dt, **inputs), expected, **EXACT)
 
 
 def test_heun_is_closer_than_euler_to_a_fine_solve_at_every_step_size():
