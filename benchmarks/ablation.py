@@ -49,7 +49,7 @@ class Variant:
     path: Path
 
     @classmethod
-    def from_argument(cls, spec: str) -> "Variant":
+    def from_argument(cls, spec: str) -> Variant:
         path = Path(spec)
         if not path.is_file():
             path = VARIANT_DIR / (spec if spec.endswith(".yaml") else f"{spec}.yaml")

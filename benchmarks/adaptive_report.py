@@ -30,16 +30,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from odegpt.commands.evaluate import (
-    load_native_config,
-    load_native_model,
-    prepared_batches,
-    raw_text_batches,
-    raw_text_sources,
-)
 from odegpt.decoding.adaptive import AdaptiveCache, AdaptiveDepth, adaptive_forward, adaptive_generate
 from odegpt.evaluation.calibration import calibrate_energy
+from odegpt.evaluation.data import EvaluationData, prepared_batches, raw_text_batches, raw_text_sources
+from odegpt.evaluation.model_report import load_for_evaluation
 from odegpt.evaluation.perplexity import adaptive_nll_sums, nll_sums, perplexity
+from odegpt.folders.model_folder import load_config
 from odegpt.model.accounting import adaptive_flops_per_token, format_count, model_cost
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -148,18 +144,17 @@ def decode_times(model, config, settings_by_name: dict, rounds: int, new_tokens:
 
 
 def evaluate_model(path: str, args) -> dict:
-    config = load_native_config(path)
-    model = load_native_model(path, config, "float32")
+    config = load_config(path, expect="odegpt")
+    model = load_for_evaluation(path, config, "float32")
     seq_len = args.seq_len
-    loader = argparse.Namespace(model=path, num_samples=None, batch_size=args.batch_size, text_key="text",
-                                data=args.second_data)
-    valid = prepared_batches([args.data], loader, seq_len)
+    cut = EvaluationData(seq_len=seq_len, batch_size=args.batch_size)
+    valid = prepared_batches([args.data], path, cut)
     samples = torch.cat(valid)[: 2 * args.num_samples]
     calibration = list(samples[: len(samples) // 2].split(args.batch_size))
     held_out = list(samples[len(samples) // 2:].split(args.batch_size))
     corpora = {"stdlib validation (held out)": held_out}
     if args.second_data:
-        second = raw_text_batches(raw_text_sources(args.second_data, path), loader, seq_len, seq_len)
+        second = raw_text_batches(raw_text_sources(args.second_data, path), path, cut)
         corpora[f"second corpus: {' '.join(args.second_data)}"] = second[: len(held_out)]
 
     exit_every = AdaptiveDepth(exit_entropy=0.0, kv_fill="copy")

@@ -201,9 +201,8 @@ def bench_model(path: str, args: argparse.Namespace) -> dict:
         identical &= all(torch.equal(r.sequences, p.sequences) for r, p in zip(reusing, results))
         # What reuse takes from the draft: the share of verification's block evaluations (first attention branches
         # counted as the attention part of an evaluation), which the ceiling with reuse takes off its forward.
-        plan_a, method = model.plan(a)[1:]
         attention_share = attention_flops_share(model.config)
-        verified = sum(r.target_forwards for r in reusing) * (k + 1) * len(plan_a) * method.evaluations
+        verified = sum(r.target_forwards for r in reusing) * (k + 1) * model.plan(a).num_slots
         saved = sum(r.reused_evaluations + attention_share * r.reused_attention for r in reusing) / verified
         all_accepted_rate = (k + 1) / (k * cost[b, 1] + cost[a, k + 1])  # tokens/s, every draft kept
         per_round = sum(r.reused_evaluations + r.reused_attention for r in reusing) / sum(r.target_forwards

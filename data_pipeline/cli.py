@@ -1,7 +1,9 @@
 """`odegpt tokenizer`, `odegpt prepare` and `odegpt inspect`.
 
 Registered through the ``odegpt.commands`` entry points. This module imports nothing heavy at
-module level (handlers import what they need) so that `odegpt --help` stays fast.
+module level (handlers import what they need) so that `odegpt --help` stays fast. Bad input is a
+ValueError from the library, printed by ``odegpt``'s main in one line with exit code 2; ``inspect``
+exits 1 when it finds a corpus damaged.
 """
 from __future__ import annotations
 
@@ -55,9 +57,8 @@ def run_tokenizer(args) -> int:
         info = train_tokenizer(args.input, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
                                max_sentences=args.max_sentences, seed=args.seed, text_key=args.text_key,
                                max_files=args.max_files, progress=not args.no_progress and sys.stderr.isatty())
-    except (OSError, ValueError, RuntimeError) as error:
-        print(f"odegpt tokenizer: error: {error}", file=sys.stderr)
-        return 1
+    except RuntimeError as error:  # SentencePiece refuses its settings (too large a vocabulary for the text, ...)
+        raise ValueError(str(error).strip().splitlines()[-1]) from None
     print(f"tokenizer  {args.output}")
     print(f"  model      {info.model_type}, vocab {info.vocab_size}, byte fallback")
     print(f"  special    unk={info.unk_id} bos={info.bos_id} eos={info.eos_id} pad={info.pad_id}")
@@ -120,22 +121,17 @@ def array_task(num_tasks: int | None, task_index: int | None, environ=os.environ
 def run_prepare(args) -> int:
     from .prepare import PrepareConfig, merge_parts, prepare
 
-    try:
-        if args.merge:
-            m = merge_parts(args.output)
-        else:
-            if not args.input or not args.tokenizer:
-                raise ValueError("--input and --tokenizer are required (all but --merge need them)")
-            num_tasks, task_index = array_task(args.num_tasks, args.task_index)
-            cfg = PrepareConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output,
-                                workers=args.workers, text_key=args.text_key, val_fraction=args.val_fraction,
-                                shard_tokens=args.shard_tokens, dtype=args.dtype, max_files=args.max_files,
-                                seed=args.seed, max_undecodable_fraction=args.max_undecodable_fraction,
-                                progress=not args.no_progress, num_tasks=num_tasks, task_index=task_index)
-            m = prepare(cfg)
-    except (OSError, ValueError) as error:
-        print(f"odegpt prepare: error: {error}", file=sys.stderr)
-        return 1
+    if args.merge:
+        m = merge_parts(args.output)
+    else:
+        if not args.input or not args.tokenizer:
+            raise ValueError("--input and --tokenizer are required (all but --merge need them)")
+        num_tasks, task_index = array_task(args.num_tasks, args.task_index)
+        m = prepare(PrepareConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output,
+                                  workers=args.workers, text_key=args.text_key, val_fraction=args.val_fraction,
+                                  shard_tokens=args.shard_tokens, dtype=args.dtype, max_files=args.max_files,
+                                  seed=args.seed, max_undecodable_fraction=args.max_undecodable_fraction,
+                                  progress=not args.no_progress, num_tasks=num_tasks, task_index=task_index))
     if args.merge:
         t = m.totals
         print(f"merged     {args.output}: {m.inputs['parts']} parts, {t['shards']} shards, {t['documents']} documents, "
@@ -196,8 +192,8 @@ def run_inspect(args) -> int:
 
     try:
         m = Manifest.load(args.directory)
-    except (OSError, ValueError) as error:
-        print(f"odegpt inspect: error: {error}", file=sys.stderr)
+    except (OSError, ValueError) as error:  # inspect reports a corpus it cannot read as a finding: exit 1
+        print(f"odegpt inspect: {error}", file=sys.stderr)
         return 1
     tok = m.tokenizer
     print(f"corpus     {args.directory} (format {m.format_version})")
@@ -214,8 +210,8 @@ def run_inspect(args) -> int:
     try:
         _check_tokenizer_record(m)
         verify_corpus(args.directory, m, checksum=not args.no_verify)
-    except (ShardError, ValueError) as error:
-        print(f"odegpt inspect: error: {error}", file=sys.stderr)
+    except (ShardError, ValueError) as error:  # a finding, not a usage error: exit 1, as fsck reports damage
+        print(f"odegpt inspect: {error}", file=sys.stderr)
         return 1
     files = sum(len(s.splits) for s in m.shards)
     print(f"  tokenizer  matches {tok.get('path')}" if Path(tok.get("path") or "").is_dir() else

@@ -54,7 +54,7 @@ class ShardRecord:
         return Path(corpus, self.directory)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ShardRecord":
+    def from_dict(cls, d: dict) -> ShardRecord:
         d = dict(d)
         d["splits"] = {k: ShardFile(**v) for k, v in d["splits"].items()}
         return cls(**d)
@@ -85,7 +85,7 @@ class Manifest:
         write_json_atomic(Path(directory, MANIFEST), asdict(self))
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "Manifest":
+    def load(cls, directory: str | os.PathLike) -> Manifest:
         path = Path(directory, MANIFEST)
         if not path.is_file():
             raise FileNotFoundError(f"{directory} is not a prepared corpus (no {MANIFEST}); "

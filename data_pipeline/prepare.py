@@ -33,14 +33,15 @@ import re
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import xxhash
 
 from .files import json_digest, write_json_atomic
+from .folder_kinds import CORPUS, EMPTY, folder_kind
 from .manifest import FORMAT_VERSION, MANIFEST, Manifest, ShardRecord
 from .readers import Source, iter_documents, resolve_inputs
 from .shards import ShardWriter, choose_dtype, verify_shard
@@ -307,6 +308,7 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     key = _config_key(cfg, sources, fingerprint, dtype, first_source)
     task = None
     out = Path(cfg.output)
+    check_corpus_output(out)
     if cfg.num_tasks is not None:  # an array job (of one task, too): its part, for --merge
         if (out / MANIFEST).is_file():
             raise ValueError(f"{out} already holds a merged or one-node corpus; array-job parts go into a new --output")
@@ -314,8 +316,20 @@ def prepare(cfg: PrepareConfig) -> Manifest:
                 "end_source": end_source, "num_sources": len(all_sources),
                 "job_key": _config_key(cfg, all_sources, fingerprint, dtype)}
         out = out / part_name(cfg.task_index, cfg.num_tasks)
+        check_corpus_output(out)
     with writer_lock(out, "corpus"):
         return _prepare_locked(cfg, out, sources, first_source, key, task, info, fingerprint, dtype)
+
+
+def check_corpus_output(out: Path) -> None:
+    """A corpus is written into a new or empty folder, or resumed in a corpus of its own; any other folder (a model,
+    a run, a tokenizer, shard files with no manifest or completion records that say whose they are) is refused."""
+    found = folder_kind(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file, not a folder")
+    if found.kind not in (EMPTY, CORPUS):
+        raise ValueError(f"--output {out} is {found.describe()}: prepare writes a corpus only into a new or empty "
+                         f"folder, or resumes one of its own; choose another --output")
 
 
 def _prepare_locked(cfg: PrepareConfig, out: Path, sources: list[Source], first_source: int, key: str, task,
@@ -333,95 +347,103 @@ def _prepare_locked(cfg: PrepareConfig, out: Path, sources: list[Source], first_
     done = _load_finished(out, key, dtype)
     _remove_unfinished(out, keep=len(done))
     skip_chunks = done[-1].end_chunk if done else 0
-
     counters = ReadCounters()
-    splits = _splits(cfg)
     start = time.time()
-    bar = tqdm(unit="tok", unit_scale=True, desc=f"prepare ({cfg.workers} workers)",
-               disable=not cfg.progress, smoothing=0.1)
+    bar = tqdm(unit="tok", unit_scale=True, desc=f"prepare ({cfg.workers} workers)", disable=not cfg.progress,
+               smoothing=0.1)
     if done:
         bar.write(f"resuming: {len(done)} finished shard(s) kept, skipping {skip_chunks} chunks")
-
-    state = {"writers": None, "first_chunk": skip_chunks}
-
-    def open_shard() -> None:
-        state["writers"] = {s: ShardWriter(out, s, len(done), dtype) for s in splits}
-
-    def close_shard(end_chunk: int) -> None:
-        files = {s: w.close() for s, w in state["writers"].items()}
-        record = ShardRecord(index=len(done), first_chunk=state["first_chunk"], end_chunk=end_chunk,
-                             splits=files, config_key=key)
-        write_json_atomic(out / PARTS / f"{record.index:05d}.json", asdict(record))
-        done.append(record)
-        state["writers"], state["first_chunk"] = None, end_chunk
-
-    def consume(index: int, result: dict) -> bool:
-        """Append one tokenized chunk; return False to stop (simulated interruption)."""
-        if state["writers"] is None:
-            open_shard()
-        for split in splits:
-            tokens, lengths = result[split]
-            state["writers"][split].append(tokens, lengths)
-            bar.update(len(tokens))
-        if state["writers"]["train"].tokens >= cfg.shard_tokens:
-            close_shard(index + 1)
-            bar.set_postfix(shards=len(done), refresh=False)
-            if cfg.stop_after_shards is not None and len(done) >= cfg.stop_after_shards:
-                return False
-        return True
-
+    sink = _ShardSink(out, _splits(cfg), dtype, key, done, skip_chunks, cfg, bar)
     warn = lambda message: bar.write(message, file=sys.stderr)  # noqa: E731
     chunks = (c for c in iter_chunks(sources, cfg, counters, warn=warn, first_source=first_source)
               if c.index >= skip_chunks)
-    tok_dir = Path(cfg.tokenizer)
-    model_file = str(tok_dir / MODEL_FILE)
-    last_index = skip_chunks - 1
-    stopped = False
     try:
-        if cfg.workers == 1:
-            _init_worker(model_file, info.eos_id, dtype.name)
-            for chunk in chunks:
-                last_index = chunk.index
-                if not consume(*_tokenize_chunk(chunk)):
-                    stopped = True
-                    break
-        else:
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(cfg.workers, initializer=_init_worker,
-                          initargs=(model_file, info.eos_id, dtype.name)) as pool:
-                pending: deque = deque()
-                for chunk in chunks:
-                    pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
-                    last_index = chunk.index
-                    if len(pending) >= 2 * cfg.workers:
-                        if not consume(*pending.popleft().get()):
-                            stopped = True
-                            break
-                while pending and not stopped:
-                    if not consume(*pending.popleft().get()):
-                        stopped = True
-                pool.terminate()
-        if stopped:
-            raise InterruptedError(f"stopped after {len(done)} shards (stop_after_shards)")
-        if state["writers"] is not None:
-            close_shard(last_index + 1)
+        _tokenize_into(sink, chunks, str(Path(cfg.tokenizer) / MODEL_FILE), info.eos_id, dtype, cfg.workers)
     except BaseException:
-        if state["writers"] is not None:
-            for w in state["writers"].values():
-                w.abort()
+        sink.abort()
         bar.close()
         raise
     bar.close()
-    elapsed = time.time() - start
+    return _write_manifest(out, cfg, sources, key, task, info, fingerprint, dtype, done, counters, time.time() - start)
 
-    input_bytes = sum(s.size() for s in sources)
+
+class _ShardSink:
+    """Where tokenized chunks go, in chunk order: appended to the current shard, which is closed (its files renamed,
+    its completion record written) once its train split reaches ``shard_tokens``."""
+
+    def __init__(self, out: Path, splits: tuple[str, ...], dtype: np.dtype, key: str, done: list[ShardRecord],
+                 first_chunk: int, cfg: PrepareConfig, bar) -> None:
+        self.out, self.splits, self.dtype, self.key, self.done, self.cfg, self.bar = \
+            out, splits, dtype, key, done, cfg, bar
+        self.writers: dict[str, ShardWriter] | None = None
+        self.first_chunk, self.last_chunk = first_chunk, first_chunk - 1
+
+    def consume(self, index: int, result: dict) -> None:
+        """Append one tokenized chunk (raise InterruptedError after ``stop_after_shards``: a test's interruption)."""
+        self.last_chunk = index
+        if self.writers is None:
+            self.writers = {s: ShardWriter(self.out, s, len(self.done), self.dtype) for s in self.splits}
+        for split in self.splits:
+            tokens, lengths = result[split]
+            self.writers[split].append(tokens, lengths)
+            self.bar.update(len(tokens))
+        if self.writers["train"].tokens >= self.cfg.shard_tokens:
+            self.close(index + 1)
+            self.bar.set_postfix(shards=len(self.done), refresh=False)
+            if self.cfg.stop_after_shards is not None and len(self.done) >= self.cfg.stop_after_shards:
+                raise InterruptedError(f"stopped after {len(self.done)} shards (stop_after_shards)")
+
+    def close(self, end_chunk: int | None = None) -> None:
+        """Close the open shard, if any: it covers the chunks up to ``end_chunk`` (default: the last consumed)."""
+        if self.writers is None:
+            return
+        end_chunk = self.last_chunk + 1 if end_chunk is None else end_chunk
+        files = {s: w.close() for s, w in self.writers.items()}
+        record = ShardRecord(index=len(self.done), first_chunk=self.first_chunk, end_chunk=end_chunk, splits=files,
+                             config_key=self.key)
+        write_json_atomic(self.out / PARTS / f"{record.index:05d}.json", asdict(record))
+        self.done.append(record)
+        self.writers, self.first_chunk = None, end_chunk
+
+    def abort(self) -> None:
+        for writer in (self.writers or {}).values():
+            writer.abort()
+
+
+def _tokenize_into(sink: _ShardSink, chunks: Iterator[Chunk], model_file: str, eos_id: int, dtype: np.dtype,
+                   workers: int) -> None:
+    """Tokenize ``chunks`` in ``workers`` processes (in this one for 1), consumed in chunk order, at most
+    ``2 * workers`` in flight; then close the last shard."""
+    if workers == 1:
+        _init_worker(model_file, eos_id, dtype.name)
+        for chunk in chunks:
+            sink.consume(*_tokenize_chunk(chunk))
+    else:
+        with mp.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                          initargs=(model_file, eos_id, dtype.name)) as pool:
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+                if len(pending) >= 2 * workers:
+                    sink.consume(*pending.popleft().get())
+            while pending:
+                sink.consume(*pending.popleft().get())
+            pool.terminate()
+    sink.close()
+
+
+def _write_manifest(out: Path, cfg: PrepareConfig, sources: list[Source], key: str, task, info: TokenizerInfo,
+                    fingerprint: str, dtype: np.dtype, done: list[ShardRecord], counters: ReadCounters,
+                    elapsed: float) -> Manifest:
+    """The finished corpus's manifest, written last: its presence says the corpus is complete."""
+    splits = _splits(cfg)
     manifest = Manifest(
         format_version=FORMAT_VERSION, config_key=key,
         tokenizer={"fingerprint": fingerprint, "vocab_size": info.vocab_size, "model_type": info.model_type,
                    "eos_id": info.eos_id, "bos_id": info.bos_id, "pad_id": info.pad_id,
-                   "unk_id": info.unk_id, "path": str(tok_dir.resolve())},
+                   "unk_id": info.unk_id, "path": str(Path(cfg.tokenizer).resolve())},
         dtype=dtype.name, shards=done,
-        inputs={"patterns": list(cfg.inputs), "files": len(sources), "bytes": input_bytes,
+        inputs={"patterns": list(cfg.inputs), "files": len(sources), "bytes": sum(s.size() for s in sources),
                 "text_key": cfg.text_key, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
                 "shard_tokens": cfg.shard_tokens, **({} if task is None else {"task": task})},
         skipped={"empty_documents": counters.empty_documents,
@@ -450,6 +472,17 @@ def merge_parts(output: str | os.PathLike) -> Manifest:
     each task exactly once, all from the same job (inputs and settings), their input slices covering the inputs
     in order; anything else is a ValueError naming the part."""
     out = Path(output)
+    if not out.is_dir():
+        raise ValueError(f"{out} is not a folder: run `odegpt prepare --num-tasks N --task-index I --output {out}` "
+                         f"for every task first")
+    with writer_lock(out, "corpus"):
+        for leftover in out.glob(f".{MANIFEST}.tmp*"):  # an earlier merge killed while writing it
+            leftover.unlink()
+        return _merge_locked(out)
+
+
+def _merge_locked(out: Path) -> Manifest:
+    """:func:`merge_parts` once it holds the corpus's writer lock."""
     if (out / MANIFEST).is_file():
         raise ValueError(f"{out} already holds a manifest: it is merged, or a one-node corpus")
     folders = sorted(p for p in out.iterdir() if p.is_dir() and p.name.startswith("part-")) if out.is_dir() else []

@@ -28,9 +28,10 @@ import os
 import re
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 STDLIB = "stdlib"
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py"}

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .files import write_atomic, write_json_atomic
+from .folder_kinds import EMPTY, TOKENIZER, folder_kind
 
 MODEL_FILE = "tokenizer.model"
 INFO_FILE = "odegpt_tokenizer.json"
@@ -58,7 +59,7 @@ class TokenizerInfo:
         write_json_atomic(Path(directory, INFO_FILE), asdict(self))
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "TokenizerInfo":
+    def load(cls, directory: str | os.PathLike) -> TokenizerInfo:
         path = Path(directory, INFO_FILE)
         if not path.is_file():
             raise FileNotFoundError(f"{directory} is not an odegpt tokenizer directory (no {INFO_FILE}); "
@@ -165,6 +166,10 @@ def train_tokenizer(inputs: list[str], output: str | os.PathLike, vocab_size: in
 
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    found = folder_kind(output)
+    if found.kind not in (EMPTY, TOKENIZER):
+        raise ValueError(f"--output {output} is {found.describe()}: a tokenizer is written only into a new or empty "
+                         f"folder, or over a tokenizer; choose another --output")
     sources = resolve_inputs(inputs, max_files=max_files)
     documents = iter_documents(tqdm(sources, desc="tokenizer: read", unit="file", disable=not progress,
                                     leave=False), text_key=text_key)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from odegpt.commands import options
+
 from .config import add_config_arguments
 
 
@@ -73,27 +75,15 @@ def register_convert(subparsers) -> None:
                     "modeling code, tokenizer), ready for `odegpt export`, `generate` and `evaluate`.")
     parser.add_argument("--checkpoint", required=True,
                         help="a run's checkpoints/ directory (newest complete tag) or one tag directory")
-    parser.add_argument("--output", required=True,
-                        help="model folder to write: created, or replaced with --overwrite; never the run's folder "
-                             "or one holding the checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty --output folder (the new folder is complete before the old one is "
-                             "removed)")
+    options.add_output(parser)
     parser.add_argument("--tokenizer", help="tokenizer directory (default: data.tokenizer of the run's config)")
     parser.set_defaults(func=_convert)
 
 
 def _convert(args) -> int:
-    from odegpt.commands.cli import CommandError
-
-    from .checkpointing import CheckpointError
     from .convert import convert
 
-    try:
-        path = convert(args.checkpoint, args.output, tokenizer_dir=args.tokenizer, overwrite=args.overwrite)
-    except CheckpointError as error:
-        raise CommandError(str(error)) from None
-    print(f"wrote {path}")
+    print(f"wrote {convert(args.checkpoint, args.output, tokenizer_dir=args.tokenizer, overwrite=args.overwrite)}")
     return 0
 
 

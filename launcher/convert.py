@@ -86,30 +86,43 @@ def convert(checkpoint: str | Path, output_dir: str | Path, tokenizer_dir: str |
             overwrite: bool = False) -> Path:
     """Write ``output_dir`` (safetensors, config, modeling code, tokenizer); returns it. The folder is written
     whole or not at all, and never over the run's folder or the checkpoints (``odegpt.folders.output_folder``)."""
-    from odegpt import OdeGPTConfig, OdeGPTForCausalLM
+    from data_pipeline.folder_kinds import MODEL
     from odegpt.folders.export import save_native
-    from odegpt.folders.integrity import check_finite_weights
-    from odegpt.folders.output_folder import check_output, staged_folder
+    from odegpt.folders.output_folder import claimed_output
 
     located = _locate(checkpoint)
-    # Not the checkpoints folder, nothing inside it, nor a folder holding it (the run's own, say).
-    check_output(located.directory, Path(output_dir), overwrite, source_option="checkpoints")
+    # Never the checkpoints folder, nothing inside it, nor a folder holding it (the run's own, say).
+    with claimed_output(Path(output_dir), MODEL, overwrite, located.directory, "checkpoints") as staging:
+        tokenizer_dir = _tokenizer_dir(located, tokenizer_dir)
+        save_native(_consolidated_model(located, tokenizer_dir), staging, tokenizer_dir=tokenizer_dir)
+    return Path(output_dir)
+
+
+def _tokenizer_dir(located: checkpointing.Checkpoint, tokenizer_dir: str | None) -> str | None:
+    """The tokenizer folder to copy into the model: ``tokenizer_dir``, else the run's ``data.tokenizer``, when it
+    holds Hugging Face tokenizer files."""
+    tokenizer_dir = tokenizer_dir or (located.state["config"].get("data") or {}).get("tokenizer")
+    return tokenizer_dir if tokenizer_dir and Path(tokenizer_dir, "tokenizer.json").is_file() else None
+
+
+def _consolidated_model(located: checkpointing.Checkpoint, tokenizer_dir: str | None):
+    """The checkpoint's model in eval mode: its consolidated fp32 weights, checked finite and against its config,
+    with the special ids of the tokenizer in ``tokenizer_dir`` (if any)."""
+    from odegpt import OdeGPTConfig, OdeGPTForCausalLM
+    from odegpt.folders.integrity import check_finite_weights
+
     state_dict = _load_weights(located)
     try:
         check_finite_weights(state_dict.items(), f"checkpoint {located.path}")
     except ValueError as error:
         raise CheckpointError(str(error)) from None
-    run_config = located.state["config"]
-    tokenizer_dir = tokenizer_dir or run_config["data"].get("tokenizer")
-    model_fields = dict(run_config["model"])
-    if tokenizer_dir and Path(tokenizer_dir, "tokenizer.json").is_file():
+    model_fields = dict(located.state["config"]["model"])
+    if tokenizer_dir is not None:
         from data_pipeline.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_dir)
         model_fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
-    else:
-        tokenizer_dir = None
     config = OdeGPTConfig(**model_fields)
     model = OdeGPTForCausalLM(config)
     try:
@@ -123,6 +136,4 @@ def convert(checkpoint: str | Path, output_dir: str | Path, tokenizer_dir: str |
                               f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
     if tied:
         model.tie_weights()
-    with staged_folder(Path(output_dir)) as staging:
-        save_native(model.eval(), staging, tokenizer_dir=tokenizer_dir)
-    return Path(output_dir)
+    return model.eval()

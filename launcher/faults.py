@@ -23,7 +23,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
         return self

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stages.begin("export: native folder and a Llama unrolled at a=2")
     stages.run(odegpt + ["export", "--model", str(model_dir), "--output", str(native_dir), "--overwrite"])
-    stages.run(odegpt + ["export", "--model", str(model_dir), "--output", str(unrolled_dir), "--unroll",
+    stages.run(odegpt + ["export", "--model", str(model_dir), "--output", str(unrolled_dir), "--format", "unrolled",
                          "--step-size", "2", "--overwrite"])
 
     stages.begin(f"generate with the KV cache at a=1 (temperature {SAMPLING['temperature']}, "

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data_pipeline.folder_kinds import RUN_CONFIG_KEYS, RUN_ENTRIES
+
 # Top-level files that say a folder is a model, a corpus or a tokenizer: what a run must never write into.
 FOREIGN_MARKERS = {
     "manifest.json": "a prepared corpus",
@@ -22,10 +24,6 @@ FOREIGN_MARKERS = {
     "model.safetensors": "a model folder",
     "model.safetensors.index.json": "a model folder",
 }
-# What a run writes at the top of its folder.
-RUN_ENTRIES = {"config.json", "deepspeed_config.json", "deepspeed_env", "metrics.jsonl", "tensorboard", "checkpoints"}
-# Keys every run's config.json holds (launcher.config.RunConfig.to_dict()).
-RUN_CONFIG_KEYS = {"model", "train", "data", "run"}
 
 
 class NotARunFolderError(ValueError):

@@ -4,6 +4,7 @@ import torch
 from odegpt import OdeGPTConfig, OdeGPTForCausalLM
 from odegpt.decoding.generate import with_decoders
 
+TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 40  # a tiny corpus of code
 FULLY_SHARED = [{"depth": 4, "shared": True}]
 PARTIALLY_SHARED = [{"depth": 1, "shared": False}, {"depth": 3, "shared": True},
                     {"depth": 2, "shared": True}, {"depth": 1, "shared": False}]
@@ -74,3 +75,20 @@ def left_padded(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor
         input_ids[i, width - len(row):] = row
         attention_mask[i, width - len(row):] = 1
     return input_ids, attention_mask
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A native model folder with a tokenizer trained on TEXT: a tiny partially shared model whose byte-fallback
+    pieces (<0x..>, which all decode to one replacement character) are silenced, so the random model writes real
+    pieces and equal text means equal tokens."""
+    from transformers import AutoTokenizer
+
+    from odegpt.folders.export import save_native
+
+    root = tmp_path_factory.mktemp("generate")
+    model, info = tokenized_tiny_model(root, TEXT)
+    pieces = AutoTokenizer.from_pretrained(root / "tokenizer").convert_ids_to_tokens(list(range(info.vocab_size)))
+    with torch.no_grad():
+        model.lm_head.weight[[i for i, piece in enumerate(pieces) if piece.startswith("<0x")]] = 0
+    return save_native(model, root / "model", tokenizer_dir=root / "tokenizer")

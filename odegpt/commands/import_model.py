@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -20,9 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "odegpt block cannot represent (sliding window, experts, q/k norm, another activation) is refused "
             "from config.json before any weight is read."),
     )
-    parser.add_argument("--model", required=True, help="the source folder (config.json, safetensors, tokenizer)")
-    parser.add_argument("--output", required=True, help="the odegpt folder to write (never --model)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    options.add_model(parser, "the source folder (config.json, safetensors, tokenizer)")
+    options.add_output(parser, "odegpt model folder")
     parser.add_argument("--segments", default=None, metavar="SPEC",
                         help="depth then u (unshared layers) or s (one shared block), comma-separated, adding up "
                              "to the source's layers, e.g. 1u,6s,1u (default: all unshared, an exact import)")
@@ -44,77 +45,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import types
-
-    import torch
-
-    from odegpt.commands.cli import CommandError
-    from odegpt.evaluation.perplexity import evaluate_perplexity
+    from data_pipeline.folder_kinds import MODEL
     from odegpt.folders.export import save_native
-    from odegpt.folders.importing import UnsupportedModelError, load_source, parse_relax_rank, retrofit
-    from odegpt.folders.output_folder import check_output, staged_folder
-    from odegpt.model.accounting import format_count
-    from odegpt.model.configuration_odegpt import parse_segments
+    from odegpt.folders.importing import ImportRequest, describe_import, import_model
+    from odegpt.folders.output_folder import claimed_output
 
-    try:
-        relax_rank = parse_relax_rank(args.relax_rank)
-        segments = None if args.segments is None else parse_segments(args.segments)
-    except ValueError as error:
-        raise CommandError(str(error)) from None
-    if args.seq_len < 2 or args.max_batches < 1:
-        raise CommandError(f"--seq-len must be >= 2 and --max-batches >= 1, got {args.seq_len} and {args.max_batches}")
-    output = Path(args.output)
-    check_output(Path(args.model), output, args.overwrite)
-    try:
-        source = load_source(args.model)
-        model, report = retrofit(source, segments, args.init, relax_rank)
-    except UnsupportedModelError as error:
-        raise CommandError(str(error)) from None
-    except ValueError as error:
-        raise CommandError(f"--model {args.model}: {error}") from None
-    layout = ",".join(f"{s['depth']}{'s' if s['shared'] else 'u'}" for s in report.segments)
-    without = report.parameters - report.relaxation_parameters
-    print(f"imported {type(source).__name__} ({source.config.num_hidden_layers} layers, "
-          f"{format_count(report.source_parameters)} parameters) as segments {layout}"
-          + ("" if all(not s["shared"] for s in report.segments) else f", init {report.init}") + ": "
-          f"{format_count(without)} parameters without the relaxation, {format_count(report.parameters)} with it "
-          f"(relax rank {report.relax_rank}: {format_count(report.relaxation_parameters)}; "
-          f"{report.parameters / report.source_parameters:.0%} of the source)")
-    if args.data:
-        from odegpt.commands.evaluate import prepared_batches, raw_text_batches, raw_text_sources
-
-        prepared = [d for d in args.data if (Path(d) / "manifest.json").is_file()]
-        raw = [d for d in args.data if d not in prepared]
-        settings = types.SimpleNamespace(model=args.model, text_key="text", batch_size=8, data=raw,
-                                         num_samples=8 * args.max_batches)
-        batches = prepared_batches(prepared, settings, args.seq_len) if prepared else []
-        if raw:
-            batches += raw_text_batches(raw_text_sources(raw, args.model), settings, args.seq_len, args.seq_len)
-        batches = batches[:args.max_batches]
-        before = evaluate_perplexity(_FixedStep(source), batches, [1.0])[1.0]
-        after = evaluate_perplexity(model, batches, [1.0, 2.0])
-        tokens = sum(batch[:, 1:].numel() if isinstance(batch, torch.Tensor) else int((batch[1] != -100).sum())
-                     for batch in batches)
-        print(f"perplexity on {tokens:,} tokens of --data: source {before:.3f}; imported a=1 {after[1.0]:.3f} "
-              f"({after[1.0] / before - 1:+.1%}), a=2 {after[2.0]:.3f}")
-    with staged_folder(output) as staging:
+    request = ImportRequest(source=args.model, segments=args.segments, init=args.init, relax_rank=args.relax_rank,
+                            data=args.data, seq_len=args.seq_len, max_batches=args.max_batches).checked()
+    with claimed_output(Path(args.output), MODEL, args.overwrite, source=Path(args.model)) as staging:
+        source, model, report = import_model(request)
+        print(describe_import(source, report))
+        if request.data:
+            print(compare_on_data(request, source, model))
         save_native(model, staging, tokenizer_dir=args.model)
-    print(f"native odegpt folder -> {output}")
+    print(f"native odegpt folder -> {args.output}")
     return 0
 
 
-class _FixedStep:
-    """The source model called as nll_sums calls an odegpt model (its step size ignored: a plain stack)."""
+def compare_on_data(request, source, model) -> str:
+    """The line comparing the source's and the imported model's perplexity on ``--data``."""
+    from odegpt.evaluation.data import EvaluationData, evaluation_batches, scored_tokens
+    from odegpt.evaluation.perplexity import evaluate_perplexity
 
-    def __init__(self, model) -> None:
-        self.model = model
-        self.training = False
-
-    def eval(self):
-        return self
-
-    def train(self, mode: bool = True):
-        return self
-
-    def __call__(self, input_ids, step_size=None, use_cache=False):
-        return self.model(input_ids=input_ids, use_cache=False)
+    cut = EvaluationData(seq_len=request.seq_len, batch_size=8, num_samples=8 * request.max_batches)
+    batches = evaluation_batches(request.data, request.source, cut)[:request.max_batches]
+    before = evaluate_perplexity(source, batches, [1.0])[1.0]
+    after = evaluate_perplexity(model, batches, [1.0, 2.0])
+    return (f"perplexity on {scored_tokens(batches):,} tokens of --data: source {before:.3f}; imported a=1 "
+            f"{after[1.0]:.3f} ({after[1.0] / before - 1:+.1%}), a=2 {after[2.0]:.3f}")

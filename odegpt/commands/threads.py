@@ -7,28 +7,24 @@ that another job keeps busy, batch-1 decoding then collapses (measured on 2 core
 """
 from __future__ import annotations
 
-import argparse
 import os
-
-
-def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch threads (default: the cores the load average leaves idle, at least 1; "
-                             "OMP_NUM_THREADS if set)")
 
 
 def choose_threads(requested: int | None) -> tuple[int, str]:
     """``(threads, why)``, and torch set to use them. ``requested`` must be >= 1 when given."""
     import torch
 
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads must be at least 1, got {requested}")
+        if requested > 4 * cores:
+            raise ValueError(f"--threads {requested} is more than 4 threads per core of this machine's {cores}: "
+                             f"torch would only wait on itself; use --threads {cores}")
         threads, why = requested, "--threads"
     elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1:
         threads, why = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         load = os.getloadavg()[0]
         threads, why = max(1, cores - round(load)), f"{cores} cores, load average {load:.1f}"
     torch.set_num_threads(threads)

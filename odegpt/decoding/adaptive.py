@@ -37,9 +37,8 @@ Per token the solve counts what it executed (solver steps, LM-head read-outs, ke
 and lazily continued steps); ``odegpt.model.accounting`` turns counts into FLOPs.
 
 This file is copied into exported model folders (``custom_generate/``), so it imports only torch,
-transformers and its siblings; it reaches the model through its decoder surface (embed, attention_inputs,
-plan, solve, keys_values, read_out, new_cache), and its solve hooks are plain objects with the methods of
-``odegpt.model.solver.SolveHook`` they need.
+transformers and its siblings; it reaches the model through its decoder surface (``surface.DecoderModel``), and
+its solve hooks are plain objects with the methods of ``odegpt.model.solver.SolveHook`` they need.
 """
 from __future__ import annotations
 
@@ -51,6 +50,7 @@ from transformers.utils import ModelOutput
 
 from .defaults import DEFAULT_SWIFT_STEP_SIZE
 from .speculative import _UNSUPPORTED_UNLESS, _Sampler, decoding_limits
+from .surface import DecoderModel
 
 KV_FILLS = ("lazy", "copy", "interpolate")
 _TIME_TOLERANCE = 1e-9
@@ -144,9 +144,10 @@ class AdaptiveCache:
 
     solves: dict[float, object] = field(default_factory=dict)
 
-    def solve(self, model, step_size: float, num_slots: int, solver: str = "euler"):
-        cache = self.solves.setdefault(step_size, model.new_cache())
-        cache.bind(step_size, num_slots, solver)
+    def solve(self, model, plan):
+        """The cache of the solve ``plan`` (``odegpt.model.solver.SolvePlan``), bound to it."""
+        cache = self.solves.setdefault(plan.step_size, model.new_cache())
+        cache.bind(plan.step_size, plan.num_slots, plan.method.name)
         return cache
 
     def get_seq_length(self) -> int:
@@ -182,7 +183,7 @@ def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return -temperature * torch.logsumexp(logits.float() / temperature, dim=-1)
 
 
-def adaptive_forward(model, input_ids: torch.LongTensor, settings: AdaptiveDepth,
+def adaptive_forward(model: DecoderModel, input_ids: torch.LongTensor, settings: AdaptiveDepth,
                      attention_mask: torch.Tensor | None = None, past_key_values: AdaptiveCache | None = None
                      ) -> AdaptiveOutput:
     """Logits of ``input_ids`` (after the cached tokens, if any) with a per-token adaptive solve.
@@ -224,7 +225,7 @@ class _EarlyExit:
         self.projected_with = torch.full(h.shape[:2], -1, dtype=torch.long, device=h.device)
         # A relaxed model's maps vary with time (model.time_dependent): a frozen state is projected anew at each step.
         self.time_dependent = bool(getattr(model, "time_dependent", False))
-        self.stage_times = model.plan(settings.step_size)[2].stage_times
+        self.stage_times = model.plan(settings.step_size).method.stage_times
         self.logits: torch.Tensor | None = None
         self.reused: tuple | None = None
 
@@ -287,10 +288,10 @@ class _EarlyExit:
 
 
 def _early_exit_solve(model, h, inputs, settings: AdaptiveDepth, cache: AdaptiveCache | None):
-    _, plan, method = model.plan(settings.step_size)
-    kv = None if cache is None else cache.solve(model, settings.step_size, len(plan) * method.evaluations, method.name)
+    plan = model.plan(settings.step_size)
+    kv = None if cache is None else cache.solve(model, plan)
     control = _EarlyExit(model, h, settings, kv, inputs)
-    h = model.solve(h, plan, method, inputs, kv, hook=control)
+    h = model.solve(h, plan, inputs, kv, hook=control)
     logits, active = control.logits, control.active
     if bool(active.any()):  # tokens that ran the whole solve: the ordinary final read-out
         final = model.read_out(h)
@@ -299,31 +300,18 @@ def _early_exit_solve(model, h, inputs, settings: AdaptiveDepth, cache: Adaptive
     return logits, AdaptiveCounts(control.executed, control.readouts, control.kv_projections, control.continued)
 
 
-class _StateRecorder:
-    """Keeps the swift solve's state before the first step and after every step, with their times."""
-
-    def __init__(self, h: torch.Tensor) -> None:
-        self.states, self.times = [h], [0.0]
-
-    def advance(self, step, h: torch.Tensor, stepped: torch.Tensor) -> torch.Tensor:
-        self.states.append(stepped)
-        self.times.append(step.end)
-        return stepped
-
-
 class _RoutedSuperSolve:
     """The super solve of routed tokens: at each step the tokens that stayed swift get filled keys and values
     (from their swift states, by ``kv_fill``), which the routed tokens attend to and later tokens find cached."""
 
-    def __init__(self, model, settings: AdaptiveDepth, routed: torch.Tensor, swift: _StateRecorder, kv,
-                 inputs: dict) -> None:
+    def __init__(self, model, settings: AdaptiveDepth, routed: torch.Tensor, swift, kv, inputs: dict) -> None:
         self.model, self.settings, self.routed, self.swift, self.kv, self.inputs = \
             model, settings, routed, swift, kv, inputs
         self.any_routed = bool(routed.any())
         self.fill = not (settings.kv_fill == "lazy" or bool(routed.all()))
         self.kv_projections = torch.zeros(routed.shape, device=routed.device)
         self.projected: dict = {}
-        self.stage_times = model.plan(settings.step_size)[2].stage_times
+        self.stage_times = model.plan(settings.step_size).method.stage_times
 
     def _filled(self, step, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The fill at the time of the step's evaluation writing ``slot`` (Heun's second one: the step's end)."""
@@ -348,15 +336,13 @@ class _RoutedSuperSolve:
 
 
 def _routed_solve(model, h0, inputs, settings: AdaptiveDepth, cache: AdaptiveCache | None):
-    _, swift_plan, method = model.plan(settings.swift_step_size)
-    _, super_plan, _ = model.plan(settings.step_size)
-    slots = method.evaluations
-    swift_kv = None if cache is None else cache.solve(model, settings.swift_step_size, len(swift_plan) * slots, method.name)
-    super_kv = None if cache is None else cache.solve(model, settings.step_size, len(super_plan) * slots, method.name)
+    swift_plan, super_plan = model.plan(settings.swift_step_size), model.plan(settings.step_size)
+    swift_kv = None if cache is None else cache.solve(model, swift_plan)
+    super_kv = None if cache is None else cache.solve(model, super_plan)
 
     # 1. The swift solve of every token, keeping its state at every step's start and at the end.
-    swift = _StateRecorder(h0)
-    swift_logits = model.read_out(model.solve(h0, swift_plan, method, inputs, swift_kv, hook=swift))
+    swift = model.state_recorder(h0)
+    swift_logits = model.read_out(model.solve(h0, swift_plan, inputs, swift_kv, hook=swift))
     routed = energy(swift_logits, settings.energy_temperature) > settings.route_energy
     zeros = torch.zeros(routed.shape, device=h0.device)
     executed = len(swift_plan) + routed * float(len(super_plan))
@@ -368,7 +354,7 @@ def _routed_solve(model, h0, inputs, settings: AdaptiveDepth, cache: AdaptiveCac
     if not (lazy or any_routed or super_kv is not None):
         return swift_logits, AdaptiveCounts(executed, readouts, zeros, continued)
     control = _RoutedSuperSolve(model, settings, routed, swift, super_kv, inputs)
-    h = model.solve(h0, super_plan, method, inputs, super_kv, hook=control)
+    h = model.solve(h0, super_plan, inputs, super_kv, hook=control)
     if lazy:
         continued += ~routed * float(len(super_plan))
     counts = AdaptiveCounts(executed, readouts, control.kv_projections, continued)
@@ -416,7 +402,7 @@ class AdaptiveGenerateOutput(ModelOutput):
 
 
 @torch.no_grad()
-def adaptive_generate(model, inputs: torch.LongTensor | None = None, generation_config=None, *,
+def adaptive_generate(model: DecoderModel, inputs: torch.LongTensor | None = None, generation_config=None, *,
                       settings: AdaptiveDepth, input_ids: torch.LongTensor | None = None,
                       attention_mask: torch.Tensor | None = None, streamer=None, **kwargs
                       ) -> torch.LongTensor | AdaptiveGenerateOutput:

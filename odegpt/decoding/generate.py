@@ -1,10 +1,13 @@
 """``generate`` with odegpt's own decoders: self-speculative decoding and adaptive depth, layered above the model.
 
-The model (odegpt/model) knows nothing of them; they use it through its decoder surface (embed, attention_inputs,
-plan, solve, keys_values, read_out, new_cache). A native export copies this folder's files into its
-``custom_generate/``: transformers (4.57 on) loads ``custom_generate/generate.py`` with ``trust_remote_code=True``
-and installs its ``generate`` as ``model.generate``, so the folder alone offers every decoder. odegpt's own
-loader (``odegpt.folders.model_folder.load_model``) installs it the same way (:func:`with_decoders`).
+The model (odegpt/model) knows nothing of them; they use it through its decoder surface (``DecoderModel`` in
+odegpt/decoding/surface.py). A native export copies this folder's files into its ``custom_generate/``: transformers
+(4.57 on) loads ``custom_generate/generate.py`` with ``trust_remote_code=True`` and installs its ``generate`` as
+``model.generate``, so the folder alone offers every decoder. odegpt's own loader
+(``odegpt.folders.model_folder.load_model``) installs it the same way (:func:`with_decoders`).
+
+Every check of generate's arguments is made by :func:`choose_decoder` from the model's config alone, so a caller
+(``odegpt generate``) can refuse bad settings before it loads any weight, with the same messages.
 
 This file is copied into exported model folders with its siblings, so it imports only torch, transformers
 and them.
@@ -12,10 +15,14 @@ and them.
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import replace
 
 from .adaptive import AdaptiveDepth, adaptive_generate
 from .defaults import DEFAULT_DRAFT_TOKENS
-from .speculative import self_speculative_generate
+from .speculative import check_speculative, self_speculative_generate
+
+PLAIN, SPECULATIVE, ADAPTIVE = "plain", "self-speculative", "adaptive depth"
 
 
 def generate(inputs=None, generation_config=None, *, model, draft_step_size: float | None = None,
@@ -24,12 +31,13 @@ def generate(inputs=None, generation_config=None, *, model, draft_step_size: flo
              exit_entropy: float | None = None, route_energy: float | None = None, kv_fill: str | None = None,
              swift_step_size: float | None = None, adaptive: AdaptiveDepth | None = None, **kwargs):
     """transformers' ``generate``; with ``draft_step_size=B`` it decodes self-speculatively: the same
-    weights solved at ``B`` draft ``draft_tokens`` tokens (default 4) that one forward at the target
+    weights solved at ``B`` draft ``draft_tokens`` tokens (default ``"auto"``: a length adapted every round, none
+    when drafts do not pay; speculative.DraftPolicy) that one forward at the target
     step size verifies (``draft_confidence=P``: a round stops drafting after a draft below probability
     ``P``). Greedy output is identical; sampled output follows the target's distribution.
     ``prompt_lookup_num_tokens=K`` drafts by prompt lookup (copies of what followed the sequence's last
     n-gram earlier on), alone or beside ``draft_step_size``, each round taking the source that pays best;
-    ``draft_tokens="auto"`` adapts the draft length to the running acceptance (speculative.DraftPolicy);
+    an integer ``draft_tokens`` fixes the length;
     ``reuse_draft=True`` lets verification continue from the draft's shared work (same output).
 
     With ``exit_entropy=H`` each token stops integrating once its read-out's entropy is below ``H`` nats;
@@ -41,42 +49,98 @@ def generate(inputs=None, generation_config=None, *, model, draft_step_size: flo
     args = () if inputs is None else (inputs,)
     if generation_config is not None:
         kwargs["generation_config"] = generation_config
+    decoder, settings = choose_decoder(
+        model.config, draft_step_size=draft_step_size, draft_tokens=draft_tokens, draft_confidence=draft_confidence,
+        prompt_lookup_num_tokens=prompt_lookup_num_tokens, exit_entropy=exit_entropy, route_energy=route_energy,
+        kv_fill=kv_fill, swift_step_size=swift_step_size, adaptive=adaptive, **kwargs)
+    if decoder == ADAPTIVE:
+        kwargs.pop("step_size", None)
+        return adaptive_generate(model, *args, settings=settings, **kwargs)
+    if decoder == SPECULATIVE:
+        return self_speculative_generate(model, *args, **settings, **kwargs)
+    return type(model).generate(model, *args, **kwargs)  # transformers' own, under any installed override
+
+
+def choose_decoder(config, *, draft_step_size: float | None = None, draft_tokens: int | str | None = None,
+                   draft_confidence: float | None = None, prompt_lookup_num_tokens: int | None = None,
+                   exit_entropy: float | None = None, route_energy: float | None = None, kv_fill: str | None = None,
+                   swift_step_size: float | None = None, adaptive: AdaptiveDepth | None = None,
+                   names: dict[str, str] | None = None, **kwargs):
+    """``(decoder, settings)`` for :func:`generate`'s arguments: ``PLAIN`` (settings None), ``SPECULATIVE`` (the
+    keywords of ``self_speculative_generate``) or ``ADAPTIVE`` (an ``AdaptiveDepth`` with its step size resolved);
+    every argument checked against the model's ``config`` alone, a ValueError naming the bad one as ``names`` calls
+    it (e.g. ``{"draft_tokens": "--draft-tokens"}``; ``"use_cache=False"`` names turning the cache off)."""
+    name = functools.partial(_named, names or {})
+    step_size = kwargs.get("step_size")
+    if step_size is not None:
+        config.solver_steps(step_size, name("step_size"))  # a finite real > 0 whose solve is not too long
+    check_sampling(names=names, **{key: kwargs[key] for key in ("do_sample", "temperature", "top_k", "top_p",
+                                                                "max_new_tokens") if kwargs.get(key) is not None})
+    speculative = draft_step_size is not None or prompt_lookup_num_tokens is not None
+    source = name("draft_step_size" if draft_step_size is not None else "prompt_lookup_num_tokens")
+    if adaptive is not None or exit_entropy is not None or route_energy is not None:
+        chosen = name("exit_entropy" if exit_entropy is not None else "route_energy")
+        if speculative:
+            raise ValueError(f"{chosen} and {source} are separate decoders (adaptive depth, self-speculative "
+                             f"decoding): give one")
+        if kwargs.get("use_cache") is False:
+            raise ValueError(f"{chosen} decodes with its own KV cache; drop {name('use_cache=False')}")
+        return ADAPTIVE, _adaptive_settings(config, exit_entropy, route_energy, kv_fill, swift_step_size, adaptive,
+                                            step_size, names)
+    if kv_fill is not None or swift_step_size is not None:
+        raise ValueError("kv_fill and swift_step_size apply to adaptive depth: give exit_entropy or route_energy")
     if draft_confidence is not None and draft_step_size is None:
-        raise ValueError("draft_confidence applies to self-speculative decoding: give draft_step_size too")
+        raise ValueError(f"{name('draft_confidence')} applies to self-speculative decoding: give "
+                         f"{name('draft_step_size')} too")
+    if not speculative:
+        if draft_tokens is not None:
+            raise ValueError(f"{name('draft_tokens')} applies to self-speculative decoding: give "
+                             f"{name('draft_step_size')} or {name('prompt_lookup_num_tokens')} too")
+        return PLAIN, None
+    if kwargs.get("use_cache") is False:
+        raise ValueError(f"{source} needs the KV cache; drop {name('use_cache=False')}")
+    if draft_tokens is None:
+        draft_tokens = DEFAULT_DRAFT_TOKENS
+    settings = dict(draft_step_size=draft_step_size, draft_tokens=draft_tokens, draft_confidence=draft_confidence,
+                    prompt_lookup_num_tokens=prompt_lookup_num_tokens)
+    check_speculative(config, **settings, step_size=step_size, names=names)
+    return SPECULATIVE, settings
+
+
+def _named(names: dict[str, str], key: str) -> str:
+    return names.get(key, key)
+
+
+def _adaptive_settings(config, exit_entropy, route_energy, kv_fill, swift_step_size, adaptive, step_size,
+                       names) -> AdaptiveDepth:
     if adaptive is not None:
         if exit_entropy is not None or route_energy is not None or kv_fill is not None or swift_step_size is not None:
             raise ValueError("give adaptive=AdaptiveDepth(...) or its keywords (exit_entropy, route_energy, "
                              "kv_fill, swift_step_size), not both")
-        if draft_step_size is not None or prompt_lookup_num_tokens is not None:
-            raise ValueError("adaptive depth and self-speculative decoding (draft_step_size, "
-                             "prompt_lookup_num_tokens) are separate decoders: give one")
-        step_size = kwargs.pop("step_size", None)
         if step_size is not None and adaptive.step_size not in (None, step_size):
             raise ValueError(f"step_size={step_size} and adaptive.step_size={adaptive.step_size} disagree")
-        if adaptive.step_size is None and step_size is not None:
-            adaptive = AdaptiveDepth(**{**adaptive.__dict__, "step_size": step_size})
-        return adaptive_generate(model, *args, settings=adaptive, **kwargs)
-    if exit_entropy is not None or route_energy is not None:
-        if draft_step_size is not None or prompt_lookup_num_tokens is not None:
-            raise ValueError("adaptive depth (exit_entropy, route_energy) and self-speculative decoding "
-                             "(draft_step_size, prompt_lookup_num_tokens) are separate decoders: give one")
-        settings = dict(exit_entropy=exit_entropy, route_energy=route_energy, kv_fill=kv_fill or "copy",
-                        step_size=kwargs.pop("step_size", None))
-        if swift_step_size is not None:
-            settings["swift_step_size"] = swift_step_size
-        return adaptive_generate(model, *args, settings=AdaptiveDepth(**settings), **kwargs)
-    if kv_fill is not None or swift_step_size is not None:
-        raise ValueError("kv_fill and swift_step_size apply to adaptive depth: give exit_entropy or route_energy")
-    if draft_step_size is None and prompt_lookup_num_tokens is None:
-        if draft_tokens is not None:
-            raise ValueError("draft_tokens applies to self-speculative decoding: give draft_step_size or "
-                             "prompt_lookup_num_tokens too")
-        return type(model).generate(model, *args, **kwargs)  # transformers' own, under any installed override
-    if draft_tokens is None:  # prompt lookup alone drafts what it finds, up to its K; step-size drafts k tokens
-        draft_tokens = DEFAULT_DRAFT_TOKENS if draft_step_size is not None else prompt_lookup_num_tokens
-    return self_speculative_generate(model, *args, draft_step_size=draft_step_size, draft_tokens=draft_tokens,
-                                     draft_confidence=draft_confidence,
-                                     prompt_lookup_num_tokens=prompt_lookup_num_tokens, **kwargs)
+        settings = adaptive if adaptive.step_size is not None else replace(adaptive, step_size=step_size)
+    else:
+        settings = AdaptiveDepth(exit_entropy=exit_entropy, route_energy=route_energy, kv_fill=kv_fill or "copy",
+                                 step_size=step_size,
+                                 **({} if swift_step_size is None else {"swift_step_size": swift_step_size}))
+    return settings.checked(config, names)
+
+
+def check_sampling(do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+                   top_p: float | None = None, max_new_tokens: int | None = None,
+                   names: dict[str, str] | None = None) -> None:
+    """The sampling settings every decoder takes, checked before any token is drawn (named as ``names`` says);
+    a value given is checked even when decoding is greedy (it would be wrong the day sampling is turned on)."""
+    name = functools.partial(_named, names or {})
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or max_new_tokens < 1):
+        raise ValueError(f"{name('max_new_tokens')} must be at least 1, got {max_new_tokens}")
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature:g}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"{name('top_k')} must be >= 0 (0 = no top-k filter), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:  # false for nan too
+        raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p:g}")
 
 
 def with_decoders(model):

@@ -20,10 +20,11 @@ one rectangle, both caches keep one length, and every kept token is still the ta
 accepted more drafts simply drafts them again). At batch size 1 this is plain speculative decoding.
 
 This file is copied into exported model folders (``custom_generate/``), so it imports only torch and
-transformers; it reaches the model through its decoder surface (``model.new_cache()`` for a cache).
+transformers; it reaches the model through its decoder surface (``surface.DecoderModel``).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 from transformers.utils import ModelOutput
 
 from .defaults import DEFAULT_DRAFT_TOKENS, DEFAULT_LOOKUP_NGRAM, DEFAULT_MAX_DRAFT_TOKENS
+from .surface import DecoderModel
 
 # generate() settings this loop does not implement, each with the value that means "off": anything else
 # is refused rather than silently ignored.
@@ -69,19 +71,19 @@ def shared_steps(plan, other) -> int | None:
     """How many leading steps two plans of one model have in common (the unshared layers before the first shared
     segment, and any equal steps after them); the step after those is taken by both from the same state, so its
     first attention branch, keys and values are common too. None when one plan is the other's beginning."""
-    common = 0
-    while common < min(len(plan), len(other)) and plan[common] == other[common]:
+    common, shortest = 0, min(len(plan), len(other))
+    while common < shortest and (plan[common].block, plan[common].dt) == (other[common].block, other[common].dt):
         common += 1
-    return None if common == min(len(plan), len(other)) else common
+    return None if common == shortest else common
 
 
 class _Solve:
     """The model solved at one step size, with its own KV cache. ``shared``: how many leading steps this solve has
     in common with the other one (:func:`shared_steps`) when their common work is reused, else None."""
 
-    def __init__(self, model, step_size: float, shared: int | None = None) -> None:
+    def __init__(self, model: DecoderModel, step_size: float, shared: int | None = None) -> None:
         self.model, self.step_size, self.cache = model, step_size, model.new_cache()
-        _, self.plan, self.method = model.plan(step_size)
+        self.plan = model.plan(step_size)
         self.shared = shared
 
     def __len__(self) -> int:
@@ -89,7 +91,7 @@ class _Solve:
 
     def _begin(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, past: int):
         """States at time 0 of ``tokens`` after ``past`` cached positions, and their attention inputs."""
-        self.cache.bind(self.step_size, len(self.plan) * self.method.evaluations, self.method.name)
+        self.cache.bind(self.step_size, self.plan.num_slots, self.plan.method.name)
         h = self.model.embed(tokens)
         if attention_mask is not None:
             attention_mask = attention_mask[:, : past + tokens.shape[1]]
@@ -97,8 +99,8 @@ class _Solve:
 
     def _to_shared(self, h: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared steps, then the first attention branch of the step after them: (state before it, branch)."""
-        h = self.model.solve(h, self.plan, self.method, inputs, self.cache, stop=self.shared)
-        return h, self.model.first_attention(h, self.plan, self.method, self.shared, inputs, self.cache)
+        h = self.model.solve(h, self.plan, inputs, self.cache, stop=self.shared)
+        return h, self.model.first_attention(h, self.plan, self.shared, inputs, self.cache)
 
     def recorded_logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None):
         """Float logits of the last of ``tokens`` fed after the cached ones, and what a solve sharing this one's
@@ -106,7 +108,7 @@ class _Solve:
         h, inputs = self._begin(tokens, attention_mask, len(self))
         h, attention = self._to_shared(h, inputs)
         record = h[:, -1:], attention[:, -1:]
-        h = self.model.solve(h, self.plan, self.method, inputs, self.cache, start=self.shared, first_attention=attention)
+        h = self.model.solve(h, self.plan, inputs, self.cache, start=self.shared, first_attention=attention)
         return self.model.read_out(h[:, -1:]).float(), record
 
     def logits_reusing(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, draft: _Solve,
@@ -116,7 +118,7 @@ class _Solve:
         and of the first slot after them are copied, its states and first attention branches continue from there,
         and only the last token is solved through the shared steps here."""
         past, reused = len(self), len(records)
-        for slot in range(self.shared * self.method.evaluations + 1):
+        for slot in range(self.shared * self.plan.method.evaluations + 1):
             layer = draft.cache.layers[slot]
             self.cache.update(layer.keys[:, :, past: past + reused], layer.values[:, :, past: past + reused], slot)
         last, last_inputs = self._begin(tokens[:, -1:], attention_mask, past + reused)
@@ -125,7 +127,7 @@ class _Solve:
         attention = torch.cat([*(branch for _, branch in records), last_attention], dim=1)
         mask = None if attention_mask is None else attention_mask[:, : past + tokens.shape[1]]
         inputs = self.model.attention_inputs(h, mask, past)
-        h = self.model.solve(h, self.plan, self.method, inputs, self.cache, start=self.shared, first_attention=attention)
+        h = self.model.solve(h, self.plan, inputs, self.cache, start=self.shared, first_attention=attention)
         return self.model.read_out(h).float()
 
     def logits(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, keep: int = 0) -> torch.Tensor:
@@ -133,7 +135,7 @@ class _Solve:
         called directly, as :meth:`recorded_logits` and :meth:`logits_reusing` call it, so a comparison of the
         two costs only what they compute."""
         h, inputs = self._begin(tokens, attention_mask, len(self))
-        h = self.model.solve(h, self.plan, self.method, inputs, self.cache)
+        h = self.model.solve(h, self.plan, inputs, self.cache)
         return self.model.read_out(h[:, -keep:] if keep else h).float()
 
     def crop(self, length: int) -> None:
@@ -227,30 +229,34 @@ def prompt_lookup(tokens: torch.Tensor, num_tokens: int, max_ngram: int = DEFAUL
 
 
 class DraftPolicy:
-    """Chooses each round's draft source and length from the running acceptance.
+    """Chooses each round's draft source and length from the running acceptance and the measured costs.
 
-    A source ``s`` has a per-token acceptance ``alpha_s`` (an exponential average of what its rounds showed)
-    and a cost per drafted token ``c_s`` in target forwards (the step-size draft: its block evaluations
-    per token over the target's; prompt lookup: none). Under the usual geometric model a round of ``k``
-    drafts yields ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens for ``1 + k c_s`` target forwards (the
-    verification of ``k + 1`` tokens counted as one forward: decoding is memory-bound). With ``adaptive``
-    the round takes the source and length with the most tokens per cost, and no drafts at all (a plain
-    decoding step, worth 1) when nothing beats that: a model that accepts little stops paying for drafts;
-    a source left unused drifts back towards its prior, so it is tried again. Without it, the length is
-    the source's maximum (``max_tokens``) and only the source is chosen."""
+    Costs are in units of a plain decoding step (one target forward of one token, ``unit`` seconds, measured).
+    A source ``s`` has a per-token acceptance ``alpha_s`` (an exponential average of what its rounds showed) and a
+    cost per drafted token ``c_s`` (measured: the seconds of its draft forwards per token over ``unit``; before any
+    measurement, ``prior_costs``: the step-size draft's block evaluations over the target's, prompt lookup 0), and
+    verifying ``k`` drafts costs ``1 + beta k`` units (``beta`` measured too: a verification is one forward over
+    ``k + 1`` tokens, more than a plain step on a CPU, nearly as cheap on a GPU at batch 1). Under the geometric
+    model a round of ``k`` drafts yields ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens for ``1 + beta k + k c_s``
+    units. With ``adaptive`` the round takes the source and length with the most tokens per unit, and no drafts at
+    all (a plain step, worth exactly 1) when nothing beats that: drafts that do not pay stop, and an unused
+    source's acceptance drifts back towards its prior, so it is probed again now and then. Without it, the length
+    is the source's maximum (``max_tokens``) and only the source is chosen."""
 
-    PRIOR, MEMORY, DRIFT = 0.6, 0.7, 0.05
+    PRIOR, MEMORY, DRIFT, BETA = 0.6, 0.7, 0.05, 0.1
 
-    def __init__(self, costs: dict[str, float], max_tokens: dict[str, int], adaptive: bool) -> None:
-        self.costs, self.max_tokens, self.adaptive = costs, max_tokens, adaptive
-        self.alpha = {source: self.PRIOR for source in costs}
+    def __init__(self, prior_costs: dict[str, float], max_tokens: dict[str, int], adaptive: bool) -> None:
+        self.costs, self.max_tokens, self.adaptive = dict(prior_costs), max_tokens, adaptive
+        self.alpha = {source: self.PRIOR for source in prior_costs}
+        self.beta, self.unit = self.BETA, None
 
     @staticmethod
     def expected_tokens(alpha: float, k: int) -> float:
         return k + 1.0 if alpha >= 0.999 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
     def value(self, source: str, k: int) -> float:
-        return self.expected_tokens(self.alpha[source], k) / (1 + k * self.costs[source])
+        """Expected tokens per plain-step unit of a round of ``k`` drafts from ``source``."""
+        return self.expected_tokens(self.alpha[source], k) / (1 + k * (self.beta + self.costs[source]))
 
     def choose(self, available: list[str], limit: int) -> tuple[str | None, int]:
         """(source, k) for a round that may draft at most ``limit`` tokens from ``available`` sources."""
@@ -272,7 +278,34 @@ class DraftPolicy:
         """A round of ``drafted`` drafts from ``source`` kept ``accepted`` (then stopped at a rejection, if any)."""
         if drafted:
             observed = accepted / (accepted + (1 if accepted < drafted else 0))
-            self.alpha[source] = self.MEMORY * self.alpha[source] + (1 - self.MEMORY) * observed
+            self.alpha[source] = self._mean(self.alpha[source], observed)
+
+    def measured_verification(self, drafted: int, seconds: float) -> None:
+        """A target forward over ``drafted`` drafts and one committed token took ``seconds``."""
+        if self.unit is None or drafted == 0:
+            self.unit = seconds / (1 + self.beta * drafted) if self.unit is None else self._mean(self.unit, seconds)
+        else:
+            self.beta = max(0.0, self._mean(self.beta, (seconds / self.unit - 1) / drafted))
+
+    def measured_draft(self, source: str, tokens: int, seconds: float) -> None:
+        """``source`` drafted ``tokens`` tokens in ``seconds`` (catching up on committed tokens excluded)."""
+        if tokens and self.unit:
+            self.costs[source] = self._mean(self.costs[source], seconds / tokens / self.unit)
+
+    def _mean(self, old: float, new: float) -> float:
+        return self.MEMORY * old + (1 - self.MEMORY) * new
+
+
+class _Stopwatch:
+    """Seconds of work on ``device``, waiting for a GPU's queue first so that a time is the work's, not its launch's."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
 
 def decoding_limits(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
@@ -285,6 +318,32 @@ def decoding_limits(config, input_ids: torch.Tensor, attention_mask: torch.Tenso
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
     return max_new, eos, pad, attention_mask
+
+
+def check_speculative(model_config, draft_step_size: float | None = None, draft_tokens: int | str = DEFAULT_DRAFT_TOKENS,
+                      draft_confidence: float | None = None, prompt_lookup_num_tokens: int | None = None,
+                      max_matching_ngram_size: int = DEFAULT_LOOKUP_NGRAM, step_size: float | None = None,
+                      names: dict[str, str] | None = None) -> None:
+    """The settings of self-speculative decoding, checked against the model's config alone (no weights); a
+    ValueError names the bad one as ``names`` calls it (default: its keyword)."""
+    def name(key: str) -> str:
+        return (names or {}).get(key, key)
+
+    model_config.solver_steps(step_size, name("step_size"))  # finite, > 0, not too long (None: the config's)
+    if draft_step_size is None and prompt_lookup_num_tokens is None:
+        raise ValueError(f"self-speculative decoding needs a draft source: {name('draft_step_size')} and/or "
+                         f"{name('prompt_lookup_num_tokens')}")
+    if draft_step_size is not None:
+        model_config.solver_steps(draft_step_size, name("draft_step_size"))
+    for key, value in (("prompt_lookup_num_tokens", prompt_lookup_num_tokens),
+                       ("max_matching_ngram_size", max_matching_ngram_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name(key)} must be an integer >= 1, got {value!r}")
+    if draft_tokens != "auto" and (isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int)
+                                   or draft_tokens < 1):
+        raise ValueError(f"{name('draft_tokens')} must be an integer >= 1 or 'auto', got {draft_tokens!r}")
+    if draft_confidence is not None and not 0 <= draft_confidence <= 1:  # false for nan too
+        raise ValueError(f"{name('draft_confidence')} must be a probability in [0, 1], got {draft_confidence!r}")
 
 
 def _check_supported(config, model_kwargs: dict) -> None:
@@ -302,7 +361,7 @@ def _check_supported(config, model_kwargs: dict) -> None:
 
 @torch.no_grad()
 def self_speculative_generate(
-    model,
+    model: DecoderModel,
     inputs: torch.LongTensor | None = None,
     generation_config=None,
     *,
@@ -331,10 +390,12 @@ def self_speculative_generate(
 
     ``prompt_lookup_num_tokens=K`` drafts up to ``K`` tokens by prompt lookup (:func:`prompt_lookup`,
     n-grams up to ``max_matching_ngram_size``), alone or beside the step-size drafts; each round then
-    drafts from the source whose recent acceptance per unit of cost is best (:class:`DraftPolicy`).
-    ``draft_tokens="auto"`` adapts the draft length (up to ``DEFAULT_MAX_DRAFT_TOKENS``, or ``K``) to the
-    running acceptance and drafts nothing when no draft pays; an integer fixes it. Either way the output is
-    the target's: greedy identical, sampled exactly (a lookup draft is a draft with probability 1).
+    drafts from the source whose recent acceptance per unit of measured cost is best (:class:`DraftPolicy`).
+    ``draft_tokens="auto"`` (the default of ``odegpt generate``) adapts the draft length (up to
+    ``DEFAULT_MAX_DRAFT_TOKENS``, or ``K``) to the running acceptance and the measured costs, and drafts nothing
+    when no draft pays, probing again now and then: decoding is then about as fast as plain decoding, never much
+    slower. An integer fixes the length. Either way the output is the target's: greedy identical, sampled exactly
+    (a lookup draft is a draft with probability 1).
 
     ``reuse_draft=True``: verification continues from what the step-size draft computed. Both solves take the
     same first steps (the unshared layers before the first shared segment) and then the first step of their own
@@ -349,129 +410,155 @@ def self_speculative_generate(
     config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
     _check_supported(config, model_kwargs)
     target_step = model.config.step_size if step_size is None else step_size
-    model.config.solver_steps(target_step)  # refuses a step size that is not a finite real > 0, or too small
-    if draft_step_size is None and prompt_lookup_num_tokens is None:
-        raise ValueError("self-speculative decoding needs a draft source: draft_step_size and/or "
-                         "prompt_lookup_num_tokens")
-    if draft_step_size is not None:
-        model.config.solver_steps(draft_step_size)
-    for name, value in (("prompt_lookup_num_tokens", prompt_lookup_num_tokens),
-                        ("max_matching_ngram_size", max_matching_ngram_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    adaptive = draft_tokens == "auto"
-    if not adaptive and (isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1):
-        raise ValueError(f"draft_tokens must be an integer >= 1 or 'auto', got {draft_tokens!r}")
-    if draft_confidence is not None and not 0 <= draft_confidence <= 1:
-        raise ValueError(f"draft_confidence must be a probability in [0, 1], got {draft_confidence!r}")
+    check_speculative(model.config, draft_step_size, draft_tokens, draft_confidence, prompt_lookup_num_tokens,
+                      max_matching_ngram_size, target_step)
     if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("self-speculative decoding needs input_ids of shape (batch, prompt length >= 1)")
+    rounds = _Rounds(model, config, input_ids, attention_mask, target_step, draft_step_size, draft_tokens,
+                     draft_confidence, prompt_lookup_num_tokens, max_matching_ngram_size, reuse_draft, streamer)
+    rounds.run()
+    if config.return_dict_in_generate:
+        return rounds.output()
+    return rounds.tokens
 
-    batch, prompt_len = input_ids.shape
-    max_new, eos, pad, attention_mask = decoding_limits(config, input_ids, attention_mask)
-    sampler = _Sampler(config)
-    shared = None
-    if reuse_draft and draft_step_size is not None and not model.rotary_scales_with_length:  # a draft's keys differ
-        shared = shared_steps(model.plan(target_step)[1], model.plan(draft_step_size)[1])
-    target = _Solve(model, target_step, shared)
-    draft = None if draft_step_size is None else _Solve(model, draft_step_size, shared)
-    costs = {}
-    if draft is not None:  # block evaluations per drafted token, over the target's per verification
-        costs["step_size"] = len(model.plan(draft_step_size)[1]) / len(model.plan(target_step)[1])
-    if prompt_lookup_num_tokens is not None:
-        costs["prompt_lookup"] = 0.0
-    max_tokens = {"step_size": DEFAULT_MAX_DRAFT_TOKENS if adaptive else draft_tokens}
-    if prompt_lookup_num_tokens is not None:  # a lookup drafts at most K, and at most draft_tokens when fixed
-        max_tokens["prompt_lookup"] = prompt_lookup_num_tokens if adaptive else min(prompt_lookup_num_tokens,
-                                                                                    draft_tokens)
-    policy = DraftPolicy(costs, max_tokens, adaptive)
-    sources = {name: {"rounds": 0, "drafted": 0, "accepted": 0} for name in [*costs, "none"]}
 
-    tokens, mask = input_ids, attention_mask
-    unfinished = torch.ones(batch, dtype=torch.bool, device=tokens.device)
-    drafted = accepted = rounds = reused_evaluations = reused_attention = 0
-    if streamer is not None:
-        streamer.put(tokens.cpu())
-    if prompt_len > 1:  # both caches hold every committed token but the last, which each round feeds
-        target.logits(tokens[:, :-1], mask, keep=1)
-        if draft is not None:
-            draft.logits(tokens[:, :-1], mask, keep=1)
+class _Rounds:
+    """The state of one self-speculative generation: the committed tokens, both solves with their caches, the draft
+    policy and what the rounds counted. :meth:`run` decodes round after round: draft, verify, commit."""
 
-    while tokens.shape[1] - prompt_len < max_new and bool(unfinished.any()):
-        committed = tokens.shape[1]
-        limit = max_new - (committed - prompt_len) - 1
+    def __init__(self, model, config, input_ids, attention_mask, target_step, draft_step_size, draft_tokens,
+                 draft_confidence, lookup_tokens, max_ngram, reuse_draft, streamer) -> None:
+        self.model, self.streamer, self.draft_confidence, self.max_ngram = model, streamer, draft_confidence, max_ngram
+        self.prompt_len = input_ids.shape[1]
+        self.max_new, self.eos, self.pad, self.mask = decoding_limits(config, input_ids, attention_mask)
+        self.sampler, self.tokens = _Sampler(config), input_ids
+        self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.clock = _Stopwatch(input_ids.device)
+        self.shared = None
+        if reuse_draft and draft_step_size is not None and not model.rotary_scales_with_length:  # a draft's keys differ
+            self.shared = shared_steps(model.plan(target_step), model.plan(draft_step_size))
+        self.target = _Solve(model, target_step, self.shared)
+        self.draft = None if draft_step_size is None else _Solve(model, draft_step_size, self.shared)
+        self.policy = _policy(model, target_step, draft_step_size, draft_tokens, lookup_tokens)
+        self.sources = {name: {"rounds": 0, "drafted": 0, "accepted": 0} for name in [*self.policy.costs, "none"]}
+        self.drafted = self.accepted = self.rounds = self.reused_evaluations = self.reused_attention = 0
 
-        # 1. Draft: by prompt lookup, or up to k tokens at the draft step size, one at a time, or not at all.
-        source, k = policy.choose(list(costs), limit)
+    def run(self) -> None:
+        if self.streamer is not None:
+            self.streamer.put(self.tokens.cpu())
+        if self.prompt_len > 1:  # both caches hold every committed token but the last, which each round feeds
+            self.target.logits(self.tokens[:, :-1], self.mask, keep=1)
+            if self.draft is not None:
+                self.draft.logits(self.tokens[:, :-1], self.mask, keep=1)
+        while self.tokens.shape[1] - self.prompt_len < self.max_new and bool(self.unfinished.any()):
+            self.round()
+        if self.streamer is not None:
+            self.streamer.end()
+
+    def round(self) -> None:
+        """Draft (by prompt lookup, at the draft step size, or not at all), verify every draft in one forward at
+        the target step size, keep the agreed prefix and the target's next token."""
+        committed = self.tokens.shape[1]
+        limit = self.max_new - (committed - self.prompt_len) - 1
+        source, drafts, draft_probs, records, mask_ahead = self._drafts(limit)
+        k = drafts.shape[1]
+        fed = torch.cat([self.tokens[:, len(self.target):], drafts], dim=1)
+        began = self.clock()
+        if records:
+            target_logits = self.target.logits_reusing(fed, mask_ahead, self.draft, records)
+            self.reused_evaluations += len(records) * self.shared * self.target.plan.method.evaluations
+            self.reused_attention += len(records)
+        else:
+            target_logits = self.target.logits(fed, mask_ahead)
+        m, next_token = self.sampler.verify(drafts, draft_probs, target_logits, self.unfinished.nonzero().squeeze(-1))
+        if fed.shape[1] == k + 1:  # no catching up on committed tokens: a round's own cost
+            self.policy.measured_verification(k, self.clock() - began)
+        self.target.crop(committed + m)
+        if self.draft is not None:
+            self.draft.crop(committed + m)
+        self.drafted, self.accepted, self.rounds = self.drafted + k, self.accepted + m, self.rounds + 1
+        used = source if k else "none"
+        for key, value in (("rounds", 1), ("drafted", k), ("accepted", m)):
+            self.sources[used][key] += value
+        if k:
+            self.policy.update(source, k, m)
+        self._commit(torch.cat([drafts[:, :m], next_token[:, None]], dim=1))
+
+    def _drafts(self, limit: int):
+        """(source, drafts (batch, k), their distributions when sampling, what verification reuses, the mask
+        ahead) of this round."""
+        tokens, batch = self.tokens, self.tokens.shape[0]
+        source, k = self.policy.choose(list(self.policy.costs), limit)
         drafts, draft_probs, records = tokens.new_empty(batch, 0), None, None
         if source == "prompt_lookup":
-            drafts = prompt_lookup(tokens, k, max_matching_ngram_size)
-            if drafts.shape[1] == 0 and draft is not None:  # nothing to copy: draft with the model instead
-                source, k = policy.choose(["step_size"], limit)
-            elif sampler.do_sample and drafts.shape[1]:  # a copied draft has probability 1 under its source
-                draft_probs = torch.nn.functional.one_hot(drafts, model.config.vocab_size).float()
-        mask_ahead = None if mask is None else torch.cat([mask, mask.new_ones(batch, max(k, drafts.shape[1]) + 1)], 1)
+            began = self.clock()
+            drafts = prompt_lookup(tokens, k, self.max_ngram)
+            self.policy.measured_draft(source, drafts.shape[1], self.clock() - began)
+            if drafts.shape[1] == 0 and self.draft is not None:  # nothing to copy: draft with the model instead
+                source, k = self.policy.choose(["step_size"], limit)
+            elif self.sampler.do_sample and drafts.shape[1]:  # a copied draft has probability 1 under its source
+                draft_probs = torch.nn.functional.one_hot(drafts, self.model.config.vocab_size).float()
+        width = max(k, drafts.shape[1]) + 1
+        mask_ahead = None if self.mask is None else torch.cat([self.mask, self.mask.new_ones(batch, width)], 1)
         if source == "step_size":
-            drafts, draft_probs, records = _draft_with_model(draft, tokens, k, mask_ahead, sampler, draft_confidence,
-                                                             unfinished)
-        k = drafts.shape[1]
+            drafts, draft_probs, records = _draft_with_model(self.draft, tokens, k, mask_ahead, self.sampler,
+                                                             self.draft_confidence, self.unfinished, self.clock,
+                                                             self.policy)
+        return source, drafts, draft_probs, records, mask_ahead
 
-        # 2. Verify all of them in one forward at the target step size (continuing from the draft's shared work);
-        #    keep the agreed prefix.
-        fed = torch.cat([tokens[:, len(target):], drafts], dim=1)
-        if records:
-            target_logits = target.logits_reusing(fed, mask_ahead, draft, records)
-            reused_evaluations += len(records) * shared * target.method.evaluations
-            reused_attention += len(records)
-        else:
-            target_logits = target.logits(fed, mask_ahead)
-        m, next_token = sampler.verify(drafts, draft_probs, target_logits, unfinished.nonzero().squeeze(-1))
-        new = torch.cat([drafts[:, :m], next_token[:, None]], dim=1)
-        target.crop(committed + m)
-        if draft is not None:
-            draft.crop(committed + m)
-        drafted, accepted, rounds = drafted + k, accepted + m, rounds + 1
-        used = source if k else "none"
-        sources[used]["rounds"] += 1
-        sources[used]["drafted"] += k
-        sources[used]["accepted"] += m
-        if k:
-            policy.update(source, k, m)
-
-        # 3. Stop rows at their end-of-sequence token; what a finished row "generates" is padding.
-        if eos is not None:
-            is_eos = torch.isin(new, eos) & unfinished[:, None]
+    def _commit(self, new: torch.Tensor) -> None:
+        """Append ``new`` tokens, stopping rows at their end-of-sequence token (what a finished row "generates" is
+        padding) and the whole batch where its last row ended, as plain decoding does."""
+        if self.eos is not None:
+            is_eos = torch.isin(new, self.eos) & self.unfinished[:, None]
             after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
-            new = new.masked_fill(after_eos | ~unfinished[:, None], pad)
-            unfinished &= ~is_eos.any(-1)
-            if not bool(unfinished.any()):  # end where the last row ended, as plain decoding does
+            new = new.masked_fill(after_eos | ~self.unfinished[:, None], self.pad)
+            self.unfinished &= ~is_eos.any(-1)
+            if not bool(self.unfinished.any()):
                 new = new[:, : int(is_eos.long().argmax(-1).max()) + 1]
-        tokens = torch.cat([tokens, new], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(batch, new.shape[1])], dim=1)
-        if streamer is not None:
-            streamer.put(new.cpu())
+        self.tokens = torch.cat([self.tokens, new], dim=1)
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.tokens.shape[0], new.shape[1])], dim=1)
+        if self.streamer is not None:
+            self.streamer.put(new.cpu())
 
-    if streamer is not None:
-        streamer.end()
-    if config.return_dict_in_generate:
-        return SelfSpeculativeOutput(sequences=tokens, drafted_tokens=drafted, accepted_tokens=accepted,
-                                     target_forwards=rounds, sources=sources, reused_evaluations=reused_evaluations,
-                                     reused_attention=reused_attention)
-    return tokens
+    def output(self) -> SelfSpeculativeOutput:
+        return SelfSpeculativeOutput(sequences=self.tokens, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
+                                     target_forwards=self.rounds, sources=self.sources,
+                                     reused_evaluations=self.reused_evaluations,
+                                     reused_attention=self.reused_attention)
 
 
-def _draft_with_model(draft: _Solve, tokens, k: int, mask_ahead, sampler: _Sampler, draft_confidence, unfinished):
+def _policy(model, target_step: float, draft_step_size: float | None, draft_tokens: int | str,
+            lookup_tokens: int | None) -> DraftPolicy:
+    """The draft policy of a generation: its sources, their prior costs and longest drafts."""
+    adaptive, costs = draft_tokens == "auto", {}
+    if draft_step_size is not None:  # block evaluations per drafted token, over the target's per verification
+        costs["step_size"] = len(model.plan(draft_step_size)) / len(model.plan(target_step))
+    if lookup_tokens is not None:
+        costs["prompt_lookup"] = 0.0
+    max_tokens = {"step_size": DEFAULT_MAX_DRAFT_TOKENS if adaptive else draft_tokens}
+    if lookup_tokens is not None:  # a lookup drafts at most K, and at most draft_tokens when fixed
+        max_tokens["prompt_lookup"] = lookup_tokens if adaptive else min(lookup_tokens, draft_tokens)
+    return DraftPolicy(costs, max_tokens, adaptive)
+
+
+def _draft_with_model(draft: _Solve, tokens, k: int, mask_ahead, sampler: _Sampler, draft_confidence, unfinished,
+                      clock: _Stopwatch | None = None, policy: DraftPolicy | None = None):
     """Up to ``k`` drafts from the model at the draft step size, one at a time (fed the committed tokens its cache
     lacks first), their distributions when sampling, and, when verification reuses the draft's work, what it
     reuses of each position the draft fed after the committed ones (the last committed token and the drafts but
-    the last; see :meth:`_Solve.recorded_logits`), else None."""
+    the last; see :meth:`_Solve.recorded_logits`), else None. The forwards after the first (which also catches up
+    on committed tokens) are timed with ``clock`` for ``policy``, when given."""
     batch = tokens.shape[0]
     drafts = tokens.new_empty(batch, k)
     draft_probs = [] if sampler.do_sample else None
     records = [] if draft.shared is not None else None
     feed = tokens[:, len(draft):]
+    began = None
     for j in range(k):
+        if j == 1 and policy is not None:
+            began = clock()
         if records is None:
             logits = draft.logits(feed, mask_ahead, keep=1)[:, -1]
         else:
@@ -487,4 +574,6 @@ def _draft_with_model(draft: _Solve, tokens, k: int, mask_ahead, sampler: _Sampl
             if bool((own[unfinished] < draft_confidence).any()):
                 drafts = drafts[:, : j + 1]
                 break
+    if began is not None:
+        policy.measured_draft("step_size", drafts.shape[1] - 1, clock() - began)
     return drafts, torch.stack(draft_probs, dim=1) if draft_probs else None, records

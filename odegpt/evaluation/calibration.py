@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -103,3 +104,17 @@ def save_calibration(model_dir: str | Path, record: dict, data: list[str]) -> Pa
     document["route_energy"].append({**record, "data": data})
     path.write_text(json.dumps(document, indent=2, allow_nan=True) + "\n")
     return path
+
+
+def calibrated_route_energy(model_dir: str | Path, target: object, settings: AdaptiveDepth,
+                            option: str = "--target-compute") -> AdaptiveDepth:
+    """``settings`` routing at the threshold the folder's calibration saved for ``target`` x the super solve's
+    FLOPs, or a ValueError saying how to calibrate it."""
+    target = check_target_compute(target, option)
+    record = load_calibration(model_dir, target, settings)
+    if record is None:
+        raise ValueError(f"{option} {target:g}: {model_dir} holds no calibration for it at step size "
+                         f"{settings.step_size:g} with swift step size {settings.swift_step_size:g}; run `odegpt "
+                         f"evaluate --model {model_dir} --data VALIDATION --target-compute {target:g}` first, or "
+                         f"give --route-energy")
+    return replace(settings, route_energy=record["route_energy"])

@@ -36,7 +36,8 @@ def nll_sums(model: torch.nn.Module, batches: Iterable[Batch], step_sizes: Seque
     """``{a: (sum of next-token NLL, number of scored tokens)}`` over ``batches``.
 
     ``batches`` is iterated once (it may be a generator): each batch is solved at every step size
-    before the next one is read."""
+    before the next one is read. A model that is not an odegpt model (a source Llama) has one step size: it is
+    called without one, and ``step_sizes`` should be ``[1.0]``."""
     was_training = model.training
     model.eval()
     sums = {float(a): [0.0, 0] for a in step_sizes}
@@ -45,7 +46,8 @@ def nll_sums(model: torch.nn.Module, batches: Iterable[Batch], step_sizes: Seque
             inputs, targets = (batch[:, :-1], batch[:, 1:]) if isinstance(batch, torch.Tensor) else batch
             scored = int((targets != IGNORE_INDEX).sum())
             for a in sums:
-                logits = model(input_ids=inputs, step_size=a, use_cache=False).logits.float()
+                solve = {"step_size": a} if hasattr(model, "plan") else {}
+                logits = model(input_ids=inputs, use_cache=False, **solve).logits.float()
                 nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                       reduction="sum")
                 sums[a][0] += float(nll)

@@ -18,8 +18,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
+from odegpt.model.accounting import format_count, model_cost
 from odegpt.model.configuration_odegpt import OdeGPTConfig
 from odegpt.model.modeling_odegpt import OdeGPTForCausalLM, OdeGPTLinear
+from odegpt.model.solver import solver_method
 
 from .model_folder import quiet_transformers
 
@@ -120,9 +122,10 @@ def unroll_to_llama(model: OdeGPTForCausalLM, step_size: float, solver: str | No
     """A ``LlamaForCausalLM`` computing ``model`` solved at ``step_size``: one layer per executed step. A solver
     method whose step is not one residual layer (``SolverMethod.not_unrollable``) is refused with its reason."""
     config = model.config
-    _, plan, method = model.plan(step_size, solver)
-    if method.not_unrollable is not None:
-        raise ValueError(f"the {method.name} solver cannot be unrolled to Llama layers: {method.not_unrollable}")
+    plan = model.plan(step_size, solver)
+    if plan.method.not_unrollable is not None:
+        raise ValueError(f"the {plan.method.name} solver cannot be unrolled to Llama layers: "
+                         f"{plan.method.not_unrollable}")
     source = model.state_dict()
     state = {
         "model.embed_tokens.weight": source["model.embed_tokens.weight"],
@@ -132,22 +135,21 @@ def unroll_to_llama(model: OdeGPTForCausalLM, step_size: float, solver: str | No
     llama_config = llama_config_for(config, len(plan))
     with no_init_weights():  # every weight is overwritten below
         llama = LlamaForCausalLM(llama_config)
-    names, time = set(llama.state_dict()), 0.0
-    for layer, (block, dt) in enumerate(plan):
-        module = model.model.blocks[block]
+    names = set(llama.state_dict())
+    for layer, step in enumerate(plan):
+        module = model.model.blocks[step.block]
         for name in ("input_layernorm", "post_attention_layernorm"):
             state[f"model.layers.{layer}.{name}.weight"] = getattr(module, name).weight.detach().clone()
         for name, linear in module.named_modules():
             if not isinstance(linear, OdeGPTLinear):
                 continue
             # A relaxed map applies its weights at the step's time (segment-local), merged here exactly.
-            weight, bias = linear.merged(time - module.segment_start)
-            scale = dt if f"{name}.weight" in _BRANCH_OUTPUTS else 1.0
+            weight, bias = linear.merged(step.start - module.segment_start)
+            scale = step.dt if f"{name}.weight" in _BRANCH_OUTPUTS else 1.0
             state[f"model.layers.{layer}.{name}.weight"] = weight * scale
             if f"model.layers.{layer}.{name}.bias" in names:  # Llama biases all four projections when any
                 state[f"model.layers.{layer}.{name}.bias"] = (torch.zeros(weight.shape[0], dtype=weight.dtype)
                                                               if bias is None else bias * scale)
-        time += dt
     llama.load_state_dict(state, strict=True)
     return llama.to(model.dtype).eval()
 
@@ -286,3 +288,50 @@ def save_gguf(model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float
     writer.write_tensors_to_file()
     writer.close()
     return output
+
+
+EXPORT_FORMATS = ("native", "unrolled", "gguf")
+_GGUF_DTYPE_NAMES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", None: "f16"}
+
+
+def check_export(config, model_dir: str | Path, kind: str, step_size: float | None) -> float:
+    """The step size an export of ``kind`` is written at (default: the model's), checked with everything else an
+    export needs against the folder's config before any weight is read; a ValueError names the flag."""
+    if kind not in EXPORT_FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {kind!r}")
+    if kind == "gguf" and not (Path(model_dir) / "tokenizer.model").is_file():
+        raise ValueError(f"--format gguf needs the SentencePiece tokenizer.model in {model_dir}, for the GGUF "
+                         f"vocabulary (odegpt convert copies the run's tokenizer into the model folder)")
+    if config.model_type != "odegpt":  # a Llama: its odegpt config exists once it is imported
+        return 1.0 if step_size is None else step_size
+    step_size = config.step_size if step_size is None else step_size
+    config.solver_steps(step_size, "--step-size")  # a finite real > 0 whose solve fits max_solver_steps
+    reason = solver_method(config.solver).not_unrollable
+    if kind != "native" and reason is not None:
+        raise ValueError(f"--format {kind}: the {config.solver} solver cannot be unrolled to Llama layers: {reason}")
+    return step_size
+
+
+def write_export(model: OdeGPTForCausalLM, output_dir: Path, kind: str, step_size: float, tokenizer_dir: str | Path,
+                 dtype: str | None = None) -> Path:
+    """Write ``model`` as ``kind`` (native, unrolled or gguf) into ``output_dir``; the path written (the folder, or
+    the .gguf file in it)."""
+    if kind == "unrolled":
+        return save_unrolled(model, output_dir, step_size, tokenizer_dir=tokenizer_dir)
+    if kind == "gguf":
+        return save_gguf(model, output_dir, step_size, tokenizer_dir, _GGUF_DTYPE_NAMES[dtype])
+    model.config.step_size = step_size
+    return save_native(model, output_dir, tokenizer_dir=tokenizer_dir)
+
+
+def describe_export(model: OdeGPTForCausalLM, kind: str, step_size: float, written: Path, dtype: str | None) -> str:
+    """The line ``odegpt export`` prints: what was written, at which step size and cost, where."""
+    cost, trained = model_cost(model.config, step_size), model.config.num_hidden_layers
+    if kind == "unrolled":
+        return (f"unrolled LlamaForCausalLM at step size {step_size:g}: {cost.executed_steps} layers (trained depth "
+                f"{trained}), {format_count(cost.flops_per_token)} FLOPs/token -> {written}")
+    if kind == "gguf":
+        return (f"GGUF (llama, {_GGUF_DTYPE_NAMES[dtype]}) at step size {step_size:g}: {cost.executed_steps} layers "
+                f"(trained depth {trained}), {format_count(cost.flops_per_token)} FLOPs/token -> {written}")
+    return (f"native odegpt folder (default step size {step_size:g}, {cost.executed_steps} solver steps, "
+            f"{format_count(cost.parameters)} parameters) -> {written}")

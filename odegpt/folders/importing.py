@@ -30,11 +30,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from odegpt.errors import InputError
+from odegpt.model.accounting import format_count
 from odegpt.model.configuration_odegpt import OdeGPTConfig, parse_segments
 from odegpt.model.modeling_odegpt import OdeGPTForCausalLM, OdeGPTLinear
 
 from .integrity import check_finite_weights
-from .model_folder import quiet_transformers
+from .model_folder import load_config, load_model, quiet_transformers
 
 # Architectures whose decoder layer is the odegpt block (pre-norm RMSNorm, rotary attention with optional GQA and
 # biases, SwiGLU MLP), by config.json model_type.
@@ -233,3 +235,69 @@ def parse_relax_rank(text: str) -> int | str:
     if not text.isdigit():
         raise ValueError(f"--relax-rank must be an integer >= 0 or 'full', got {text!r}")
     return int(text)
+
+
+def load_as_odegpt(folder: str | Path, dtype: torch.dtype | None = None) -> OdeGPTForCausalLM:
+    """An odegpt model from ``folder``: an odegpt folder as it is, a Llama folder (an unrolled export, or any Llama)
+    imported exactly as an unshared odegpt model with its weights; refused from its config.json, before any weight
+    is read, when it cannot be imported."""
+    config = load_config(folder)
+    if config.model_type == "llama":
+        try:
+            check_importable(config.to_dict(), f"{folder}/config.json")
+        except UnsupportedModelError as error:  # length-dependent rotary scaling, another activation, ...
+            raise InputError(f"{folder}: this Llama cannot be imported: {error}") from None
+    model = load_model(folder, config)
+    if config.model_type == "llama":
+        stored = model.dtype
+        model = retrofit(model.float())[0].to(stored)
+    return model if dtype is None else model.to(dtype)
+
+
+@dataclass
+class ImportRequest:
+    """What ``odegpt import`` was asked: the source folder, the layout (``segments``, e.g. ``"1u,6s,1u"``; None is an
+    exact import), the shared blocks' init rule and relaxation rank, and the text to compare the two on."""
+
+    source: str
+    segments: str | list[dict] | None = None
+    init: str = "stepwise"
+    relax_rank: int | str = 0
+    data: list[str] | None = None
+    seq_len: int = 256
+    max_batches: int = 16
+
+    def checked(self) -> ImportRequest:
+        """This request with its segments and rank parsed, or a ValueError naming the flag (no weight is read)."""
+        relax_rank = parse_relax_rank(self.relax_rank) if isinstance(self.relax_rank, str) else self.relax_rank
+        segments = parse_segments(self.segments) if isinstance(self.segments, str) else self.segments
+        if self.init not in INIT_RULES:
+            raise InputError(f"--init must be one of {', '.join(INIT_RULES)}, got {self.init!r}")
+        if self.seq_len < 2 or self.max_batches < 1:
+            raise InputError(f"--seq-len must be >= 2 and --max-batches >= 1, got {self.seq_len} and "
+                             f"{self.max_batches}")
+        return ImportRequest(self.source, segments, self.init, relax_rank, self.data, self.seq_len, self.max_batches)
+
+
+def import_model(request: ImportRequest):
+    """``(source, odegpt model, report)`` of a checked request; a source that cannot be imported is an InputError."""
+    try:
+        source = load_source(request.source)
+        model, report = retrofit(source, request.segments, request.init, request.relax_rank)
+    except UnsupportedModelError as error:
+        raise InputError(str(error)) from None
+    except ValueError as error:
+        raise InputError(f"--model {request.source}: {error}") from None
+    return source, model, report
+
+
+def describe_import(source, report: ImportReport) -> str:
+    """The line ``odegpt import`` prints: the source, the layout and what its parameters became."""
+    layout = ",".join(f"{s['depth']}{'s' if s['shared'] else 'u'}" for s in report.segments)
+    without = report.parameters - report.relaxation_parameters
+    init = "" if all(not s["shared"] for s in report.segments) else f", init {report.init}"
+    return (f"imported {type(source).__name__} ({source.config.num_hidden_layers} layers, "
+            f"{format_count(report.source_parameters)} parameters) as segments {layout}{init}: "
+            f"{format_count(without)} parameters without the relaxation, {format_count(report.parameters)} with it "
+            f"(relax rank {report.relax_rank}: {format_count(report.relaxation_parameters)}; "
+            f"{report.parameters / report.source_parameters:.0%} of the source)")

@@ -18,7 +18,7 @@ loads a folder here:
 - a tokenizer that carries odegpt's record (``odegpt_tokenizer.json``) must match it (a swapped or truncated
   ``tokenizer.model``).
 
-Failures are :class:`odegpt.commands.cli.CommandError` (one line, no traceback).
+Failures are :class:`odegpt.commands.cli.InputError` (one line, no traceback).
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ from safetensors import SafetensorError
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
-from odegpt.commands.cli import CommandError
 from odegpt.decoding.generate import with_decoders
+from odegpt.errors import InputError
 from odegpt.model.accounting import model_cost
 from odegpt.model.configuration_odegpt import OdeGPTConfig
 from odegpt.model.modeling_odegpt import OdeGPTForCausalLM
@@ -53,11 +53,11 @@ def _config_json(folder: str | Path) -> dict:
     """``folder/config.json`` as data (never through transformers), or a one-line error."""
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
-        raise CommandError(f"{folder} is not a model folder (no config.json)")
+        raise InputError(f"{folder} is not a model folder (no config.json)")
     try:
         config = json.loads(config_file.read_text())
     except (ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep to parse
-        raise CommandError(f"{config_file} is not valid JSON: {str(error)[:200]}") from None
+        raise InputError(f"{config_file} is not valid JSON: {str(error)[:200]}") from None
     return config if isinstance(config, dict) else {}
 
 
@@ -65,7 +65,7 @@ def model_type_of(folder: str | Path, config: dict | None = None) -> str:
     """``odegpt`` or ``llama``, read from ``folder/config.json`` as data; anything else is a one-line error."""
     model_type = (_config_json(folder) if config is None else config).get("model_type")
     if model_type not in MODEL_CLASSES:
-        raise CommandError(f"{folder} holds a {model_type!r} model; odegpt reads only odegpt folders and Llama "
+        raise InputError(f"{folder} holds a {model_type!r} model; odegpt reads only odegpt folders and Llama "
                            f"folders (such as an unrolled export), and never runs a folder's own code")
     return model_type
 
@@ -112,18 +112,18 @@ def check_bounds(folder: str | Path, config: PretrainedConfig) -> None:
     """Refuse a configuration whose model could not be built or solved in reasonable time and memory."""
     if config.model_type == "odegpt":
         if config.max_solver_steps > MAX_FOLDER_SOLVER_STEPS:
-            raise CommandError(f"{folder}/config.json asks for max_solver_steps {config.max_solver_steps:,}; odegpt "
+            raise InputError(f"{folder}/config.json asks for max_solver_steps {config.max_solver_steps:,}; odegpt "
                                f"loads at most {MAX_FOLDER_SOLVER_STEPS:,} (a longer solve would run for hours)")
         parameters = model_cost(config, config.step_size, seq_len=1).parameters
     else:
         if config.num_hidden_layers > MAX_FOLDER_LAYERS:
-            raise CommandError(f"{folder}/config.json asks for {config.num_hidden_layers:,} layers; odegpt loads at "
+            raise InputError(f"{folder}/config.json asks for {config.num_hidden_layers:,} layers; odegpt loads at "
                                f"most {MAX_FOLDER_LAYERS:,}")
         d, layers = config.hidden_size, config.num_hidden_layers
         parameters = 2 * config.vocab_size * d + layers * (4 * d * d + 3 * d * config.intermediate_size)
     needed, available = 4 * parameters, psutil.virtual_memory().total
     if needed > available:
-        raise CommandError(f"{folder}/config.json describes a model of {parameters:,} parameters ({needed / 2**30:.1f} "
+        raise InputError(f"{folder}/config.json describes a model of {parameters:,} parameters ({needed / 2**30:.1f} "
                            f"GiB in float32), more than this machine's {available / 2**30:.1f} GiB of memory")
 
 
@@ -138,14 +138,14 @@ def check_tokenizer_record(folder: str | Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise _one_line("tokenizer record", folder, error) from None
     if tokenizer_fingerprint(folder) != recorded:
-        raise CommandError(f"{folder}/{MODEL_FILE} is not the tokenizer its odegpt_tokenizer.json records (fingerprint "
+        raise InputError(f"{folder}/{MODEL_FILE} is not the tokenizer its odegpt_tokenizer.json records (fingerprint "
                            f"{tokenizer_fingerprint(folder)[:12]}..., recorded {recorded[:12]}...): swapped or "
                            f"damaged; copy the tokenizer the model was trained with into the folder")
 
 
-def _one_line(what: str, folder: str | Path, error: BaseException) -> CommandError:
+def _one_line(what: str, folder: str | Path, error: BaseException) -> InputError:
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return CommandError(f"cannot load the {what} of {folder}: {reason}")
+    return InputError(f"cannot load the {what} of {folder}: {reason}")
 
 
 def load_config(folder: str | Path, expect: str | None = None, solver: str | None = None) -> PretrainedConfig:
@@ -154,18 +154,18 @@ def load_config(folder: str | Path, expect: str | None = None, solver: str | Non
     fields = _config_json(folder)
     model_type = model_type_of(folder, fields)
     if expect is not None and model_type != expect:
-        raise CommandError(f"--model: {folder} holds a {model_type!r} model; this needs a native odegpt folder "
+        raise InputError(f"--model: {folder} holds a {model_type!r} model; this needs a native odegpt folder "
                            f"(odegpt convert, or odegpt export without --unroll)")
     if solver is not None and model_type != "odegpt":
-        raise CommandError(f"--solver applies to native odegpt models; {folder} is {model_type!r} (an unrolled "
+        raise InputError(f"--solver applies to native odegpt models; {folder} is {model_type!r} (an unrolled "
                            f"export has its solver baked in)")
     config_class, _ = MODEL_CLASSES[model_type]
     for field in REQUIRED_FIELDS[model_type]:
         if field not in fields:
-            raise CommandError(f"{folder}/config.json has no {field}, which fixes the shape of the model's weights "
+            raise InputError(f"{folder}/config.json has no {field}, which fixes the shape of the model's weights "
                                f"(a default would give them another shape)")
     if model_type == "odegpt" and "segments" not in fields:
-        raise CommandError(f"{folder}/config.json has no segments: an odegpt model's depth and sharing are not "
+        raise InputError(f"{folder}/config.json has no segments: an odegpt model's depth and sharing are not "
                            f"optional (the default would give these weights another model's shape)")
     try:
         config = config_class.from_pretrained(folder, trust_remote_code=False)
@@ -176,7 +176,7 @@ def load_config(folder: str | Path, expect: str | None = None, solver: str | Non
         try:
             config.solver = solver_method(solver).name
         except ValueError as error:
-            raise CommandError(f"--solver: {error}") from None
+            raise InputError(f"--solver: {error}") from None
     return config
 
 
@@ -210,44 +210,77 @@ def load_model(folder: str | Path, config: PretrainedConfig | None = None) -> Pr
             model, loading = model_class.from_pretrained(folder, config=config, trust_remote_code=False,
                                                          ignore_mismatched_sizes=True, output_loading_info=True)
     except SafetensorError:
-        raise CommandError(f"cannot load the model of {folder}: {_unreadable_weight_file(folder)}") from None
+        raise InputError(f"cannot load the model of {folder}: {_unreadable_weight_file(folder)}") from None
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise _one_line("model", folder, error) from None
     mismatched = sorted(loading.get("mismatched_keys") or [], key=str)  # (name, stored shape, model's shape)
     if mismatched:
         name, stored, expected = mismatched[0]
-        raise CommandError(f"cannot load the model of {folder}: {name} has shape {list(stored)}, the model's is "
+        raise InputError(f"cannot load the model of {folder}: {name} has shape {list(stored)}, the model's is "
                            f"{list(expected)} (config.json and the weights disagree)")
     for kind in ("missing_keys", "unexpected_keys"):
         if loading.get(kind):
             names = sorted(map(str, loading[kind]))
-            raise CommandError(f"cannot load the model of {folder}: {len(names)} {kind.replace('_', ' ')} for a "
+            raise InputError(f"cannot load the model of {folder}: {len(names)} {kind.replace('_', ' ')} for a "
                                f"{config.model_type!r} model, e.g. {', '.join(names[:3])}; the weights do not "
                                f"belong to this config.json")
     try:
         check_finite_weights(model.named_parameters(), folder)  # as stored, before any cast
     except ValueError as error:  # names the folder and the tensor already
-        raise CommandError(str(error)) from None
+        raise InputError(str(error)) from None
     if config.model_type == OdeGPTConfig.model_type:
         with_decoders(model)
     return model.eval()
 
 
-def load_tokenizer(folder: str | Path, vocab_size: int | None = None):
+def load_tokenizer(folder: str | Path, vocab_size: int | None = None, padding_side: str | None = None):
     """The Hugging Face tokenizer saved in ``folder`` (never the folder's own tokenizer code), checked against
     odegpt's record of it when the folder has one, and against the model's ``vocab_size`` when given: a larger
-    tokenizer's ids would index past the embedding."""
+    tokenizer's ids would index past the embedding. With ``padding_side`` it pads on that side, with its EOS
+    token when it has no padding token of its own."""
     check_tokenizer_record(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise _one_line("tokenizer", folder, error) from None
     check_vocabulary(len(tokenizer), vocab_size, f"the tokenizer of {folder}")
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def check_model_folder(folder: str | Path) -> None:
+    """A model folder holds config.json with a model_type, weights and a tokenizer; say what is missing, and where
+    the model of a training run is."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    has_weights = any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES)
+    if not model_type or not has_weights:
+        missing = "config.json with a model_type" if not model_type else "weights (*.safetensors)"
+        hint = ""
+        if (folder / "model" / "config.json").is_file():
+            hint = f"; did you mean {folder / 'model'}?"
+        elif (folder / "checkpoints").is_dir():
+            hint = (f"; it looks like a training run: write its model with "
+                    f"`odegpt convert --checkpoint {folder / 'checkpoints'} --output {folder / 'model'}`")
+        raise InputError(f"{folder} is not a model folder (no {missing}){hint}")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise InputError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model): copy the tokenizer "
+                         f"files of the corpus it was trained on into it")
 
 
 def check_vocabulary(tokens: int, vocab_size: int | None, what: str) -> None:
     """Refuse token ids the model has no embedding for: ``what`` has ``tokens`` ids, the model ``vocab_size``."""
     if vocab_size is not None and tokens > vocab_size:
-        raise CommandError(f"{what} has {tokens:,} tokens, more than the model's vocabulary of {vocab_size:,} "
+        raise InputError(f"{what} has {tokens:,} tokens, more than the model's vocabulary of {vocab_size:,} "
                            f"(config.json vocab_size): it is not the tokenizer the model was trained with")

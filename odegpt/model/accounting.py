@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from .configuration_odegpt import OdeGPTConfig, check_step_size
-from .solver import num_blocks, plan_solve, relaxation_knots, segment_starts, solver_method
+from .solver import SolvePlan, num_blocks, plan_solve, relaxation_knots, segment_starts, solver_method
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def relaxation_parameter_count(config: OdeGPTConfig) -> int:
     return knots * (_relaxed_macs(config) + biases)
 
 
-def relaxation_flops(config: OdeGPTConfig, plan, stage_times: tuple[float, ...]) -> int:
+def relaxation_flops(config: OdeGPTConfig, plan: SolvePlan) -> int:
     """Forward FLOPs of the relaxation's corrections over a solve (one or two knots per evaluation of a shared
     block), per token."""
     if not config.relax_rank:
@@ -67,12 +67,8 @@ def relaxation_flops(config: OdeGPTConfig, plan, stage_times: tuple[float, ...])
     starts, shared = segment_starts(config.segments), []
     for segment in config.segments:
         shared.extend([segment["depth"]] if segment["shared"] else [0] * segment["depth"])
-    knots_used, time = 0, 0.0
-    for block, dt in plan:
-        if shared[block]:
-            knots_used += sum(len(relaxation_knots(time + stage * dt - starts[block], shared[block]))
-                              for stage in stage_times)
-        time += dt
+    knots_used = sum(len(relaxation_knots(step.start + stage * step.dt - starts[step.block], shared[step.block]))
+                     for step in plan if shared[step.block] for stage in plan.method.stage_times)
     return 2 * knots_used * _relaxed_macs(config)
 
 
@@ -99,16 +95,14 @@ def model_cost(
     """Cost of ``config`` solved at ``step_size`` with ``solver`` (default: the config's) with ``seq_len`` context.
     A block evaluation costs one step's FLOPs and one KV-cache slot."""
     step_size = config.step_size if step_size is None else check_step_size(step_size)
-    plan = plan_solve(config.segments, step_size, config.max_solver_steps)
-    method = solver_method(config.solver if solver is None else solver)
+    plan = plan_solve(config.segments, step_size, config.max_solver_steps, config.solver if solver is None else solver)
     executed = len(plan)
-    steps = executed * method.evaluations
+    steps = plan.num_slots
     _, per_block = block_parameter_count(config)
     d, vocab = config.hidden_size, config.vocab_size
     blocks = num_blocks(config.segments) * per_block
     embeddings = vocab * d * (1 if config.tie_word_embeddings else 2)
-    forward = steps * step_flops(config, seq_len) + readout_flops(config) + relaxation_flops(config, plan,
-                                                                                            method.stage_times)
+    forward = steps * step_flops(config, seq_len) + readout_flops(config) + relaxation_flops(config, plan)
     kv = steps * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
     return ModelCost(
         step_size=step_size,

@@ -11,7 +11,7 @@ import transformers
 from packaging.version import Version
 from transformers import PretrainedConfig
 
-from .solver import DEFAULT_MAX_SOLVER_STEPS, check_solve_length, check_step_size, solver_method
+from .solver import DEFAULT_MAX_SOLVER_STEPS, SolveTooLongError, check_solve_length, check_step_size, solver_method
 
 # The oldest transformers a native folder runs on (its layered DynamicCache; tests/folders/test_clients.py checks it in CI).
 OLDEST_TRANSFORMERS = "4.57"
@@ -169,8 +169,14 @@ class OdeGPTConfig(PretrainedConfig):
         """The trained depth: the time horizon of the whole solve at step size 1."""
         return sum(segment["depth"] for segment in self.segments)
 
-    def solver_steps(self, step_size: float | None = None) -> int:
+    def solver_steps(self, step_size: float | None = None, name: str | None = None) -> int:
         """Executed steps at ``step_size`` (default: the config's); raises ``SolveTooLongError`` beyond
-        ``max_solver_steps`` and ``ValueError`` for a step size that is not a finite real > 0."""
-        step_size = self.step_size if step_size is None else check_step_size(step_size)
-        return check_solve_length(self.segments, step_size, self.max_solver_steps)
+        ``max_solver_steps`` and ``ValueError`` for a step size that is not a finite real > 0, naming the setting
+        as ``name`` (e.g. ``--step-size``) when given."""
+        step_size = self.step_size if step_size is None else check_step_size(step_size, name or "step_size")
+        try:
+            return check_solve_length(self.segments, step_size, self.max_solver_steps)
+        except SolveTooLongError as error:
+            if name is None:
+                raise
+            raise SolveTooLongError(f"{name}: {error}") from None

@@ -8,7 +8,8 @@ decoder, LM head.
 
 The model knows nothing of its decoders: self-speculative and adaptive-depth decoding live in
 odegpt/decoding and use the model through the few methods at the end of ``OdeGPTForCausalLM``
-(embed, attention_inputs, plan, solve, first_attention, keys_values, read_out, new_cache); a native export carries them in
+(embed, attention_inputs, plan, solve, first_attention, state_recorder, keys_values, read_out, new_cache; declared
+as ``odegpt.decoding.surface.DecoderModel``); a native export carries them in
 its ``custom_generate/`` folder, which transformers installs as ``model.generate``.
 
 This file is copied verbatim into exported model folders, so it imports only torch, transformers
@@ -26,7 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from .cache import CACHE_FIELD, OdeCache, output_cache, received_cache
 from .configuration_odegpt import OdeGPTConfig, check_step_size
 from .loss import shifted_cross_entropy
-from .solver import StateRecorder, first_attention, integrate, plan_solve, relaxation_knots, solver_method
+from .solver import SolvePlan, StateRecorder, first_attention, integrate, plan_solve, relaxation_knots, solver_method
 
 
 class OdeGPTRMSNorm(nn.Module):
@@ -277,7 +278,7 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         to read out intermediate times. The KV cache comes as ``cache`` or ``past_key_values`` (transformers'
         name from 5.24 on, and before)."""
         past_key_values = received_cache(cache, past_key_values, kwargs)
-        step_size, plan, method = self.plan(step_size, solver)
+        plan = self.plan(step_size, solver)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -289,22 +290,22 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
             if not isinstance(past_key_values, OdeCache):
                 raise TypeError(f"odegpt needs an odegpt OdeCache (one slot per block evaluation), "
                                 f"got {type(past_key_values).__name__}")
-            past_key_values.bind(step_size, len(plan) * method.evaluations, method.name)
+            past_key_values.bind(plan.step_size, plan.num_slots, plan.method.name)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         cos, sin, mask = self.attention_inputs(h, attention_mask, position_ids, past_len)
 
         recorder = StateRecorder(h) if output_hidden_states else None
         checkpoint = self._gradient_checkpointing_func if self.gradient_checkpointing and self.training else None
-        h = integrate(self.blocks, h, plan, method, past_key_values, hook=recorder, checkpoint=checkpoint,
+        h = integrate(self.blocks, h, plan, past_key_values, hook=recorder, checkpoint=checkpoint,
                       cos=cos, sin=sin, mask=mask)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), hidden_states=None if recorder is None else
                                        tuple(recorder.states), **{CACHE_FIELD: past_key_values})
 
-    def plan(self, step_size: float | None = None, solver: str | None = None):
-        """``(step size, plan, method)`` of a solve, the config's where not given; bad values raise ValueError."""
+    def plan(self, step_size: float | None = None, solver: str | None = None) -> SolvePlan:
+        """The solve at ``step_size`` with ``solver`` (the config's where not given); bad values raise ValueError."""
         step_size = self.config.step_size if step_size is None else check_step_size(step_size)
-        plan = plan_solve(self.config.segments, step_size, self.config.max_solver_steps)
-        return step_size, plan, solver_method(self.config.solver if solver is None else solver)
+        method = solver_method(self.config.solver if solver is None else solver).name
+        return plan_solve(self.config.segments, step_size, self.config.max_solver_steps, method)
 
     def attention_inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None,
                          position_ids: torch.LongTensor | None, past_len: int):
@@ -413,22 +414,27 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         cos, sin, mask = self.model.attention_inputs(h, attention_mask, None, past_len)
         return dict(cos=cos, sin=sin, mask=mask)
 
-    def plan(self, step_size: float | None = None, solver: str | None = None):
-        """``(step size, plan, method)`` of a solve (``odegpt.model.solver``), the config's where not given."""
+    def plan(self, step_size: float | None = None, solver: str | None = None) -> SolvePlan:
+        """The solve at ``step_size`` with ``solver`` (``odegpt.model.solver.SolvePlan``), the config's where not
+        given."""
         return self.model.plan(step_size, solver)
 
-    def solve(self, h: torch.Tensor, plan, method, attention_inputs: dict, cache=None, hook=None, start: int = 0,
+    def solve(self, h: torch.Tensor, plan: SolvePlan, attention_inputs: dict, cache=None, hook=None, start: int = 0,
               stop: int | None = None, first_attention: torch.Tensor | None = None) -> torch.Tensor:
         """Integrate states ``h`` along ``plan`` (the one loop, ``odegpt.model.solver.integrate``); the final state.
         ``start``/``stop``/``first_attention`` take a part of it (steps ``start`` to ``stop``), as integrate says."""
-        return integrate(self.model.blocks, h, plan, method, cache, hook=hook, start=start, stop=stop,
+        return integrate(self.model.blocks, h, plan, cache, hook=hook, start=start, stop=stop,
                          first_attention=first_attention, **attention_inputs)
 
-    def first_attention(self, h: torch.Tensor, plan, method, index: int, attention_inputs: dict, cache=None
+    def first_attention(self, h: torch.Tensor, plan: SolvePlan, index: int, attention_inputs: dict, cache=None
                         ) -> torch.Tensor:
         """Step ``index``'s first attention branch at states ``h``, its keys and values to ``cache``: what a solve at
         another step size that reaches that step at the same state shares (``odegpt.model.solver.first_attention``)."""
-        return first_attention(self.model.blocks, h, plan, method, index, cache, **attention_inputs)
+        return first_attention(self.model.blocks, h, plan, index, cache, **attention_inputs)
+
+    def state_recorder(self, h: torch.Tensor) -> StateRecorder:
+        """A solve hook that keeps the state before the first step and after every step, with their times."""
+        return StateRecorder(h)
 
     def keys_values(self, block: int, h: torch.Tensor, attention_inputs: dict, time: float = 0.0
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,9 @@ step 1. A shared segment of depth ``D`` is ONE block ``F`` integrated over time 
 size ``a`` that takes ``ceil(D / a)`` steps, the last one shortened so the steps add up to ``D``.
 An unshared segment is ``D`` distinct blocks, each always taking step 1 (ordinary layers).
 
-- :func:`plan_solve`: the steps of a solve (which block, for how long); the same for every method.
+- :func:`plan_solve`: a :class:`SolvePlan`, the one description of a solve: its step size, its method, and
+  every step it executes (which block, for how long, from which time to which, into which KV-cache slots).
+  Whatever needs a step's time or a solve's length reads it there.
 - :data:`METHODS`: how one step is taken (a :class:`SolverMethod`: its step function, how many block
   evaluations and so KV-cache slots a step costs, and whether a step unrolls into Llama layers).
 - :func:`integrate`: the loop over a plan, for every path that solves (the forward pass, cached decoding,
@@ -18,8 +20,10 @@ This file is copied verbatim into exported model folders, so it imports only tor
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -83,26 +87,26 @@ def check_solve_length(segments: list[dict], step_size: float, max_steps: int = 
 
 
 @lru_cache(maxsize=256)
-def _plan(segments: tuple[tuple[int, bool], ...], step_size: float) -> tuple[SolverStep, ...]:
-    plan: list[SolverStep] = []
+def _steps(segments: tuple[tuple[int, bool], ...], step_size: float) -> tuple[SolverStep, ...]:
+    steps: list[SolverStep] = []
     block = 0
     for depth, shared in segments:
         if shared:
-            plan.extend(SolverStep(block, dt) for dt in segment_step_sizes(depth, step_size))
+            steps.extend(SolverStep(block, dt) for dt in segment_step_sizes(depth, step_size))
             block += 1
         else:
-            plan.extend(SolverStep(block + layer, 1.0) for layer in range(depth))
+            steps.extend(SolverStep(block + layer, 1.0) for layer in range(depth))
             block += depth
-    return tuple(plan)
+    return tuple(steps)
 
 
-def plan_solve(segments: list[dict], step_size: float, max_steps: int = DEFAULT_MAX_SOLVER_STEPS
-               ) -> tuple[SolverStep, ...]:
-    """Every step the model executes at step size ``a``, in order; one KV-cache slot per step.
-    A solve of more than ``max_steps`` steps is refused before it is planned."""
+def plan_solve(segments: list[dict], step_size: float, max_steps: int = DEFAULT_MAX_SOLVER_STEPS,
+               method: str = "euler") -> SolvePlan:
+    """The solve at step size ``a`` with ``method``: every step it executes, in order. A solve of more than
+    ``max_steps`` steps is refused before it is planned."""
     step_size = check_step_size(step_size)
     check_solve_length(segments, step_size, max_steps)
-    return _plan(tuple((s["depth"], s["shared"]) for s in segments), float(step_size))
+    return _solve_plan(tuple((s["depth"], s["shared"]) for s in segments), float(step_size), method)
 
 
 def relaxation_knots(time: float, knots: int) -> list[tuple[int, float]]:
@@ -197,9 +201,9 @@ def solver_method(name: object) -> SolverMethod:
     return METHODS[name]
 
 
-class StepContext(NamedTuple):
-    """Where one step of a solve stands: its index in the plan, block, length, start and end time, and the
-    KV-cache slots its evaluations write."""
+class PlannedStep(NamedTuple):
+    """One executed step of a solve: its index in the plan, which block's vector field, its length ``dt``, the solve
+    times it starts and ends at, the KV-cache slots its block evaluations write, and whether it is the last."""
 
     index: int
     block: int
@@ -210,6 +214,46 @@ class StepContext(NamedTuple):
     last: bool
 
 
+@dataclass(frozen=True)
+class SolvePlan:
+    """A solve: its step size, its method and every step it executes. Iterating it gives its steps."""
+
+    step_size: float
+    method: SolverMethod
+    steps: tuple[PlannedStep, ...]
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, index):
+        return self.steps[index]
+
+    @property
+    def num_slots(self) -> int:
+        """KV-cache slots of the solve: one per block evaluation."""
+        return len(self.steps) * self.method.evaluations
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The block of every step, in order (two plans with the same blocks and lengths solve alike)."""
+        return tuple(step.block for step in self.steps)
+
+
+@lru_cache(maxsize=256)
+def _solve_plan(segments: tuple[tuple[int, bool], ...], step_size: float, method: str) -> SolvePlan:
+    solver, steps, time = solver_method(method), [], 0.0
+    moves = _steps(segments, step_size)
+    for index, (block, dt) in enumerate(moves):  # times summed in order: every reader sees the same floats
+        first = index * solver.evaluations
+        steps.append(PlannedStep(index, block, dt, time, time + dt, range(first, first + solver.evaluations),
+                                 index == len(moves) - 1))
+        time += dt
+    return SolvePlan(step_size, solver, tuple(steps))
+
+
 class SolveHook:
     """Per-step control of :func:`integrate` for decoders that treat tokens differently (adaptive depth).
 
@@ -217,31 +261,31 @@ class SolveHook:
     method it lacks, so decoders that live outside the model's files (odegpt/decoding, which exported folders
     carry separately) need not import this class. The defaults integrate every token at every step."""
 
-    def cache(self, step: StepContext, cache):
+    def cache(self, step: PlannedStep, cache):
         """The cache this step's evaluations write to and attend over (e.g. one that fills some tokens' keys)."""
         return cache
 
-    def evaluate(self, step: StepContext, h: torch.Tensor) -> bool:
+    def evaluate(self, step: PlannedStep, h: torch.Tensor) -> bool:
         """Whether to evaluate the block at this step; when not, the state stays and :meth:`skipped` runs."""
         return True
 
-    def skipped(self, step: StepContext, h: torch.Tensor) -> None:
+    def skipped(self, step: PlannedStep, h: torch.Tensor) -> None:
         """Called for a step that was not evaluated (e.g. to fill the cache's slots for later tokens)."""
 
-    def advance(self, step: StepContext, h: torch.Tensor, stepped: torch.Tensor) -> torch.Tensor:
+    def advance(self, step: PlannedStep, h: torch.Tensor, stepped: torch.Tensor) -> torch.Tensor:
         """The state to carry on from, given the state before the step and after it (e.g. frozen tokens keep
         theirs); also where a decoder observes the states of a solve."""
         return stepped
 
 
-def integrate(blocks, h: torch.Tensor, plan: tuple[SolverStep, ...], method: SolverMethod, cache=None,
-              hook: SolveHook | None = None, checkpoint: Callable | None = None, start: int = 0,
-              stop: int | None = None, first_attention: torch.Tensor | None = None, **attention_inputs) -> torch.Tensor:
-    """The solve: take every step of ``plan`` from state ``h`` with ``method``; return the final state.
+def integrate(blocks, h: torch.Tensor, plan: SolvePlan, cache=None, hook: SolveHook | None = None,
+              checkpoint: Callable | None = None, start: int = 0, stop: int | None = None,
+              first_attention: torch.Tensor | None = None, **attention_inputs) -> torch.Tensor:
+    """The solve: take every step of ``plan`` from state ``h`` with its method; return the final state.
 
-    ``blocks[i]`` is block ``i``'s vector field, ``cache`` holds ``len(plan) * method.evaluations`` slots of
-    keys and values (or is None), ``checkpoint(function, *args, **kwargs)`` recomputes a step in the backward
-    pass (activation checkpointing), and ``hook`` shapes each step (:class:`SolveHook`'s methods, any of them).
+    ``blocks[i]`` is block ``i``'s vector field, ``cache`` holds ``plan.num_slots`` slots of keys and values (or is
+    None), ``checkpoint(function, *args, **kwargs)`` recomputes a step in the backward pass (activation
+    checkpointing), and ``hook`` shapes each step (:class:`SolveHook`'s methods, any of them).
 
     A solve may be taken in parts: only steps ``start`` to ``stop`` (exclusive) run, ``h`` being the state before
     step ``start``, and ``first_attention`` that step's first attention branch if it was computed before
@@ -249,36 +293,25 @@ def integrate(blocks, h: torch.Tensor, plan: tuple[SolverStep, ...], method: Sol
     plans differ, and that step's first attention branch too: self-speculative decoding reuses its draft's."""
     evaluate, cache_for, skipped, advance = (getattr(hook, name, getattr(_PLAIN, name))
                                              for name in ("evaluate", "cache", "skipped", "advance"))
-    time, last = 0.0, len(plan) - 1
-    stop = len(plan) if stop is None else stop
-    for index, (block, dt) in enumerate(plan[:stop]):
-        first = index * method.evaluations
-        step = StepContext(index, block, dt, time, time + dt, range(first, first + method.evaluations), index == last)
-        time = step.end
-        if index < start:
-            continue
+    take = plan.method.step if checkpoint is None else functools.partial(checkpoint, plan.method.step)
+    for step in plan.steps[start:stop]:
         if evaluate(step, h):
-            arguments = (blocks[block], h, dt, cache_for(step, cache), first, step.start,
-                         first_attention if index == start else None)
-            stepped = method.step(*arguments, **attention_inputs) if checkpoint is None else \
-                checkpoint(method.step, *arguments, **attention_inputs)
+            given = first_attention if step.index == start else None
+            stepped = take(blocks[step.block], h, step.dt, cache_for(step, cache), step.slots.start, step.start,
+                           given, **attention_inputs)
             h = advance(step, h, stepped)
         else:
             skipped(step, h)
     return h
 
 
-def first_attention(blocks, h: torch.Tensor, plan: tuple[SolverStep, ...], method: SolverMethod, index: int,
-                    cache=None, **attention_inputs) -> torch.Tensor:
+def first_attention(blocks, h: torch.Tensor, plan: SolvePlan, index: int, cache=None, **attention_inputs
+                    ) -> torch.Tensor:
     """Step ``index``'s first attention branch at states ``h`` (its keys and values to the step's first cache slot):
     the part of the step that its length does not change, to be given to :func:`integrate` as ``first_attention``."""
-    block = plan[index].block
-    time = 0.0
-    for step in plan[:index]:  # summed as integrate sums it, so relaxed blocks see the same float time
-        time += step.dt
-    return blocks[block].attention_branch(h, time=time, cache=cache, slot=index * method.evaluations,
-                                          **attention_inputs)
-
+    step = plan.steps[index]
+    return blocks[step.block].attention_branch(h, time=step.start, cache=cache, slot=step.slots.start,
+                                               **attention_inputs)
 
 
 _PLAIN = SolveHook()
@@ -290,7 +323,7 @@ class StateRecorder(SolveHook):
     def __init__(self, h: torch.Tensor) -> None:
         self.states, self.times = [h], [0.0]
 
-    def advance(self, step: StepContext, h: torch.Tensor, stepped: torch.Tensor) -> torch.Tensor:
+    def advance(self, step: PlannedStep, h: torch.Tensor, stepped: torch.Tensor) -> torch.Tensor:
         self.states.append(stepped)
         self.times.append(step.end)
         return stepped

@@ -84,11 +84,11 @@ class StepSizeDistribution:
             object.__setattr__(self, "high", high)
 
     @classmethod
-    def constant(cls, step_size: float) -> "StepSizeDistribution":
+    def constant(cls, step_size: float) -> StepSizeDistribution:
         return cls(choices=(step_size,))
 
     @classmethod
-    def from_dict(cls, spec: dict) -> "StepSizeDistribution":
+    def from_dict(cls, spec: dict) -> StepSizeDistribution:
         known = {f.name for f in fields(cls)}
         unknown = set(spec) - known
         if unknown:
@@ -129,7 +129,7 @@ class StepSizeSampler:
         return {"seed": self.seed, "distribution": self.distribution.to_dict()}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "StepSizeSampler":
+    def from_state_dict(cls, state: dict) -> StepSizeSampler:
         return cls(StepSizeDistribution.from_dict(state["distribution"]), state["seed"])
 
 
@@ -162,8 +162,7 @@ def readout_slots(config: OdeGPTConfig, step_size: float, readout_weights: dict[
     ``t`` of ``readout_weights`` (strictly inside the solve) and is read out with weight ``w``."""
     if not readout_weights:
         return []
-    plan = plan_solve(config.segments, step_size, config.max_solver_steps)
-    times = np.cumsum([dt for _, dt in plan])
+    times = np.array([step.end for step in plan_solve(config.segments, step_size, config.max_solver_steps)])
     slots = []
     for t, weight in readout_weights.items():
         matches = np.flatnonzero(np.abs(times[:-1] - float(t)) < 1e-9)

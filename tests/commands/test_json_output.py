@@ -9,8 +9,6 @@ import sys
 
 import pytest
 
-from tests.commands.test_generate import model_folder  # noqa: F401  (a fixture: tiny model + tokenizer)
-
 PROBE = ("import sys, runpy; sys.argv = ['odegpt', *sys.argv[1:]]\n"
          "try:\n    runpy.run_module('odegpt', run_name='__main__')\n"
          "finally:\n    print('deepspeed imported' if 'deepspeed' in sys.modules else 'no deepspeed', file=sys.stderr)")

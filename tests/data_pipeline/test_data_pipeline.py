@@ -1,7 +1,6 @@
 """data_pipeline: tokenizer, readers, prepare, shards, datasets, sampler, CLI (small and fast)."""
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import multiprocessing as mp
@@ -24,6 +23,7 @@ from data_pipeline.tokenizer import (
     sample_sentences,
     train_tokenizer,
 )
+from odegpt.commands.cli import main as odegpt_main
 
 STDLIB_FILES = 40
 TRICKY = [
@@ -40,12 +40,8 @@ TRICKY = [
 
 
 def _run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="odegpt")
-    sub = parser.add_subparsers()
-    for register in (cli.register_tokenizer, cli.register_prepare, cli.register_inspect):
-        register(sub)
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    """The `odegpt` command in-process: its exit code, its errors in one line on stderr."""
+    return odegpt_main(list(argv))
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -458,7 +454,7 @@ def test_array_job_parts_that_do_not_fit_are_refused_in_one_line(tok_dir, tmp_pa
         merge_parts(job)
     assert not (job / MANIFEST).exists()
     capsys.readouterr()
-    assert _run_cli("prepare", "--merge", "--output", str(job)) == 1
+    assert _run_cli("prepare", "--merge", "--output", str(job)) == 2  # bad input: 2, as every command
     assert capsys.readouterr().err.count("\n") == 1
 
 
@@ -477,7 +473,7 @@ def test_array_task_defaults_come_from_slurm():
 def test_prepare_refuses_values_it_used_to_accept(tok_dir, tmp_path, capsys, flags, message):
     """--max-files -1 silently dropped the last file; --shard-tokens 0 and a seed past 64 bits were taken."""
     assert _run_cli("prepare", "--input", "stdlib", "--tokenizer", str(tok_dir), "--output", str(tmp_path / "c"),
-                    "--no-progress", *flags) == 1
+                    "--no-progress", *flags) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "c" / MANIFEST).exists()

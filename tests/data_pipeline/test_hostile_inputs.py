@@ -73,7 +73,7 @@ def test_a_truncated_tokenizer_record_and_an_edited_manifest_are_named(tokenizer
     record.write_text(record.read_text()[:40])
     code, _, err = _prepare(capsys, "--input", tmp_path / "text.txt", "--tokenizer", truncated,
                             "--output", tmp_path / "d")
-    assert code == 1 and f"{record} is not valid JSON" in err and err.count("\n") == 1, err
+    assert code == 2 and f"{record} is not valid JSON" in err and err.count("\n") == 1, err
 
 
 def test_convert_refuses_a_checkpoint_with_nonfinite_weights(tmp_path, capsys, monkeypatch):
@@ -212,4 +212,48 @@ def test_json_nested_too_deeply_is_one_line(tokenizer_dir, tmp_path, capsys):
     (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     code, _, err = _prepare(capsys, "--input", tmp_path / "deep.jsonl", "--tokenizer", tokenizer_dir,
                             "--output", tmp_path / "c")
-    assert code == 1 and "nested too deeply" in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and "nested too deeply" in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---- outputs: a corpus is written only where no other command's files are ----------------------------------
+
+@pytest.mark.parametrize("holds", ["shards", "model", "run"])
+def test_prepare_writes_no_corpus_files_over_another_folder(tokenizer_dir, tmp_path, capsys, holds):
+    (tmp_path / "text.txt").write_text("def add(a, b):\n    return a + b\n" * 50)
+    output = tmp_path / "out"
+    output.mkdir()
+    files = {"shards": {"train-00000.bin": "old tokens", "train-00000.idx": "old offsets"},
+             "model": {"config.json": json.dumps({"model_type": "odegpt"}), "model.safetensors": "weights"},
+             "run": {"config.json": json.dumps({"model": {}, "train": {}, "data": {}, "run": {}}),
+                     "metrics.jsonl": "{}"}}[holds]
+    for name, text in files.items():
+        (output / name).write_text(text)
+    code, _, err = _prepare(capsys, "--input", tmp_path / "text.txt", "--tokenizer", tokenizer_dir, "--output", output)
+    assert code == 2 and err.count("\n") == 1 and "prepare writes a corpus only into a new or empty folder" in err, err
+    assert sorted(p.name for p in output.iterdir()) == sorted(files)  # nothing written, nothing replaced
+    assert all((output / name).read_text() == text for name, text in files.items())
+
+
+def test_tokenizer_is_never_written_into_a_model_folder(tmp_path, capsys):
+    (tmp_path / "text.txt").write_text("def add(a, b):\n    return a + b\n" * 50)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "odegpt"}))
+    (model / "tokenizer.json").write_text("the model's own")
+    code = odegpt_main(["tokenizer", "--input", str(tmp_path / "text.txt"), "--vocab-size", "300", "--output",
+                        str(model), "--no-progress"])
+    assert code == 2 and "a tokenizer is written only into a new or empty folder" in capsys.readouterr().err
+    assert (model / "tokenizer.json").read_text() == "the model's own"
+
+
+def test_a_merge_killed_while_writing_its_manifest_leaves_nothing_the_next_merge_trips_on(tokenizer_dir, tmp_path,
+                                                                                        capsys):
+    (tmp_path / "text.txt").write_text("def add(a, b):\n    return a + b\n" * 50)
+    job = tmp_path / "job"
+    code, _, err = _prepare(capsys, "--input", tmp_path / "text.txt", "--tokenizer", tokenizer_dir, "--output", job,
+                            "--num-tasks", "1", "--task-index", "0")
+    assert code == 0, err
+    (job / ".manifest.json.tmp4242").write_text('{"half": ')  # what write_atomic leaves when killed mid-write
+    code, _, err = _prepare(capsys, "--merge", "--output", job)
+    assert code == 0, err
+    assert sorted(p.name for p in job.iterdir() if p.name != ".odegpt.lock") == ["manifest.json", "part-00000-of-00001"]

@@ -8,7 +8,7 @@ from odegpt.decoding.adaptive import AdaptiveCache, AdaptiveDepth, adaptive_forw
 from odegpt.evaluation.calibration import calibrate_energy
 from odegpt.evaluation.perplexity import adaptive_nll_sums
 from odegpt.model.accounting import adaptive_flops_per_token, model_cost
-from odegpt.model.solver import plan_solve, solver_method
+from odegpt.model.solver import plan_solve
 from tests.conftest import EXACT, FULLY_SHARED, PARTIALLY_SHARED, damped, exact_model, left_padded, tiny_config
 
 FILLS = ("lazy", "copy", "interpolate")
@@ -134,16 +134,17 @@ def uncached_early_exit(model, input_ids, threshold: float) -> tuple[torch.Tenso
     inner = model.model
     h = inner.embed_tokens(input_ids)
     cos, sin, mask = inner.attention_inputs(h, None, None, 0)
-    plan, method = plan_solve(model.config.segments, 1.0), solver_method(model.config.solver)
+    plan = plan_solve(model.config.segments, 1.0, method=model.config.solver)
     logits = exit_step = None
-    for slot, (block, dt) in enumerate(plan):
-        h = method.step(inner.blocks[block], h, dt, cos=cos, sin=sin, mask=mask, cache=None, slot=slot, time=float(slot))
+    for step in plan:
+        h = plan.method.step(inner.blocks[step.block], h, step.dt, cos=cos, sin=sin, mask=mask, cache=None,
+                             slot=step.slots.start, time=step.start)
         step_logits = model.read_out(h)
         if logits is None:
             logits, exit_step = step_logits.clone(), torch.full(input_ids.shape, len(plan))
         pending = exit_step == len(plan)
-        exits = pending & ((entropy(step_logits) < threshold) | (slot == len(plan) - 1))
-        logits[exits], exit_step[exits] = step_logits[exits], slot + 1
+        exits = pending & ((entropy(step_logits) < threshold) | step.last)
+        logits[exits], exit_step[exits] = step_logits[exits], step.index + 1
     return logits, exit_step
 
 

@@ -6,7 +6,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from odegpt import OdeCache
-from odegpt.decoding.speculative import _draft_with_model, _Sampler, _Solve, prompt_lookup, shared_steps
+from odegpt.decoding.speculative import DraftPolicy, _draft_with_model, _Sampler, _Solve, prompt_lookup, shared_steps
 from tests.conftest import EXACT, FULLY_SHARED, PARTIALLY_SHARED, UNSHARED, damped, exact_model, left_padded
 
 
@@ -33,7 +33,7 @@ def test_greedy_equals_plain_greedy(drafting_model, a, draft_step_size, k):
                                                       (PARTIALLY_SHARED, "heun", 1)])
 def test_a_verification_that_reuses_the_drafts_work_equals_one_that_recomputes_everything(segments, solver, shared):
     model = damped(exact_model(segments, solver=solver), 0.05)
-    assert shared_steps(model.plan(1.0)[1], model.plan(2.0)[1]) == shared  # the unshared first layer, if any
+    assert shared_steps(model.plan(1.0), model.plan(2.0)) == shared  # the unshared first layer, if any
     tokens, mask = left_padded([torch.randint(1, 97, (n,)) for n in (7, 4)])
     draft, reusing, recomputing = _Solve(model, 2.0, shared), _Solve(model, 1.0, shared), _Solve(model, 1.0)
     for solve in (draft, reusing, recomputing):  # every committed token but the last, as a round starts
@@ -265,17 +265,52 @@ def test_prompt_lookup_and_adaptive_drafts_give_the_plain_greedy_tokens_in_a_lef
         assert torch.equal(alone[0, len(row):], plain[index, input_ids.shape[1]:])
 
 
-def test_an_adaptive_draft_length_stops_drafting_for_a_model_that_accepts_nothing():
+def test_by_default_drafting_stops_for_a_model_that_accepts_nothing():
     model = exact_model(FULLY_SHARED)  # full-scale random weights: solves at 1 and 4 disagree almost always
     prompt = torch.randint(1, 97, (1, 6))
-    kwargs = dict(max_new_tokens=40, do_sample=False, step_size=1, pad_token_id=0, draft_step_size=4,
-                  return_dict_in_generate=True)
+    kwargs = dict(max_new_tokens=40, do_sample=False, step_size=1, pad_token_id=0, return_dict_in_generate=True,
+                  draft_step_size=4)
+    plain = model.generate(prompt, max_new_tokens=40, do_sample=False, step_size=1, pad_token_id=0)
     fixed = model.generate(prompt, draft_tokens=4, **kwargs)
-    auto = model.generate(prompt, draft_tokens="auto", **kwargs)
-    assert torch.equal(fixed.sequences, auto.sequences)
+    default = model.generate(prompt, **kwargs)  # draft_tokens="auto"
+    assert torch.equal(fixed.sequences, plain) and torch.equal(default.sequences, plain)
     assert fixed.accepted_tokens / fixed.drafted_tokens < 0.2  # the premise: drafts are wasted
-    assert auto.drafted_tokens < fixed.drafted_tokens / 4
-    assert auto.sources["none"]["rounds"] > auto.sources["step_size"]["rounds"]  # mostly plain steps
+    assert default.drafted_tokens < fixed.drafted_tokens / 4
+    assert default.sources["none"]["rounds"] > 3 * default.sources["step_size"]["rounds"]  # mostly plain steps
+
+
+def test_the_draft_policy_weighs_acceptance_against_the_measured_costs():
+    def policy_after(draft_seconds: float, verify_seconds: float) -> DraftPolicy:
+        """A step-size source that keeps 2 of every 4 drafts, with a plain step measured at 10 ms."""
+        policy = DraftPolicy({"step_size": 0.25}, {"step_size": 8}, adaptive=True)
+        for _ in range(20):
+            policy.measured_verification(0, 0.010)
+            policy.measured_verification(4, verify_seconds)
+            policy.measured_draft("step_size", 4, draft_seconds)
+            policy.update("step_size", 4, 2)
+        return policy
+
+    assert DraftPolicy({"step_size": 0.25}, {"step_size": 8}, adaptive=True).choose(["step_size"], 8)[0] == \
+        "step_size"  # before any measurement the prior says drafting pays
+    assert policy_after(draft_seconds=0.004, verify_seconds=0.012).choose(["step_size"], 8)[0] == "step_size"
+    assert policy_after(draft_seconds=0.040, verify_seconds=0.012).choose(["step_size"], 8) == (None, 0)  # drafts slow
+    assert policy_after(draft_seconds=0.004, verify_seconds=0.050).choose(["step_size"], 8) == (None, 0)  # verifying
+    # Prompt lookup costs nothing to draft, but its rejected drafts still cost their verification: it stops too,
+    # and is probed again after a while of plain steps.
+    lookup = DraftPolicy({"prompt_lookup": 0.0}, {"prompt_lookup": 4}, adaptive=True)
+    lookup.measured_verification(0, 0.010)
+    choices = []
+    for _ in range(60):
+        source, k = lookup.choose(["prompt_lookup"], 8)
+        choices.append(source)
+        if source is not None:
+            lookup.measured_verification(k, 0.010 * (1 + 0.3 * k))
+            lookup.update(source, k, 0)  # every draft rejected
+    assert choices[0] == "prompt_lookup" and choices.count(None) > 45 and choices[-30:].count("prompt_lookup") >= 1
+    fixed = DraftPolicy({"step_size": 0.25}, {"step_size": 3}, adaptive=False)
+    fixed.measured_verification(0, 0.010)
+    fixed.measured_draft("step_size", 4, 0.400)
+    assert fixed.choose(["step_size"], 8) == ("step_size", 3)  # a fixed length always drafts it
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -113,7 +113,7 @@ def test_export_command_writes_native_and_unrolled_folders(tmp_path, capsys):
     assert odegpt_main(["export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "native"),
                         "--step-size", "2"]) == 0
     assert odegpt_main(["export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "llama"),
-                        "--unroll", "--step-size", "2"]) == 0
+                        "--format", "unrolled", "--step-size", "2"]) == 0
     printed = capsys.readouterr().out
     assert "native odegpt folder" in printed and "unrolled LlamaForCausalLM at step size 2: 2 layers" in printed
     native = AutoModelForCausalLM.from_pretrained(tmp_path / "native").eval()
@@ -186,7 +186,7 @@ def test_export_imports_an_unrolled_llama_and_refuses_bad_step_sizes(tmp_path, c
         code, err = _run("export", "--model", tmp_path / "native", "--output", tmp_path / f"out-{bad}",
                             "--step-size", bad, capsys=capsys)
         lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("odegpt export: --step-size: "), err
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("odegpt export: --step-size"), err
         assert message in lines[0]
         assert not (tmp_path / f"out-{bad}").exists()
     (tmp_path / "other").mkdir()

@@ -98,7 +98,7 @@ def test_gguf_needs_the_sentencepiece_model_and_an_unrollable_solver(model_folde
     assert "--format gguf needs the SentencePiece tokenizer.model" in capsys.readouterr().err
     assert odegpt_main(["export", "--model", str(folder), "--output", str(tmp_path / "o"), "--format", "native",
                         "--unroll"]) == 2
-    assert "--unroll is --format unrolled; it contradicts --format native" in capsys.readouterr().err
+    assert "--unroll is now --format unrolled" in capsys.readouterr().err  # the old flag, refused, names the new
 
 
 def test_tokenizer_config_tells_llama_cpp_not_to_add_bos_or_a_space_prefix(model_folder):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 # ---- 2, 3. export: step sizes refused before any weight is read; never onto its own input ------------------
 from odegpt.commands.cli import main as odegpt_main  # noqa: E402
-from tests.commands.test_generate import model_folder  # noqa: E402,F401  (a fixture: tiny model + tokenizer)
 
 
 def _odegpt(capsys, *argv) -> tuple[int, str]:
@@ -38,19 +37,21 @@ def test_export_never_overwrites_its_input_nor_a_folder_without_overwrite(model_
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
+    earlier = tmp_path / "earlier"
+    assert _odegpt(capsys, "export", "--model", model, "--output", earlier)[0] == 0
     cases = [(model, "is the --model folder"), (model / "sub", "is inside --model"),
-             (tmp_path, "holds the --model folder"), (kept, "exists and is not empty")]
+             (tmp_path, "holds the --model folder"), (kept, "exists and is not a model folder"),
+             (earlier, "exists and is not empty")]
     for output, message in cases:
         code, err = _odegpt(capsys, "export", "--model", model, "--output", output, "--dtype", "bfloat16")
         assert code == 2 and message in err and err.count("\n") == 1, err
     assert (model / "model.safetensors").read_bytes() == weights and not (model / "sub").exists()
     assert (kept / "notes.txt").read_text() == "mine"
 
-    code, err = _odegpt(capsys, "export", "--model", model, "--output", kept, "--dtype", "bfloat16", "--overwrite")
+    code, err = _odegpt(capsys, "export", "--model", model, "--output", earlier, "--dtype", "bfloat16", "--overwrite")
     assert code == 0, err
-    assert not (kept / "notes.txt").exists() and (kept / "model.safetensors").is_file()
-    assert len((kept / "model.safetensors").read_bytes()) < len(weights)  # bf16 now
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "m"]  # no staging folder left behind
+    assert len((earlier / "model.safetensors").read_bytes()) < len(weights)  # bf16 now
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "kept", "m"]  # no staging folder or lock left
 
 
 # ---- 5. non-finite weights: refused on load, naming the tensor ------------------------------------------

@@ -237,7 +237,7 @@ def test_an_edited_state_file_is_named_in_one_line(trained, tmp_path, capsys, ke
     state_file.write_text(json.dumps(state))
     _reseal(state_file.parent)
     code, err = _odegpt("convert", "--checkpoint", state_file.parent, "--output", tmp_path / "m", capsys=capsys)
-    assert code == 2 and f"odegpt_state.json" in err and err.count("\n") == 1, err
+    assert code == 2 and "odegpt_state.json" in err and err.count("\n") == 1, err
     assert (f"{key} must be a whole number >= 0, got {value!r}" if key != "config" else "has no run config") in err
 
 
@@ -277,10 +277,11 @@ def test_convert_never_writes_over_the_run_its_checkpoints_or_another_folder(tra
     corpus.mkdir()
     (corpus / "manifest.json").write_text("{}")
     cases = [(run, f"holds the checkpoints folder {checkpoints}"), (checkpoints, "is the checkpoints folder"),
-             (checkpoints / "step_00000002", "is inside checkpoints"), (corpus, "exists and is not empty")]
+             (checkpoints / "step_00000002", "is inside checkpoints"), (corpus, "exists and is not a model folder")]
     for output, message in cases:
-        code, err = _odegpt("convert", "--checkpoint", checkpoints, "--output", output, capsys=capsys)
-        assert code == 2 and message in err and err.count("\n") == 1, (output, err)
+        for overwrite in ([], ["--overwrite"]):  # --overwrite replaces only an earlier model folder
+            code, err = _odegpt("convert", "--checkpoint", checkpoints, "--output", output, *overwrite, capsys=capsys)
+            assert code == 2 and message in err and err.count("\n") == 1, (output, err)
     assert (run / "config.json").read_bytes() == run_config and os.listdir(corpus) == ["manifest.json"]
     # A model folder inside the run (the quickstart's layout), replaced only when asked.
     code, err = _odegpt("convert", "--checkpoint", checkpoints, "--output", run / "model", capsys=capsys)

@@ -27,7 +27,7 @@ TIMEOUT = 300  # hang guard only
 
 def _overrides(output_dir: Path, **extra) -> list[str]:
     values = {"data.corpora": "[synthetic]",  # tests/rank_plugin: synthetic tokens
-             
+
               "data.tokenizer": "null", "run.output_dir": str(output_dir), "model.vocab_size": 64,
               "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_attention_heads": 2,
               "model.segments": "[{depth: 2, shared: true}]", "train.seq_len": 16, "train.micro_batch_size": 2,
