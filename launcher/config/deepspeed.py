@@ -11,10 +11,10 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line, shown
+from .limits import read_limited
 from .trees import merge, set_path
 
 if TYPE_CHECKING:
@@ -41,12 +41,14 @@ _DEEPSPEED_KEY_SOURCES = {
 def user_deepspeed_config(section: DeepSpeedSection) -> dict:
     """The user's own DeepSpeed config: ``deepspeed.config_file`` with ``deepspeed.extra`` merged over it."""
     if not isinstance(section.extra, dict):
-        raise ConfigError(f"deepspeed.extra must be a mapping of DeepSpeed config keys, got {section.extra!r}")
+        raise ConfigError(f"deepspeed.extra must be a mapping of DeepSpeed config keys, got {shown(section.extra)}")
     from_file: Any = {}
     if section.config_file is not None:
         where = f"deepspeed.config_file {section.config_file}"
         try:
-            from_file = json.loads(Path(section.config_file).read_text())
+            from_file = json.loads(read_limited(section.config_file, "deepspeed.config_file"))
+        except ConfigError:
+            raise
         except OSError as error:
             raise ConfigError(f"{where}: cannot be read ({error.strerror or error})") from None
         except ValueError as error:  # JSON and UTF-8 errors
@@ -73,7 +75,7 @@ def to_deepspeed_config(config: RunConfig, world_size: int, device_type: str = "
             set_path(merged, path, theirs)  # a default odegpt has no setting for: the user's value stands
             continue
         if note is not None:
-            note(f"DeepSpeed config: {path}={json.dumps(theirs)} from "
+            note(f"DeepSpeed config: {path}={one_line(json.dumps(theirs), 200)} from "
                  f"{_user_source(config.deepspeed, path)} is replaced by {json.dumps(ours)}, which odegpt derives "
                  f"from {_setting_for(path, config.deepspeed)}; set that instead")
     _check_with_deepspeed(merged, _user_source(config.deepspeed))

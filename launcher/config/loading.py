@@ -5,6 +5,9 @@ merged left to right, then ``--set section.key=value`` overrides (values parsed 
 typed against the schema (:mod:`.schema`) by pydantic, strictly except for the spellings YAML users write (an
 integral float for an int, ``"3e-4"`` for a float), and validated (:mod:`.validation`). Every mistake is a
 :class:`ConfigError` of one line naming the file or the key.
+
+Inputs are bounded (:mod:`.limits`): a file's size, the nodes its YAML aliases expand to, and the copying its
+``defaults:`` cause; each file is read once per composition however often it is listed.
 """
 from __future__ import annotations
 
@@ -16,14 +19,16 @@ import operator
 import re
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line, shown
+from .limits import MAX_CONFIG_NODES, MAX_MERGED_NODES, read_limited
 from .schema import RunConfig, model_section
-from .trees import merge
+from .trees import merge, tree_size
 from .validation import RESUMABLE_MODEL_FIELDS
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -61,11 +66,21 @@ class _DeepSpeedConfigFile(argparse.Action):
         setattr(namespace, self.dest, overrides)
 
 
-# ---- YAML ------------------------------------------------------------------------------
+# ---- YAML, bounded ------------------------------------------------------------------------------
+
+class _ExpansionTooLarge(Exception):
+    """A YAML document whose aliases expand beyond :data:`MAX_CONFIG_NODES` nodes, or refer to themselves."""
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 as PyYAML reads it, except that ``3e-4`` and ``1e6`` are numbers (YAML 1.2 and most users
-    agree; PyYAML alone wants ``3.0e-4``)."""
+    agree; PyYAML alone wants ``3.0e-4``), and that a document whose aliases expand to more than
+    :data:`MAX_CONFIG_NODES` nodes is refused before any Python object is built from it."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        expanded_size(node, MAX_CONFIG_NODES)
+        return node
 
 
 _Loader.add_implicit_resolver(
@@ -75,8 +90,43 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def expanded_size(root: yaml.Node, limit: int) -> int:
+    """Nodes in the document under ``root`` with every alias expanded (an alias counts its anchor's whole
+    subtree each time it is used), computed once per distinct node. Raises :class:`_ExpansionTooLarge` past
+    ``limit`` or on an alias inside its own anchor (a recursive document)."""
+    sizes: dict[int, int] = {}
+    expanding: set[int] = set()  # the nodes on the path from the root to the current one
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            expanding.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[id(node)] > limit:
+                raise _ExpansionTooLarge(f"its aliases expand to more than {limit:,} YAML nodes, the most a config "
+                                         f"may hold (an alias bomb?)")
+            continue
+        if id(node) in sizes:
+            continue
+        expanding.add(id(node))
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in expanding:
+                raise _ExpansionTooLarge("an alias refers to the node that holds it (a recursive document)")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
 def parse_yaml(text: str, where: str) -> Any:
-    """YAML (see :class:`_Loader`), with a syntax error as one line naming ``where``, the line and the column."""
+    """YAML (see :class:`_Loader`), with a syntax error or an oversized document as one line naming ``where``
+    (and for a syntax error the line and the column)."""
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as error:
@@ -84,6 +134,10 @@ def parse_yaml(text: str, where: str) -> Any:
         position = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{where} is not valid YAML: {problem}{position}") from None
+    except _ExpansionTooLarge as error:
+        raise ConfigError(f"{where}: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read") from None
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -96,9 +150,9 @@ def resolve_config_path(name: str | Path) -> Path:
 
 
 def read_config_file(path: Path) -> dict:
-    """One YAML file as it is written (``defaults:`` not yet merged)."""
+    """One YAML file as it is written (``defaults:`` not yet merged), bounded in bytes and nodes."""
     try:
-        data = parse_yaml(path.read_text(), str(path)) or {}
+        data = parse_yaml(read_limited(path, "config file").decode("utf-8"), str(path)) or {}
     except OSError as error:
         raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
     except UnicodeDecodeError as error:
@@ -111,28 +165,58 @@ def read_config_file(path: Path) -> dict:
 
 # ---- composing files ----------------------------------------------------------------------------
 
-def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+@dataclass
+class Composition:
+    """The files of one config, each read once (by resolved path) however often ``defaults:`` lists it, and
+    the copying that merging them takes counted against :data:`MAX_MERGED_NODES`."""
+
+    loaded: dict[Path, dict] = field(default_factory=dict)
+    copied_nodes: int = 0
+
+    def load(self, name: str | Path, including: tuple[Path, ...] = ()) -> dict:
+        """The file ``name`` with its ``defaults:`` merged underneath it (``including``: the files on the way)."""
+        path = resolve_config_path(name)
+        if path in including:
+            raise ConfigError(f"config {path} includes itself through defaults: {' -> '.join(map(str, including))}")
+        if path not in self.loaded:
+            self.loaded[path] = self._compose(path, including + (path,))
+        return self.loaded[path]
+
+    def _compose(self, path: Path, including: tuple[Path, ...]) -> dict:
+        data = read_config_file(path)
+        defaults = data.pop("defaults", None) or []
+        if not isinstance(defaults, list) or not all(isinstance(include, str) for include in defaults):
+            raise ConfigError(f"{path}: defaults must be a list of config files, got {shown(defaults)}")
+        merged: dict = {}
+        for include in defaults:
+            include_path = path.parent / include
+            merged = self.merge(merged, self.load(include_path if include_path.is_file() else include, including),
+                                path)
+        return self.merge(merged, data, path)
+
+    def merge(self, base: dict, override: dict, where: Path | str) -> dict:
+        """:func:`.trees.merge`, counting the nodes it copies."""
+        self.copied_nodes += tree_size(base) + tree_size(override)
+        if self.copied_nodes > MAX_MERGED_NODES:
+            raise ConfigError(f"config {where}: merging its defaults copies more than {MAX_MERGED_NODES:,} nodes "
+                              f"(a file listed many times?)")
+        return merge(base, override)
+
+
+def load_yaml(path: str | Path) -> dict:
     """One YAML file with its ``defaults:`` merged underneath it."""
-    path = resolve_config_path(path)
-    if path in _seen:
-        raise ConfigError(f"config {path} includes itself through defaults: {' -> '.join(map(str, _seen))}")
-    data = read_config_file(path)
-    merged: dict = {}
-    for include in data.pop("defaults", None) or []:
-        include_path = path.parent / include
-        merged = merge(merged, load_yaml(include_path if include_path.is_file() else include, _seen + (path,)))
-    return merge(merged, data)
+    return Composition().load(path)
 
 
 def apply_override(tree: dict, assignment: str) -> dict:
     """Apply one ``section.key=value`` (value parsed as YAML) to a raw config tree."""
     if "=" not in assignment:
-        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+        raise ConfigError(f"--set expects section.key=value, got {shown(assignment)}")
     dotted, raw = assignment.split("=", 1)
     keys = dotted.strip().split(".")
     if len(keys) < 2 or not all(keys):
-        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
-    value = parse_yaml(raw, f"--set {assignment}: the value") if raw.strip() else None
+        raise ConfigError(f"--set expects section.key=value, got {shown(assignment)}")
+    value = parse_yaml(raw, f"--set {one_line(assignment, 200)}: the value") if raw.strip() else None
     node = tree
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -145,9 +229,10 @@ def apply_override(tree: dict, assignment: str) -> dict:
 def load_config(paths: list[str] | tuple = (), overrides: list[str] | tuple = (),
                 world_size: int | None = None) -> RunConfig:
     """Compose ``paths`` in order, apply ``overrides``, validate; the one way runs get their config."""
+    composition = Composition()
     tree: dict = {}
     for path in paths:
-        tree = merge(tree, load_yaml(path))
+        tree = composition.merge(tree, composition.load(path), path)
     for assignment in overrides:
         tree = apply_override(tree, assignment)
     return build_config(tree).validate(world_size)
@@ -171,7 +256,9 @@ def model_from_folder(folder: str, configured: dict) -> dict:
 
     path = Path(folder) / "config.json"
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(read_limited(path, "train.init_from:"))
+    except ConfigError:
+        raise
     except (OSError, ValueError) as error:
         raise ConfigError(f"train.init_from: cannot read {path}: {error}") from None
     if not isinstance(saved, dict) or saved.get("model_type") != OdeGPTConfig.model_type:
@@ -184,8 +271,8 @@ def model_from_folder(folder: str, configured: dict) -> dict:
         merged = OdeGPTConfig(**{**{k: v for k, v in saved.items() if k in names}, **configured})
     except (ValueError, TypeError) as error:
         raise ConfigError(f"train.init_from {folder}: {error}") from None
-    differing = [f"model.{name} is {getattr(merged, name)!r} in the config but "
-                 f"{getattr(folder_model, name)!r} in {folder}" for name in configured
+    differing = [f"model.{name} is {shown(getattr(merged, name))} in the config but "
+                 f"{shown(getattr(folder_model, name))} in {folder}" for name in configured
                  if name in names and name not in RESUMABLE_MODEL_FIELDS
                  and getattr(merged, name) != getattr(folder_model, name)]
     if differing:
@@ -199,7 +286,7 @@ def typed_config(tree: dict) -> RunConfig:
     import pydantic  # 0.2 s with the adapter: not for `odegpt --help`
 
     if not isinstance(tree, dict):
-        raise ConfigError(f"config must be a mapping, got {tree!r}")
+        raise ConfigError(f"config must be a mapping, got {shown(tree)}")
     tree = {name: {} if value is None else value for name, value in tree.items()}  # an empty section: `train:`
     _refuse_renamed_keys(tree)
     try:
@@ -284,14 +371,14 @@ def _first_problem(errors: list[dict], tree: dict) -> str:
         if not found:
             continue
         if len(found[0]["loc"]) == 1:
-            return f"{section} must be a mapping, got {values!r}"
+            return f"{section} must be a mapping, got {shown(values)}"
         unknown = [error["loc"][1] for error in found if error["type"] == "extra_forbidden" and len(error["loc"]) == 2]
         if unknown:
             return _unknown_keys(section, unknown, [setting.name for setting in dataclasses.fields(sections[section])])
         key = found[0]["loc"][1]
         value = values[key]
         hint = typing.get_type_hints(sections[section])[key]
-        return f"{section}.{key} must be {type_name(hint)}, got {value!r} ({type(value).__name__})"
+        return f"{section}.{key} must be {type_name(hint)}, got {shown(value)} ({type(value).__name__})"
     first = errors[0]  # not expected: every error lies under a section of the tree
     return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
 

@@ -1,4 +1,4 @@
-"""Raw config trees (nested dicts and lists, as YAML and JSON give them): merging."""
+"""Raw config trees (nested dicts and lists, as YAML and JSON give them): merging and measuring."""
 from __future__ import annotations
 
 import copy
@@ -22,3 +22,12 @@ def set_path(tree: dict, path: str, value: Any) -> None:
     for key in parents:
         tree = tree[key]
     tree[last] = copy.deepcopy(value)
+
+
+def tree_size(tree: Any) -> int:
+    """Nodes in ``tree`` as a copy of it would hold them: every container and leaf, keys included."""
+    if isinstance(tree, dict):
+        return 1 + sum(1 + tree_size(value) for value in tree.values())
+    if isinstance(tree, list):
+        return 1 + sum(tree_size(value) for value in tree)
+    return 1

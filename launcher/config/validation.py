@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 if TYPE_CHECKING:
     from odegpt.model.configuration_odegpt import OdeGPTConfig
@@ -43,12 +43,12 @@ def validate(config: RunConfig, world_size: int | None = None) -> None:
 
 def positive(key: str, value: Any) -> None:
     if not value > 0:
-        raise ConfigError(f"{key} must be > 0, got {value!r}")
+        raise ConfigError(f"{key} must be > 0, got {shown(value)}")
 
 
 def at_least_zero(key: str, value: Any) -> None:
     if value < 0:
-        raise ConfigError(f"{key} must be >= 0, got {value!r}")
+        raise ConfigError(f"{key} must be >= 0, got {shown(value)}")
 
 
 def _is_number(value: Any) -> bool:
@@ -65,16 +65,16 @@ def check_train(train: TrainSection) -> None:
     for name in ("min_lr", "weight_decay", "grad_clip", "consistency_weight", "reference_weight", "relax_lr_scale"):
         at_least_zero(f"train.{name}", getattr(train, name))
     if isinstance(train.seed, bool) or not isinstance(train.seed, int) or not 0 <= train.seed < 2**63:
-        raise ConfigError(f"train.seed must be an integer in [0, 2**63), got {train.seed!r}")
+        raise ConfigError(f"train.seed must be an integer in [0, 2**63), got {shown(train.seed)}")
     if train.min_lr > train.lr:
         raise ConfigError(f"train.min_lr ({train.min_lr}) must not exceed train.lr ({train.lr})")
     if train.warmup_steps < 0 or (train.decay_steps is not None and train.decay_steps < 1):
         raise ConfigError("train.warmup_steps must be >= 0 and train.decay_steps >= 1 (or null)")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(train, name) < 1:
-            raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(train, name)!r}")
+            raise ConfigError(f"train.{name} must be in [0, 1), got {shown(getattr(train, name))}")
     if train.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {train.precision!r}")
+        raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {shown(train.precision)}")
     if train.global_batch_size % train.micro_batch_size:
         raise ConfigError(f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
                           f"train.micro_batch_size ({train.micro_batch_size})")
@@ -86,7 +86,7 @@ def check_step_size_distribution(train: TrainSection) -> StepSizeDistribution:
 
     if not isinstance(train.step_size_distribution, dict):
         raise ConfigError(f"train.step_size_distribution must be a mapping ({{choices: [...]}} or {{low: ..., "
-                          f"high: ...}}), got {train.step_size_distribution!r}")
+                          f"high: ...}}), got {shown(train.step_size_distribution)}")
     try:
         return StepSizeDistribution.from_dict(train.step_size_distribution)
     except (ValueError, TypeError) as error:
@@ -119,23 +119,23 @@ def check_readout_weights(train: TrainSection, model_config: OdeGPTConfig) -> No
     depth = model_config.num_hidden_layers
     if not isinstance(train.readout_weights, dict):
         raise ConfigError(f"train.readout_weights must be a mapping {{time: weight}}, e.g. {{2: 0.5}}, "
-                          f"got {train.readout_weights!r}")
+                          f"got {shown(train.readout_weights)}")
     for time, weight in train.readout_weights.items():
         try:  # a saved config.json holds the times as strings
             time = float(time) if isinstance(time, str) else time
         except ValueError:
             pass
         if not _is_number(time) or not 0 < time < depth:
-            raise ConfigError(f"train.readout_weights: time {time!r} must be a number in (0, {depth}) "
+            raise ConfigError(f"train.readout_weights: time {shown(time)} must be a number in (0, {depth}) "
                               f"(the trained depth)")
         if not _is_number(weight) or not weight >= 0:
-            raise ConfigError(f"train.readout_weights: weight {weight!r} at time {time} must be >= 0")
+            raise ConfigError(f"train.readout_weights: weight {shown(weight)} at time {time} must be >= 0")
 
 
 def check_eval(eval_section: EvalSection) -> None:
     for index, step_size in enumerate(eval_section.step_sizes):
         if not _is_number(step_size) or not 0 < step_size < math.inf:
-            raise ConfigError(f"eval.step_sizes[{index}] must be a finite number > 0, got {step_size!r}")
+            raise ConfigError(f"eval.step_sizes[{index}] must be a finite number > 0, got {shown(step_size)}")
     if eval_section.interval < 0 or eval_section.num_samples < 0:
         raise ConfigError("eval.interval and eval.num_samples must be >= 0")
     if eval_section.micro_batch_size is not None:
@@ -178,7 +178,7 @@ def check_deepspeed(config: RunConfig) -> None:
     """ZeRO settings that fit together and with training, and the user's own DeepSpeed config readable."""
     zero: DeepSpeedSection = config.deepspeed
     if zero.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {zero.zero_stage!r}")
+        raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {shown(zero.zero_stage)}")
     if zero.offload_param and zero.zero_stage != 3:
         raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage: 3")
     if zero.offload_optimizer and zero.zero_stage == 0:
@@ -221,7 +221,7 @@ def check_resumable(config: RunConfig, saved: dict, where: str) -> None:
         return {name: getattr(model, name) for name in names}
 
     old, new = normalized(saved["model"]), normalized(dataclasses.asdict(config.model))
-    differing = [f"model.{name} (checkpoint {old[name]!r}, now {new[name]!r})" for name in old
+    differing = [f"model.{name} (checkpoint {shown(old[name])}, now {shown(new[name])})" for name in old
                  if old[name] != new[name] and name not in RESUMABLE_MODEL_FIELDS]
     if differing:
         raise ConfigError(f"cannot resume {where} with another model: {'; '.join(differing)}. Resume with the "
