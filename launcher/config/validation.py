@@ -21,10 +21,13 @@ if TYPE_CHECKING:
 # Model settings that do not change the weights or what they compute: a resume may change them.
 RESUMABLE_MODEL_FIELDS = frozenset({"step_size", "max_solver_steps", "use_cache", "initializer_range",
                                     "bos_token_id", "eos_token_id", "pad_token_id"})
+# What the user hands to DeepSpeed as is (DeepSpeed's own parser checks it): not swept for non-finite numbers.
+_PASSED_TO_DEEPSPEED = {"deepspeed.extra"}
 
 
 def validate(config: RunConfig, world_size: int | None = None) -> None:
     """Check every section, then how they fit together; with ``world_size`` also the batch geometry."""
+    check_finite_numbers(config)
     check_train(config.train)
     distribution = check_step_size_distribution(config.train)
     model_config = check_model(config)
@@ -47,12 +50,34 @@ def positive(key: str, value: Any) -> None:
 
 
 def at_least_zero(key: str, value: Any) -> None:
-    if value < 0:
+    if not value >= 0:  # NaN fails too
         raise ConfigError(f"{key} must be >= 0, got {shown(value)}")
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_finite_numbers(config: RunConfig) -> None:
+    """Every number in every setting is finite: NaN passes ``x < 0`` checks (``grad_clip: .nan`` trained with
+    ``"gradient_clipping": NaN``) and infinity a ``> 0`` one (``lr: .inf`` ran until its loss was NaN)."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for setting in dataclasses.fields(values):
+            key = f"{section.name}.{setting.name}"
+            if key not in _PASSED_TO_DEEPSPEED:
+                _check_finite(key, getattr(values, setting.name))
+
+
+def _check_finite(key: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_finite(f"{key}[{index}]", item)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(f"{key}.{name}", item)
 
 
 # ---- one section each --------------------------------------------------------------------------
@@ -128,7 +153,7 @@ def check_readout_weights(train: TrainSection, model_config: OdeGPTConfig) -> No
         if not _is_number(time) or not 0 < time < depth:
             raise ConfigError(f"train.readout_weights: time {shown(time)} must be a number in (0, {depth}) "
                               f"(the trained depth)")
-        if not _is_number(weight) or not weight >= 0:
+        if not _is_number(weight) or not 0 <= weight < math.inf:
             raise ConfigError(f"train.readout_weights: weight {shown(weight)} at time {time} must be >= 0")
 
 
@@ -167,11 +192,16 @@ def check_checkpoint_and_logging(config: RunConfig) -> None:
     if config.checkpoint.interval < 0 or config.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
     positive("logging.interval", config.logging.interval)
+    if config.logging.peak_tflops_per_device is not None:
+        positive("logging.peak_tflops_per_device", config.logging.peak_tflops_per_device)
 
 
 def check_data(data: DataSection) -> None:
     if data.weights is not None and len(data.weights) != len(data.corpora):
         raise ConfigError(f"data.weights has {len(data.weights)} entries but data.corpora has {len(data.corpora)}")
+    for index, weight in enumerate(data.weights or []):
+        if not _is_number(weight) or not weight >= 0:
+            raise ConfigError(f"data.weights[{index}] must be a number >= 0, got {shown(weight)}")
 
 
 def check_deepspeed(config: RunConfig) -> None:

@@ -353,3 +353,42 @@ def test_the_copying_that_defaults_cause_is_bounded(tmp_path, monkeypatch):
         load_config([tmp_path / "top.yaml"])
     assert str(error.value) == (f"config {tmp_path / 'top.yaml'}: merging its defaults copies more than 2,000 nodes "
                                 f"(a file listed many times?)")
+
+
+# ---- numbers that are not numbers ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, key, shown", [
+    ("train.grad_clip=.nan", "train.grad_clip", "nan"),  # trained with "gradient_clipping": NaN
+    ("train.reference_weight=.nan", "train.reference_weight", "nan"),  # dropped the reference term
+    ("train.weight_decay=.nan", "train.weight_decay", "nan"),  # a traceback
+    ("train.consistency_weight=.nan", "train.consistency_weight", "nan"),
+    ("train.lr=.inf", "train.lr", "inf"),  # trained until three losses were NaN
+    ("train.min_lr=.nan", "train.min_lr", "nan"),
+    ("train.adam_eps=.inf", "train.adam_eps", "inf"),
+    ("train.adam_beta1=.nan", "train.adam_beta1", "nan"),
+    ("train.adam_beta2=-.inf", "train.adam_beta2", "-inf"),
+    ("train.relax_lr_scale=.inf", "train.relax_lr_scale", "inf"),
+    ("logging.peak_tflops_per_device=.nan", "logging.peak_tflops_per_device", "nan"),
+    ("model.rope_theta=.inf", "model.rope_theta", "inf"),
+    ("train.step_size_distribution={choices: [1, .nan]}", "train.step_size_distribution.choices[1]", "nan"),
+    ("train.step_size_distribution={choices: [1, 2], weights: [1, .inf]}",
+     "train.step_size_distribution.weights[1]", "inf"),
+    ("train.step_size_distribution={low: 1, high: .inf}", "train.step_size_distribution.high", "inf"),
+    ("train.readout_weights={2: .inf}", "train.readout_weights.2", "inf"),
+    ("train.solvers={euler: .nan}", "train.solvers.euler", "nan"),
+    ("eval.step_sizes=[1, .nan]", "eval.step_sizes[1]", "nan"),
+])
+def test_every_number_setting_refuses_nan_and_infinity_naming_the_key(override, key, shown):
+    with pytest.raises(ConfigError) as error:
+        load_config(["quickstart"], [override])
+    assert str(error.value) == f"{key} must be a finite number, got {shown}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("logging.peak_tflops_per_device=0", "logging.peak_tflops_per_device must be > 0, got 0.0"),
+    ("data.weights=[-1]", "data.weights[0] must be a number >= 0, got -1"),
+])
+def test_other_number_ranges_are_checked(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(["quickstart"], [override, "data.corpora=[one]"])
+    assert str(error.value) == message
