@@ -287,7 +287,7 @@ class Trainer:
                                                        f"{t.seq_len} tokens")
         self.peak_flops = peak_flops_per_device(config, device_type, self.say) * world_size
         self.stop = faults.StopRequest().install()
-        self.guard = faults.NonFiniteGuard(t.max_nonfinite_steps)
+        self.guard = faults.NonFiniteGuard(t.max_nonfinite_steps, checkpoint_dir=self.checkpoint_dir)
         self._costs: dict[tuple, tuple[int, float]] = {}  # (a, solver) -> (solver steps, training FLOPs/token)
         self._grad_norm: float | None = None  # measured here where DeepSpeed reports none (ZeRO-0)
 

@@ -392,3 +392,24 @@ def test_other_number_ranges_are_checked(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(["quickstart"], [override, "data.corpora=[one]"])
     assert str(error.value) == message
+
+
+def test_the_nonfinite_guard_names_only_a_checkpoint_that_exists(tmp_path):
+    from launcher.checkpointing import COMPLETE, tag_for
+    from launcher.faults import NonFiniteGuard, NonFiniteLossError
+
+    def stop_message(guard: NonFiniteGuard) -> str:
+        with pytest.raises(NonFiniteLossError) as error:
+            for step in (2, 3, 4):  # train.lr: .inf: step 1 finite, its update spoils every weight
+                guard.update(step, math.nan, finite=False)
+        return str(error.value)
+
+    message = stop_message(NonFiniteGuard(3, checkpoint_dir=tmp_path / "checkpoints"))
+    assert "No checkpoint was written before step 2, the first with a non-finite loss" in message
+    assert "The last checkpoint was written" not in message
+    for step in (1, 5):  # step 5: from another run resumed at step 1, not from before the streak
+        (tmp_path / "checkpoints" / tag_for(step)).mkdir(parents=True)
+        (tmp_path / "checkpoints" / tag_for(step) / COMPLETE).write_text("{}")
+    message = stop_message(NonFiniteGuard(3, checkpoint_dir=tmp_path / "checkpoints"))
+    assert f"The newest checkpoint from before step 2, the first with a non-finite loss, is " \
+           f"{tmp_path / 'checkpoints' / tag_for(1)}; lower train.lr" in message
