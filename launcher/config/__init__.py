@@ -1,6 +1,7 @@
 """The run configuration: YAML files composed in order, ``--set`` overrides, strict typed validation.
 
 - :mod:`.schema`: the sections (dataclasses), each key with its type, default and comment;
+  docs/config.md is generated from it (:mod:`.reference`);
 - :mod:`.loading`: YAML files with ``defaults:``, ``--set``, ``--deepspeed-config``, typing by pydantic;
 - :mod:`.validation`: the checks, one function per section;
 - :mod:`.deepspeed`: the DeepSpeed config generated from the run config and merged with the user's own;

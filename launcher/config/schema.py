@@ -1,7 +1,7 @@
 """The run configuration's schema: one dataclass per section, each key with its type, default and comment.
 
 A run is one nested mapping with the sections of :class:`RunConfig`. The comments beside the keys are the
-documentation. The ``model``
+documentation: ``python -m launcher.config.reference`` turns this file into docs/config.md. The ``model``
 section is not written here: it is ``OdeGPTConfig``'s keyword arguments, read from its signature, so a model
 setting is declared once. Loading (YAML, ``--set``, typing) is :mod:`.loading`, the checks :mod:`.validation`,
 the DeepSpeed config :mod:`.deepspeed`.
@@ -36,6 +36,7 @@ def model_section() -> type:
               for name, parameter in inspect.signature(OdeGPTConfig.__init__).parameters.items()
               if name != "self" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     section = dataclasses.make_dataclass("ModelSection", fields)
+    section.__doc__ = "The model's shape and solver: OdeGPTConfig's keyword arguments."
     return section
 
 
@@ -43,22 +44,22 @@ def model_section() -> type:
 class TrainSection:
     """Optimization: batch geometry, schedule, objective and the guards that stop a bad run."""
 
-    seq_len: int = 2048
-    micro_batch_size: int = 8
+    seq_len: int = 2048  # tokens per training sequence
+    micro_batch_size: int = 8  # sequences per rank in one forward and backward
     global_batch_size: int = 256  # = micro_batch_size * gradient accumulation * data-parallel ranks
-    train_steps: int = 10000
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 500
+    train_steps: int = 10000  # optimizer steps of the whole run
+    lr: float = 3e-4  # peak learning rate, reached after warmup_steps
+    min_lr: float = 3e-5  # where the cosine decay ends
+    warmup_steps: int = 500  # linear warmup from lr / warmup_steps
     decay_steps: int | None = None  # cosine length after warmup; None = until train_steps
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
+    weight_decay: float = 0.1  # AdamW's, on matrices only (not on norms and embeddings)
+    adam_beta1: float = 0.9  # in [0, 1)
+    adam_beta2: float = 0.95  # in [0, 1)
+    adam_eps: float = 1e-8  # AdamW's epsilon (> 0)
+    grad_clip: float = 1.0  # the global gradient norm is clipped to this; 0 = no clipping
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    activation_checkpointing: bool = True
-    seed: int = 1234
+    activation_checkpointing: bool = True  # recompute each block's activations in the backward pass
+    seed: int = 1234  # initial weights, the step-size and solver draws and the data order, in [0, 2**63)
     # Distribution of the step size `a`, sampled once per optimizer step (odegpt.training.objective), e.g.
     # {choices: [0.5, 1, 2, 4], weights: [1, 3, 1, 1], curriculum_steps: 300} or {low: 0.5, high: 4}.
     # (model.step_size is the one float a model is solved at by default.)
@@ -82,50 +83,59 @@ class TrainSection:
 
 @dataclass
 class DataSection:
+    """What the run reads: prepared corpora and the tokenizer they were made with."""
+
     corpora: list = field(default_factory=list)  # prepared corpus directories (odegpt prepare)
     weights: list | None = None  # blending weights, one per corpus; None = proportional to size
     tokenizer: str | None = None  # tokenizer directory; copied into converted models
-    cache_dir: str | None = None  # where sample indices are cached; None = each corpus's index_cache/ (a read-only
-    #                               corpus needs one elsewhere)
+    # Where sample indices are cached; None = each corpus's index_cache/ (a read-only corpus needs one elsewhere).
+    cache_dir: str | None = None
 
 
 @dataclass
 class EvalSection:
+    """Validation perplexity during training, at several step sizes."""
+
     interval: int = 1000  # optimizer steps between validation passes; 0 = only at the end
-    step_sizes: list = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    step_sizes: list = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # the step sizes `a` it measures at
     num_samples: int = 256  # validation sequences, split evenly across data-parallel ranks
     micro_batch_size: int | None = None  # None = train.micro_batch_size
-    at_end: bool = True
+    at_end: bool = True  # also a validation pass after the last step
 
 
 @dataclass
 class CheckpointSection:
+    """DeepSpeed checkpoints under run.output_dir/checkpoints, to resume from and to convert."""
+
     interval: int = 1000  # optimizer steps between checkpoints; 0 = only at the end
-    keep_last: int = 3
+    keep_last: int = 3  # complete checkpoints kept; older ones are removed
 
 
 @dataclass
 class LoggingSection:
+    """Training metrics: metrics.jsonl, TensorBoard and the progress bar."""
+
     interval: int = 10  # optimizer steps between metric records (metrics.jsonl, TensorBoard)
-    tensorboard: bool = True
-    # For MFU; None = the GPU's dense bf16 peak from its name (odegpt.model.accounting.PEAK_TFLOPS), 0.1 per CPU thread
+    tensorboard: bool = True  # also write TensorBoard events to run.output_dir/tensorboard
+    # For MFU (TFLOP/s, > 0); None = the GPU's dense bf16 peak from its name (odegpt.model.accounting.PEAK_TFLOPS),
+    # 0.1 per CPU thread.
     peak_tflops_per_device: float | None = None
-    progress_bar: bool = True
+    progress_bar: bool = True  # a tqdm bar on rank 0
 
 
 @dataclass
 class DeepSpeedSection:
     """ZeRO settings; everything else in the DeepSpeed config is derived from the other sections."""
 
-    zero_stage: int = 2
-    offload_optimizer: bool = False
+    zero_stage: int = 2  # 0 (data parallel), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters) partitioned
+    offload_optimizer: bool = False  # optimizer states and step on the CPU (ZeRO >= 1)
     offload_param: bool = False  # ZeRO-3 only
     overlap_comm: bool | None = None  # None = on GPU only (on CPU it only costs: ~3x slower ZeRO-2 steps)
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
-    stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_param_persistence_threshold: int = 100_000
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are reduced (less fragmentation)
+    reduce_bucket_size: int = 500_000_000  # elements reduced at once
+    allgather_bucket_size: int = 500_000_000  # elements gathered at once (ZeRO 1-2)
+    stage3_prefetch_bucket_size: int = 50_000_000  # ZeRO-3: parameter elements fetched ahead of use
+    stage3_param_persistence_threshold: int = 100_000  # ZeRO-3: parameters smaller than this stay whole on every rank
     zero3_init: bool = True  # ZeRO-3: create parameters partitioned (deepspeed.zero.Init), never whole on a rank
     # None = torch's AdamW (fused=True on CUDA: no extension to build), except DeepSpeed's CPU Adam
     # for an optimizer offloaded from GPUs; false = DeepSpeed's FusedAdam/CPUAdam (built on first use)
@@ -134,17 +144,21 @@ class DeepSpeedSection:
     # offload, ZeRO++ ...): `config_file` (a ds_config.json; --deepspeed-config FILE) first, then `extra` on top.
     # Keys odegpt derives from its own settings win, with a message naming the setting to change instead.
     config_file: str | None = None
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # DeepSpeed config keys, e.g. {flops_profiler: {enabled: true}}
 
 
 @dataclass
 class RunSection:
-    name: str = "odegpt"
+    """The run's name and folder."""
+
+    name: str = "odegpt"  # a label for the run
     output_dir: str = "runs/odegpt"  # checkpoints/, tensorboard/, metrics.jsonl live here
 
 
 @dataclass
 class RunConfig:
+    """A whole run: one object per section, typed and validated before anything starts."""
+
     model: Any = field(default_factory=lambda: model_section()(), metadata={"section": model_section})
     train: TrainSection = field(default_factory=TrainSection)
     data: DataSection = field(default_factory=DataSection)

@@ -413,3 +413,14 @@ def test_the_nonfinite_guard_names_only_a_checkpoint_that_exists(tmp_path):
     message = stop_message(NonFiniteGuard(3, checkpoint_dir=tmp_path / "checkpoints"))
     assert f"The newest checkpoint from before step 2, the first with a non-finite loss, is " \
            f"{tmp_path / 'checkpoints' / tag_for(1)}; lower train.lr" in message
+
+
+# ---- the reference -------------------------------------------------------------------------------------
+
+def test_docs_config_md_is_what_the_schema_generates():
+    from launcher.config.reference import reference
+
+    assert (REPO / "docs" / "config.md").read_text() == reference(), \
+        "docs/config.md is out of date: python -m launcher.config.reference > docs/config.md"
+    for key in ("`step_size_distribution`", "`zero_stage`", "`segments`", "`peak_tflops_per_device`"):
+        assert key in reference()
