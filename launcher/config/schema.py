@@ -16,10 +16,13 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import deepspeed as deepspeed_generation
 from . import validation
+
+if TYPE_CHECKING:
+    from odegpt.model.configuration_odegpt import OdeGPTConfig
 
 
 @functools.cache
@@ -185,7 +188,7 @@ class RunConfig:
     def eval_step_sizes(self) -> list[float]:
         return [float(a) for a in self.eval.step_sizes]
 
-    def model_config(self):
+    def model_config(self) -> OdeGPTConfig:
         """The ``OdeGPTConfig`` of this run (imports transformers)."""
         from odegpt.model.configuration_odegpt import OdeGPTConfig  # transformers: not for `odegpt --help`
 
