@@ -2,7 +2,7 @@
 
 Layout under ``<output_dir>/checkpoints``: one DeepSpeed tag directory per save (``step_00000100``)
 holding DeepSpeed's own files, our per-rank RNG states, ``odegpt_state.json`` (the optimizer step,
-consumed samples, step-size sampler and run config: what the engine does not know) and — written
+consumed samples, step-size sampler, run config and tokenizer: what the engine does not know) and — written
 by rank 0 only after every rank has finished — a ``COMPLETE`` marker listing every file and its
 size. ``latest`` (DeepSpeed's pointer file, so its own tools still work) is replaced atomically
 after the marker. Resume only ever picks a tag with a marker, so a save killed half-way is ignored.
@@ -120,7 +120,7 @@ class Checkpoint:
 
     directory: Path  # the checkpoints/ directory
     tag: str
-    state: dict  # step, consumed_samples, config, step_size_sampler, world_size
+    state: dict  # step, consumed_samples, config, step_size_sampler, world_size, tokenizer
     universal: bool = False  # DeepSpeed's universal (world-size independent) layout, from ds_to_universal
 
     @property

@@ -43,6 +43,62 @@ def check_corpora(config: RunConfig) -> None:
                               f"{vocab_size}; set model.vocab_size >= {corpus_vocab}")
 
 
+def run_tokenizer(config: RunConfig) -> dict | None:
+    """The tokenizer the run's token ids come from, as ``{"path", "fingerprint"}``: ``data.tokenizer``, else the
+    one the corpora's manifests record (they agree: ``build_datasets`` checks it); None when nothing says
+    (data that is not a prepared corpus). Saved with each checkpoint, so a resume can compare."""
+    from data_pipeline.manifest import Manifest
+    from data_pipeline.tokenizer import tokenizer_fingerprint
+
+    if config.data.tokenizer:
+        try:
+            return {"path": str(config.data.tokenizer), "fingerprint": tokenizer_fingerprint(config.data.tokenizer)}
+        except OSError as error:
+            raise ConfigError(f"data.tokenizer: {error}") from None
+    for corpus in config.data.corpora:
+        try:
+            recorded = Manifest.load(corpus).tokenizer
+        except (OSError, ValueError):
+            continue  # not a prepared corpus: check_corpora names it
+        return {"path": recorded.get("path"), "fingerprint": recorded.get("fingerprint")}
+    return None
+
+
+def _described(tokenizer: dict) -> str:
+    return f"{tokenizer.get('path')} (fingerprint {str(tokenizer.get('fingerprint'))[:12]}...)"
+
+
+def check_resumed_tokenizer(saved: dict | None, current: dict | None, where: str) -> None:
+    """Refuse to resume the checkpoint at ``where`` (whose run used tokenizer ``saved``) with token ids from
+    another tokenizer: its embedding rows would mean other tokens. Checkpoints from before the tokenizer was
+    recorded (``saved`` None) are resumed as they were."""
+    if not saved or not current or saved.get("fingerprint") == current.get("fingerprint"):
+        return
+    raise ConfigError(f"cannot resume {where} with another tokenizer: the checkpoint's run used {_described(saved)}, "
+                      f"this run uses {_described(current)}. Resume with the checkpoint's data.tokenizer and "
+                      f"corpora, or start a new run with another run.output_dir")
+
+
+def check_init_from_tokenizer(config: RunConfig, current: dict | None) -> None:
+    """``train.init_from``: a model folder that holds a tokenizer must hold the run's (same fingerprint)."""
+    from data_pipeline.tokenizer import tokenizer_fingerprint
+
+    folder = config.train.init_from
+    if folder is None or current is None:
+        return
+    try:
+        fingerprint = tokenizer_fingerprint(folder)
+    except FileNotFoundError:
+        return  # the folder holds no tokenizer to compare with
+    except OSError as error:
+        raise ConfigError(f"train.init_from {folder}: its tokenizer cannot be read ({error})") from None
+    if fingerprint != current.get("fingerprint"):
+        raise ConfigError(f"train.init_from {folder} was trained with another tokenizer: "
+                          f"{_described({'path': folder, 'fingerprint': fingerprint})}, but this run's token ids "
+                          f"come from {_described(current)}; train with the folder's tokenizer (and corpora "
+                          f"prepared with it)")
+
+
 def build_datasets(config: RunConfig):
     """(train, valid) datasets sized for the whole run."""
     if not config.data.corpora:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import Iterator
+from pathlib import Path
+
+from .checkpointing import complete_tags, step_of
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,16 +73,28 @@ def interruptible_startup() -> Iterator[None]:
 
 
 class NonFiniteGuard:
-    """Counts optimizer steps in a row whose (all-reduced) loss is not finite."""
+    """Counts optimizer steps in a row whose (all-reduced) loss is not finite; past ``limit`` it stops the run,
+    naming the newest checkpoint in ``checkpoint_dir`` from before the streak, if there is one."""
 
-    def __init__(self, limit: int, streak: int = 0) -> None:
+    def __init__(self, limit: int, streak: int = 0, checkpoint_dir: Path | None = None) -> None:
         self.limit = limit
         self.streak = streak
+        self.checkpoint_dir = checkpoint_dir
 
     def update(self, step: int, loss: float, finite: bool) -> None:
         self.streak = 0 if finite else self.streak + 1
         if self.streak >= self.limit:
+            first = step - self.streak + 1
             raise NonFiniteLossError(
                 f"loss was not finite for {self.streak} optimizer steps in a row (last: step {step}, loss {loss}); "
-                f"stopping without saving. The last checkpoint was written before the first bad step; lower "
-                f"train.lr or raise train.max_nonfinite_steps ({self.limit}) to tolerate longer streaks.")
+                f"stopping without saving. {self._what_remains(first)}; lower train.lr or raise "
+                f"train.max_nonfinite_steps ({self.limit}) to tolerate longer streaks.")
+
+    def _what_remains(self, first_bad_step: int) -> str:
+        """The newest complete checkpoint from before ``first_bad_step`` — only one that exists is named."""
+        tags = [tag for tag in complete_tags(self.checkpoint_dir) if step_of(tag) < first_bad_step] \
+            if self.checkpoint_dir is not None else []
+        if not tags:
+            return f"No checkpoint was written before step {first_bad_step}, the first with a non-finite loss"
+        return (f"The newest checkpoint from before step {first_bad_step}, the first with a non-finite loss, is "
+                f"{self.checkpoint_dir / tags[-1]}")

@@ -20,10 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import add_config_arguments
 from .launch import free_port
+
+if TYPE_CHECKING:
+    from .checkpointing import Checkpoint
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -200,14 +203,12 @@ class Trainer:
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
-        from data_pipeline.writer_lock import hold_writer_lock
         from odegpt.evaluation.perplexity import evaluation_indices
         from odegpt.training.objective import SolverSampler, StepSizeDistribution, StepSizeSampler
 
         from . import checkpointing, data, faults
         from .metrics import MetricsLogger
         from .optim import parameter_groups, schedule_for
-        from .run_folder import check_run_folder
 
         self.config, self.rank, self.world_size, self.device_type = config, rank, world_size, device_type
         config.validate(world_size)
@@ -217,28 +218,14 @@ class Trainer:
         ds_config = decided_by_rank_zero(lambda: config.to_deepspeed_config(world_size, device_type, note=self.say))
 
         # 1. Check everything a user can get wrong before writing or building anything.
-        def check() -> checkpointing.Checkpoint | None:
-            check_run_folder(self.output_dir)
-            hold_writer_lock(self.output_dir, "run folder")  # rank 0 holds it until the process ends
-            data.check_corpora(config)
-            checkpoint = checkpointing.choose(resume, self.checkpoint_dir, note=self.say)
-            if checkpoint is not None:
-                config.check_resumable(checkpoint.state["config"], str(checkpoint.path))
-                checkpointing.check_world_size(checkpoint, world_size)
-            return checkpoint
-
-        checkpoint = decided_by_rank_zero(check)
+        checkpoint, self.tokenizer_record = decided_by_rank_zero(lambda: self._check_before_writing(resume))
         if checkpoint is not None and checkpoint.universal:  # DeepSpeed then reads zero/ for any world size
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         train_ds, valid_ds = on_every_rank(lambda: data.build_datasets(config))
 
         # 2. Only now write: the run's config and metrics.
         if rank == 0:
-            from data_pipeline.files import write_json_atomic
-
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.output_dir / "config.json", config.to_dict())
-            write_json_atomic(self.output_dir / "deepspeed_config.json", ds_config)  # what the engine is given
+            self._write_run_files(ds_config)
         self.step = checkpoint.state["step"] if checkpoint else 0
         self.consumed_samples = checkpoint.state["consumed_samples"] if checkpoint else 0
         self.metrics = MetricsLogger(self.output_dir, rank, config.logging.interval, t.train_steps, self.step,
@@ -287,9 +274,39 @@ class Trainer:
                                                        f"{t.seq_len} tokens")
         self.peak_flops = peak_flops_per_device(config, device_type, self.say) * world_size
         self.stop = faults.StopRequest().install()
-        self.guard = faults.NonFiniteGuard(t.max_nonfinite_steps)
+        self.guard = faults.NonFiniteGuard(t.max_nonfinite_steps, checkpoint_dir=self.checkpoint_dir)
         self._costs: dict[tuple, tuple[int, float]] = {}  # (a, solver) -> (solver steps, training FLOPs/token)
         self._grad_norm: float | None = None  # measured here where DeepSpeed reports none (ZeRO-0)
+
+    def _check_before_writing(self, resume: str | None) -> tuple[Checkpoint | None, dict | None]:
+        """Rank 0, before anything is written or built: the run folder (then held), the corpora and the tokenizer
+        (a folder to ``init_from`` trained with the same one), the checkpoint to resume (the same model, tokenizer
+        and world size). Returns (checkpoint or None, the run's tokenizer record)."""
+        from data_pipeline.writer_lock import hold_writer_lock
+
+        from . import checkpointing, data
+        from .run_folder import check_run_folder
+
+        config = self.config
+        check_run_folder(self.output_dir)
+        hold_writer_lock(self.output_dir, "run folder")  # rank 0 holds it until the process ends
+        data.check_corpora(config)
+        tokenizer = data.run_tokenizer(config)
+        data.check_init_from_tokenizer(config, tokenizer)
+        checkpoint = checkpointing.choose(resume, self.checkpoint_dir, note=self.say)
+        if checkpoint is not None:
+            config.check_resumable(checkpoint.state["config"], str(checkpoint.path))
+            data.check_resumed_tokenizer(checkpoint.state.get("tokenizer"), tokenizer, str(checkpoint.path))
+            checkpointing.check_world_size(checkpoint, self.world_size)
+        return checkpoint, tokenizer
+
+    def _write_run_files(self, ds_config: dict) -> None:
+        """The run's config.json and the DeepSpeed config the engine is given (rank 0, after every check)."""
+        from data_pipeline.files import write_json_atomic
+
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.output_dir / "config.json", self.config.to_dict())
+        write_json_atomic(self.output_dir / "deepspeed_config.json", ds_config)
 
     def say(self, message: str) -> None:
         if self.rank == 0:
@@ -463,7 +480,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """What the engine does not know, saved beside its files as ``odegpt_state.json``."""
         return {"step": self.step, "consumed_samples": self.consumed_samples, "config": self.config.to_dict(),
-                "step_size_sampler": self.sampler.state_dict(), "world_size": self.world_size}
+                "step_size_sampler": self.sampler.state_dict(), "world_size": self.world_size,
+                "tokenizer": self.tokenizer_record}  # {"path", "fingerprint"} or None: a resume compares it
 
     def close(self) -> None:
         metrics = getattr(self, "metrics", None)

@@ -67,6 +67,42 @@ def _check_segments(segments: object) -> list[dict]:
 
 
 class OdeGPTConfig(PretrainedConfig):
+    """An odegpt model's shape and solver. (The ``model`` section of a run config is these arguments; this list
+    is its documentation, in docs/config.md.)
+
+    Args:
+        vocab_size: token ids: rows of the embedding and of the LM head.
+        hidden_size: width of the residual stream.
+        intermediate_size: width of the SwiGLU MLP.
+        num_attention_heads: query heads; they divide hidden_size.
+        num_key_value_heads: key/value heads (grouped-query attention), dividing num_attention_heads;
+            None = num_attention_heads.
+        max_position_embeddings: the longest sequence the model is meant for (train.seq_len fits in it).
+        rope_theta: base of the rotary position frequencies.
+        rms_norm_eps: epsilon of the RMS norms (> 0).
+        tie_word_embeddings: the LM head is the embedding matrix.
+        segments: the depth, as a list of {depth: D, shared: true|false} (shared: one block integrated over
+            time D; unshared: D layers of step 1) or the short form "1u,6s,1u"; None = [{depth: 12, shared: true}].
+        step_size: the step size a the model is solved at unless a call says otherwise (a finite number > 0).
+        solver: the ODE solver method of shared segments (odegpt.model.solver.METHODS: euler, heun).
+        max_solver_steps: the most solver steps one forward may take; a step size that needs more is refused.
+        initializer_range: standard deviation of the initial weights.
+        use_cache: generation keeps a KV cache.
+        bos_token_id: the tokenizer's beginning-of-sequence id.
+        eos_token_id: the tokenizer's end-of-sequence id.
+        pad_token_id: the tokenizer's padding id.
+        head_dim: width of one attention head (even: rotary positions); None = hidden_size / num_attention_heads.
+        attention_bias: biases on the query, key and value projections (imported models).
+        attention_output_bias: a bias on the attention's output projection (imported models).
+        mlp_bias: biases in the MLP (imported models).
+        source_rope_parameters: an imported model's rotary settings, kept for the Llama export.
+        rotary_inv_freq: the rotary inverse frequencies transformers computed from those settings (head_dim / 2
+            of them); None = from rope_theta.
+        rotary_attention_scaling: the cos/sin scale of those rotary settings.
+        relax_rank: the time-continuous relaxation of shared blocks: rank of each linear map's correction,
+            which varies over the segment's time (0 = none, "full" = dense).
+    """
+
     model_type = "odegpt"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 

@@ -249,3 +249,178 @@ def test_init_from_takes_the_shape_from_the_folder_and_names_every_disagreeing_k
 def test_the_renamed_step_size_distribution_key_is_named():
     with pytest.raises(ConfigError, match=r"train.step_size is now train.step_size_distribution"):
         load_config(["quickstart"], ["train.step_size={choices: [1]}"])
+
+
+# ---- bounded inputs: a few bytes of YAML cost no more than a few bytes ---------------------------------
+
+def _alias_bomb(levels: int) -> str:
+    """Billion laughs: each list repeats the previous one nine times (9**levels strings, a few hundred bytes)."""
+    names = "abcdefghijk"[:levels]
+    items = ["&a [x,x,x,x,x,x,x,x,x]"] + [f"&{name} [{','.join([f'*{previous}'] * 9)}]"
+                                          for previous, name in zip(names, names[1:])]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("deepspeed", "extra", f"{{lol: {_alias_bomb(9)}}}"),  # train peaked at 7.7 GiB, wrote 1.41 GB of JSON
+    ("train", "step_size_distribution", _alias_bomb(7)),  # a "one-line" error of 28 MB
+])
+def test_a_yaml_alias_bomb_is_refused_in_one_line_naming_the_file(tmp_path, section, key, value):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"{section}:\n  {key}: {value}\n")
+    assert bomb.stat().st_size < 400
+    with pytest.raises(ConfigError) as error:
+        load_config(["quickstart", bomb])
+    message = str(error.value)
+    assert message == f"{bomb}: its aliases expand to more than 100,000 YAML nodes, the most a config may hold " \
+                      f"(an alias bomb?)"
+    with pytest.raises(ConfigError, match=r"^--set .*: the value: its aliases expand to more than 100,000"):
+        load_config(["quickstart"], [f"{section}.{key}={value}"])
+    recursive = tmp_path / "recursive.yaml"
+    recursive.write_text("deepspeed:\n  extra: &a {more: *a}\n")
+    with pytest.raises(ConfigError, match=f"^{recursive}: an alias refers to the node that holds it"):
+        load_config(["quickstart", recursive])
+
+
+def test_aliases_within_the_limit_still_work(tmp_path):
+    ordinary = tmp_path / "aliases.yaml"
+    ordinary.write_text("eval:\n  step_sizes: &sizes [1.0, 2.0]\ntrain:\n  step_size_distribution: {choices: *sizes}\n")
+    config = load_config(["quickstart", ordinary])
+    assert config.eval.step_sizes == [1.0, 2.0] and config.train.step_size_distribution == {"choices": [1.0, 2.0]}
+
+
+def test_a_config_file_over_the_size_limit_is_refused_naming_it(tmp_path):
+    from launcher.config import MAX_CONFIG_BYTES
+
+    large = tmp_path / "large.yaml"
+    large.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(ConfigError) as error:
+        load_config(["quickstart", large])
+    assert str(error.value) == f"config file {large} is larger than 1,048,576 bytes, the most a config may hold"
+    ds_config = tmp_path / "ds_config.json"
+    ds_config.write_text("{" + " " * MAX_CONFIG_BYTES + "}")
+    with pytest.raises(ConfigError, match=f"^deepspeed.config_file {ds_config} is larger than 1,048,576 bytes"):
+        load_config(["quickstart"], [f"deepspeed.config_file={ds_config}"])
+
+
+def test_a_large_value_echoed_in_an_error_is_cut_to_one_short_line():
+    huge = "[" + ", ".join(["[1, 2, 3, 4, 5, 6, 7, 8, 9]"] * 5000) + "]"  # 50,000 nodes: within the limit
+    for override, start in [(f"train.step_size_distribution={huge}", "train.step_size_distribution must be dict"),
+                            (f"train.readout_weights={huge}", "train.readout_weights must be dict or null"),
+                            (f"deepspeed.zero_stage={huge}", "deepspeed.zero_stage must be int")]:
+        with pytest.raises(ConfigError) as error:
+            load_config(["quickstart"], [override])
+        message = str(error.value)
+        assert message.startswith(start) and len(message) < 400 and "\n" not in message, message[:400]
+
+
+def _defaults_chain(folder: Path, files: int) -> Path:
+    """``files`` configs, each listing the next one twice under ``defaults:`` and setting a key of its own."""
+    for index in range(files):
+        include = f"defaults: [c{index + 1}.yaml, c{index + 1}.yaml]\n" if index + 1 < files else ""
+        (folder / f"c{index}.yaml").write_text(f"{include}deepspeed:\n  extra:\n    key{index}: {index}\n"
+                                               f"train:\n  seed: {index}\n")
+    return folder / "c0.yaml"
+
+
+def test_defaults_read_each_file_once_with_the_same_result(tmp_path, monkeypatch):
+    import yaml
+
+    parsed = []
+    original = yaml.load
+    monkeypatch.setattr(yaml, "load", lambda text, Loader: parsed.append(text) or original(text, Loader=Loader))
+    config = load_config([_defaults_chain(tmp_path, 10)])
+    assert len(parsed) == 10  # 2**10 - 1 = 1023 before: each listing expanded again, 26 files took minutes
+    assert config.train.seed == 0 and config.deepspeed.extra == {f"key{index}": index for index in range(10)}
+
+    # Where a file is listed again later, its values still win over the ones merged before it.
+    (tmp_path / "a.yaml").write_text("train:\n  seed: 1\n")
+    (tmp_path / "b.yaml").write_text("train:\n  seed: 2\n")
+    (tmp_path / "top.yaml").write_text("defaults: [a.yaml, b.yaml, a.yaml]\n")
+    assert load_config([tmp_path / "top.yaml"]).train.seed == 1
+    (tmp_path / "loop.yaml").write_text("defaults: [top.yaml, loop.yaml]\n")
+    with pytest.raises(ConfigError, match="includes itself through defaults"):
+        load_config([tmp_path / "loop.yaml"])
+
+
+def test_the_copying_that_defaults_cause_is_bounded(tmp_path, monkeypatch):
+    from launcher.config import loading
+
+    monkeypatch.setattr(loading, "MAX_MERGED_NODES", 2000)
+    (tmp_path / "part.yaml").write_text("deepspeed:\n  extra:\n    values: [" + ", ".join(["1"] * 200) + "]\n")
+    (tmp_path / "top.yaml").write_text("defaults: [" + ", ".join(["part.yaml"] * 20) + "]\n")
+    with pytest.raises(ConfigError) as error:
+        load_config([tmp_path / "top.yaml"])
+    assert str(error.value) == (f"config {tmp_path / 'top.yaml'}: merging its defaults copies more than 2,000 nodes "
+                                f"(a file listed many times?)")
+
+
+# ---- numbers that are not numbers ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, key, shown", [
+    ("train.grad_clip=.nan", "train.grad_clip", "nan"),  # trained with "gradient_clipping": NaN
+    ("train.reference_weight=.nan", "train.reference_weight", "nan"),  # dropped the reference term
+    ("train.weight_decay=.nan", "train.weight_decay", "nan"),  # a traceback
+    ("train.consistency_weight=.nan", "train.consistency_weight", "nan"),
+    ("train.lr=.inf", "train.lr", "inf"),  # trained until three losses were NaN
+    ("train.min_lr=.nan", "train.min_lr", "nan"),
+    ("train.adam_eps=.inf", "train.adam_eps", "inf"),
+    ("train.adam_beta1=.nan", "train.adam_beta1", "nan"),
+    ("train.adam_beta2=-.inf", "train.adam_beta2", "-inf"),
+    ("train.relax_lr_scale=.inf", "train.relax_lr_scale", "inf"),
+    ("logging.peak_tflops_per_device=.nan", "logging.peak_tflops_per_device", "nan"),
+    ("model.rope_theta=.inf", "model.rope_theta", "inf"),
+    ("train.step_size_distribution={choices: [1, .nan]}", "train.step_size_distribution.choices[1]", "nan"),
+    ("train.step_size_distribution={choices: [1, 2], weights: [1, .inf]}",
+     "train.step_size_distribution.weights[1]", "inf"),
+    ("train.step_size_distribution={low: 1, high: .inf}", "train.step_size_distribution.high", "inf"),
+    ("train.readout_weights={2: .inf}", "train.readout_weights.2", "inf"),
+    ("train.solvers={euler: .nan}", "train.solvers.euler", "nan"),
+    ("eval.step_sizes=[1, .nan]", "eval.step_sizes[1]", "nan"),
+])
+def test_every_number_setting_refuses_nan_and_infinity_naming_the_key(override, key, shown):
+    with pytest.raises(ConfigError) as error:
+        load_config(["quickstart"], [override])
+    assert str(error.value) == f"{key} must be a finite number, got {shown}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("logging.peak_tflops_per_device=0", "logging.peak_tflops_per_device must be > 0, got 0.0"),
+    ("data.weights=[-1]", "data.weights[0] must be a number >= 0, got -1"),
+])
+def test_other_number_ranges_are_checked(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(["quickstart"], [override, "data.corpora=[one]"])
+    assert str(error.value) == message
+
+
+def test_the_nonfinite_guard_names_only_a_checkpoint_that_exists(tmp_path):
+    from launcher.checkpointing import COMPLETE, tag_for
+    from launcher.faults import NonFiniteGuard, NonFiniteLossError
+
+    def stop_message(guard: NonFiniteGuard) -> str:
+        with pytest.raises(NonFiniteLossError) as error:
+            for step in (2, 3, 4):  # train.lr: .inf: step 1 finite, its update spoils every weight
+                guard.update(step, math.nan, finite=False)
+        return str(error.value)
+
+    message = stop_message(NonFiniteGuard(3, checkpoint_dir=tmp_path / "checkpoints"))
+    assert "No checkpoint was written before step 2, the first with a non-finite loss" in message
+    assert "The last checkpoint was written" not in message
+    for step in (1, 5):  # step 5: from another run resumed at step 1, not from before the streak
+        (tmp_path / "checkpoints" / tag_for(step)).mkdir(parents=True)
+        (tmp_path / "checkpoints" / tag_for(step) / COMPLETE).write_text("{}")
+    message = stop_message(NonFiniteGuard(3, checkpoint_dir=tmp_path / "checkpoints"))
+    assert f"The newest checkpoint from before step 2, the first with a non-finite loss, is " \
+           f"{tmp_path / 'checkpoints' / tag_for(1)}; lower train.lr" in message
+
+
+# ---- the reference -------------------------------------------------------------------------------------
+
+def test_docs_config_md_is_what_the_schema_generates():
+    from launcher.config.reference import reference
+
+    assert (REPO / "docs" / "config.md").read_text() == reference(), \
+        "docs/config.md is out of date: python -m launcher.config.reference > docs/config.md"
+    for key in ("`step_size_distribution`", "`zero_stage`", "`segments`", "`peak_tflops_per_device`"):
+        assert key in reference()

@@ -385,6 +385,94 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
     return root / "tokenizer", root / "corpus"
 
 
+@pytest.fixture(scope="module")
+def other_corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """Another tokenizer (another vocabulary size, so another fingerprint) and a corpus prepared with it."""
+    from data_pipeline.prepare import PrepareConfig, prepare
+    from data_pipeline.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("other_corpus")
+    train_tokenizer(["stdlib"], root / "tokenizer", vocab_size=380, max_files=20, max_sentences=5000)
+    prepare(PrepareConfig(["stdlib"], str(root / "tokenizer"), str(root / "corpus"), max_files=20, val_fraction=0.2,
+                          progress=False))
+    return root / "tokenizer", root / "corpus"
+
+
+def test_a_resume_with_another_tokenizer_is_refused_naming_both(corpus, other_corpus, tmp_path):
+    """It used to resume at the saved step, exit 0 and rewrite config.json: the embedding rows then meant other
+    tokens. The checkpoint now records its run's tokenizer (fingerprint), and a resume compares."""
+    from data_pipeline.tokenizer import tokenizer_fingerprint
+
+    (tokenizer, data), (other_tokenizer, other_data) = corpus, other_corpus
+    run = tmp_path / "run"
+    first = {"data.corpora": f"[{data}]", "data.tokenizer": str(tokenizer), "model.vocab_size": 400,
+             "train.train_steps": 1, "checkpoint.interval": 1, "eval.interval": 0}
+    _, stderr = (process := _plain(run, **first)).communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, stderr[-3000:]
+    checkpoint = run / "checkpoints" / "step_00000001"
+    config_before = (run / "config.json").read_bytes()
+
+    for changed, now in [({"data.tokenizer": str(other_tokenizer)}, other_tokenizer),
+                         ({"data.tokenizer": "null"}, other_tokenizer)]:  # the corpus's recorded tokenizer
+        _, stderr = (process := _plain(run, **{**first, "data.corpora": f"[{other_data}]", **changed,
+                                               "train.train_steps": 2})).communicate(timeout=TIMEOUT)
+        assert process.returncode == 2, stderr[-3000:]
+        line = next(line for line in stderr.splitlines() if "another tokenizer" in line)
+        assert line.startswith(f"odegpt train: config error: cannot resume {checkpoint} with another tokenizer: the "
+                               f"checkpoint's run used {tokenizer} (fingerprint "), line
+        assert f"this run uses {now} (fingerprint {tokenizer_fingerprint(other_tokenizer)[:12]}...)" in line
+        assert "Traceback" not in stderr and (run / "config.json").read_bytes() == config_before
+    state = json.loads((checkpoint / "odegpt_state.json").read_text())
+    assert state["tokenizer"] == {"path": str(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer)}
+
+
+def test_resume_tokenizer_records_old_and_new(corpus, other_corpus):
+    from launcher.data import check_resumed_tokenizer
+
+    (tokenizer, _), (other_tokenizer, _) = corpus, other_corpus
+    record = {"path": str(tokenizer), "fingerprint": "a" * 32}
+    check_resumed_tokenizer(None, record, "ckpt")  # a checkpoint from before the tokenizer was recorded
+    check_resumed_tokenizer(record, None, "ckpt")  # data that records no tokenizer
+    check_resumed_tokenizer(record, {**record, "path": "moved/elsewhere"}, "ckpt")  # the same tokenizer, moved
+    with pytest.raises(ConfigError, match="cannot resume ckpt with another tokenizer"):
+        check_resumed_tokenizer(record, {"path": str(other_tokenizer), "fingerprint": "b" * 32}, "ckpt")
+
+
+def _model_folder(path: Path, tokenizer: Path | None) -> Path:
+    """A model of the shape the launcher tests train (vocabulary 400), saved with ``tokenizer``."""
+    from odegpt import OdeGPTConfig, OdeGPTForCausalLM
+    from odegpt.folders.export import save_native
+
+    config = OdeGPTConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                          max_position_embeddings=256, tie_word_embeddings=True, segments=[{"depth": 2, "shared": True}])
+    save_native(OdeGPTForCausalLM(config), path, tokenizer_dir=tokenizer)
+    return path
+
+
+def test_init_from_a_model_of_another_tokenizer_is_refused_naming_both(corpus, other_corpus, tmp_path):
+    from data_pipeline.tokenizer import tokenizer_fingerprint
+
+    (tokenizer, data), (other_tokenizer, _) = corpus, other_corpus
+    other, run = _model_folder(tmp_path / "other", other_tokenizer), tmp_path / "run"
+    _, stderr = (process := _plain(run, **{"data.corpora": f"[{data}]", "data.tokenizer": str(tokenizer),
+                                           "model.vocab_size": 400, "train.init_from": str(other),
+                                           "train.train_steps": 1})).communicate(timeout=TIMEOUT)
+    assert process.returncode == 2, stderr[-3000:]  # the trainer checks it before writing anything
+    line = next((line for line in stderr.splitlines() if "another tokenizer" in line), stderr[-3000:])
+    assert line == (f"odegpt train: config error: train.init_from {other} was trained with another tokenizer: {other} "
+                    f"(fingerprint {tokenizer_fingerprint(other_tokenizer)[:12]}...), but this run's token ids come "
+                    f"from {tokenizer} (fingerprint {tokenizer_fingerprint(tokenizer)[:12]}...); train with the "
+                    f"folder's tokenizer (and corpora prepared with it)")
+    assert "Traceback" not in stderr and not (run / "config.json").exists()
+
+    from launcher.data import check_init_from_tokenizer, run_tokenizer
+
+    real = [f"data.corpora=[{data}]", f"data.tokenizer={tokenizer}", "train.seq_len=64"]
+    for folder in (_model_folder(tmp_path / "same", tokenizer), _model_folder(tmp_path / "none", None)):
+        config = load_config([], [*real, f"train.init_from={folder}"])  # the same tokenizer, or none to compare
+        check_init_from_tokenizer(config, run_tokenizer(config))
+
+
 def test_token_ids_beyond_the_model_vocabulary_are_refused_before_the_first_step(corpus, tmp_path):
     from launcher.data import check_corpora
 
