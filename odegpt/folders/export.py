@@ -9,12 +9,14 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
@@ -48,11 +50,22 @@ def copy_tokenizer(source: str | Path | None, output_dir: str | Path) -> list[st
     return copied
 
 
+def save_pretrained(model, output_dir: Path) -> None:
+    """``model.save_pretrained`` quietly, a failed write (a full disk: safetensors raises its own error, not an
+    OSError) reported as the OSError it is, naming the folder."""
+    try:
+        with quiet_transformers():
+            model.save_pretrained(output_dir)
+    except SafetensorError as error:
+        full = "StorageFull" in str(error) or "No space left" in str(error)
+        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else
+                      f"cannot write the weights ({str(error)[:200]})", str(output_dir)) from None
+
+
 def save_native(model: OdeGPTForCausalLM, output_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Write a self-contained Hugging Face folder (safetensors + modeling code via auto_map)."""
     output_dir = Path(output_dir)
-    with quiet_transformers():
-        model.save_pretrained(output_dir)
+    save_pretrained(model, output_dir)
     add_fields_older_clients_read(output_dir)
     copy_decoders(output_dir)
     copy_tokenizer(tokenizer_dir, output_dir)
@@ -159,8 +172,7 @@ def save_unrolled(
     solver: str | None = None,
 ) -> Path:
     output_dir = Path(output_dir)
-    with quiet_transformers():
-        unroll_to_llama(model, step_size, solver).save_pretrained(output_dir)
+    save_pretrained(unroll_to_llama(model, step_size, solver), output_dir)
     add_fields_older_clients_read(output_dir)
     copy_tokenizer(tokenizer_dir, output_dir)
     return output_dir

@@ -24,11 +24,15 @@ Everything the odegpt block cannot represent is refused from ``config.json`` alo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from odegpt.errors import InputError
 from odegpt.model.accounting import format_count
@@ -36,7 +40,7 @@ from odegpt.model.configuration_odegpt import OdeGPTConfig, parse_segments
 from odegpt.model.modeling_odegpt import OdeGPTForCausalLM, OdeGPTLinear
 
 from .integrity import check_finite_weights
-from .model_folder import load_config, load_model, quiet_transformers
+from .model_folder import MAX_FOLDER_LAYERS, load_config, load_model, load_tokenizer, quiet_transformers
 
 # Architectures whose decoder layer is the odegpt block (pre-norm RMSNorm, rotary attention with optional GQA and
 # biases, SwiGLU MLP), by config.json model_type.
@@ -81,6 +85,28 @@ def check_importable(config: dict, where: str = "config.json") -> None:
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedModelError(f"{where}: partial rotary positions (partial_rotary_factor="
                                     f"{config['partial_rotary_factor']}) are not odegpt's")
+    check_shape(config, where)
+
+
+def check_shape(config: dict, where: str = "config.json") -> None:
+    """Refuse, naming the field, a config.json whose attention shape or rotary scaling transformers would fail on
+    with a traceback (or misread): heads that KV heads do not divide, an odd head size, an unknown rope_type."""
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads") or \
+        config.get("num_attention_heads")
+    if not (isinstance(heads, int) and isinstance(kv_heads, int) and heads > 0 and kv_heads > 0):
+        raise ValueError(f"{where}: num_attention_heads and num_key_value_heads must be integers > 0, got {heads!r} "
+                         f"and {kv_heads!r}")
+    if heads % kv_heads:
+        raise ValueError(f"{where}: num_key_value_heads {kv_heads} does not divide num_attention_heads {heads} "
+                         f"(grouped-query attention shares each KV head among a whole number of heads)")
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    if head_dim % 2:
+        raise ValueError(f"{where}: head_dim {head_dim} is odd; rotary positions rotate pairs of channels")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
+    if rope_type not in ("default", *ROPE_INIT_FUNCTIONS):
+        raise UnsupportedModelError(f"{where}: rope_type {rope_type!r} is not a rotary scaling transformers knows "
+                                    f"({', '.join(('default', *ROPE_INIT_FUNCTIONS))})")
 
 
 def check_segments_fit(segments: list[dict], num_layers: int) -> None:
@@ -101,24 +127,68 @@ class ImportReport:
 
 
 def load_source(source_dir: str | Path):
-    """The source's config.json (checked first), then the model itself in float32, through transformers (never
-    the folder's own code)."""
+    """The source's config.json (checked first, with the size it describes against the weights the folder holds and
+    this machine's memory), then the model itself in float32, through transformers (never the folder's own code).
+    What transformers would load silently wrong (a tied head over distinct weights) is refused too."""
     path = Path(source_dir) / "config.json"
     try:
         config = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: {error}") from None
+    except (OSError, ValueError, RecursionError) as error:
+        raise ValueError(f"{path}: {str(error)[:200]}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds no JSON object")
     check_importable(config, str(path))
-    with quiet_transformers():
-        model, loading = AutoModelForCausalLM.from_pretrained(source_dir, trust_remote_code=False, dtype=torch.float32,
-                                                              output_loading_info=True)
+    stored = check_source_size(source_dir, config)
+    try:
+        with quiet_transformers():
+            model, loading = AutoModelForCausalLM.from_pretrained(source_dir, trust_remote_code=False,
+                                                                  dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ValueError(f"{source_dir}: the weights do not match its config.json ({reason})") from None
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         if loading.get(kind):
             names = sorted(map(str, loading[kind]))
             raise ValueError(f"{source_dir}: {len(names)} {kind.replace('_', ' ')} for a {config['model_type']!r} "
-                             f"model, e.g. {', '.join(names[:3])}; the weights do not belong to its config.json")
+                             f"model, e.g. {', '.join(names[:3])}; the weights do not match its config.json")
+    if model.config.tie_word_embeddings and "lm_head.weight" in stored and \
+            not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight):
+        raise ValueError(f"{path}: tie_word_embeddings is true but the weights hold an LM head of their own "
+                         f"(lm_head.weight differs from the embedding): set it to false, or drop that tensor")
     check_finite_weights(model.named_parameters(), source_dir)
     return model.eval()
+
+
+def check_source_size(source_dir: str | Path, config: dict) -> dict[str, int]:
+    """The tensors the folder's safetensors hold (name -> elements, from their headers), after refusing a config.json
+    that describes more layers than they hold, or a model this machine's memory cannot take in float32."""
+    files = sorted(Path(source_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{source_dir} holds no safetensors weights (a pytorch_model.bin is a pickle, which odegpt "
+                         f"never loads: it can run code); save the model with save_pretrained(safe_serialization=True)")
+    layers = config.get("num_hidden_layers", 0)
+    if not isinstance(layers, int) or not 0 < layers <= MAX_FOLDER_LAYERS:
+        raise ValueError(f"{source_dir}/config.json asks for {layers:,} layers; odegpt loads 1 to "
+                         f"{MAX_FOLDER_LAYERS:,}")
+    stored: dict[str, int] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as handle:
+                stored.update({name: math.prod(handle.get_slice(name).get_shape()) for name in handle.keys()})
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{file} is not a readable safetensors file ({error})") from None
+    held = {int(name.split(".")[2]) for name in stored if name.startswith("model.layers.")}
+    if held != set(range(layers)):
+        raise ValueError(f"{source_dir}/config.json describes {layers} layers but its weights hold {len(held)} "
+                         f"(model.layers.*): the config and the weights belong to different models")
+    d, vocab, inner = (config.get(key, 0) for key in ("hidden_size", "vocab_size", "intermediate_size"))
+    parameters = 2 * vocab * d + layers * (4 * d * d + 3 * d * inner)
+    needed, available = 4 * parameters, psutil.virtual_memory().available
+    if needed > available:
+        raise ValueError(f"{source_dir}/config.json describes a model of {parameters:,} parameters "
+                         f"({needed / 2**30:.1f} GiB in float32), more than this machine's {available / 2**30:.1f} GiB "
+                         f"of free memory")
+    return stored
 
 
 def odegpt_config_for(source, segments: list[dict], relax_rank: int | str) -> OdeGPTConfig:
@@ -276,6 +346,8 @@ class ImportRequest:
         if self.seq_len < 2 or self.max_batches < 1:
             raise InputError(f"--seq-len must be >= 2 and --max-batches >= 1, got {self.seq_len} and "
                              f"{self.max_batches}")
+        if any((Path(self.source) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            load_tokenizer(self.source)  # carried into the model folder: a broken one is refused before the work
         return ImportRequest(self.source, segments, self.init, relax_rank, self.data, self.seq_len, self.max_batches)
 
 

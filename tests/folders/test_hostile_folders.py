@@ -186,3 +186,19 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_one_line(model_folder,
     (folder / "config.json").write_text(json.dumps(config))
     code, err = _odegpt(capsys, "generate", "--model", folder, "--prompt", "def ", "--max-new-tokens", "2")
     assert code == 2 and "tokens, more than the model's vocabulary of 100" in err and err.count("\n") == 1, err
+
+
+def test_a_full_disk_while_writing_the_weights_is_one_line_and_leaves_nothing(model_folder, tmp_path, capsys,
+                                                                              monkeypatch):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):  # what safetensors raises when the device fills up mid-write
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    for kind in ("native", "unrolled"):
+        code, err = _odegpt(capsys, "export", "--model", model_folder, "--output", tmp_path / kind, "--format", kind)
+        assert code == 1 and "No space left on device" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []  # no output, no staging folder

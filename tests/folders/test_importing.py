@@ -178,3 +178,60 @@ def test_bad_import_options_are_one_line_errors(sources, tmp_path, capsys, argv,
     code = odegpt_main(["import", "--model", str(sources["qwen2-qkv-biases"]), "--output", str(tmp_path / "o"), *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---- hostile sources: refused in one line before any weight is allocated, never a silent wrong number ------------
+
+def _edited_source(sources, tmp_path, family: str, **changes):
+    folder = tmp_path / f"{family}-edited"
+    shutil.copytree(sources[family], folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        elif isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("family, changes, message", [
+    ("llama-yarn-tied-head-dim", dict(hidden_size=65536, intermediate_size=65536),
+     "describes a model of"),
+    ("llama-yarn-tied-head-dim", dict(num_hidden_layers=20000), "asks for 20,000 layers"),
+    ("mistral-no-window", dict(num_hidden_layers=60), "describes 60 layers but its weights hold"),
+    ("llama-llama3-rope-biases-untied", dict(rope_parameters={"rope_type": "bogus"}), "rope_type 'bogus'"),
+    ("mistral-no-window", dict(num_key_value_heads=3), "num_key_value_heads 3 does not divide"),
+    ("llama-yarn-tied-head-dim", dict(head_dim=31), "head_dim 31 is odd"),
+    ("llama-yarn-tied-head-dim", dict(head_dim=16), "do not match its config.json"),
+    ("llama-llama3-rope-biases-untied", dict(tie_word_embeddings=True), "tie_word_embeddings is true but"),
+])
+def test_a_source_whose_config_contradicts_its_weights_or_the_machine_is_one_line(sources, tmp_path, capsys,
+                                                                                  family, changes, message):
+    source = _edited_source(sources, tmp_path, family, **changes)
+    code = odegpt_main(["import", "--model", str(source), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pickle_only_source_is_refused_without_unpickling(sources, tmp_path, capsys):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(sources["mistral-no-window"] / "config.json", folder)
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04crm -rf\n")  # never read: odegpt loads no pickle
+    code = odegpt_main(["import", "--model", str(folder), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds no safetensors weights" in err and err.count("\n") == 1, err
+
+
+def test_a_broken_tokenizer_is_refused_before_the_import_works(sources, tmp_path, capsys):
+    source = tmp_path / "source"
+    shutil.copytree(sources["mistral-no-window"], source)
+    (source / "tokenizer_config.json").write_text('{"tokenizer_class": ')
+    code = odegpt_main(["import", "--model", str(source), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot load the tokenizer of" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
