@@ -77,7 +77,8 @@ class MetricsLogger:
         self._window_tokens += tokens
         self._window_flops += flops
         self.progress.update(1)
-        self.progress.set_postfix(loss=f"{values['loss']:.4f}", a=f"{values['step_size']:g}",
+        terms = {name: f"{value:.4f}" for name, value in values.get("terms", {}).items()}
+        self.progress.set_postfix(loss=f"{values['loss']:.4f}", **terms, a=f"{values['step_size']:g}",
                                   lr=f"{values['lr']:.2e}", refresh=False)
         if step % self.interval and not last:
             return

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +161,7 @@ class StepResult:
     step_size: float
     stop: bool  # a stop signal arrived on some rank
     solver: str | None = None  # the drawn solver method, when train.solvers draws one
+    terms: dict[str, float] = field(default_factory=dict)  # the loss's weighted terms (ce, kl, trajectory, ...)
 
 
 class Evaluator:
@@ -240,6 +241,7 @@ class Trainer:
             # configured schedule (perhaps with a new train.train_steps) applies from the saved step on.
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda index: schedule(index)))
         self.device = self.engine.device
+        self.teacher, self.distill = self._build_teacher(ds_config)
         engine_config = self.engine._config  # DeepSpeed's parse of ds_config: what the engine runs with
         self.metrics.record("engine", self.step, {
             "zero_stage": self.engine.zero_optimization_stage(),
@@ -308,6 +310,36 @@ class Trainer:
         write_json_atomic(self.output_dir / "config.json", self.config.to_dict())
         write_json_atomic(self.output_dir / "deepspeed_config.json", ds_config)
 
+    def _build_teacher(self, ds_config: dict):
+        """The frozen source and the distillation settings (``train.distill_*``), or (None, None)."""
+        from odegpt.model.accounting import model_cost
+        from odegpt.training.distillation import Distillation
+        from odegpt.training.objective import describe_objective
+
+        from .metrics import gather_floats
+        from .teacher import load_teacher
+
+        t = self.config.train
+        self.source_config = None
+        if t.distill_from is None:
+            self.say("loss = " + describe_objective(t.consistency_weight, t.reference_weight, t.readout_weights,
+                                                    t.lm_weight))
+            return None, None
+        start = time.perf_counter()
+        teacher = load_teacher(t.distill_from, t.distill_precision, self.device, ds_config)
+        self.say(f"distilling from {t.distill_from} ({t.distill_precision}, loaded in "
+                 f"{time.perf_counter() - start:.1f}s)")
+        distill = Distillation(t.distill_kl_weight, t.distill_temperature, t.distill_trajectory_weight,
+                               t.distill_stepwise, t.distill_steps_per_sample)
+        self.say("loss = " + describe_objective(t.consistency_weight, t.reference_weight, t.readout_weights,
+                                                t.lm_weight, distill))
+        self.source_config = getattr(teacher, "module", teacher).config
+        held = [p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in teacher.parameters()]
+        self.metrics.record("teacher", self.step, {
+            "source": t.distill_from, "parameters": int(model_cost(self.source_config).parameters),
+            "parameters_held_per_rank": [int(n) for n in gather_floats(float(sum(held)))]})
+        return teacher, distill
+
     def say(self, message: str) -> None:
         if self.rank == 0:
             metrics = getattr(self, "metrics", None)
@@ -324,7 +356,6 @@ class Trainer:
 
         from odegpt import OdeGPTForCausalLM
         from odegpt.model.accounting import model_cost
-        from odegpt.training.objective import describe_objective
 
         from .metrics import GIB, gather_floats, peak_memory_bytes
 
@@ -365,7 +396,7 @@ class Trainer:
         self.say(f"built {parameters:,} parameters ({model_gib:.2f} GiB) in {time.perf_counter() - start:.1f}s"
                  + (f", created partitioned over {self.world_size} rank(s) (zero.Init)" if zero_init else "")
                  + "; peak memory per rank " + ", ".join(f"{a:.2f} GiB" for _, a in memory))
-        self.say("loss = " + describe_objective(t.consistency_weight, t.reference_weight, t.readout_weights))
+
         return model
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -402,27 +433,43 @@ class Trainer:
         a = self.sampler.sample(self.step)
         solver = None if self.solvers is None else self.solvers.sample(self.step)
         self.engine.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        names = self.term_names()
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)  # the terms, then the loss
         for _ in range(self.grad_accum):
-            loss = self.micro_batch_loss(next(self.batches).to(self.device), a, solver)
-            loss_sum += loss.detach().double()
+            terms = self.micro_batch_loss(next(self.batches).to(self.device), a, solver)
+            loss = sum(terms.values())
+            sums += torch.stack([*(terms[name].detach().double() if name in terms else sums.new_zeros(())
+                                   for name in names), loss.detach().double()])
             # A non-finite micro-batch back-propagates zero instead (collectives stay aligned).
             self.engine.backward(torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)))
             if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
                 self._grad_norm = gradient_norm(self.engine.module)  # reduced, not yet clipped or applied
             self.engine.step()
-        stop = torch.tensor(float(self.stop.requested), dtype=torch.float64, device=self.device)
-        reduced = torch.stack([loss_sum / self.grad_accum, stop])
+        stop = torch.tensor([float(self.stop.requested)], dtype=torch.float64, device=self.device)
+        reduced = torch.cat([sums / self.grad_accum, stop])
         dist.all_reduce(reduced)
-        return StepResult(loss=reduced[0].item() / self.world_size, step_size=a, stop=reduced[1].item() > 0,
-                          solver=solver)
+        means = (reduced[:-1] / self.world_size).tolist()
+        return StepResult(loss=means[-1], step_size=a, stop=reduced[-1].item() > 0, solver=solver,
+                          terms=dict(zip(names, means[:-1])) if len(names) > 1 else {})
 
-    def micro_batch_loss(self, tokens, step_size: float, solver: str | None = None):
-        from odegpt.training.objective import language_model_loss
+    def term_names(self) -> list[str]:
+        """The loss terms this run can have (odegpt.training.objective.objective_terms), in a fixed order for the
+        all-reduce: a step whose draw has no term counts it 0."""
+        t = self.config.train
+        names = [] if self.distill is not None and self.distill.stepwise else \
+            ["ce"] * (t.lm_weight > 0) + ["readout"] * bool(t.readout_weights) + \
+            ["reference"] * (t.reference_weight > 0) + ["consistency"] * (t.consistency_weight > 0)
+        if self.distill is not None:
+            names += ["trajectory"] if self.distill.stepwise else \
+                ["kl"] * (self.distill.kl_weight > 0) + ["trajectory"] * (self.distill.trajectory_weight > 0)
+        return names or ["ce"]
+
+    def micro_batch_loss(self, tokens, step_size: float, solver: str | None = None) -> dict:
+        from odegpt.training.objective import objective_terms
 
         t = self.config.train
-        return language_model_loss(self.engine, tokens, step_size, t.consistency_weight, t.reference_weight,
-                                   t.readout_weights, solver)
+        return objective_terms(self.engine, tokens, step_size, t.consistency_weight, t.reference_weight,
+                               t.readout_weights, solver, t.lm_weight, self.distill, self.teacher)
 
     # ---- what the loop delegates to: each decides its own interval ---------------------------------
 
@@ -436,7 +483,8 @@ class Trainer:
             model_config = self.config.model_config()
             self._costs[a, solver] = (model_cost(model_config, a, t.seq_len).executed_steps,
                                       objective_flops_per_token(model_config, a, t.seq_len, t.consistency_weight,
-                                                                t.reference_weight, t.readout_weights, solver))
+                                                                t.reference_weight, t.readout_weights, solver,
+                                                                self.distill, self.source_config))
         executed_steps, flops_per_token = self._costs[a, solver]
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None or not math.isfinite(float(grad_norm)):  # ZeRO-0 computes it only to clip, if at all
@@ -445,8 +493,10 @@ class Trainer:
         self.metrics.train_step(self.step, {
             "loss": result.loss, "step_size": a, "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-            "executed_steps": executed_steps, **({} if solver is None else {"solver": solver})}, tokens=tokens, flops=flops_per_token * tokens,
-            peak_flops=self.peak_flops, device_type=self.device_type, last=last)
+            "executed_steps": executed_steps, **({} if solver is None else {"solver": solver}),
+            **({"terms": result.terms} if result.terms else {})},
+            tokens=tokens, flops=flops_per_token * tokens, peak_flops=self.peak_flops, device_type=self.device_type,
+            last=last)
 
     def stop_on_signal(self) -> int:
         if not self.guard.streak:  # never checkpoint a step with a non-finite loss

@@ -82,6 +82,20 @@ class TrainSection:
     # section's shape is taken from the folder, and a shape the config sets otherwise is an error.
     init_from: str | None = None
     relax_lr_scale: float = 1.0  # learning-rate multiplier of the time-continuous relaxation's parameters
+    lm_weight: float = 1.0  # weight of the next-token CE at the drawn `a`; 0 with distill_from: distillation alone
+    # Distillation from a source model (odegpt.training.distillation): a model folder, odegpt or Llama (imported as
+    # unshared layers), run frozen beside the student with the same tokens; its depth must be the student's.
+    distill_from: str | None = None
+    distill_kl_weight: float = 1.0  # T^2 KL(p_source || p_student) at the drawn `a`
+    distill_temperature: float = 1.0  # the temperature T of both distributions in that KL
+    # The student's state after each solver step against the source's stream after the layer at the same time
+    # (relative squared error; at a=2 the states after layers 2, 4, ...).
+    distill_trajectory_weight: float = 0.0
+    # The warm start: the trajectory term alone, each solver step from the source's state at its start (the steps
+    # train independently); distill_steps_per_sample of them per micro-batch (0: every one).
+    distill_stepwise: bool = False
+    distill_steps_per_sample: int = 0
+    distill_precision: str = "fp32"  # the source's compute precision: fp32 | bf16
 
 
 @dataclass

@@ -7,7 +7,9 @@ are the ranges and the agreements between settings.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, shown
@@ -33,6 +35,7 @@ def validate(config: RunConfig, world_size: int | None = None) -> None:
     model_config = check_model(config)
     check_solvers(config.train)
     check_readout_weights(config.train, model_config)
+    check_distillation(config.train, model_config)
     check_eval(config.eval)
     check_sequence_and_solve_lengths(config, model_config, distribution)
     check_checkpoint_and_logging(config)
@@ -155,6 +158,43 @@ def check_readout_weights(train: TrainSection, model_config: OdeGPTConfig) -> No
                               f"(the trained depth)")
         if not _is_number(weight) or not 0 <= weight < math.inf:
             raise ConfigError(f"train.readout_weights: weight {shown(weight)} at time {time} must be >= 0")
+
+
+def check_distillation(train: TrainSection, model_config: OdeGPTConfig) -> None:
+    """The distillation settings, and the source against the student: the same vocabulary, and, for the
+    trajectory term, the same depth (its layers are the times the student's states are compared at)."""
+    from odegpt.training.distillation import Distillation  # imports torch: only when a run is validated
+
+    at_least_zero("train.lm_weight", train.lm_weight)
+    if train.distill_precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.distill_precision must be fp32 or bf16, got {shown(train.distill_precision)}")
+    if train.distill_from is None:
+        distilling = [key for key in ("distill_stepwise", "distill_steps_per_sample", "distill_trajectory_weight")
+                      if getattr(train, key)]
+        if distilling or train.lm_weight <= 0:
+            setting = f"train.{distilling[0]}" if distilling else "train.lm_weight: 0"
+            raise ConfigError(f"{setting} needs train.distill_from: the source model folder to distill from")
+        return
+    try:
+        Distillation(train.distill_kl_weight, train.distill_temperature, train.distill_trajectory_weight,
+                     train.distill_stepwise, train.distill_steps_per_sample)
+    except ValueError as error:
+        raise ConfigError(f"train.distill_{error}") from None
+    path = Path(train.distill_from) / "config.json"
+    try:
+        source = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"train.distill_from: cannot read {path}: {str(error)[:200]}") from None
+    if source.get("vocab_size") != model_config.vocab_size:
+        raise ConfigError(f"train.distill_from {train.distill_from}: its vocabulary of {source.get('vocab_size')} "
+                          f"tokens is not the student's {model_config.vocab_size}: distill from the model the "
+                          f"student was made from")
+    depth = source.get("num_hidden_layers") if source.get("model_type") != "odegpt" else \
+        sum(segment["depth"] for segment in source.get("segments", []))
+    if train.distill_trajectory_weight > 0 and depth != model_config.num_hidden_layers:
+        raise ConfigError(f"train.distill_trajectory_weight: the source {train.distill_from} has {depth} layers and "
+                          f"the student a depth of {model_config.num_hidden_layers}; the trajectory compares the "
+                          f"student at time t with the source after layer t, so they must be equal")
 
 
 def check_eval(eval_section: EvalSection) -> None:

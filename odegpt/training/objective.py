@@ -37,6 +37,8 @@ from odegpt.model.configuration_odegpt import OdeGPTConfig, check_step_size
 from odegpt.model.loss import shifted_cross_entropy
 from odegpt.model.solver import plan_solve, solver_method
 
+from .distillation import Distillation, distillation_terms, teacher_view
+
 # The solve every other step size is measured against: the trained depth's own resolution.
 REFERENCE_STEP_SIZE = 1.0
 
@@ -172,15 +174,25 @@ def readout_slots(config: OdeGPTConfig, step_size: float, readout_weights: dict[
 
 
 def describe_objective(consistency_weight: float = 0.0, reference_weight: float = 0.0,
-                       readout_weights: dict | None = None) -> str:
-    """What :func:`language_model_loss` sums, in words (the training progress bar's ``loss``)."""
-    terms = ["CE at the drawn a"]
+                       readout_weights: dict | None = None, lm_weight: float = 1.0,
+                       distill: Distillation | None = None) -> str:
+    """What :func:`objective_terms` sums, in words (the training progress bar's ``loss``; its terms are shown by
+    name beside it)."""
+    if distill is not None and distill.stepwise:
+        return (f"trajectory: {distill.trajectory_weight:g} x each solver step taken alone from the source's state, "
+                f"its relative squared error to the source's state after the layer at its end time")
+    terms = [f"ce: {lm_weight:g} x CE at the drawn a"] if lm_weight > 0 else []
     if readout_weights:
-        terms.append("the read-out CEs at times " + ", ".join(f"{t:g} (x{w:g})" for t, w in readout_weights.items()))
+        terms.append("readout: CEs at times " + ", ".join(f"{t:g} (x{w:g})" for t, w in readout_weights.items()))
     if reference_weight > 0:
-        terms.append(f"{reference_weight:g} x CE at a=1 when a != 1")
+        terms.append(f"reference: {reference_weight:g} x CE at a=1 when a != 1")
     if consistency_weight > 0:
-        terms.append(f"{consistency_weight:g} x KL(p_1 || p_a) when a != 1")
+        terms.append(f"consistency: {consistency_weight:g} x KL(p_1 || p_a) when a != 1")
+    if distill is not None and distill.kl_weight > 0:
+        terms.append(f"kl: {distill.kl_weight:g} x T^2 KL(p_source || p_a) at T={distill.temperature:g}")
+    if distill is not None and distill.trajectory_weight > 0:
+        terms.append(f"trajectory: {distill.trajectory_weight:g} x the relative squared error of the state after "
+                     f"each solver step to the source's after the layer at that time")
     return " + ".join(terms) + " (CE: mean next-token cross-entropy in nats)"
 
 
@@ -189,53 +201,82 @@ def language_model_loss(
     reference_weight: float = 0.0, readout_weights: dict[float, float] | None = None, solver: str | None = None,
 ) -> torch.Tensor:
     """Next-token loss of ``tokens`` (batch, seq_len + 1) solved at ``step_size`` with ``solver`` (default: the
-    model's).
+    model's): the sum of :func:`objective_terms`.
 
     Away from ``a = 1`` two optional terms use the fine solve ``p_1`` (the trained depth's own
     resolution): ``reference_weight * CE(p_1)`` trains it on the same tokens (the loss is then
     ``CE(p_a) + w * CE(p_1)``), and ``consistency_weight * KL(p_1 || p_a)`` per token pulls the
     coarse solve towards it, with ``p_1`` detached. At ``a = 1`` the loss is ``CE(p_1)`` alone.
     """
+    terms = objective_terms(model, tokens, step_size, consistency_weight, reference_weight, readout_weights, solver)
+    return sum(terms.values())
+
+
+def objective_terms(
+    model: torch.nn.Module, tokens: torch.Tensor, step_size: float, consistency_weight: float = 0.0,
+    reference_weight: float = 0.0, readout_weights: dict[float, float] | None = None, solver: str | None = None,
+    lm_weight: float = 1.0, distill: Distillation | None = None, teacher: torch.nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every weighted term of the training loss of one micro-batch, by name, for the trainer to sum and to log:
+    ``ce`` (``lm_weight`` x CE at the drawn ``a``), ``readout`` (the early read-outs' CEs), ``reference`` and
+    ``consistency`` (see :func:`language_model_loss`), and, with a ``teacher``, the distillation terms ``kl`` and
+    ``trajectory`` (odegpt.training.distillation). One solve at ``a`` serves them all."""
     inputs = tokens[:, :-1]
-
-    def solve(a: float, method: str | None = None) -> torch.Tensor:
-        return model(input_ids=inputs, step_size=a, use_cache=False, solver=method).logits.float()
-
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    view = None if distill is None else teacher_view(teacher, inputs, distill.needs_states)
+    if distill is not None and distill.stepwise:
+        return distillation_terms(model, inputs, step_size, solver, distill, view, None, None)
     slots = readout_slots(module.config, step_size, readout_weights)
+    states = bool(slots) or (distill is not None and distill.needs_states)
+    out = model(input_ids=inputs, step_size=step_size, use_cache=False, output_hidden_states=states, solver=solver)
+    logits = out.logits.float()
+    terms = {"ce": lm_weight * shifted_cross_entropy(logits, tokens)} if lm_weight > 0 else {}
     if slots:
-        out = model(input_ids=inputs, step_size=step_size, use_cache=False, output_hidden_states=True, solver=solver)
-        logits = out.logits.float()
-        loss = shifted_cross_entropy(logits, tokens)
-        for k, weight in slots:
-            early = module.read_out(out.hidden_states[k]).float()
-            loss = loss + weight * shifted_cross_entropy(early, tokens)
-    else:
-        logits = solve(step_size, solver)
-        loss = shifted_cross_entropy(logits, tokens)
-    if step_size == REFERENCE_STEP_SIZE or (reference_weight <= 0 and consistency_weight <= 0):
-        return loss
+        terms["readout"] = sum(weight * shifted_cross_entropy(module.read_out(out.hidden_states[k]).float(), tokens)
+                               for k, weight in slots)
+    if step_size != REFERENCE_STEP_SIZE and (reference_weight > 0 or consistency_weight > 0):
+        terms.update(_reference_terms(model, inputs, tokens, logits, reference_weight, consistency_weight))
+    if distill is not None:
+        terms.update(distillation_terms(model, inputs, step_size, solver, distill, view, logits, out.hidden_states))
+    return terms or {"ce": logits.new_zeros(())}
+
+
+def _reference_terms(model, inputs, tokens, logits, reference_weight: float, consistency_weight: float) -> dict:
+    """The fine solve's CE (``reference``) and the coarse solve's KL towards it (``consistency``)."""
+    def solve() -> torch.Tensor:
+        return model(input_ids=inputs, step_size=REFERENCE_STEP_SIZE, use_cache=False).logits.float()
+
+    terms = {}
     if reference_weight > 0:
-        reference = solve(REFERENCE_STEP_SIZE)
-        loss = loss + reference_weight * shifted_cross_entropy(reference, tokens)
+        reference = solve()
+        terms["reference"] = reference_weight * shifted_cross_entropy(reference, tokens)
         reference = reference.detach()
     else:
         with torch.no_grad():
-            reference = solve(REFERENCE_STEP_SIZE)
+            reference = solve()
     if consistency_weight > 0:
         kl = F.kl_div(logits.flatten(0, 1).log_softmax(-1), reference.flatten(0, 1).log_softmax(-1),
                       log_target=True, reduction="batchmean")
-        loss = loss + consistency_weight * kl
-    return loss
+        terms["consistency"] = consistency_weight * kl
+    return terms
 
 
 def objective_flops_per_token(config: OdeGPTConfig, step_size: float, seq_len: int, consistency_weight: float = 0.0,
                               reference_weight: float = 0.0, readout_weights: dict[float, float] | None = None,
-                              solver: str | None = None) -> float:
-    """Training FLOPs per token of one :func:`language_model_loss` at ``step_size``: the solve at
-    ``a`` forward and backward, plus the ``a = 1`` solve forward and backward (``reference_weight``)
-    or forward only (``consistency_weight`` alone) when ``a != 1``."""
+                              solver: str | None = None, distill: Distillation | None = None,
+                              source: OdeGPTConfig | None = None) -> float:
+    """Training FLOPs per token of one :func:`objective_terms` at ``step_size``: the solve at ``a`` forward and
+    backward, plus the ``a = 1`` solve forward and backward (``reference_weight``) or forward only
+    (``consistency_weight`` alone) when ``a != 1``, plus the ``source``'s forward when distilling (and, stepwise, the
+    trained steps alone instead of the solve)."""
     cost = model_cost(config, step_size=step_size, seq_len=seq_len, solver=solver).training_flops_per_token
+    if distill is not None and source is not None:
+        cost_source = model_cost(source, step_size=1.0, seq_len=seq_len).flops_per_token
+        if distill.stepwise:
+            plan = plan_solve(config.segments, step_size, config.max_solver_steps, solver or config.solver)
+            steps = len(plan) if not distill.steps_per_sample else min(distill.steps_per_sample, len(plan))
+            return cost_source + cost * steps / len(plan)
+        cost += cost_source
     cost += 3 * readout_flops(config) * len(readout_slots(config, step_size, readout_weights))
     if step_size != REFERENCE_STEP_SIZE and (reference_weight > 0 or consistency_weight > 0):
         reference = model_cost(config, step_size=REFERENCE_STEP_SIZE, seq_len=seq_len)

@@ -313,3 +313,52 @@ def test_uptraining_starts_from_a_folder_and_trains_its_relaxation_at_its_own_le
     # lr scale 0: the relaxation is exactly where it started; everything else moved.
     assert all(torch.equal(before[name], after[name]) for name in before if ".relax_" in name)
     assert not torch.equal(before["model.blocks.0.mlp.up_proj.weight"], after["model.blocks.0.mlp.up_proj.weight"])
+
+
+def _source_folder(tmp_path: Path) -> Path:
+    """A tiny unshared source of the synthetic runs' shape (depth 2, vocabulary 64), saved as a native folder."""
+    import torch
+
+    from odegpt import OdeGPTForCausalLM
+    from odegpt.folders.export import save_native
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(3)
+    config = tiny_config([{"depth": 2, "shared": False}], vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    return save_native(OdeGPTForCausalLM(config), tmp_path / "source")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_distillation_logs_each_term_resumes_exactly_and_under_zero3_holds_the_source_partitioned(tmp_path, stage):
+    source = _source_folder(tmp_path)
+    distill = {"train.distill_from": str(source), "train.distill_trajectory_weight": 0.5,
+               "train.distill_kl_weight": 1.0, "deepspeed.zero_stage": stage}
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _check(_launch(full, **distill))
+    metrics = _train_metrics(full)
+    assert all(set(record["terms"]) == {"ce", "kl", "trajectory"} for record in metrics.values())
+    assert all(record["terms"]["kl"] > 0 for record in metrics.values())
+    # The terms add up to the loss (each is already weighted).
+    assert all(abs(sum(r["terms"].values()) - r["loss"]) < 1e-6 * abs(r["loss"]) for r in metrics.values())
+    teacher = next(json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(line)["kind"] == "teacher")
+    held, total = teacher["parameters_held_per_rank"], teacher["parameters"]
+    assert all(n < total / 2 + 64 for n in held) if stage == 3 else held == [total, total], teacher
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    _check(_launch(resumed, **distill))
+    again = _train_metrics(resumed)
+    for step in (3, 4):
+        assert again[step]["loss"] == metrics[step]["loss"] and again[step]["terms"] == metrics[step]["terms"]
+
+
+def test_stepwise_distillation_trains_the_trajectory_alone(tmp_path):
+    source = _source_folder(tmp_path)
+    run = tmp_path / "run"
+    _check(_launch(run, ranks=1, **{"train.distill_from": str(source), "train.distill_trajectory_weight": 1.0,
+                                     "train.distill_stepwise": "true", "train.distill_steps_per_sample": 1,
+                                     "train.lm_weight": 0, "deepspeed.zero_stage": 0}))
+    metrics = _train_metrics(run)
+    assert all(set(r) >= {"loss", "step_size"} and "terms" not in r for r in metrics.values())  # one term: the loss
+    assert metrics[4]["loss"] < metrics[1]["loss"]
