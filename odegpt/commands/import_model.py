@@ -27,13 +27,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--segments", default=None, metavar="SPEC",
                         help="depth then u (unshared layers) or s (one shared block), comma-separated, adding up "
                              "to the source's layers, e.g. 1u,6s,1u (default: all unshared, an exact import)")
-    parser.add_argument("--init", choices=["stepwise", "average", "lower"], default="stepwise",
+    parser.add_argument("--init", choices=["stepwise", "average", "lower", "fit", "auto"], default=None,
                         help="a shared block from its segment's source layers: the middle one (stepwise), their "
-                             "mean (average) or the first (lower); default stepwise")
+                             "mean (average), the first (lower), the least-squares fit to all of them on the "
+                             "--calibration text (fit), or per block the one of these with the least output error "
+                             "on it (auto); default auto with --calibration, else stepwise")
     parser.add_argument("--relax-rank", default="0", metavar="R",
                         help="rank of each shared linear map's time-continuous correction, initialised from the "
                              "truncated SVD of each source layer's difference to the shared weights; 'full' (or a "
                              "rank >= a matrix's) makes it exact at step size 1; default 0 (none)")
+    parser.add_argument("--calibration", nargs="+", default=None, metavar="PATH",
+                        help="text to calibrate the retrofit on (prepared corpora: their training split; raw text "
+                             "files or folders, tokenized with the source's tokenizer): each relaxation knot is the "
+                             "low-rank map closest to its layer on these inputs (whitened SVD), not in weights alone")
+    parser.add_argument("--calibration-tokens", type=int, default=32768, metavar="N",
+                        help="tokens of --calibration to use (default: %(default)s)")
     parser.add_argument("--data", nargs="+", default=None, metavar="PATH",
                         help="prepared corpora (their validation split) and/or raw text files or folders (tokenized "
                              "with the source's tokenizer): print the perplexity of the source and of the imported "
@@ -46,14 +54,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from data_pipeline.folder_kinds import MODEL
+    from odegpt.evaluation.data import EvaluationData, calibration_batches
     from odegpt.folders.export import save_native
     from odegpt.folders.importing import ImportRequest, describe_import, import_model
     from odegpt.folders.output_folder import claimed_output
 
     request = ImportRequest(source=args.model, segments=args.segments, init=args.init, relax_rank=args.relax_rank,
-                            data=args.data, seq_len=args.seq_len, max_batches=args.max_batches).checked()
+                            data=args.data, seq_len=args.seq_len, max_batches=args.max_batches,
+                            calibration=args.calibration, calibration_tokens=args.calibration_tokens).checked()
+    calibration = None if not request.calibration else calibration_batches(
+        request.calibration, request.source, EvaluationData(seq_len=request.seq_len, batch_size=8),
+        request.calibration_tokens)  # checked, and tokenized, before any weight is read
     with claimed_output(Path(args.output), MODEL, args.overwrite, source=Path(args.model)) as staging:
-        source, model, report = import_model(request)
+        source, model, report = import_model(request, calibration)
         print(describe_import(source, report))
         if request.data:
             print(compare_on_data(request, source, model))

@@ -119,3 +119,32 @@ def scored_tokens(batches: list[Batch]) -> int:
     ignored)."""
     return sum(batch[:, 1:].numel() if isinstance(batch, torch.Tensor) else int((batch[1] != -100).sum())
                for batch in batches)
+
+
+def calibration_batches(data: list[str], model_dir: str | Path, cut: EvaluationData, max_tokens: int
+                        ) -> list[Batch]:
+    """At most ``max_tokens`` tokens of calibration text in batches: prepared corpora give the first samples of
+    their *training* order (so a validation split stays held out), raw text its windows, tokenized with the folder's
+    tokenizer."""
+    prepared = [path for path in data if is_prepared(path)]
+    raw = [path for path in data if not is_prepared(path)]
+    samples = max(1, max_tokens // cut.seq_len)
+    batches: list[Batch] = []
+    if prepared:
+        try:
+            train, _ = build_datasets(prepared, None, cut.seq_len, seed=0, num_train_samples=samples,
+                                      num_valid_samples=0, cache_dir=cut.cache_dir)
+        except (OSError, ValueError) as error:
+            raise InputError(f"--calibration: {error}") from None
+        rows = [train[i] for i in range(min(samples, len(train)))]
+        batches += [torch.from_numpy(np.stack(rows[start:start + cut.batch_size]))
+                    for start in range(0, len(rows), cut.batch_size)]
+    if raw:
+        batches += raw_text_batches(raw_text_sources(raw, model_dir), model_dir, cut)
+    kept, tokens = [], 0
+    for batch in batches:
+        if tokens >= max_tokens:
+            break
+        kept.append(batch)
+        tokens += batch[:, 1:].numel() if isinstance(batch, torch.Tensor) else batch[0].numel()
+    return kept

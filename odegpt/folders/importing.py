@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -39,13 +39,14 @@ from odegpt.model.accounting import format_count
 from odegpt.model.configuration_odegpt import OdeGPTConfig, parse_segments
 from odegpt.model.modeling_odegpt import OdeGPTForCausalLM, OdeGPTLinear
 
+from .calibrated_init import CALIBRATED_RULES, BlockFit, InputMoments, fit_block, input_moments
 from .integrity import check_finite_weights
 from .model_folder import MAX_FOLDER_LAYERS, load_config, load_model, load_tokenizer, quiet_transformers
 
 # Architectures whose decoder layer is the odegpt block (pre-norm RMSNorm, rotary attention with optional GQA and
 # biases, SwiGLU MLP), by config.json model_type.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-INIT_RULES = ("stepwise", "average", "lower")
+INIT_RULES = ("stepwise", "average", "lower", "fit", "auto")  # fit, auto: with calibration
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # Which RMSNorm feeds which linear maps (its weight is folded into them in a shared block).
@@ -69,12 +70,12 @@ def check_importable(config: dict, where: str = "config.json") -> None:
     act = config.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"{where}: activation {act!r} (hidden_act) is not the odegpt MLP's SiLU")
-    for field in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if config.get(field):
-            raise UnsupportedModelError(f"{where}: a mixture of experts ({field}={config[field]}) is not an odegpt MLP")
-    for field in ("qk_norm", "use_qk_norm"):
-        if config.get(field):
-            raise UnsupportedModelError(f"{where}: query/key normalisation ({field}) is not in the odegpt block")
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if config.get(key):
+            raise UnsupportedModelError(f"{where}: a mixture of experts ({key}={config[key]}) is not an odegpt MLP")
+    for key in ("qk_norm", "use_qk_norm"):
+        if config.get(key):
+            raise UnsupportedModelError(f"{where}: query/key normalisation ({key}) is not in the odegpt block")
     window, positions = config.get("sliding_window"), config.get("max_position_embeddings", 0)
     uses_window = config.get("use_sliding_window", model_type == "mistral")
     if uses_window and window is not None and window < positions:
@@ -124,6 +125,7 @@ class ImportReport:
     segments: list[dict]
     init: str
     relax_rank: int | str
+    shared_blocks: dict = field(default_factory=dict)  # block index -> (the init rule used, calibrated error or None)
 
 
 def load_source(source_dir: str | Path):
@@ -228,16 +230,12 @@ def _layer_maps(layer, fold_norms: bool) -> dict[str, tuple[torch.Tensor, torch.
     return maps
 
 
-def _truncated(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(up, down)`` with ``up @ down`` the best rank-``rank`` approximation of ``delta`` (truncated SVD)."""
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    return (u[:, :rank] * s[:rank]).float(), vh[:rank].float()
-
-
 @torch.no_grad()
-def retrofit(source, segments: list[dict] | str | None = None, init: str = "stepwise",
-             relax_rank: int | str = 0) -> tuple[OdeGPTForCausalLM, ImportReport]:
-    """An odegpt model from a loaded Llama-family ``source``: exact when every segment is unshared (the default)."""
+def retrofit(source, segments: list[dict] | str | None = None, init: str = "stepwise", relax_rank: int | str = 0,
+             moments: InputMoments | None = None) -> tuple[OdeGPTForCausalLM, ImportReport]:
+    """An odegpt model from a loaded Llama-family ``source``: exact when every segment is unshared (the default).
+    With ``moments`` of the source's inputs on calibration text (``calibrated_init.input_moments``), the shared
+    blocks and their relaxation are fitted to what the layers compute on that text."""
     num_layers = source.config.num_hidden_layers
     segments = [{"depth": num_layers, "shared": False}] if segments is None else \
         parse_segments(segments) if isinstance(segments, str) else segments
@@ -245,6 +243,7 @@ def retrofit(source, segments: list[dict] | str | None = None, init: str = "step
     if init not in INIT_RULES:
         raise ValueError(f"init must be one of {', '.join(INIT_RULES)}, got {init!r}")
     config = odegpt_config_for(source, segments, relax_rank)
+    fits: dict[int, BlockFit] = {}
     model = OdeGPTForCausalLM(config).eval()
     target = model.model
     target.embed_tokens.weight.copy_(source.model.embed_tokens.weight)
@@ -260,43 +259,50 @@ def retrofit(source, segments: list[dict] | str | None = None, init: str = "step
                 target.blocks[block_index].load_state_dict(layer.state_dict(), strict=True)
                 block_index += 1
         else:
-            _init_shared(target.blocks[block_index], group, init, relax_rank)
+            fits[block_index] = _init_shared(target.blocks[block_index], group,
+                                             list(range(layer_index, layer_index + depth)), init, moments)
             block_index += 1
         layer_index += depth
     relaxation = sum(p.numel() for name, p in model.named_parameters() if ".relax_" in name)
     report = ImportReport(source_parameters=sum(p.numel() for p in source.parameters()),
                           parameters=sum(p.numel() for p in model.parameters()), relaxation_parameters=relaxation,
-                          segments=segments, init=init, relax_rank=relax_rank)
+                          segments=segments, init=init, relax_rank=relax_rank,
+                          shared_blocks={index: (fit.rule, fit.error) for index, fit in fits.items()})
     return model, report
 
 
-def _init_shared(block, group, init: str, relax_rank: int | str) -> None:
-    """A shared block from the source layers ``group`` of its segment (norms folded into the maps)."""
+def _init_shared(block, group, layers: list[int], init: str, moments: InputMoments | None) -> BlockFit:
+    """A shared block from the source layers ``group`` (indices ``layers``) of its segment, norms folded into the
+    maps, by ``init`` (``auto``: the rule with the least output error on the calibration ``moments``)."""
     maps = [_layer_maps(layer, fold_norms=True) for layer in group]
-    chosen = {"lower": [0], "stepwise": [len(group) // 2], "average": list(range(len(group)))}[init]
+    linears: dict[str, OdeGPTLinear] = {name: block.get_submodule(name) for name in _LINEARS}
+    low_rank = next((linear.relax_down.shape[1] for linear in linears.values() if hasattr(linear, "relax_down")), None)
+    if init == "auto":
+        if moments is None:
+            raise ValueError("init 'auto' chooses each shared block's rule by its error on calibration text: give "
+                             "--calibration")
+        chosen = min((fit_block(rule, maps, layers, moments, low_rank) for rule in CALIBRATED_RULES),
+                     key=lambda fit: fit.error)
+    else:
+        chosen = fit_block(init, maps, layers, moments, low_rank)
     for norm in _NORM_INPUTS:
         block.get_submodule(norm).weight.fill_(1.0)
-    for name in _LINEARS:
-        weight = torch.stack([maps[i][name][0] for i in chosen]).mean(0)
-        biases = [maps[i][name][1] for i in chosen]
-        bias = None if biases[0] is None else torch.stack(biases).mean(0)
-        linear: OdeGPTLinear = block.get_submodule(name)
+    for name, linear in linears.items():
+        weight, bias = chosen.weights[name], chosen.biases[name]
         linear.weight.copy_(weight)
         if bias is not None:
             linear.bias.copy_(bias)
-        if not linear.knots:
-            continue
-        for knot, layer_maps in enumerate(maps):
+        for knot, layer_maps in enumerate(maps if linear.knots else []):
             layer_weight, layer_bias = layer_maps[name]
-            delta = layer_weight - weight
             if hasattr(linear, "relax_weight"):
-                linear.relax_weight[knot].copy_(delta)
+                linear.relax_weight[knot].copy_(layer_weight - weight)
             else:
-                up, down = _truncated(delta, linear.relax_down.shape[1])
+                up, down = chosen.knots[name][knot]
                 linear.relax_up[knot].copy_(up)
                 linear.relax_down[knot].copy_(down)
             if layer_bias is not None:
                 linear.relax_bias[knot].copy_(layer_bias - bias)
+    return chosen
 
 
 def parse_relax_rank(text: str) -> int | str:
@@ -331,31 +337,41 @@ class ImportRequest:
 
     source: str
     segments: str | list[dict] | None = None
-    init: str = "stepwise"
+    init: str | None = None  # stepwise, or auto with calibration
     relax_rank: int | str = 0
     data: list[str] | None = None
     seq_len: int = 256
     max_batches: int = 16
+    calibration: list[str] | None = None
+    calibration_tokens: int = 32768
 
     def checked(self) -> ImportRequest:
         """This request with its segments and rank parsed, or a ValueError naming the flag (no weight is read)."""
         relax_rank = parse_relax_rank(self.relax_rank) if isinstance(self.relax_rank, str) else self.relax_rank
         segments = parse_segments(self.segments) if isinstance(self.segments, str) else self.segments
-        if self.init not in INIT_RULES:
-            raise InputError(f"--init must be one of {', '.join(INIT_RULES)}, got {self.init!r}")
+        init = self.init or ("auto" if self.calibration else "stepwise")
+        if init not in INIT_RULES:
+            raise InputError(f"--init must be one of {', '.join(INIT_RULES)}, got {init!r}")
+        if init in ("fit", "auto") and not self.calibration:
+            raise InputError(f"--init {init} fits the shared blocks on calibration text: give --calibration")
+        if self.calibration_tokens < 1:
+            raise InputError(f"--calibration-tokens must be >= 1, got {self.calibration_tokens}")
         if self.seq_len < 2 or self.max_batches < 1:
             raise InputError(f"--seq-len must be >= 2 and --max-batches >= 1, got {self.seq_len} and "
                              f"{self.max_batches}")
         if any((Path(self.source) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
             load_tokenizer(self.source)  # carried into the model folder: a broken one is refused before the work
-        return ImportRequest(self.source, segments, self.init, relax_rank, self.data, self.seq_len, self.max_batches)
+        return replace(self, segments=segments, init=init, relax_rank=relax_rank)
 
 
-def import_model(request: ImportRequest):
-    """``(source, odegpt model, report)`` of a checked request; a source that cannot be imported is an InputError."""
+def import_model(request: ImportRequest, calibration: list | None = None):
+    """``(source, odegpt model, report)`` of a checked request; a source that cannot be imported is an InputError.
+    With ``calibration`` token batches, the shared blocks are fitted to what the source's layers compute on them
+    (odegpt.folders.calibrated_init)."""
     try:
         source = load_source(request.source)
-        model, report = retrofit(source, request.segments, request.init, request.relax_rank)
+        moments = None if calibration is None else input_moments(source, calibration)
+        model, report = retrofit(source, request.segments, request.init, request.relax_rank, moments)
     except UnsupportedModelError as error:
         raise InputError(str(error)) from None
     except ValueError as error:
@@ -368,6 +384,9 @@ def describe_import(source, report: ImportReport) -> str:
     layout = ",".join(f"{s['depth']}{'s' if s['shared'] else 'u'}" for s in report.segments)
     without = report.parameters - report.relaxation_parameters
     init = "" if all(not s["shared"] for s in report.segments) else f", init {report.init}"
+    if any(error is not None for _, error in report.shared_blocks.values()):
+        init += " (" + ", ".join(f"block {index}: {rule}, output error {error:.1%}" for index, (rule, error)
+                                 in report.shared_blocks.items()) + " on the calibration text)"
     return (f"imported {type(source).__name__} ({source.config.num_hidden_layers} layers, "
             f"{format_count(report.source_parameters)} parameters) as segments {layout}{init}: "
             f"{format_count(without)} parameters without the relaxation, {format_count(report.parameters)} with it "

@@ -235,3 +235,56 @@ def test_a_broken_tokenizer_is_refused_before_the_import_works(sources, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "cannot load the tokenizer of" in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_calibrated_retrofit_beats_the_weight_svd_on_a_model_with_outlier_channels(sources):
+    """Real models carry a few huge activation channels: the relaxation should be closest to each layer on the inputs
+    it sees, not in weights. A source whose residual stream has three channels 30x the others."""
+    from odegpt.folders.calibrated_init import input_moments
+
+    source = load_source(sources["llama-llama3-rope-biases-untied"])
+    with torch.no_grad():
+        source.model.embed_tokens.weight[:, :3] *= 30.0
+    generator = torch.Generator().manual_seed(1)
+    calibration = [torch.randint(0, 101, (8, 33), generator=generator) for _ in range(4)]
+    held_out = torch.randint(0, 101, (4, 40), generator=generator)
+    with torch.no_grad():
+        expected = source(held_out).logits
+
+    @torch.no_grad()
+    def error(model) -> float:
+        return float((model(held_out, use_cache=False, step_size=1).logits - expected).pow(2).mean())
+
+    moments = input_moments(source, calibration)
+    for init in ("average", "stepwise"):
+        plain, _ = retrofit(source, "1u,4s,1u", init, 4)
+        calibrated, report = retrofit(source, "1u,4s,1u", init, 4, moments)
+        assert error(calibrated) < 0.7 * error(plain), (init, error(calibrated), error(plain))
+        assert report.shared_blocks[1][0] == init and 0 < report.shared_blocks[1][1] < 1
+    auto, report = retrofit(source, "1u,4s,1u", "auto", 4, moments)
+    rule, chosen_error = report.shared_blocks[1]
+    assert rule in ("stepwise", "average", "lower", "fit")
+    for other in ("stepwise", "average", "lower", "fit"):  # auto takes the least error on the calibration inputs
+        assert chosen_error <= retrofit(source, "1u,4s,1u", other, 4, moments)[1].shared_blocks[1][1] + 1e-12
+
+
+def test_import_with_calibration_text_chooses_and_reports_each_blocks_rule(sources, tmp_path, capsys):
+    from tests.conftest import tokenized_tiny_model
+
+    _, info = tokenized_tiny_model(tmp_path, "def add(a, b):\n    return a + b\n" * 60)
+    torch.manual_seed(0)
+    source = tmp_path / "source"
+    MistralForCausalLM(MistralConfig(**{**SHAPE, "vocab_size": info.vocab_size}, sliding_window=None)).save_pretrained(
+        source)
+    for path in (tmp_path / "tokenizer").iterdir():
+        shutil.copy(path, source / path.name)
+    (tmp_path / "calibration.txt").write_text("class Point:\n    x: int = 0\n" * 30)
+    code = odegpt_main(["import", "--model", str(source), "--output", str(tmp_path / "out"), "--segments", "1u,4s,1u",
+                        "--relax-rank", "4", "--calibration", str(tmp_path / "calibration.txt"),
+                        "--calibration-tokens", "512", "--seq-len", "32"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "init auto (block 1: " in out and "on the calibration text)" in out, out
+    assert load_model(tmp_path / "out").config.relax_rank == 4
+    code = odegpt_main(["import", "--model", str(source), "--output", str(tmp_path / "o2"), "--init", "fit"])
+    assert code == 2 and "--init fit fits the shared blocks on calibration text" in capsys.readouterr().err
