@@ -34,7 +34,7 @@ from odegpt.decoding.adaptive import AdaptiveCache, AdaptiveDepth, adaptive_forw
 from odegpt.evaluation.calibration import calibrate_energy
 from odegpt.evaluation.data import EvaluationData, prepared_batches, raw_text_batches, raw_text_sources
 from odegpt.evaluation.model_report import load_for_evaluation
-from odegpt.evaluation.perplexity import adaptive_nll_sums, nll_sums, perplexity
+from odegpt.evaluation.perplexity import COUNTED, adaptive_nll_sums, nll_sums, perplexity
 from odegpt.folders.model_folder import load_config
 from odegpt.model.accounting import adaptive_flops_per_token, format_count, model_cost
 
@@ -82,7 +82,7 @@ def truncated_rows(model, config, batches, seq_len) -> list[dict]:
 
 def adaptive_row(model, config, batches, settings: AdaptiveDepth, seq_len: int, method: str, label: str) -> dict:
     score = adaptive_nll_sums(model, batches, settings)
-    per = {name: score.per_token(name) for name in ("executed_steps", "readouts", "kv_projections", "continued_steps")}
+    per = {name: score.per_token(name) for name in COUNTED}
     return dict(method=method, label=label, kv_fill=settings.kv_fill, **per,
                 schedule_flops_per_token=adaptive_flops_per_token(config, per["executed_steps"], per["readouts"],
                                                                   seq_len=seq_len),

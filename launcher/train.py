@@ -462,6 +462,8 @@ class Trainer:
         if self.distill is not None:
             names += ["trajectory"] if self.distill.stepwise else \
                 ["kl"] * (self.distill.kl_weight > 0) + ["trajectory"] * (self.distill.trajectory_weight > 0)
+        if t.exit_head_weight > 0 and not (self.distill is not None and self.distill.stepwise):
+            names.append("exit")
         return names or ["ce"]
 
     def micro_batch_loss(self, tokens, step_size: float, solver: str | None = None) -> dict:
@@ -469,7 +471,8 @@ class Trainer:
 
         t = self.config.train
         return objective_terms(self.engine, tokens, step_size, t.consistency_weight, t.reference_weight,
-                               t.readout_weights, solver, t.lm_weight, self.distill, self.teacher)
+                               t.readout_weights, solver, t.lm_weight, self.distill, self.teacher,
+                               t.exit_head_weight, t.exit_head_positions)
 
     # ---- what the loop delegates to: each decides its own interval ---------------------------------
 

@@ -94,8 +94,12 @@ class TrainSection:
     # The warm start: the trajectory term alone, each solver step from the source's state at its start (the steps
     # train independently); distill_steps_per_sample of them per micro-batch (0: every one).
     distill_stepwise: bool = False
-    distill_steps_per_sample: int = 0
+    distill_steps_per_sample: int = 0  # stepwise: pieces of the solve trained per micro-batch (0: every one)
     distill_precision: str = "fp32"  # the source's compute precision: fp32 | bf16
+    # The learned exit head (model.exit_head) trained beside the model: its error, this weight, at every state of the
+    # drawn solve against log KL(p_end || p(state)) on exit_head_positions token positions per micro-batch.
+    exit_head_weight: float = 0.0
+    exit_head_positions: int = 256  # positions per micro-batch the exit head is trained on (each costs a read-out)
 
 
 @dataclass

@@ -36,6 +36,7 @@ def validate(config: RunConfig, world_size: int | None = None) -> None:
     check_solvers(config.train)
     check_readout_weights(config.train, model_config)
     check_distillation(config.train, model_config)
+    check_exit_head(config.train, model_config)
     check_eval(config.eval)
     check_sequence_and_solve_lengths(config, model_config, distribution)
     check_checkpoint_and_logging(config)
@@ -158,6 +159,15 @@ def check_readout_weights(train: TrainSection, model_config: OdeGPTConfig) -> No
                               f"(the trained depth)")
         if not _is_number(weight) or not 0 <= weight < math.inf:
             raise ConfigError(f"train.readout_weights: weight {shown(weight)} at time {time} must be >= 0")
+
+
+def check_exit_head(train: TrainSection, model_config: OdeGPTConfig) -> None:
+    """Training the exit head needs one in the model."""
+    at_least_zero("train.exit_head_weight", train.exit_head_weight)
+    positive("train.exit_head_positions", train.exit_head_positions)
+    if train.exit_head_weight > 0 and model_config.exit_head is None:
+        raise ConfigError("train.exit_head_weight trains the learned exit head, and model.exit_head is null: set "
+                          "model.exit_head (0 for a linear head, N for a hidden layer of N)")
 
 
 def check_distillation(train: TrainSection, model_config: OdeGPTConfig) -> None:

@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="decode speed: interleaved rounds over the step sizes, median (default: %(default)s)")
     options.add_adaptive(parser, several=True)
+    parser.add_argument("--truncate", type=options.real_list, default=None, metavar="T[,T...]",
+                        help="baseline rows: every token read out after solver time T of the --step-size solve (the "
+                             "truncated solve the per-token rules are measured against)")
     parser.add_argument("--calibration-data", nargs="+", default=None, metavar="PATH",
                         help="prepared corpora (their validation split) to calibrate --target-compute on "
                              "(default: --data; use other text to keep the evaluation held out)")
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         adaptive=AdaptiveRows(exit_entropy=args.exit_entropy or [], route_energy=args.route_energy or [],
                               target_compute=args.target_compute or [], kv_fill=args.kv_fill,
                               step_size=args.step_size, swift_step_size=args.swift_step_size,
-                              check_every=args.check_every, min_time=args.min_time),
+                              check_every=args.check_every, min_time=args.min_time, exit=args.exit,
+                              route=args.route, exit_tolerance=args.exit_tolerance, truncate=args.truncate or []),
         calibration_data=args.calibration_data, output=args.output).checked(config)
     batches = request.batches(config.vocab_size)
     print(f"odegpt evaluate: {describe_threads(*threads)}", file=sys.stderr)

@@ -23,7 +23,8 @@ FLAGS = {"step_size": "--step-size", "draft_step_size": "--draft-step-size", "dr
          "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
          "use_cache=False": "--no-cache", "exit_entropy": "--exit-entropy", "route_energy": "--route-energy",
          "kv_fill": "--kv-fill", "swift_step_size": "--swift-step-size", "check_every": "--check-every",
-         "min_time": "--min-time"}
+         "min_time": "--min-time", "exit_learned": "--exit learned", "route_learned": "--route learned",
+         "draft_stop_score": "--draft-stop learned"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,18 +93,14 @@ def run(args: argparse.Namespace) -> int:
 
 def generation_settings(args: argparse.Namespace, config) -> dict:
     """generate()'s keywords for these flags, checked against the model's config alone (a ValueError naming the
-    flag); ``--target-compute`` reads its threshold from the folder's calibration."""
+    flag); calibrated thresholds (``--target-compute``, ``--exit learned``, ``--route learned``) are read from the
+    folder."""
     from odegpt.decoding.generate import ADAPTIVE, SPECULATIVE, check_sampling, choose_decoder
-    from odegpt.evaluation.calibration import calibrated_route_energy
 
     if not 0 <= args.seed < 2**63:  # torch's seeds are 64-bit
         raise ValueError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    chosen = [flag for flag, value in (("--exit-entropy", args.exit_entropy), ("--route-energy", args.route_energy),
-                                       ("--target-compute", args.target_compute)) if value is not None]
-    if len(chosen) > 1:
-        raise ValueError(f"{' and '.join(chosen)} are alternatives: give one")
     native = config.model_type == "odegpt"
     if not native and (args.step_size is not None or args.draft_step_size is not None):
         option = "--step-size" if args.step_size is not None else "--draft-step-size"
@@ -116,23 +113,55 @@ def generation_settings(args: argparse.Namespace, config) -> dict:
     settings = dict(max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache, **sampling)
     if not native:  # a plain Llama: transformers' own decoding (and prompt lookup)
         return {**settings, **({} if args.prompt_lookup is None else {"prompt_lookup_num_tokens": args.prompt_lookup})}
-    adaptive = args.exit_entropy is not None or args.route_energy is not None or args.target_compute is not None
-    decoders = dict(step_size=config.step_size if args.step_size is None else args.step_size,
-                    draft_step_size=args.draft_step_size, draft_tokens=args.draft_tokens,
-                    draft_confidence=args.draft_confidence, prompt_lookup_num_tokens=args.prompt_lookup,
-                    exit_entropy=args.exit_entropy,
-                    route_energy=0.0 if args.target_compute is not None else args.route_energy,
-                    kv_fill=args.kv_fill if adaptive else None,
-                    swift_step_size=args.swift_step_size if adaptive and args.exit_entropy is None else None)
-    decoder, chosen = choose_decoder(config, names=FLAGS, **decoders, **settings)
+    step_size = config.step_size if args.step_size is None else args.step_size
+    stop = None
+    if args.draft_stop == "learned":
+        from odegpt.evaluation.exit_calibration import calibrated_threshold
+
+        if args.draft_step_size is None:
+            raise ValueError("--draft-stop learned stops step-size drafts: give --draft-step-size too")
+        stop = calibrated_threshold(args.model, "route", args.exit_tolerance, args.draft_step_size)
+    decoder, chosen = choose_decoder(
+        config, names=FLAGS, step_size=step_size, draft_step_size=args.draft_step_size, draft_tokens=args.draft_tokens,
+        draft_confidence=args.draft_confidence, prompt_lookup_num_tokens=args.prompt_lookup,
+        adaptive=adaptive_settings(args, config, step_size), draft_stop_score=stop, **settings)
     if decoder == ADAPTIVE:
-        if args.target_compute is not None:
-            chosen = calibrated_route_energy(args.model, args.target_compute, chosen)
-        return dict(settings, step_size=decoders["step_size"], adaptive=chosen, return_dict_in_generate=True)
+        return dict(settings, step_size=step_size, adaptive=chosen, return_dict_in_generate=True)
     if decoder == SPECULATIVE:
-        return dict(settings, step_size=decoders["step_size"], reuse_draft=args.reuse_draft, **chosen,
-                    return_dict_in_generate=True)
-    return dict(settings, step_size=decoders["step_size"])
+        return dict(settings, step_size=step_size, reuse_draft=args.reuse_draft, **chosen, return_dict_in_generate=True,
+                    **({} if stop is None else {"draft_stop_score": stop}))
+    return dict(settings, step_size=step_size)
+
+
+def adaptive_settings(args: argparse.Namespace, config, step_size: float):
+    """The adaptive-depth settings the flags ask for (None without any), with the thresholds the folder's
+    calibrations hold for ``--target-compute``, ``--exit learned`` and ``--route learned``."""
+    from dataclasses import replace
+
+    from odegpt.decoding.adaptive import AdaptiveDepth
+    from odegpt.evaluation.calibration import calibrated_route_energy
+    from odegpt.evaluation.exit_calibration import calibrated_threshold
+
+    rules = {"--exit-entropy": args.exit_entropy, "--route-energy": args.route_energy,
+             "--target-compute": args.target_compute, "--exit learned": args.exit, "--route learned": args.route}
+    chosen = [flag for flag, value in rules.items() if value is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} are alternatives: give one")
+    if not chosen:
+        return None
+    base = AdaptiveDepth(kv_fill=args.kv_fill, step_size=step_size, swift_step_size=args.swift_step_size,
+                         check_every=args.check_every, min_time=args.min_time)
+    if chosen == ["--exit-entropy"]:
+        return replace(base, exit_entropy=args.exit_entropy)
+    if chosen == ["--route-energy"]:
+        return replace(base, route_energy=args.route_energy)
+    if chosen == ["--target-compute"]:
+        return calibrated_route_energy(args.model, args.target_compute,
+                                       replace(base, route_energy=0.0).checked(config, FLAGS))
+    if chosen == ["--exit learned"]:
+        return replace(base, exit_learned=calibrated_threshold(args.model, "exit", args.exit_tolerance))
+    return replace(base, route_learned=calibrated_threshold(args.model, "route", args.exit_tolerance,
+                                                            args.swift_step_size))
 
 
 def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: dict, stream: bool, tally: Tally
@@ -208,6 +237,7 @@ class Tally:
                       draft_sources=output.sources if speculative else None)
         if adaptive is not None:
             record.update(exit_entropy=adaptive.exit_entropy, route_energy=adaptive.route_energy,
+                          exit_learned=adaptive.exit_learned, route_learned=adaptive.route_learned,
                           kv_fill=adaptive.kv_fill, executed_steps_per_token=output.executed_steps_per_token)
         return dict(record, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     model=args.model)
@@ -223,8 +253,7 @@ class Tally:
     def _decoder(self, args: argparse.Namespace, config) -> str:
         adaptive = self.settings.get("adaptive")
         if adaptive is not None:
-            method = (f"exit at entropy < {adaptive.exit_entropy:g}" if not adaptive.routing else
-                      f"route energy > {adaptive.route_energy:.4g} from step size {adaptive.swift_step_size:g}")
+            method = _rule(adaptive, args.exit_tolerance)
             mean = f"{self.executed_steps / self.counted_tokens:.2f}" if self.counted_tokens else "n/a"
             return (f", adaptive depth: {method}, {adaptive.kv_fill} fill, {mean} solver steps/token "
                     f"(fixed: {config.solver_steps(adaptive.step_size)})")
@@ -245,3 +274,15 @@ class Tally:
                 if c["rounds"]) + ")"
         return f", self-speculative: drafts {origins}, {upto or length} per verification, {rate} accepted{split}"
 
+
+
+def _rule(adaptive, tolerance: float) -> str:
+    """The adaptive rule of a summary line, in words."""
+    swift = f" from step size {adaptive.swift_step_size:g}"
+    if adaptive.rule == "exit_entropy":
+        return f"exit at entropy < {adaptive.exit_entropy:g}"
+    if adaptive.rule == "exit_learned":
+        return f"learned exit (tolerance {tolerance:g}, score < {adaptive.exit_learned:.3g})"
+    if adaptive.rule == "route_energy":
+        return f"route energy > {adaptive.route_energy:.4g}{swift}"
+    return f"learned routing (tolerance {tolerance:g}, score > {adaptive.route_learned:.3g}){swift}"

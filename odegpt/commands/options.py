@@ -114,6 +114,16 @@ def add_adaptive(parser: argparse.ArgumentParser, several: bool = False) -> None
     group.add_argument("--target-compute", type=numbers, default=None, metavar=f"F{one}",
                        help="energy routing at F x the --step-size solve's FLOPs per token, F in (0, 1]: the "
                             "threshold calibrated by `odegpt evaluate --target-compute F` and saved in the folder")
+    group.add_argument("--exit", choices=["learned"], default=None,
+                       help="early exit by the model's learned exit head: a token stops at the first check whose "
+                            "score says its read-out is within reach of the end, at the threshold `odegpt calibrate` "
+                            "chose for --exit-tolerance")
+    group.add_argument("--route", choices=["learned"], default=None,
+                       help="routing by the learned exit head: tokens solved at --swift-step-size whose final "
+                            "state's score is above the calibrated threshold are re-solved at --step-size")
+    group.add_argument("--exit-tolerance", type=numbers, default=[0.02] if several else 0.02, metavar=f"EPS{one}",
+                       help="with --exit/--route learned: the calibrated fraction of greedy tokens the rule may "
+                            "change (default: 0.02)")
     group.add_argument("--kv-fill", type=word_list if several else str, default=["copy"] if several else "copy",
                        metavar=f"FILL{one}",
                        help="keys/values at the steps a token skipped: lazy (continue its solve), copy (its nearest "
@@ -145,6 +155,10 @@ def add_speculative(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft-confidence", type=float, default=None, metavar="P",
                        help="with --draft-step-size: stop a round's drafting after a draft whose own probability is "
                             "below P (output unchanged; default: off)")
+    group.add_argument("--draft-stop", choices=["learned"], default=None,
+                       help="with --draft-step-size: stop a round's drafting after a draft whose final state the "
+                            "learned exit head scores above the routing threshold `odegpt calibrate` chose for the "
+                            "draft step size at --exit-tolerance (output unchanged)")
     group.add_argument("--reuse-draft", action="store_true",
                        help="with --draft-step-size: verification continues from the draft's shared work (output "
                             "unchanged; it saves 6-14%% of verification's work but on a CPU at batch 1 was no faster, "

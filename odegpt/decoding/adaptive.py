@@ -1,4 +1,5 @@
-"""Adaptive depth per token with one set of weights: entropy early exit and energy routing.
+"""Adaptive depth per token with one set of weights: early exit and routing, by entropy and energy or by the model's
+learned exit head.
 
 A shared ODE model reads out (final norm + LM head) the state after any solver step, so depth can
 be chosen per token without a second model:
@@ -8,6 +9,11 @@ be chosen per token without a second model:
   from ``min_time`` on, and a token still going at ``max_time`` stops there. Checks may fall after
   any step, inside a shared segment or at an unshared layer (unshared layers are steps of ``dt = 1``
   on the same time axis). A token that exits is never read out again.
+- **learned exit and routing** (CALM's learned confidence): with an exit head (``config.exit_head``), the rule is the
+  head's score of a state, its predicted ``log KL(p_end || p)`` to the end of the step-size-1 solve: a token exits
+  at the first check whose score is below ``exit_learned`` (no read-out at the checks: only the exiting tokens are
+  read out), and a swift token is re-solved when its final state's score is above ``route_learned``. Thresholds
+  calibrated with a stated tolerance come from ``odegpt calibrate`` (odegpt.evaluation.exit_calibration).
 - **energy routing** (E-LANG): every token is solved at the swift step size ``B``; where the energy
   ``E = -T * logsumexp(logits / T)`` of its swift logits exceeds ``route_energy`` it is re-solved
   from the embedding at the super step size ``a`` and the super logits replace the swift ones.
@@ -53,18 +59,22 @@ from .speculative import _UNSUPPORTED_UNLESS, _Sampler, decoding_limits
 from .surface import DecoderModel
 
 KV_FILLS = ("lazy", "copy", "interpolate")
+RULES = ("exit_entropy", "exit_learned", "route_energy", "route_learned")
 _TIME_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
 class AdaptiveDepth:
-    """Settings of one adaptive solve: early exit (``exit_entropy``) or routing (``route_energy``).
+    """Settings of one adaptive solve: early exit (``exit_entropy``, or ``exit_learned`` by the exit head) or routing
+    (``route_energy``, or ``route_learned`` by the exit head).
 
     ``step_size`` is the exit solve's step size, or the super step size when routing (default: the
     model's ``config.step_size``); times are in units of trained depth, as step sizes are."""
 
     exit_entropy: float | None = None
     route_energy: float | None = None
+    exit_learned: float | None = None
+    route_learned: float | None = None
     kv_fill: str = "copy"
     step_size: float | None = None
     swift_step_size: float = DEFAULT_SWIFT_STEP_SIZE
@@ -75,7 +85,13 @@ class AdaptiveDepth:
 
     @property
     def routing(self) -> bool:
-        return self.route_energy is not None
+        return self.route_energy is not None or self.route_learned is not None
+
+    @property
+    def rule(self) -> str | None:
+        """Which of the four thresholds is set (the first, when several are): exit_entropy, exit_learned, route_energy
+        or route_learned."""
+        return next((key for key in RULES if getattr(self, key) is not None), None)
 
     def checked(self, config, names: dict[str, str] | None = None) -> AdaptiveDepth:
         """These settings with ``step_size`` resolved, or a ValueError naming the bad one (as ``names``
@@ -83,9 +99,17 @@ class AdaptiveDepth:
         def name(key: str) -> str:
             return (names or {}).get(key, key)
 
-        if (self.exit_entropy is None) == (self.route_energy is None):
-            raise ValueError(f"give exactly one of {name('exit_entropy')} (early exit) and "
-                             f"{name('route_energy')} (energy routing)")
+        given = [key for key in RULES if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(name(key) for key in RULES)}"
+                             + (f", not {' and '.join(name(key) for key in given)}" if given else ""))
+        for key in ("exit_learned", "route_learned"):
+            value = getattr(self, key)
+            if value is not None and (not _is_real(value) or math.isnan(value)):
+                raise ValueError(f"{name(key)} must be a real threshold of the exit head's score, got {value!r}")
+            if value is not None and getattr(config, "exit_head", None) is None:
+                raise ValueError(f"{name(key)}: this model has no learned exit head (config.exit_head is null); "
+                                 f"fit one with `odegpt calibrate`")
         if self.exit_entropy is not None and not _is_real(self.exit_entropy, minimum=0.0):
             raise ValueError(f"{name('exit_entropy')} must be an entropy in nats >= 0 (0 never exits), "
                              f"got {self.exit_entropy!r}")
@@ -121,13 +145,14 @@ def _is_real(value: object, minimum: float = -math.inf) -> bool:
 @dataclass
 class AdaptiveCounts:
     """What each token's solve executed, (batch, seq) tensors: solver steps of its own schedule, LM-head
-    read-outs (the final one included), key/value projections that filled missing steps, and steps its
-    solve was continued for later tokens (``lazy``, computed eagerly here)."""
+    read-outs (the final one included), key/value projections that filled missing steps, steps its
+    solve was continued for later tokens (``lazy``, computed eagerly here), and exit-head scores."""
 
     executed_steps: torch.Tensor
     readouts: torch.Tensor
     kv_projections: torch.Tensor
     continued_steps: torch.Tensor
+    exit_scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -218,7 +243,8 @@ class _EarlyExit:
         self.lazy = settings.kv_fill == "lazy"
         self.max_time = math.inf if settings.max_time is None else settings.max_time
         self.active = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-        self.executed, self.readouts, self.kv_projections, self.continued = (_zeros(h) for _ in range(4))
+        self.executed, self.readouts, self.kv_projections, self.continued, self.exit_scores = \
+            (_zeros(h) for _ in range(5))
         # The block each exited token's frozen state was last projected with (-1: not yet). A shared block
         # projects the same frozen state to the same keys and values at every later step, so a token costs
         # one projection per block it passes after its exit, not one per step.
@@ -278,9 +304,16 @@ class _EarlyExit:
         if step.last or not self.any_active or not (check_due or forced):
             return
         rows, cols = active.nonzero(as_tuple=True)
-        checked = self.model.read_out(h[rows, cols])
+        if settings.exit_learned is not None:  # the head scores the states; only exiting tokens are read out
+            self.exit_scores[rows, cols] += 1
+            exits = (self.model.exit_score(h[rows, cols], step.end) < settings.exit_learned) | forced
+            rows, cols = rows[exits], cols[exits]
+            checked = self.model.read_out(h[rows, cols])
+            exits = torch.ones_like(rows, dtype=torch.bool)
+        else:
+            checked = self.model.read_out(h[rows, cols])
+            exits = (entropy(checked) < settings.exit_entropy) | forced
         self.readouts[rows, cols] += 1
-        exits = (entropy(checked) < settings.exit_entropy) | forced
         if self.logits is None:
             self.logits = checked.new_zeros(*active.shape, checked.shape[-1])
         self.logits[rows[exits], cols[exits]] = checked[exits]
@@ -297,7 +330,8 @@ def _early_exit_solve(model, h, inputs, settings: AdaptiveDepth, cache: Adaptive
         final = model.read_out(h)
         logits = final if logits is None else torch.where(active[..., None], final, logits)
         control.readouts += active
-    return logits, AdaptiveCounts(control.executed, control.readouts, control.kv_projections, control.continued)
+    return logits, AdaptiveCounts(control.executed, control.readouts, control.kv_projections, control.continued,
+                                  control.exit_scores)
 
 
 class _RoutedSuperSolve:
@@ -342,9 +376,14 @@ def _routed_solve(model, h0, inputs, settings: AdaptiveDepth, cache: AdaptiveCac
 
     # 1. The swift solve of every token, keeping its state at every step's start and at the end.
     swift = model.state_recorder(h0)
-    swift_logits = model.read_out(model.solve(h0, swift_plan, inputs, swift_kv, hook=swift))
-    routed = energy(swift_logits, settings.energy_temperature) > settings.route_energy
-    zeros = torch.zeros(routed.shape, device=h0.device)
+    swift_state = model.solve(h0, swift_plan, inputs, swift_kv, hook=swift)
+    swift_logits = model.read_out(swift_state)
+    zeros = torch.zeros(swift_logits.shape[:2], device=h0.device)
+    if settings.route_learned is not None:  # the head's score of the swift solve's final state
+        routed = model.exit_score(swift_state, swift_plan[-1].end) > settings.route_learned
+        scores = zeros + 1.0
+    else:
+        routed, scores = energy(swift_logits, settings.energy_temperature) > settings.route_energy, zeros
     executed = len(swift_plan) + routed * float(len(super_plan))
     readouts = 1.0 + routed.float()
     continued = zeros.clone()
@@ -352,12 +391,12 @@ def _routed_solve(model, h0, inputs, settings: AdaptiveDepth, cache: AdaptiveCac
     # 2. The super solve of the routed tokens, attending to the others' filled keys and values.
     lazy, any_routed = settings.kv_fill == "lazy", bool(routed.any())
     if not (lazy or any_routed or super_kv is not None):
-        return swift_logits, AdaptiveCounts(executed, readouts, zeros, continued)
+        return swift_logits, AdaptiveCounts(executed, readouts, zeros, continued, scores)
     control = _RoutedSuperSolve(model, settings, routed, swift, super_kv, inputs)
     h = model.solve(h0, super_plan, inputs, super_kv, hook=control)
     if lazy:
         continued += ~routed * float(len(super_plan))
-    counts = AdaptiveCounts(executed, readouts, control.kv_projections, continued)
+    counts = AdaptiveCounts(executed, readouts, control.kv_projections, continued, scores)
     if not any_routed:
         return swift_logits, counts
     return torch.where(routed[..., None], model.read_out(h), swift_logits), counts

@@ -28,8 +28,9 @@ PLAIN, SPECULATIVE, ADAPTIVE = "plain", "self-speculative", "adaptive depth"
 def generate(inputs=None, generation_config=None, *, model, draft_step_size: float | None = None,
              draft_tokens: int | str | None = None, draft_confidence: float | None = None,
              prompt_lookup_num_tokens: int | None = None,
-             exit_entropy: float | None = None, route_energy: float | None = None, kv_fill: str | None = None,
-             swift_step_size: float | None = None, adaptive: AdaptiveDepth | None = None, **kwargs):
+             exit_entropy: float | None = None, route_energy: float | None = None, exit_learned: float | None = None,
+             route_learned: float | None = None, kv_fill: str | None = None, swift_step_size: float | None = None,
+             adaptive: AdaptiveDepth | None = None, **kwargs):
     """transformers' ``generate``; with ``draft_step_size=B`` it decodes self-speculatively: the same
     weights solved at ``B`` draft ``draft_tokens`` tokens (default ``"auto"``: a length adapted every round, none
     when drafts do not pay; speculative.DraftPolicy) that one forward at the target
@@ -44,15 +45,18 @@ def generate(inputs=None, generation_config=None, *, model, draft_step_size: flo
     with ``route_energy=E`` each token is solved at ``swift_step_size`` (default
     ``adaptive.DEFAULT_SWIFT_STEP_SIZE``) and re-solved at ``step_size`` where its energy exceeds ``E``;
     ``kv_fill`` (lazy, copy, interpolate) says what later tokens attend to at the steps a token skipped
-    (see adaptive.py). ``adaptive=AdaptiveDepth(...)`` gives every setting at once (read-out interval,
-    minimum and maximum time, energy temperature)."""
+    (see adaptive.py). ``exit_learned=S`` and ``route_learned=S`` use the model's learned exit head instead (its
+    score: the predicted log KL of a state's read-out to the end of the solve; thresholds from ``odegpt calibrate``).
+    ``adaptive=AdaptiveDepth(...)`` gives every setting at once (read-out interval, minimum and maximum time, energy
+    temperature)."""
     args = () if inputs is None else (inputs,)
     if generation_config is not None:
         kwargs["generation_config"] = generation_config
     decoder, settings = choose_decoder(
         model.config, draft_step_size=draft_step_size, draft_tokens=draft_tokens, draft_confidence=draft_confidence,
         prompt_lookup_num_tokens=prompt_lookup_num_tokens, exit_entropy=exit_entropy, route_energy=route_energy,
-        kv_fill=kv_fill, swift_step_size=swift_step_size, adaptive=adaptive, **kwargs)
+        exit_learned=exit_learned, route_learned=route_learned, kv_fill=kv_fill, swift_step_size=swift_step_size,
+        adaptive=adaptive, **kwargs)
     if decoder == ADAPTIVE:
         kwargs.pop("step_size", None)
         return adaptive_generate(model, *args, settings=settings, **kwargs)
@@ -63,7 +67,8 @@ def generate(inputs=None, generation_config=None, *, model, draft_step_size: flo
 
 def choose_decoder(config, *, draft_step_size: float | None = None, draft_tokens: int | str | None = None,
                    draft_confidence: float | None = None, prompt_lookup_num_tokens: int | None = None,
-                   exit_entropy: float | None = None, route_energy: float | None = None, kv_fill: str | None = None,
+                   exit_entropy: float | None = None, route_energy: float | None = None,
+                   exit_learned: float | None = None, route_learned: float | None = None, kv_fill: str | None = None,
                    swift_step_size: float | None = None, adaptive: AdaptiveDepth | None = None,
                    names: dict[str, str] | None = None, **kwargs):
     """``(decoder, settings)`` for :func:`generate`'s arguments: ``PLAIN`` (settings None), ``SPECULATIVE`` (the
@@ -78,17 +83,22 @@ def choose_decoder(config, *, draft_step_size: float | None = None, draft_tokens
                                                                 "max_new_tokens") if kwargs.get(key) is not None})
     speculative = draft_step_size is not None or prompt_lookup_num_tokens is not None
     source = name("draft_step_size" if draft_step_size is not None else "prompt_lookup_num_tokens")
-    if adaptive is not None or exit_entropy is not None or route_energy is not None:
-        chosen = name("exit_entropy" if exit_entropy is not None else "route_energy")
+    thresholds = dict(exit_entropy=exit_entropy, route_energy=route_energy, exit_learned=exit_learned,
+                      route_learned=route_learned)
+    if adaptive is not None or any(value is not None for value in thresholds.values()):
+        given = adaptive.rule if adaptive is not None else next(k for k, v in thresholds.items() if v is not None)
+        chosen = name(given or "exit_entropy")
         if speculative:
             raise ValueError(f"{chosen} and {source} are separate decoders (adaptive depth, self-speculative "
                              f"decoding): give one")
         if kwargs.get("use_cache") is False:
             raise ValueError(f"{chosen} decodes with its own KV cache; drop {name('use_cache=False')}")
-        return ADAPTIVE, _adaptive_settings(config, exit_entropy, route_energy, kv_fill, swift_step_size, adaptive,
-                                            step_size, names)
+        return ADAPTIVE, _adaptive_settings(config, thresholds, kv_fill, swift_step_size, adaptive, step_size, names)
     if kv_fill is not None or swift_step_size is not None:
         raise ValueError("kv_fill and swift_step_size apply to adaptive depth: give exit_entropy or route_energy")
+    if kwargs.get("draft_stop_score") is not None and draft_step_size is None:
+        raise ValueError(f"{name('draft_stop_score')} applies to self-speculative decoding: give "
+                         f"{name('draft_step_size')} too")
     if draft_confidence is not None and draft_step_size is None:
         raise ValueError(f"{name('draft_confidence')} applies to self-speculative decoding: give "
                          f"{name('draft_step_size')} too")
@@ -103,7 +113,8 @@ def choose_decoder(config, *, draft_step_size: float | None = None, draft_tokens
         draft_tokens = DEFAULT_DRAFT_TOKENS
     settings = dict(draft_step_size=draft_step_size, draft_tokens=draft_tokens, draft_confidence=draft_confidence,
                     prompt_lookup_num_tokens=prompt_lookup_num_tokens)
-    check_speculative(config, **settings, step_size=step_size, names=names)
+    check_speculative(config, **settings, step_size=step_size, names=names,
+                      draft_stop_score=kwargs.get("draft_stop_score"))
     return SPECULATIVE, settings
 
 
@@ -111,18 +122,18 @@ def _named(names: dict[str, str], key: str) -> str:
     return names.get(key, key)
 
 
-def _adaptive_settings(config, exit_entropy, route_energy, kv_fill, swift_step_size, adaptive, step_size,
+def _adaptive_settings(config, thresholds: dict, kv_fill, swift_step_size, adaptive, step_size,
                        names) -> AdaptiveDepth:
     if adaptive is not None:
-        if exit_entropy is not None or route_energy is not None or kv_fill is not None or swift_step_size is not None:
+        if any(value is not None for value in thresholds.values()) or kv_fill is not None or \
+                swift_step_size is not None:
             raise ValueError("give adaptive=AdaptiveDepth(...) or its keywords (exit_entropy, route_energy, "
-                             "kv_fill, swift_step_size), not both")
+                             "exit_learned, route_learned, kv_fill, swift_step_size), not both")
         if step_size is not None and adaptive.step_size not in (None, step_size):
             raise ValueError(f"step_size={step_size} and adaptive.step_size={adaptive.step_size} disagree")
         settings = adaptive if adaptive.step_size is not None else replace(adaptive, step_size=step_size)
     else:
-        settings = AdaptiveDepth(exit_entropy=exit_entropy, route_energy=route_energy, kv_fill=kv_fill or "copy",
-                                 step_size=step_size,
+        settings = AdaptiveDepth(**thresholds, kv_fill=kv_fill or "copy", step_size=step_size,
                                  **({} if swift_step_size is None else {"swift_step_size": swift_step_size}))
     return settings.checked(config, names)
 

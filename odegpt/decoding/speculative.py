@@ -134,9 +134,15 @@ class _Solve:
         """Feed ``tokens`` after the cached ones; float logits of the last ``keep`` positions (0: all). The solve is
         called directly, as :meth:`recorded_logits` and :meth:`logits_reusing` call it, so a comparison of the
         two costs only what they compute."""
+        return self.logits_and_states(tokens, attention_mask, keep)[0]
+
+    def logits_and_states(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, keep: int = 0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`logits`, and the final states of those positions (what the learned exit head scores)."""
         h, inputs = self._begin(tokens, attention_mask, len(self))
         h = self.model.solve(h, self.plan, inputs, self.cache)
-        return self.model.read_out(h[:, -keep:] if keep else h).float()
+        h = h[:, -keep:] if keep else h
+        return self.model.read_out(h).float(), h
 
     def crop(self, length: int) -> None:
         self.cache.crop_to(min(length, len(self)))
@@ -323,7 +329,7 @@ def decoding_limits(config, input_ids: torch.Tensor, attention_mask: torch.Tenso
 def check_speculative(model_config, draft_step_size: float | None = None, draft_tokens: int | str = DEFAULT_DRAFT_TOKENS,
                       draft_confidence: float | None = None, prompt_lookup_num_tokens: int | None = None,
                       max_matching_ngram_size: int = DEFAULT_LOOKUP_NGRAM, step_size: float | None = None,
-                      names: dict[str, str] | None = None) -> None:
+                      names: dict[str, str] | None = None, draft_stop_score: float | None = None) -> None:
     """The settings of self-speculative decoding, checked against the model's config alone (no weights); a
     ValueError names the bad one as ``names`` calls it (default: its keyword)."""
     def name(key: str) -> str:
@@ -344,6 +350,12 @@ def check_speculative(model_config, draft_step_size: float | None = None, draft_
         raise ValueError(f"{name('draft_tokens')} must be an integer >= 1 or 'auto', got {draft_tokens!r}")
     if draft_confidence is not None and not 0 <= draft_confidence <= 1:  # false for nan too
         raise ValueError(f"{name('draft_confidence')} must be a probability in [0, 1], got {draft_confidence!r}")
+    if draft_stop_score is not None:
+        if draft_step_size is None:
+            raise ValueError(f"{name('draft_stop_score')} stops step-size drafts: give {name('draft_step_size')} too")
+        if getattr(model_config, "exit_head", None) is None:
+            raise ValueError(f"{name('draft_stop_score')}: this model has no learned exit head (config.exit_head is "
+                             f"null); fit one with `odegpt calibrate`")
 
 
 def _check_supported(config, model_kwargs: dict) -> None:
@@ -369,6 +381,7 @@ def self_speculative_generate(
     draft_step_size: float | None = None,
     draft_tokens: int | str = DEFAULT_DRAFT_TOKENS,
     draft_confidence: float | None = None,
+    draft_stop_score: float | None = None,
     prompt_lookup_num_tokens: int | None = None,
     max_matching_ngram_size: int = DEFAULT_LOOKUP_NGRAM,
     step_size: float | None = None,
@@ -387,6 +400,10 @@ def self_speculative_generate(
     is below ``P`` in some unfinished row (a draft the target is unlikely to keep; what transformers'
     assisted generation calls ``assistant_confidence_threshold``). It decides from the drafts alone, so
     the output is unchanged; it only saves the draft forwards a rejection would waste.
+
+    ``draft_stop_score=S`` ends it after the first draft whose final state the learned exit head scores above ``S``
+    (its predicted distance to the end of the step-size-1 solve: a draft the target is unlikely to keep); the
+    calibrated routing threshold of the draft step size is such a score (``odegpt calibrate``).
 
     ``prompt_lookup_num_tokens=K`` drafts up to ``K`` tokens by prompt lookup (:func:`prompt_lookup`,
     n-grams up to ``max_matching_ngram_size``), alone or beside the step-size drafts; each round then
@@ -411,11 +428,12 @@ def self_speculative_generate(
     _check_supported(config, model_kwargs)
     target_step = model.config.step_size if step_size is None else step_size
     check_speculative(model.config, draft_step_size, draft_tokens, draft_confidence, prompt_lookup_num_tokens,
-                      max_matching_ngram_size, target_step)
+                      max_matching_ngram_size, target_step, draft_stop_score=draft_stop_score)
     if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("self-speculative decoding needs input_ids of shape (batch, prompt length >= 1)")
     rounds = _Rounds(model, config, input_ids, attention_mask, target_step, draft_step_size, draft_tokens,
-                     draft_confidence, prompt_lookup_num_tokens, max_matching_ngram_size, reuse_draft, streamer)
+                     _DraftStop(draft_confidence, draft_stop_score), prompt_lookup_num_tokens, max_matching_ngram_size,
+                     reuse_draft, streamer)
     rounds.run()
     if config.return_dict_in_generate:
         return rounds.output()
@@ -427,8 +445,8 @@ class _Rounds:
     policy and what the rounds counted. :meth:`run` decodes round after round: draft, verify, commit."""
 
     def __init__(self, model, config, input_ids, attention_mask, target_step, draft_step_size, draft_tokens,
-                 draft_confidence, lookup_tokens, max_ngram, reuse_draft, streamer) -> None:
-        self.model, self.streamer, self.draft_confidence, self.max_ngram = model, streamer, draft_confidence, max_ngram
+                 draft_stop: _DraftStop, lookup_tokens, max_ngram, reuse_draft, streamer) -> None:
+        self.model, self.streamer, self.draft_stop, self.max_ngram = model, streamer, draft_stop, max_ngram
         self.prompt_len = input_ids.shape[1]
         self.max_new, self.eos, self.pad, self.mask = decoding_limits(config, input_ids, attention_mask)
         self.sampler, self.tokens = _Sampler(config), input_ids
@@ -502,7 +520,7 @@ class _Rounds:
         mask_ahead = None if self.mask is None else torch.cat([self.mask, self.mask.new_ones(batch, width)], 1)
         if source == "step_size":
             drafts, draft_probs, records = _draft_with_model(self.draft, tokens, k, mask_ahead, self.sampler,
-                                                             self.draft_confidence, self.unfinished, self.clock,
+                                                             self.draft_stop, self.unfinished, self.clock,
                                                              self.policy)
         return source, drafts, draft_probs, records, mask_ahead
 
@@ -543,24 +561,46 @@ def _policy(model, target_step: float, draft_step_size: float | None, draft_toke
     return DraftPolicy(costs, max_tokens, adaptive)
 
 
-def _draft_with_model(draft: _Solve, tokens, k: int, mask_ahead, sampler: _Sampler, draft_confidence, unfinished,
-                      clock: _Stopwatch | None = None, policy: DraftPolicy | None = None):
+@dataclass(frozen=True)
+class _DraftStop:
+    """When a round stops drafting before its length: after a draft whose own probability is below ``confidence``,
+    or whose final state the learned exit head scores above ``score``, in some unfinished row."""
+
+    confidence: float | None = None
+    score: float | None = None
+
+    def now(self, model, draft: _Solve, logits, probs, state, drafted: torch.Tensor, unfinished) -> bool:
+        if self.confidence is not None:
+            own = (probs if probs is not None else logits.softmax(-1)).gather(-1, drafted).squeeze(-1)
+            if bool((own[unfinished] < self.confidence).any()):
+                return True
+        if self.score is not None:
+            score = model.exit_score(state[:, -1], draft.plan[-1].end)
+            return bool((score[unfinished] > self.score).any())
+        return False
+
+
+def _draft_with_model(draft: _Solve, tokens, k: int, mask_ahead, sampler: _Sampler, stop: _DraftStop | None,
+                      unfinished, clock: _Stopwatch | None = None, policy: DraftPolicy | None = None):
     """Up to ``k`` drafts from the model at the draft step size, one at a time (fed the committed tokens its cache
     lacks first), their distributions when sampling, and, when verification reuses the draft's work, what it
     reuses of each position the draft fed after the committed ones (the last committed token and the drafts but
-    the last; see :meth:`_Solve.recorded_logits`), else None. The forwards after the first (which also catches up
-    on committed tokens) are timed with ``clock`` for ``policy``, when given."""
+    the last; see :meth:`_Solve.recorded_logits`), else None. ``stop`` may end the round early (:class:`_DraftStop`).
+    The forwards after the first (which also catches up on committed tokens) are timed with ``clock`` for
+    ``policy``, when given."""
     batch = tokens.shape[0]
+    stop = stop or _DraftStop()
     drafts = tokens.new_empty(batch, k)
     draft_probs = [] if sampler.do_sample else None
     records = [] if draft.shared is not None else None
     feed = tokens[:, len(draft):]
-    began = None
+    began, state = None, None
     for j in range(k):
         if j == 1 and policy is not None:
             began = clock()
         if records is None:
-            logits = draft.logits(feed, mask_ahead, keep=1)[:, -1]
+            logits, state = draft.logits_and_states(feed, mask_ahead, keep=1)
+            logits = logits[:, -1]
         else:
             logits, record = draft.recorded_logits(feed, mask_ahead)
             logits = logits[:, -1]
@@ -569,11 +609,10 @@ def _draft_with_model(draft: _Solve, tokens, k: int, mask_ahead, sampler: _Sampl
         if draft_probs is not None:
             draft_probs.append(probs)
         feed = drafts[:, j : j + 1]
-        if draft_confidence is not None and j + 1 < k:
-            own = (probs if probs is not None else logits.softmax(-1)).gather(-1, feed).squeeze(-1)
-            if bool((own[unfinished] < draft_confidence).any()):
-                drafts = drafts[:, : j + 1]
-                break
+        if j + 1 < k and (stop.confidence is not None or (stop.score is not None and state is not None)) and \
+                stop.now(draft.model, draft, logits, probs, state, feed, unfinished):
+            drafts = drafts[:, : j + 1]
+            break
     if began is not None:
         policy.measured_draft("step_size", drafts.shape[1] - 1, clock() - began)
     return drafts, torch.stack(draft_probs, dim=1) if draft_probs else None, records

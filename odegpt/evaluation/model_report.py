@@ -7,6 +7,7 @@ is read (:meth:`EvaluationRequest.checked`); :func:`evaluate_model` does the wor
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +23,8 @@ from odegpt.model.accounting import adaptive_flops_per_token, model_cost
 
 from .calibration import calibrate_energy, check_target_compute, load_calibration, save_calibration
 from .data import EvaluationData, evaluation_batches, is_prepared, prepared_batches
-from .perplexity import adaptive_nll_sums, nll_sums, perplexity
+from .exit_calibration import calibrated_threshold
+from .perplexity import COUNTED, adaptive_nll_sums, nll_sums, perplexity
 from .throughput import Variant, measure_interleaved, random_prompt
 
 SPEED_PROMPT_TOKENS = 32  # decode speed is measured after a prompt of this many (random) tokens
@@ -44,13 +46,30 @@ class AdaptiveRows:
     swift_step_size: float | None = None
     check_every: int = 1
     min_time: float = 0.0
+    exit: str | None = None  # "learned": a row per exit tolerance, at the folder's calibrated threshold
+    route: str | None = None  # "learned": likewise for routing
+    exit_tolerance: list[float] = field(default_factory=lambda: [0.02])
+    truncate: list[float] = field(default_factory=list)  # read every token out after this solver time: the baseline
 
-    def rows(self, config) -> list[dict]:
-        """``[{"settings": AdaptiveDepth, "target_compute": F | None}]``, each checked against ``config``."""
+    def rows(self, config, model_dir: str | Path = "") -> list[dict]:
+        """``[{"settings": AdaptiveDepth, "target_compute": F | None, "label": str | None}]``, each checked against
+        ``config`` (calibrated thresholds of learned rules read from ``model_dir``)."""
         common = dict(step_size=self.step_size, check_every=self.check_every, min_time=self.min_time,
                       **({} if self.swift_step_size is None else {"swift_step_size": self.swift_step_size}))
-        rows = []
+        rows = [dict(settings=AdaptiveDepth(exit_entropy=math.inf, kv_fill="lazy", step_size=self.step_size,
+                                            min_time=time), target_compute=None, label=f"truncated at t={time:g}",
+                     method="truncation") for time in self.truncate]
+        swift = self.swift_step_size or AdaptiveDepth.swift_step_size
         for fill in self.kv_fill:
+            rows += [dict(settings=AdaptiveDepth(exit_learned=calibrated_threshold(model_dir, "exit", tolerance),
+                                                 kv_fill=fill, **common), target_compute=None,
+                          label=f"learned exit (tolerance {tolerance:g})", method="learned exit")
+                     for tolerance in (self.exit_tolerance if self.exit == "learned" else [])]
+            rows += [dict(settings=AdaptiveDepth(route_learned=calibrated_threshold(model_dir, "route", tolerance,
+                                                                                    swift),
+                                                 kv_fill=fill, **common), target_compute=None,
+                          label=f"learned routing (tolerance {tolerance:g})", method="learned routing")
+                     for tolerance in (self.exit_tolerance if self.route == "learned" else [])]
             rows += [dict(settings=AdaptiveDepth(exit_entropy=h, kv_fill=fill, **common), target_compute=None)
                      for h in self.exit_entropy]
             rows += [dict(settings=AdaptiveDepth(route_energy=e, kv_fill=fill, **common), target_compute=None)
@@ -105,7 +124,7 @@ class EvaluationRequest:
         for corpus in self.calibration_data or []:
             if not is_prepared(corpus):
                 raise InputError(f"--calibration-data: {corpus} is not a prepared corpus (no manifest.json)")
-        return replace(self, seq_len=seq_len), self.adaptive.rows(config)
+        return replace(self, seq_len=seq_len), self.adaptive.rows(config, self.model)
 
     def batches(self, vocab_size: int | None) -> list:
         return evaluation_batches(self.data, self.model, self.cut, vocab_size)
@@ -162,20 +181,21 @@ def adaptive_result(request: EvaluationRequest, config, model, row: dict, batche
     settings = row["settings"]
     if row["target_compute"] is not None:
         settings = replace(settings, route_energy=calibrated(request, config, model, row, batches)["route_energy"])
-    label = (f"exit entropy < {settings.exit_entropy:g}" if not settings.routing else
-             f"route energy > {settings.route_energy:.4g}" + (
-                 f" (target {row['target_compute']:g})" if row["target_compute"] is not None else ""))
+    label = row.get("label") or (
+        f"exit entropy < {settings.exit_entropy:g}" if not settings.routing else
+        f"route energy > {settings.route_energy:.4g}" + (
+            f" (target {row['target_compute']:g})" if row["target_compute"] is not None else ""))
     progress = tqdm(batches, desc=f"{label}, {settings.kv_fill}", unit="batch", file=sys.stderr, leave=False)
     score = adaptive_nll_sums(model, progress, settings)
-    per = {name: score.per_token(name) for name in ("executed_steps", "readouts", "kv_projections",
-                                                    "continued_steps")}
+    per = {name: score.per_token(name) for name in COUNTED}
     return {
-        "method": "energy routing" if settings.routing else "early exit", "label": label,
+        "method": row.get("method") or ("energy routing" if settings.routing else "early exit"), "label": label,
         "exit_entropy": settings.exit_entropy, "route_energy": settings.route_energy,
+        "exit_learned": settings.exit_learned, "route_learned": settings.route_learned,
         "target_compute": row["target_compute"], "kv_fill": settings.kv_fill, "step_size": settings.step_size,
         "swift_step_size": settings.swift_step_size if settings.routing else None, **per,
         "schedule_flops_per_token": adaptive_flops_per_token(config, per["executed_steps"], per["readouts"],
-                                                             seq_len=request.seq_len),
+                                                             seq_len=request.seq_len, exit_scores=per["exit_scores"]),
         "flops_per_token": adaptive_flops_per_token(config, **per, seq_len=request.seq_len),
         "nll": score.nll_sum / score.num_tokens, "num_tokens": score.num_tokens,
         "perplexity": perplexity(score.nll_sum, score.num_tokens),

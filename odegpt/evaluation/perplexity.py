@@ -132,6 +132,10 @@ def window_batches(documents: Iterable[torch.Tensor], seq_len: int, stride: int,
     return batches
 
 
+# What an adaptive solve counts per token (odegpt.decoding.adaptive.AdaptiveCounts), summed by adaptive_nll_sums.
+COUNTED = ("executed_steps", "readouts", "kv_projections", "continued_steps", "exit_scores")
+
+
 @dataclass(frozen=True)
 class AdaptiveScore:
     """Teacher-forced NLL of an adaptive solve and what it executed, summed over the scored tokens."""
@@ -142,6 +146,7 @@ class AdaptiveScore:
     readouts: float  # LM-head read-outs, the final one included
     kv_projections: float  # key/value projections that filled skipped steps (copy, interpolate)
     continued_steps: float  # steps a lazy fill continued a solve for, counted as a deferred fill would run them
+    exit_scores: float = 0.0  # scores of the learned exit head
 
     def per_token(self, name: str) -> float:
         return getattr(self, name) / self.num_tokens if self.num_tokens else math.nan
@@ -169,7 +174,7 @@ def adaptive_nll_sums(model: torch.nn.Module, batches: Iterable[Batch], settings
     settings = settings.checked(model.config)
     full_steps = len(plan_solve(model.config.segments, settings.step_size, model.config.max_solver_steps))
     totals = dict(nll_sum=0.0, num_tokens=0, executed_steps=0.0, readouts=0.0, kv_projections=0.0,
-                  continued_steps=0.0)
+                  continued_steps=0.0, exit_scores=0.0)
     try:
         for batch in batches:
             inputs, targets = (batch[:, :-1], batch[:, 1:]) if isinstance(batch, torch.Tensor) else batch
@@ -185,8 +190,9 @@ def adaptive_nll_sums(model: torch.nn.Module, batches: Iterable[Batch], settings
                 counts.continued_steps = _deferred_lazy_steps(counts, settings, real, full_steps)
             totals["nll_sum"] += float(nll)
             totals["num_tokens"] += int(scored.sum())
-            for name in ("executed_steps", "readouts", "kv_projections", "continued_steps"):
-                totals[name] += float(getattr(counts, name)[scored].sum())
+            for name in COUNTED:
+                values = getattr(counts, name)
+                totals[name] += 0.0 if values is None else float(values[scored].sum())
     finally:
         model.train(was_training)
     return AdaptiveScore(**totals)

@@ -93,7 +93,9 @@ def plot_pareto(document: dict, path: str | Path) -> None:
         steps = row["solver_steps"]
         axes.annotate(f"a={row['step_size']:g} ({steps} step{'' if steps == 1 else 's'})", (x, y),
                       textcoords="offset points", xytext=(6, 6), fontsize=9)
-    for method, marker, color in (("early exit", "s", "tab:orange"), ("energy routing", "^", "tab:green")):
+    for method, marker, color in (("early exit", "s", "tab:orange"), ("energy routing", "^", "tab:green"),
+                                  ("truncation", "x", "tab:gray"), ("learned exit", "D", "tab:red"),
+                                  ("learned routing", "v", "tab:purple")):
         points = sorted((row["flops_per_token"], row["perplexity"]) for row in adaptive if row["method"] == method)
         if points:
             axes.plot(*zip(*points), marker=marker, color=color, linestyle="--", alpha=0.8, label=method)

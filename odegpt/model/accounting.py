@@ -117,13 +117,23 @@ def model_cost(
 
 
 def adaptive_flops_per_token(config: OdeGPTConfig, executed_steps: float, readouts: float, kv_projections: float = 0.0,
-                             continued_steps: float = 0.0, seq_len: int = 2048) -> float:
+                             continued_steps: float = 0.0, seq_len: int = 2048, exit_scores: float = 0.0) -> float:
     """Forward FLOPs of an adaptive solve (odegpt/decoding/adaptive.py) from its per-token counts: executed and
-    lazily continued steps (each the config's solver's evaluations), LM-head read-outs (the final one included)
-    and key/value fill projections. With one read-out and a fixed step count it is ``model_cost(...).flops_per_token``."""
+    lazily continued steps (each the config's solver's evaluations), LM-head read-outs (the final one included),
+    key/value fill projections and exit-head scores. With one read-out and a fixed step count it is
+    ``model_cost(...).flops_per_token``."""
     evaluations = solver_method(config.solver).evaluations
     return float((executed_steps + continued_steps) * evaluations * step_flops(config, seq_len)
-                 + readouts * readout_flops(config) + kv_projections * kv_projection_flops(config))
+                 + readouts * readout_flops(config) + kv_projections * kv_projection_flops(config)
+                 + exit_scores * exit_head_flops(config))
+
+
+def exit_head_flops(config: OdeGPTConfig) -> int:
+    """Forward FLOPs of one score of the learned exit head (its features, then one or two matrix products)."""
+    if config.exit_head is None:
+        return 0
+    features = config.hidden_size + 2
+    return 4 * config.hidden_size + 2 * (features * config.exit_head + config.exit_head if config.exit_head else features)
 
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets; the first name

@@ -101,6 +101,9 @@ class OdeGPTConfig(PretrainedConfig):
         rotary_attention_scaling: the cos/sin scale of those rotary settings.
         relax_rank: the time-continuous relaxation of shared blocks: rank of each linear map's correction,
             which varies over the segment's time (0 = none, "full" = dense).
+        exit_head: a learned exit head on the state (null = none, 0 = linear, N = one hidden layer of N), which
+            predicts how far a state's read-out still is from the end of the solve: the exit and routing rule of
+            adaptive depth (odegpt/decoding/adaptive.py).
     """
 
     model_type = "odegpt"
@@ -134,6 +137,7 @@ class OdeGPTConfig(PretrainedConfig):
         rotary_inv_freq: list[float] | None = None,
         rotary_attention_scaling: float = 1.0,
         relax_rank: int | str = 0,
+        exit_head: int | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -161,6 +165,7 @@ class OdeGPTConfig(PretrainedConfig):
         self.rotary_attention_scaling = float(rotary_attention_scaling)
         # The time-continuous relaxation of shared blocks: rank of each linear map's correction ("full": dense).
         self.relax_rank = relax_rank
+        self.exit_head = exit_head  # the learned exit head's hidden width (None: no head, 0: linear)
         kwargs.pop("num_hidden_layers", None)  # derived from segments; older folders may carry it
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
@@ -195,6 +200,10 @@ class OdeGPTConfig(PretrainedConfig):
         if not (self.relax_rank == "full" or (isinstance(self.relax_rank, int) and not isinstance(self.relax_rank, bool)
                                               and self.relax_rank >= 0)):
             raise ValueError(f"relax_rank must be an integer >= 0 or 'full', got {self.relax_rank!r}")
+        if self.exit_head is not None and (isinstance(self.exit_head, bool) or not isinstance(self.exit_head, int)
+                                           or self.exit_head < 0):
+            raise ValueError(f"exit_head must be null (no head), 0 (linear) or a hidden width >= 1, "
+                             f"got {self.exit_head!r}")
         solver_method(self.solver)  # one of odegpt.model.solver.METHODS
         check_solve_length(self.segments, self.step_size, self.max_solver_steps)
         if not self.rms_norm_eps > 0:

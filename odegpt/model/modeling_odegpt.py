@@ -220,6 +220,32 @@ def attention_mask_for(
     return mask
 
 
+class OdeGPTExitHead(nn.Module):
+    """The learned exit rule: from a state ``h`` at solve time ``t``, a prediction of ``log KL(p_end || p(h))``, how far
+    its read-out still is from the read-out at the end of the step-size-1 solve (odegpt/training/exit_head.py trains
+    it). It reads what the final norm leaves of the state (its direction), the log of its norm and ``t`` over the
+    depth: a dot product per check (linear) or one small hidden layer, never the LM head."""
+
+    def __init__(self, config: OdeGPTConfig):
+        super().__init__()
+        features = config.hidden_size + 2
+        self.hidden = nn.Linear(features, config.exit_head) if config.exit_head else None
+        self.score = nn.Linear(config.exit_head or features, 1)
+        self.depth = float(config.num_hidden_layers)
+
+    def features(self, h: torch.Tensor, time: float | torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        norm = h.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        time = torch.as_tensor(time, dtype=h.dtype, device=h.device).expand_as(norm) / self.depth
+        return torch.cat([h / norm * h.shape[-1] ** 0.5, norm.log(), time], dim=-1)
+
+    def forward(self, h: torch.Tensor, time: float | torch.Tensor) -> torch.Tensor:
+        x = self.features(h, time).to(self.score.weight.dtype)
+        if self.hidden is not None:
+            x = F.silu(self.hidden(x))
+        return self.score(x).squeeze(-1).float()
+
+
 class OdeGPTPreTrainedModel(PreTrainedModel):
     config_class = OdeGPTConfig
     config: OdeGPTConfig
@@ -357,6 +383,7 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = OdeGPTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.exit_head = OdeGPTExitHead(config) if config.exit_head is not None else None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -457,6 +484,14 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
     def read_out(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of states ``h`` at any time: the final norm and LM head, as at the end of the solve."""
         return self.lm_head(self.model.norm(h))
+
+    def exit_score(self, h: torch.Tensor, time: float | torch.Tensor) -> torch.Tensor:
+        """The learned exit head's prediction for states ``h`` at solve time ``time``: ``log KL(p_end || p(h))``, the
+        distance of their read-out to the end of the step-size-1 solve (float32; a ValueError without a head)."""
+        if self.exit_head is None:
+            raise ValueError("this model has no learned exit head (config.exit_head is null): train one "
+                             "(train.exit_head_weight) or fit one (odegpt calibrate)")
+        return self.exit_head(h, time)
 
     def new_cache(self) -> OdeCache:
         """An empty KV cache of this model's layout (one slot per block evaluation, bound to its step size and

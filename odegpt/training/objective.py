@@ -38,6 +38,7 @@ from odegpt.model.loss import shifted_cross_entropy
 from odegpt.model.solver import plan_solve, solver_method
 
 from .distillation import Distillation, distillation_terms, teacher_view
+from .exit_head import exit_head_term
 
 # The solve every other step size is measured against: the trained depth's own resolution.
 REFERENCE_STEP_SIZE = 1.0
@@ -216,33 +217,44 @@ def objective_terms(
     model: torch.nn.Module, tokens: torch.Tensor, step_size: float, consistency_weight: float = 0.0,
     reference_weight: float = 0.0, readout_weights: dict[float, float] | None = None, solver: str | None = None,
     lm_weight: float = 1.0, distill: Distillation | None = None, teacher: torch.nn.Module | None = None,
+    exit_head_weight: float = 0.0, exit_head_positions: int = 256,
 ) -> dict[str, torch.Tensor]:
     """Every weighted term of the training loss of one micro-batch, by name, for the trainer to sum and to log:
     ``ce`` (``lm_weight`` x CE at the drawn ``a``), ``readout`` (the early read-outs' CEs), ``reference`` and
-    ``consistency`` (see :func:`language_model_loss`), and, with a ``teacher``, the distillation terms ``kl`` and
-    ``trajectory`` (odegpt.training.distillation). One solve at ``a`` serves them all."""
+    ``consistency`` (see :func:`language_model_loss`), with a ``teacher`` the distillation terms ``kl`` and
+    ``trajectory`` (odegpt.training.distillation), and ``exit``: the learned exit head's error at every state of the
+    solve on ``exit_head_positions`` positions (odegpt.training.exit_head; the model is not changed by it). One solve
+    at ``a`` serves them all."""
     inputs = tokens[:, :-1]
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     view = None if distill is None else teacher_view(teacher, inputs, distill.needs_states)
     if distill is not None and distill.stepwise:
         return distillation_terms(model, inputs, step_size, solver, distill, view, None, None)
     slots = readout_slots(module.config, step_size, readout_weights)
-    states = bool(slots) or (distill is not None and distill.needs_states)
+    states = bool(slots) or (distill is not None and distill.needs_states) or exit_head_weight > 0
     out = model(input_ids=inputs, step_size=step_size, use_cache=False, output_hidden_states=states, solver=solver)
     logits = out.logits.float()
     terms = {"ce": lm_weight * shifted_cross_entropy(logits, tokens)} if lm_weight > 0 else {}
     if slots:
         terms["readout"] = sum(weight * shifted_cross_entropy(module.read_out(out.hidden_states[k]).float(), tokens)
                                for k, weight in slots)
-    if step_size != REFERENCE_STEP_SIZE and (reference_weight > 0 or consistency_weight > 0):
-        terms.update(_reference_terms(model, inputs, tokens, logits, reference_weight, consistency_weight))
+    reference = logits
+    if step_size != REFERENCE_STEP_SIZE and (reference_weight > 0 or consistency_weight > 0 or exit_head_weight > 0):
+        reference_terms, reference = _reference_terms(model, inputs, tokens, logits, reference_weight,
+                                                      consistency_weight)
+        terms.update(reference_terms)
+    if exit_head_weight > 0:
+        terms["exit"] = exit_head_weight * exit_head_term(module, out.hidden_states, module.plan(step_size, solver),
+                                                          reference, exit_head_positions)
     if distill is not None:
         terms.update(distillation_terms(model, inputs, step_size, solver, distill, view, logits, out.hidden_states))
     return terms or {"ce": logits.new_zeros(())}
 
 
-def _reference_terms(model, inputs, tokens, logits, reference_weight: float, consistency_weight: float) -> dict:
-    """The fine solve's CE (``reference``) and the coarse solve's KL towards it (``consistency``)."""
+def _reference_terms(model, inputs, tokens, logits, reference_weight: float, consistency_weight: float
+                     ) -> tuple[dict, torch.Tensor]:
+    """The fine solve's CE (``reference``) and the coarse solve's KL towards it (``consistency``), and the fine
+    solve's logits (detached)."""
     def solve() -> torch.Tensor:
         return model(input_ids=inputs, step_size=REFERENCE_STEP_SIZE, use_cache=False).logits.float()
 
@@ -258,7 +270,7 @@ def _reference_terms(model, inputs, tokens, logits, reference_weight: float, con
         kl = F.kl_div(logits.flatten(0, 1).log_softmax(-1), reference.flatten(0, 1).log_softmax(-1),
                       log_target=True, reduction="batchmean")
         terms["consistency"] = consistency_weight * kl
-    return terms
+    return terms, reference
 
 
 def objective_flops_per_token(config: OdeGPTConfig, step_size: float, seq_len: int, consistency_weight: float = 0.0,

@@ -89,8 +89,8 @@ def native_folder(request, tmp_path_factory, tokenizer_dir) -> tuple[Path, Path]
     elif request.param.startswith("partially_shared"):
         model = tiny_model(PARTIALLY_SHARED, vocab_size=VOCAB,
                            solver="heun" if request.param.endswith("heun") else "euler")
-    else:
-        model = tiny_model(FULLY_SHARED, vocab_size=VOCAB, tie_word_embeddings=True, seed=1)
+    else:  # with a learned exit head (a linear one), which the folder's own decoders use
+        model = tiny_model(FULLY_SHARED, vocab_size=VOCAB, tie_word_embeddings=True, seed=1, exit_head=0)
     folder = save_native(model, root / "native", tokenizer_dir=tokenizer_dir)
     torch.manual_seed(2)
     single = torch.randint(4, VOCAB, (1, 7))
@@ -103,7 +103,15 @@ def native_folder(request, tmp_path_factory, tokenizer_dir) -> tuple[Path, Path]
         cases.append(dict(step_size=step_size, prompt=prompt, attention_mask=attention_mask, logits=logits,
                           new_tokens=10, greedy=greedy_without_cache(model, prompt, attention_mask, step_size, 10)))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    expected = dict(cases=cases, pad_token_id=0, draft_step_size=4.0, texts=TEXTS,
+    learned = None
+    if model.exit_head is not None:  # a threshold at the median score: some tokens exit, some do not
+        with torch.no_grad():
+            states = model(single, use_cache=False, output_hidden_states=True).hidden_states
+            threshold = float(model.exit_score(states[2], 2.0).median())
+            tokens = model.generate(single, exit_learned=threshold, kv_fill="copy", max_new_tokens=10,
+                                    do_sample=False, pad_token_id=0)
+        learned = dict(threshold=threshold, prompt=single, tokens=tokens)
+    expected = dict(cases=cases, pad_token_id=0, draft_step_size=4.0, texts=TEXTS, learned_exit=learned,
                     text_ids=[tokenizer(text)["input_ids"] for text in TEXTS])
     torch.save(expected, root / "expected.pt")
     return folder, root / "expected.pt"

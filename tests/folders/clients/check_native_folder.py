@@ -58,6 +58,15 @@ def main(folder: str, expected_path: str) -> None:
                              return_dict_in_generate=True, **greedy)
         check(f"self-speculative {tag}", torch.equal(out.sequences, case["greedy"]) and out.drafted_tokens > 0,
               f"\n got      {out.sequences.tolist()}\n expected {case['greedy'].tolist()}")
+    learned = expected.get("learned_exit")
+    if learned is not None:  # the folder's learned exit head, through its own decoders
+        never = model.generate(learned["prompt"], exit_learned=-float("inf"), max_new_tokens=10, **greedy)
+        check("learned exit that never fires", torch.equal(never, expected["cases"][0]["greedy"]),
+              f"\n got      {never.tolist()}\n expected {expected['cases'][0]['greedy'].tolist()}")
+        out = model.generate(learned["prompt"], exit_learned=learned["threshold"], kv_fill="copy", max_new_tokens=10,
+                             **greedy)
+        check("learned exit", torch.equal(out, learned["tokens"]),
+              f"\n got      {out.tolist()}\n expected {learned['tokens'].tolist()}")
     if expected.get("texts"):
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
         ids = [tokenizer(text)["input_ids"] for text in expected["texts"]]

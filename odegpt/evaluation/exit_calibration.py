@@ -1,0 +1,278 @@
+"""The learned exit head fitted on a frozen model, and its thresholds calibrated with a stated guarantee.
+
+``odegpt calibrate`` does both, from the same teacher-forced solves of calibration text:
+
+- **fit** (:func:`fit_exit_head`): the head's features and targets (odegpt.training.exit_head) at every state of the
+  step-size-1 solve; a linear head is the ridge regression of the targets on the features (closed form), a head with a
+  hidden layer is trained on them with Adam.
+- **calibrate** (:func:`calibrate_thresholds`): for a tolerance ``epsilon`` on the fraction of positions whose greedy
+  token the rule changes (against the full step-size-1 solve), the least conservative threshold whose changed-token
+  rate is at most ``epsilon`` with confidence ``1 - delta``: candidate thresholds are tested in order from the most
+  conservative, each by the Clopper-Pearson upper bound of its changed-token rate on held-out calibration tokens, and
+  the last one that passes is kept (fixed-sequence testing, as Learn-then-Test and CALM calibrate early exits).
+  With ``lazy`` fills the decoder's states are the teacher-forced ones, so the guarantee holds for the tokens the
+  calibration text is drawn like; ``copy`` and ``interpolate`` fills change later tokens' inputs slightly.
+  Two rules are calibrated: **exit** (a token stops at the first step whose score is below the threshold) and
+  **route** (a token solved at the swift step size is re-solved at 1 when its final state's score is above it).
+
+The thresholds live in ``exit_calibration.json`` in the model folder, one record per (rule, tolerance, step sizes).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from odegpt.training.exit_head import exit_target, log_target
+
+from .perplexity import Batch
+
+EXIT_CALIBRATION_FILE = "exit_calibration.json"
+RIDGE = 1.0
+CANDIDATE_THRESHOLDS = 200
+
+
+@dataclass
+class SolveRecord:
+    """Per scored token of the calibration text: the head's score after every step of the step-size-1 solve (and at
+    time 0), whether the greedy token read out there differs from the full solve's, and the score and changed flag of
+    the swift solve's final state."""
+
+    scores: torch.Tensor  # (tokens, steps + 1)
+    changed: torch.Tensor  # (tokens, steps + 1) bool
+    swift_scores: torch.Tensor | None = None  # (tokens,)
+    swift_changed: torch.Tensor | None = None  # (tokens,) bool
+
+
+def _inputs(batch: Batch) -> torch.Tensor:
+    return batch[:, :-1] if isinstance(batch, torch.Tensor) else batch[0]
+
+
+@torch.no_grad()
+def head_samples(model, batches: Iterable[Batch], positions: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, targets) of the head at every state of the step-size-1 solve, on ``positions`` positions of each
+    batch (each costs a read-out per state)."""
+    features, targets = [], []
+    plan = model.plan(1.0)
+    times = [0.0] + [step.end for step in plan]
+    generator = torch.Generator().manual_seed(0)
+    for batch in batches:
+        out = model(input_ids=_inputs(batch), step_size=1.0, use_cache=False, output_hidden_states=True)
+        flat = out.logits.flatten(0, 1)
+        chosen = torch.randperm(flat.shape[0], generator=generator)[:positions]
+        for h, time in zip(out.hidden_states, times):
+            states = h.flatten(0, 1)[chosen]
+            features.append(model.exit_head.features(states, time))
+            targets.append(log_target(exit_target(model.read_out(states), flat[chosen])))
+    return torch.cat(features), torch.cat(targets)
+
+
+def fit_exit_head(model, features: torch.Tensor, targets: torch.Tensor, epochs: int = 200) -> float:
+    """Fit the model's head to (features, targets) in place; returns the correlation of its predictions with the
+    targets on them. Linear: ridge regression; with a hidden layer: Adam on the squared error."""
+    head = model.exit_head
+    if head.hidden is None:
+        design = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], dim=1)
+        gram = design.T @ design + RIDGE * torch.eye(design.shape[1], dtype=torch.float64)
+        solution = torch.linalg.solve(gram, design.T @ targets.double())
+        with torch.no_grad():
+            head.score.weight.copy_(solution[:-1][None].to(head.score.weight.dtype))
+            head.score.bias.copy_(solution[-1:].to(head.score.bias.dtype))
+    else:
+        optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+        for _ in range(epochs):
+            with torch.enable_grad():
+                x = features.to(head.score.weight.dtype)
+                loss = (head.score(torch.nn.functional.silu(head.hidden(x))).squeeze(-1) - targets).pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    with torch.no_grad():
+        x = features.to(head.score.weight.dtype)
+        predicted = head.score(torch.nn.functional.silu(head.hidden(x)) if head.hidden is not None else x).squeeze(-1)
+    return float(torch.corrcoef(torch.stack([predicted.float(), targets.float()]))[0, 1])
+
+
+@torch.no_grad()
+def solve_records(model, batches: Iterable[Batch], swift_step_size: float | None = None) -> SolveRecord:
+    """The head's scores and the changed-token flags of every state of the step-size-1 solve (and of the swift
+    solve's end, when ``swift_step_size`` is given) on every position of ``batches``."""
+    plan = model.plan(1.0)
+    times = [0.0] + [step.end for step in plan]
+    scores, changed, swift_scores, swift_changed = [], [], [], []
+    for batch in batches:
+        inputs = _inputs(batch)
+        out = model(input_ids=inputs, step_size=1.0, use_cache=False, output_hidden_states=True)
+        final = out.logits.flatten(0, 1).argmax(-1)
+        per_state = [(model.exit_score(h.flatten(0, 1), time), model.read_out(h.flatten(0, 1)).argmax(-1) != final)
+                     for h, time in zip(out.hidden_states, times)]
+        scores.append(torch.stack([s for s, _ in per_state], dim=1))
+        changed.append(torch.stack([c for _, c in per_state], dim=1))
+        if swift_step_size is not None:
+            swift = model(input_ids=inputs, step_size=swift_step_size, use_cache=False, output_hidden_states=True)
+            end = model.plan(swift_step_size).steps[-1].end
+            swift_scores.append(model.exit_score(swift.hidden_states[-1].flatten(0, 1), end))
+            swift_changed.append(swift.logits.flatten(0, 1).argmax(-1) != final)
+    return SolveRecord(torch.cat(scores), torch.cat(changed),
+                       torch.cat(swift_scores) if swift_scores else None,
+                       torch.cat(swift_changed) if swift_changed else None)
+
+
+def upper_bound(failures: int, trials: int, delta: float) -> float:
+    """The one-sided Clopper-Pearson upper confidence bound (level 1 - delta) of a rate seen ``failures`` times in
+    ``trials``: the rate ``p`` at which seeing ``failures`` or fewer has probability ``delta`` (bisection on the
+    binomial tail)."""
+    if failures >= trials:
+        return 1.0
+    low, high = failures / trials, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if _binomial_cdf(failures, trials, middle) > delta:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space."""
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 0.0
+    i = torch.arange(k + 1, dtype=torch.float64)
+    terms = (math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1) + i * math.log(p)
+             + (n - i) * math.log1p(-p))
+    return float(torch.logsumexp(terms, 0).exp())
+
+
+def exit_outcome(record: SolveRecord, threshold: float, check_from: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(changed flag, executed steps) per token when each exits at the first state (from step ``check_from`` on) whose
+    score is below ``threshold``, or runs the whole solve."""
+    steps = record.scores.shape[1] - 1
+    below = record.scores[:, check_from:] < threshold
+    below[:, -1] = True  # the end of the solve: every token stops there
+    first = below.float().argmax(-1) + check_from
+    return record.changed.gather(1, first[:, None]).squeeze(1), first.clamp(max=steps).float()
+
+
+def route_outcome(record: SolveRecord, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(changed flag, routed flag) per token when tokens whose swift score is above ``threshold`` are re-solved."""
+    routed = record.swift_scores > threshold
+    return record.swift_changed & ~routed, routed
+
+
+def calibrate_thresholds(record: SolveRecord, rule: str, tolerance: float, delta: float = 0.05) -> dict:
+    """The least conservative threshold of ``rule`` (exit or route) whose changed-token rate is at most ``tolerance``
+    with confidence ``1 - delta`` on ``record`` (fixed-sequence testing from the most conservative candidate)."""
+    if not 0 < tolerance < 1 or not 0 < delta < 1:
+        raise ValueError(f"the tolerance and delta must be in (0, 1), got {tolerance!r} and {delta!r}")
+    scores = record.scores[:, 1:].flatten() if rule == "exit" else record.swift_scores
+    quantiles = torch.linspace(0, 1, CANDIDATE_THRESHOLDS, dtype=torch.float64)
+    candidates = torch.quantile(scores.double(), quantiles).tolist()
+    # exit: a larger threshold exits earlier (riskier); route: a larger one routes fewer (riskier)
+    chosen, tokens = None, len(record.scores)
+    for threshold in [-math.inf, *candidates] if rule == "exit" else [-math.inf, *candidates, math.inf]:
+        changed, cost = exit_outcome(record, threshold) if rule == "exit" else route_outcome(record, threshold)
+        bound = upper_bound(int(changed.sum()), tokens, delta)
+        if bound > tolerance:
+            break
+        chosen = dict(threshold=threshold, changed_rate=float(changed.float().mean()), upper_bound=bound,
+                      **({"mean_steps": float(cost.mean())} if rule == "exit" else
+                         {"routed_fraction": float(cost.float().mean())}))
+    if chosen is None:
+        raise ValueError(f"no threshold meets a tolerance of {tolerance:g} with confidence {1 - delta:g} on "
+                         f"{tokens:,} tokens: give a larger tolerance or more calibration text")
+    return dict(rule=rule, tolerance=tolerance, delta=delta, tokens=tokens, **chosen)
+
+
+def save_exit_calibration(model_dir: str | Path, records: list[dict]) -> Path:
+    """Add ``records`` to the folder's calibration file, replacing those of the same rule, tolerance and step sizes."""
+    path = Path(model_dir) / EXIT_CALIBRATION_FILE
+    kept = [r for r in load_exit_calibrations(model_dir)
+            if not any(_same(r, new) for new in records)]
+    path.write_text(json.dumps({"records": kept + records}, indent=2, allow_nan=True) + "\n")
+    return path
+
+
+def load_exit_calibrations(model_dir: str | Path) -> list[dict]:
+    path = Path(model_dir) / EXIT_CALIBRATION_FILE
+    return json.loads(path.read_text())["records"] if path.is_file() else []
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a["rule"] == b["rule"] and math.isclose(a["tolerance"], b["tolerance"]) and \
+        a.get("swift_step_size") == b.get("swift_step_size")
+
+
+def calibrated_threshold(model_dir: str | Path, rule: str, tolerance: float, swift_step_size: float | None = None
+                         ) -> float:
+    """The threshold the folder's calibration holds for ``rule`` at ``tolerance``, or a ValueError saying how to make
+    it."""
+    for record in load_exit_calibrations(model_dir):
+        if record["rule"] == rule and math.isclose(record["tolerance"], tolerance) and \
+                (rule == "exit" or record.get("swift_step_size") == swift_step_size):
+            return float(record["threshold"])
+    step = "" if rule == "exit" else f" --swift-step-size {swift_step_size:g}"
+    raise ValueError(f"--exit-tolerance {tolerance:g}: {model_dir} holds no calibrated {rule} threshold for it; run "
+                     f"`odegpt calibrate --model {model_dir} --data TEXT --tolerance {tolerance:g}{step}` first")
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """What ``odegpt calibrate`` was asked: the tolerances to calibrate thresholds for, their confidence, the swift
+    step size of the routing rule, the exit head to add when the model has none, whether to fit it again, and the
+    share of the text that fits the head (the rest calibrates the thresholds, held out from the fit)."""
+
+    tolerances: tuple[float, ...] = (0.02,)
+    delta: float = 0.05
+    swift_step_size: float = 4.0
+    exit_head: int = 0
+    refit: bool = False
+    fit_fraction: float = 0.5
+
+    def checked(self, config) -> CalibrationRequest:
+        for tolerance in self.tolerances:
+            if not 0 < tolerance < 1:
+                raise ValueError(f"--tolerance must be in (0, 1) (a fraction of changed tokens), got {tolerance:g}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"--delta must be in (0, 1), got {self.delta:g}")
+        if not 0 < self.fit_fraction < 1:
+            raise ValueError(f"--fit-fraction must be in (0, 1), got {self.fit_fraction:g}")
+        if isinstance(self.exit_head, bool) or self.exit_head < 0:
+            raise ValueError(f"--exit-head must be 0 (linear) or a hidden width >= 1, got {self.exit_head!r}")
+        config.solver_steps(self.swift_step_size, "--swift-step-size")
+        return self
+
+
+def calibrate_model(model, batches: list, request: CalibrationRequest, say) -> list[dict]:
+    """Fit the model's exit head (adding one if it has none) on the first ``fit_fraction`` of ``batches`` and
+    calibrate the exit and route thresholds of every tolerance on the rest; the records, each with the held-out
+    figures it was chosen on."""
+    from odegpt.model.modeling_odegpt import OdeGPTExitHead
+
+    split = max(1, min(len(batches) - 1, round(len(batches) * request.fit_fraction)))
+    if len(batches) < 2:
+        raise ValueError("--data gives fewer than 2 batches: the head is fitted on one part and the thresholds "
+                         "calibrated on another; give more text")
+    if model.exit_head is None or request.refit:
+        if model.exit_head is None:
+            model.config.exit_head = request.exit_head
+            model.exit_head = OdeGPTExitHead(model.config).to(model.dtype)
+        features, targets = head_samples(model, batches[:split])
+        correlation = fit_exit_head(model, features, targets)
+        say(f"fitted the exit head ({'linear' if not model.config.exit_head else f'hidden {model.config.exit_head}'}) "
+            f"on {len(targets):,} states: correlation {correlation:.2f} with log KL to the end of the solve")
+    record = solve_records(model, batches[split:], request.swift_step_size)
+    results = []
+    for tolerance in request.tolerances:
+        for rule in ("exit", "route"):
+            result = calibrate_thresholds(record, rule, tolerance, request.delta)
+            if rule == "route":
+                result["swift_step_size"] = request.swift_step_size
+            results.append(result)
+    return results

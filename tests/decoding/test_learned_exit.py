@@ -1,0 +1,150 @@
+"""The learned exit head: its target, decoding by it, calibrating its thresholds, and the calibrate command."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from odegpt.commands.cli import main as odegpt_main
+from odegpt.decoding.adaptive import AdaptiveDepth, adaptive_forward
+from odegpt.evaluation.exit_calibration import (
+    CalibrationRequest,
+    _binomial_cdf,
+    calibrate_model,
+    calibrate_thresholds,
+    exit_outcome,
+    solve_records,
+)
+from odegpt.training.exit_head import exit_target
+from tests.conftest import EXACT, FULLY_SHARED, PARTIALLY_SHARED, UNSHARED, damped, exact_model, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+def test_the_exit_target_is_zero_where_the_solve_has_converged():
+    model = exact_model(UNSHARED)
+    for block in model.model.blocks[1:]:  # every step after the first is the identity
+        block.self_attn.o_proj.weight.zero_()
+        block.mlp.down_proj.weight.zero_()
+    tokens = torch.randint(1, 97, (2, 9))
+    out = model(tokens, use_cache=False, output_hidden_states=True)
+    targets = [exit_target(model.read_out(h), out.logits) for h in out.hidden_states]
+    assert float(targets[0].max()) > 1e-3  # the embedding's read-out is not the end's
+    assert all(float(target.abs().max()) < 1e-9 for target in targets[1:])  # nothing left to change
+
+
+@pytest.mark.parametrize("segments", [FULLY_SHARED, PARTIALLY_SHARED], ids=["fully", "partially"])
+def test_a_learned_rule_that_never_fires_is_the_fixed_solve_with_and_without_the_cache(segments):
+    model = damped(exact_model(segments, exit_head=0), 0.3)
+    prompt = torch.randint(1, 97, (2, 8))
+    fixed = model(prompt, step_size=1.0, use_cache=False).logits
+    never = AdaptiveDepth(exit_learned=-float("inf"), kv_fill="lazy")
+    out = adaptive_forward(model, prompt, never)  # teacher-forced: no cache
+    torch.testing.assert_close(out.logits, fixed, **EXACT)
+    assert bool((out.counts.readouts == 1).all())  # the head scored the states; nothing was read out early
+    assert bool((out.counts.exit_scores == model.config.solver_steps(1.0) - 1).all())
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    plain = model.generate(prompt, **kwargs)
+    for fill in ("lazy", "copy", "interpolate"):
+        assert torch.equal(model.generate(prompt, exit_learned=-float("inf"), kv_fill=fill, **kwargs), plain)
+    # Routing: +inf routes nobody (the swift solve), -inf everybody (the super solve).
+    assert torch.equal(model.generate(prompt, route_learned=-float("inf"), **kwargs), plain)
+    assert torch.equal(model.generate(prompt, route_learned=float("inf"), **kwargs),
+                       model.generate(prompt, step_size=4.0, **kwargs))
+
+
+def test_an_exit_head_changes_nothing_the_model_computes_and_is_required_by_the_learned_rules():
+    with_head, without = tiny_model(FULLY_SHARED, exit_head=8), tiny_model(FULLY_SHARED)
+    missing = with_head.load_state_dict(without.state_dict(), strict=False).missing_keys
+    assert missing and all(name.startswith("exit_head.") for name in missing)  # the head is all that differs
+    tokens = torch.randint(1, 97, (1, 6))
+    assert torch.equal(with_head(tokens).logits, without(tokens).logits)
+    with pytest.raises(ValueError, match="has no learned exit head"):
+        without.generate(tokens, exit_learned=0.0, max_new_tokens=2, pad_token_id=0)
+
+
+def _random_batches(count: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 97, (8, 33), generator=generator) for _ in range(count)]
+
+
+def test_calibration_meets_its_tolerance_on_held_out_text():
+    # A model whose solve converges at different times for different tokens: exits are possible and risky.
+    model = damped(exact_model([{"depth": 8, "shared": True}], initializer_range=0.08), 0.4)
+    tolerance = 0.05
+    records = calibrate_model(model, _random_batches(24, seed=1), CalibrationRequest((tolerance,), exit_head=0),
+                              lambda message: None)
+    exit_record = next(r for r in records if r["rule"] == "exit")
+    assert exit_record["upper_bound"] <= tolerance and exit_record["mean_steps"] < 8  # it exits early, within bound
+    held_out = solve_records(model, _random_batches(24, seed=2))
+    changed, steps = exit_outcome(held_out, exit_record["threshold"])
+    # The guarantee bounds the true rate: the held-out count must be one a rate of `tolerance` makes likely (a
+    # one-sided binomial test at 1%), and tokens must exit early.
+    failures, tokens = int(changed.sum()), len(changed)
+    assert 1 - _binomial_cdf(failures - 1, tokens, tolerance) > 0.01, (failures, tokens)
+    assert float(steps.mean()) < 8
+    # A tighter tolerance gives a more conservative threshold and more steps.
+    tight = calibrate_thresholds(held_out, "exit", 0.01)
+    assert tight["threshold"] <= exit_record["threshold"] or tight["mean_steps"] >= exit_record["mean_steps"] - 1e-9
+
+
+def test_calibrate_writes_the_head_and_thresholds_that_generate_and_evaluate_use(model_folder, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    (tmp_path / "text.txt").write_text("def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 80)
+    code = odegpt_main(["calibrate", "--model", str(folder), "--data", str(tmp_path / "text.txt"), "--tolerance",
+                        "0.05,0.2", "--seq-len", "32"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "fitted the exit head (linear)" in out and " exit at tolerance 0.05:" in out and "route at tolerance" in out
+    assert (folder / "exit_calibration.json").is_file()
+    capsys.readouterr()
+    assert odegpt_main(["generate", "--model", str(folder), "--prompt", "def add(", "--max-new-tokens", "8",
+                        "--exit", "learned", "--exit-tolerance", "0.05"]) == 0
+    assert "adaptive depth:" in capsys.readouterr().err
+    assert odegpt_main(["generate", "--model", str(folder), "--prompt", "x", "--exit", "learned",
+                        "--exit-tolerance", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no calibrated exit threshold" in err and "odegpt calibrate" in err and err.count("\n") == 1
+    code = odegpt_main(["evaluate", "--model", str(folder), "--data", str(tmp_path / "text.txt"), "--seq-len", "32",
+                        "--step-sizes", "1", "--no-speed", "--exit", "learned", "--exit-tolerance", "0.05",
+                        "--truncate", "2", "--json"])
+    assert code == 0
+    import json
+
+    document = json.loads(capsys.readouterr().out)
+    methods = {row["method"] for row in document["adaptive"]}
+    assert methods == {"learned exit", "truncation"}
+
+
+def test_the_exit_head_trains_beside_the_model_without_changing_it():
+    from odegpt.training.objective import objective_terms
+
+    model = tiny_model(PARTIALLY_SHARED, exit_head=4).train()
+    tokens = torch.randint(1, 97, (2, 10))
+    with torch.enable_grad():
+        terms = objective_terms(model, tokens, 2.0, lm_weight=0.0, exit_head_weight=1.0, exit_head_positions=8)
+        assert set(terms) == {"exit"} and terms["exit"].item() > 0
+        terms["exit"].backward()
+    trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all(name.startswith("exit_head.") for name in trained), trained
+
+
+def test_a_draft_stopped_by_the_exit_head_keeps_the_output():
+    model = damped(exact_model(PARTIALLY_SHARED, exit_head=0), 0.05)
+    prompt = torch.randint(1, 97, (1, 6))
+    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, draft_step_size=4, draft_tokens=4,
+                  return_dict_in_generate=True)
+    plain = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    never, always = (model.generate(prompt, draft_stop_score=score, **kwargs) for score in (float("inf"), -float("inf")))
+    free = model.generate(prompt, **kwargs)
+    assert torch.equal(never.sequences, plain) and torch.equal(always.sequences, plain)
+    assert never.drafted_tokens == free.drafted_tokens  # no state scores above +inf
+    assert always.drafted_tokens <= always.target_forwards  # every round stops after its first draft
+    with pytest.raises(ValueError, match="give draft_step_size too"):
+        model.generate(prompt, draft_stop_score=0.0, max_new_tokens=2, pad_token_id=0)
