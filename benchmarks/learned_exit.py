@@ -1,0 +1,154 @@
+"""The learned exit on a model: its Pareto curve against truncation, entropy exit and energy routing, and its
+decode speed at a stated tolerance of changed greedy tokens (issue 28).
+
+    python benchmarks/learned_exit.py --model DIR --calibration TEXT... --data HELD_OUT... --output-dir OUT
+
+1. ``odegpt calibrate`` fits the model's exit head (a copy of the folder, in OUT/model) on the calibration text and
+   calibrates exit and routing thresholds for each ``--tolerances`` value on a held-out part of it;
+2. ``odegpt evaluate`` scores the held-out ``--data`` with every rule: the fixed step sizes, the truncated solve at
+   every step time, entropy exit at a range of thresholds, energy routing at a range of compute targets, and the
+   learned exit and routing at each tolerance (perplexity against mean executed steps and FLOPs);
+3. the learned rule's perplexity against the truncated solve's at the same mean executed steps (interpolated);
+4. decoding: tokens/s with the learned exit against plain decoding on the same prompts (interleaved rounds, median),
+   and the fraction of greedy tokens the exit changed.
+
+Writes OUT/learned_exit.json, OUT/learned_exit.md and the evaluation report (OUT/report: results.md, pareto.png).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def odegpt(*argv: str) -> str:
+    command = [sys.executable, "-m", "odegpt", *argv]
+    print("$ odegpt " + " ".join(argv), flush=True)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    sys.stderr.write(result.stderr[-2000:] if result.returncode else "")
+    if result.returncode:
+        raise SystemExit(f"learned_exit: failed ({result.returncode}): odegpt {' '.join(argv)}")
+    return result.stdout
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """The piecewise-linear curve through ``points`` (x, y) at ``x`` (None outside it)."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def decode_comparison(model_dir: Path, prompts: list[str], tolerance: float, new_tokens: int, rounds: int,
+                      threads: int) -> dict:
+    """Greedy decoding of ``prompts`` with the learned exit and without, interleaved rounds in this process: tokens/s
+    (median) of each and the fraction of generated tokens that differ."""
+    import torch
+
+    from odegpt.evaluation.exit_calibration import calibrated_threshold
+    from odegpt.folders.model_folder import load_model, load_tokenizer
+
+    torch.set_num_threads(threads)
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
+    threshold = calibrated_threshold(model_dir, "exit", tolerance)
+    settings = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id or 0)
+    ids = [torch.tensor([tokenizer(prompt)["input_ids"]]) for prompt in prompts]
+    times = {"plain": [], "learned exit": []}
+    outputs = {}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, extra in (("plain", {}), ("learned exit", {"exit_learned": threshold, "kv_fill": "copy"})):
+                start, tokens = time.perf_counter(), []
+                for prompt in ids:
+                    tokens.append(model.generate(prompt, **settings, **extra)[0, prompt.shape[1]:])
+                times[name].append(time.perf_counter() - start)
+                outputs[name] = tokens
+    generated = sum(len(t) for t in outputs["plain"])
+    changed = sum(int((a[:min(len(a), len(b))] != b[:min(len(a), len(b))]).sum()) + abs(len(a) - len(b))
+                  for a, b in zip(outputs["plain"], outputs["learned exit"]))
+    speeds = {name: generated / statistics.median(seconds) for name, seconds in times.items()}
+    return dict(tolerance=tolerance, threshold=threshold, prompts=len(prompts), new_tokens=new_tokens,
+                rounds=rounds, threads=threads, tokens_per_s=speeds,
+                speedup=speeds["learned exit"] / speeds["plain"], changed_tokens=changed / generated)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python benchmarks/learned_exit.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="native odegpt model folder (copied, never changed)")
+    parser.add_argument("--calibration", nargs="+", required=True, help="text to fit and calibrate the head on")
+    parser.add_argument("--data", nargs="+", required=True, help="held-out text to score")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--tolerances", default="0.02,0.05,0.1", help="changed-token tolerances (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--num-samples", type=int, default=None, help="prepared corpora: validation samples")
+    parser.add_argument("--entropies", default="0.5,1,2,3,4", help="entropy-exit thresholds (default: %(default)s)")
+    parser.add_argument("--targets", default="0.3,0.5,0.7", help="energy-routing compute targets")
+    parser.add_argument("--prompts", default=None, help="a file of prompts (one per line) for the decode comparison")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = out / "model"
+    if not (model / "exit_calibration.json").is_file():
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.copytree(args.model, model)
+        odegpt("calibrate", "--model", str(model), "--data", *args.calibration, "--tolerance", args.tolerances,
+               "--seq-len", str(args.seq_len), "--threads", str(args.threads))
+    depth = json.loads((model / "config.json").read_text())
+    depth = sum(segment["depth"] for segment in depth["segments"])
+    report = out / "report" / "results.json"
+    if not report.is_file():
+        prepared = [c for c in args.calibration if (Path(c) / "manifest.json").is_file()]
+        routing = ["--target-compute", args.targets, "--calibration-data", *prepared] if prepared else []
+        odegpt("evaluate", "--model", str(model), "--data", *args.data, "--seq-len", str(args.seq_len),
+               "--step-sizes", "1,2,4", "--no-speed", "--truncate", ",".join(str(t) for t in range(1, depth)),
+               "--exit-entropy", args.entropies, *routing, "--exit", "learned", "--route", "learned",
+               "--exit-tolerance", args.tolerances, "--kv-fill", "lazy", "--output", str(out / "report"),
+               "--threads", str(args.threads), *(["--num-samples", str(args.num_samples)] if args.num_samples else []))
+    document = json.loads(report.read_text())
+    truncation = [(r["executed_steps"], r["perplexity"]) for r in document["adaptive"] if r["method"] == "truncation"]
+    rows = []
+    for row in document["adaptive"]:
+        truncated = interpolate(truncation, row["executed_steps"])
+        rows.append(dict(method=row["method"], label=row["label"], executed_steps=row["executed_steps"],
+                         flops_per_token=row["flops_per_token"], perplexity=row["perplexity"],
+                         truncated_perplexity=truncated,
+                         vs_truncation=None if truncated is None else row["perplexity"] / truncated - 1))
+    prompts = Path(args.prompts).read_text().splitlines() if args.prompts else \
+        [line for line in Path(args.data[0]).read_text().splitlines() if len(line) > 40][:8]
+    decode = [decode_comparison(model, prompts, float(t), args.new_tokens, args.rounds, args.threads)
+              for t in args.tolerances.split(",")]
+    result = dict(model=args.model, data=args.data, calibration=args.calibration, depth=depth, rows=rows,
+                  decode=decode)
+    (out / "learned_exit.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| rule | mean executed steps | perplexity | truncated solve at those steps | vs truncation |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for row in sorted(rows, key=lambda r: (r["method"], r["executed_steps"])):
+        truncated = "-" if row["truncated_perplexity"] is None else f"{row['truncated_perplexity']:.2f}"
+        gain = "-" if row["vs_truncation"] is None else f"{row['vs_truncation']:+.1%}"
+        lines.append(f"| {row['label']} | {row['executed_steps']:.2f} | {row['perplexity']:.2f} | {truncated} "
+                     f"| {gain} |")
+    lines += ["", "| tolerance | plain tokens/s | learned exit tokens/s | speedup | changed greedy tokens |",
+              "| ---: | ---: | ---: | ---: | ---: |"]
+    for d in decode:
+        speeds = d["tokens_per_s"]
+        lines.append(f"| {d['tolerance']:g} | {speeds['plain']:.1f} | {speeds['learned exit']:.1f} "
+                     f"| {d['speedup']:.2f}x | {d['changed_tokens']:.1%} |")
+    (out / "learned_exit.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
