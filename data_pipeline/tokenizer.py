@@ -182,19 +182,30 @@ def _huggingface_fingerprint(directory: str | os.PathLike) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
+def check_tokenizer_files(directory: str | os.PathLike) -> None:
+    """The JSON files of a tokenizer folder parse and hold objects; a ValueError naming the file that does not."""
+    for name in (HF_FILE, HF_CONFIG_FILE, HF_SPECIAL_FILE, INFO_FILE):
+        path = Path(directory) / name
+        if path.is_file() and not isinstance(_json_of(path), dict):
+            raise ValueError(f"{path} is not a tokenizer file (not a JSON object): copy the tokenizer files again")
+
+
 def load_huggingface(directory: str | os.PathLike):
     """``AutoTokenizer.from_pretrained(directory)`` without running the folder's code, or a ValueError in one line
     naming the folder (a tokenizer.json or tokenizer_config.json that does not parse, an unknown class, ...)."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
-    for name in (HF_FILE, HF_CONFIG_FILE, HF_SPECIAL_FILE):
-        if (Path(directory) / name).is_file():
-            _json_of(Path(directory) / name)  # names the file that does not parse
+    check_tokenizer_files(directory)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # a model folder's config.json of a type transformers does not know
     try:
         return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as error:  # transformers and tokenizers raise many kinds on a bad file
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise ValueError(f"cannot load the tokenizer of {directory}: {reason}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def _huggingface_info(directory: str | os.PathLike) -> TokenizerInfo:

@@ -280,9 +280,12 @@ class ImportRequest:
 
 
 def import_model(request: ImportRequest):
-    """``(source, odegpt model, report)`` of a checked request; a source that cannot be imported is an InputError."""
+    """``(source, odegpt model, report)`` of a checked request (a folder, or a GGUF file: odegpt.folders.gguf_source);
+    a source that cannot be imported is an InputError."""
+    from .gguf_source import is_gguf, load_gguf_source
+
     try:
-        source = load_source(request.source)
+        source = load_gguf_source(request.source) if is_gguf(request.source) else load_source(request.source)
         model, report = retrofit(source, request.segments, request.init, request.relax_rank)
     except UnsupportedModelError as error:
         raise InputError(str(error)) from None
