@@ -50,3 +50,27 @@ def test_a_run_trains_converts_and_generates_with_a_hugging_face_tokenizer(hf_co
     assert odegpt_main(["generate", "--model", str(model), "--prompt", "def ", "--max-new-tokens", "8", "--json",
                         "--threads", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["completion_tokens"] >= 1
+
+
+def test_init_from_compares_hugging_face_fingerprints_as_odegpts(hf_corpus, tmp_path):
+    """``train.init_from`` a folder holding the run's Hugging Face tokenizer is accepted; one holding another
+    tokenizer (odegpt's, here) is refused, naming both."""
+    from data_pipeline.tokenizer import train_tokenizer
+    from launcher.config import ConfigError, load_config
+    from launcher.data import check_init_from_tokenizer, run_tokenizer
+    from odegpt import OdeGPTConfig, OdeGPTForCausalLM
+    from odegpt.folders.export import save_native
+
+    tokenizer, corpus = hf_corpus
+    (tmp_path / "code.txt").write_text((ROOT / "data_pipeline" / "prepare.py").read_text())
+    train_tokenizer([str(tmp_path / "code.txt")], tmp_path / "odegpt-tokenizer", vocab_size=400)
+    config = OdeGPTConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                          max_position_embeddings=256, segments=[{"depth": 2, "shared": True}])
+    for name, folder_tokenizer in (("same", tokenizer), ("other", tmp_path / "odegpt-tokenizer")):
+        save_native(OdeGPTForCausalLM(config), tmp_path / name, tokenizer_dir=folder_tokenizer)
+    real = [f"data.corpora=[{corpus}]", f"data.tokenizer={tokenizer}", "train.seq_len=64"]
+    same = load_config([], [*real, f"train.init_from={tmp_path / 'same'}"])
+    check_init_from_tokenizer(same, run_tokenizer(same))
+    other = load_config([], [*real, f"train.init_from={tmp_path / 'other'}"])
+    with pytest.raises(ConfigError, match="was trained with another tokenizer"):
+        check_init_from_tokenizer(other, run_tokenizer(other))
