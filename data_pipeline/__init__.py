@@ -3,7 +3,8 @@
 Modules, one idea each:
 
 * `tokenizer` - train a SentencePiece model (byte fallback, fixed special ids) and its Hugging
-  Face twin; `load_tokenizer(dir)`.
+  Face twin; read a tokenizer folder of either kind, odegpt's or any Hugging Face fast tokenizer
+  (`TokenizerInfo.load(dir)`, `tokenizer_fingerprint(dir)`, `load_tokenizer(dir)`).
 * `readers`   - input formats (txt/jsonl/json/parquet, gzip/zstd, saved HF datasets, ``stdlib``).
 * `prepare`   - parallel, streaming, resumable, deterministic tokenization into shards.
 * `shards`, `manifest` - the on-disk format (``.bin``/``.idx`` + ``manifest.json``) and its checks.

@@ -78,8 +78,9 @@ def register_prepare(subparsers) -> None:
                     "interruption to continue) and deterministic (same bytes for any --workers).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", metavar="PATH_OR_GLOB", help=_INPUT_HELP + " (required but with --merge)")
-    p.add_argument("--tokenizer", metavar="DIR", help="directory written by `odegpt tokenizer` (required but with "
-                                                      "--merge)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer folder: one written by `odegpt tokenizer`, or any Hugging Face fast tokenizer "
+                        "(tokenizer.json, e.g. a model folder from `odegpt import`); required but with --merge")
     p.add_argument("--output", required=True, metavar="DIR", help="prepared corpus directory")
     p.add_argument("--num-tasks", type=int, default=None,
                    help="array job: cut the inputs into this many slices (at about equal bytes), one per task "
@@ -177,8 +178,8 @@ def _check_tokenizer_record(m) -> None:
     if not directory.is_dir():
         return
     info = TokenizerInfo.load(directory)
-    actual = {"vocab_size": info.vocab_size, "eos_id": info.eos_id, "bos_id": info.bos_id, "pad_id": info.pad_id,
-              "unk_id": info.unk_id, "fingerprint": tokenizer_fingerprint(directory)}
+    actual = {"kind": info.kind, "vocab_size": info.vocab_size, **info.special_ids(),
+              "fingerprint": tokenizer_fingerprint(directory)}
     differing = [f"{key} {m.tokenizer.get(key)!r} (tokenizer: {value!r})" for key, value in actual.items()
                  if key in m.tokenizer and m.tokenizer[key] != value]
     if differing:
@@ -199,8 +200,8 @@ def run_inspect(args) -> int:
     print(f"corpus     {args.directory} (format {m.format_version})")
     print(f"  inputs     {' '.join(m.inputs.get('patterns', []))} ({m.inputs.get('files')} files, "
           f"{_si(m.inputs.get('bytes', 0), 'B')})")
-    print(f"  tokenizer  {tok.get('path')} ({tok.get('model_type')}, vocab {tok['vocab_size']}, "
-          f"eos {tok['eos_id']}, fingerprint {tok['fingerprint']})")
+    print(f"  tokenizer  {tok.get('path')} ({tok.get('kind', 'odegpt')} {tok.get('model_type')}, "
+          f"vocab {tok['vocab_size']}, eos {tok['eos_id']}, fingerprint {tok['fingerprint']})")
     print(f"  documents  {m.totals.get('documents')} (train {m.split_documents('train')}, "
           f"val {m.split_documents('val')})")
     print(f"  tokens     train {m.split_tokens('train')}, val {m.split_tokens('val')} ({m.dtype})")
@@ -210,7 +211,7 @@ def run_inspect(args) -> int:
     try:
         _check_tokenizer_record(m)
         verify_corpus(args.directory, m, checksum=not args.no_verify)
-    except (ShardError, ValueError) as error:  # a finding, not a usage error: exit 1, as fsck reports damage
+    except (ShardError, ValueError, OSError) as error:  # a finding, not a usage error: exit 1, as fsck reports damage
         print(f"odegpt inspect: {error}", file=sys.stderr)
         return 1
     files = sum(len(s.splits) for s in m.shards)

@@ -20,10 +20,11 @@ EMPTY, MODEL, CORPUS, RUN, TOKENIZER, UNKNOWN = "empty", "model", "corpus", "run
 DESCRIPTIONS = {EMPTY: "an empty folder", MODEL: "a model folder", CORPUS: "a prepared corpus",
                 RUN: "a training run", TOKENIZER: "a tokenizer", UNKNOWN: "a folder of files no odegpt command writes"}
 
-# A tokenizer's files: odegpt's (SentencePiece and its Hugging Face twin) and any Hugging Face tokenizer's.
+# A tokenizer's files: odegpt's (SentencePiece and its Hugging Face twin) and any Hugging Face tokenizer's (its
+# tokenizer.json, configs, the slow tokenizer's vocabulary files and chat template). Model folders carry them all.
 TOKENIZER_ENTRIES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                      "odegpt_tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-                     "chat_template.json"}
+                     "chat_template.json", "vocab.txt", "spiece.model"}
 # What a model folder holds besides its tokenizer (odegpt's exports and Hugging Face save_pretrained).
 MODEL_ENTRIES = {"config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin",
                  "custom_generate", "adaptive_calibration.json", "exit_calibration.json", "README.md"}

@@ -10,11 +10,12 @@ How it works, and why each property holds:
   equal bytes; each task prepares its slice into ``part-I-of-N`` as above, assigning splits by the
   same global positions, and `merge_parts` lists every part's shards in one manifest: the corpus
   holds the documents and tokens a one-node run writes, in the same order.
-* Worker processes tokenize chunks with SentencePiece and append EOS to every document. At
+* Worker processes tokenize chunks (SentencePiece for odegpt's tokenizers, the ``tokenizers`` library's
+  ``encode_batch`` for a Hugging Face one, no special tokens added) and append EOS to every document. At
   most ``2 * workers`` chunks are in flight, so peak memory does not grow with the corpus. A
-  document over `SEGMENT_CHARS` (1 Mi characters) is tokenized in segments cut at line breaks
-  (see `segments`), so memory grows with the largest document's size (a ``.txt`` file is read
-  whole: about 3x its size), not with the tokenizer's ~40x of it.
+  document over `SEGMENT_CHARS` (1 Mi characters) is tokenized in segments (see `segments` and
+  `exact_segments`), each cut where the tokens of the pieces are those of the whole, so memory grows with the
+  largest document's size (a ``.txt`` file is read whole: about 3x its size), not with the tokenizer's ~40x of it.
 * Results are consumed in chunk order and appended to the current shard; a shard is closed
   after the chunk that brings its train split to `shard_tokens`. Hence the bytes written are
   identical whatever `workers` is.
@@ -26,6 +27,7 @@ How it works, and why each property holds:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -45,7 +47,7 @@ from .folder_kinds import CORPUS, EMPTY, folder_kind
 from .manifest import FORMAT_VERSION, MANIFEST, Manifest, ShardRecord
 from .readers import Source, iter_documents, resolve_inputs
 from .shards import ShardWriter, choose_dtype, verify_shard
-from .tokenizer import MODEL_FILE, TokenizerInfo, tokenizer_fingerprint
+from .tokenizer import HF_FILE, HUGGINGFACE, MODEL_FILE, TokenizerInfo, tokenizer_fingerprint
 from .writer_lock import writer_lock
 
 PARTS = ".parts"
@@ -161,17 +163,105 @@ def _numbered_documents(sources: list[Source], text_key: str, first_source: int)
 
 
 # ---- worker side -------------------------------------------------------------------------------
-_SP = None
+_SP = None  # SentencePiece (odegpt's tokenizers)
+_HF = None  # tokenizers.Tokenizer (a Hugging Face tokenizer)
 _EOS = 2
 _DTYPE = np.dtype(np.uint16)
 
 
-def _init_worker(model_file: str, eos_id: int, dtype: str) -> None:
-    global _SP, _EOS, _DTYPE
-    import sentencepiece as spm
+@dataclass(frozen=True)
+class WorkerTokenizer:
+    """What a worker needs to tokenize: the file it reads (``tokenizer.model`` or ``tokenizer.json``), its kind,
+    the EOS id appended to every document, and whether a special token written in a text is text
+    (a Hugging Face tokenizer's ``split_special_tokens``, as transformers applies it)."""
 
-    _SP = spm.SentencePieceProcessor(model_file=model_file, num_threads=1)
-    _EOS, _DTYPE = eos_id, np.dtype(dtype)
+    path: str
+    kind: str
+    eos_id: int
+    split_special_tokens: bool = False
+
+
+def worker_tokenizer(directory: str | os.PathLike, info: TokenizerInfo) -> WorkerTokenizer:
+    """The `WorkerTokenizer` of a tokenizer folder of either kind."""
+    if info.kind == HUGGINGFACE:
+        from .tokenizer import load_huggingface
+
+        reference = load_huggingface(directory)
+        split = bool(getattr(reference, "split_special_tokens", False))
+        tokenizer = WorkerTokenizer(str(Path(directory) / HF_FILE), HUGGINGFACE, info.eos_id, split)
+        _check_same_encoding(directory, tokenizer, reference)
+        return tokenizer
+    return WorkerTokenizer(str(Path(directory) / MODEL_FILE), info.kind, info.eos_id)
+
+
+# A text on which the tokenizers library reading tokenizer.json must give transformers' ids: code, runs of spaces and
+# line breaks, tabs, digits, accents, CJK, an emoji, a contraction (the EOS token's text is added to it).
+PROBE_TEXT = ("def f(x):\n    return x  +  1\t# don't\n\n\n  Ünïcödé 中文 🙂 12345 3.14\r\nEnd. ")
+
+
+def _check_same_encoding(directory: str | os.PathLike, tokenizer: WorkerTokenizer, reference) -> None:
+    """prepare tokenizes with ``tokenizer.json`` alone; transformers (evaluate, generate) may read more of the
+    folder (a class that rebuilds the tokenizer, a config that changes it). Refuse a folder the two read apart."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(tokenizer.path)
+    backend.no_truncation()
+    backend.no_padding()
+    backend.encode_special_tokens = tokenizer.split_special_tokens
+    text = PROBE_TEXT + (reference.eos_token or "")
+    ours, theirs = backend.encode(text, add_special_tokens=False).ids, reference(text, add_special_tokens=False)
+    if list(ours) != list(theirs["input_ids"]):
+        raise ValueError(f"tokenizer {directory}: its {HF_FILE} read by the tokenizers library and the tokenizer "
+                         f"transformers loads from the folder encode the same text differently ({list(ours)[:8]} "
+                         f"against {list(theirs['input_ids'])[:8]}): save the tokenizer again with save_pretrained")
+
+
+def _init_worker(tokenizer: WorkerTokenizer, dtype: str) -> None:
+    global _SP, _HF, _EOS, _DTYPE
+    if tokenizer.kind == HUGGINGFACE:
+        from tokenizers import Tokenizer
+
+        _SP, _HF = None, Tokenizer.from_file(tokenizer.path)
+        _HF.no_truncation()
+        _HF.no_padding()
+        _HF.encode_special_tokens = tokenizer.split_special_tokens
+    else:
+        import sentencepiece as spm
+
+        _SP, _HF = spm.SentencePieceProcessor(model_file=tokenizer.path, num_threads=1), None
+    _EOS, _DTYPE = tokenizer.eos_id, np.dtype(dtype)
+
+
+def _spawned_worker(tokenizer: WorkerTokenizer, dtype: str) -> None:
+    """A worker process: one thread each (the ``tokenizers`` library would otherwise use every core in every
+    worker), then as in this process."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _init_worker(tokenizer, dtype)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """``--workers 1`` tokenizes in this process, on one thread, as a worker does."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def encode_texts(texts: list[str]) -> list:
+    """The worker tokenizer's ids of each text, no special tokens added."""
+    if _HF is not None:
+        return [encoding.ids for encoding in _HF.encode_batch(texts, add_special_tokens=False)]
+    return _SP.encode(texts, out_type=int, num_threads=1)
+
+
+def _encode_one(text: str) -> list[int]:
+    return encode_texts([text])[0]
 
 
 def _pack(ids: list) -> tuple[np.ndarray, np.ndarray]:
@@ -211,14 +301,63 @@ def segments(text: str, size: int = SEGMENT_CHARS) -> Iterator[str]:
     yield text[start:]
 
 
+# A cut of a Hugging Face tokenizer's text is tried only where pre-tokenizers end a piece in every tokenizer
+# odegpt has met (byte-level BPE, SentencePiece-based): after a line break between two characters that are not
+# whitespace, else before a run of spaces that follows one; each is then tested (see `cuts_exactly`).
+_LINE_CUT = re.compile(r"\S\n(?=\S)")
+_SPACE_CUT = re.compile(r"\S(?= )")
+CUT_CONTEXT = 1024  # characters each side of a cut that `cuts_exactly` tokenizes
+CUT_ATTEMPTS = 16   # cuts tested for one segment before the rest of the document is tokenized whole
+
+
+def cuts_exactly(text: str, cut: int, encode: Callable[[str], list[int]], context: int = CUT_CONTEXT) -> bool:
+    """Whether the tokens of ``text`` around ``cut`` (``context`` characters each side) are those of its two sides
+    tokenized apart. Byte-level BPE pre-tokenizers keep whitespace in other pieces than SentencePiece does (a
+    newline with the spaces after it, a space with the word after it), and some add a space to every text they
+    are given: a cut that one tokenizer allows, another does not."""
+    left, right = text[max(0, cut - context):cut], text[cut:cut + context]
+    return list(encode(left + right)) == list(encode(left)) + list(encode(right))
+
+
+def _cut_candidates(text: str, start: int, size: int) -> Iterator[int]:
+    """Where a segment starting at ``start`` may end: line breaks then spaces, last first, in the second half of its
+    window; then (a window with neither: a long run without whitespace) the first ones after it."""
+    low, end = start + size // 2, start + size
+    for pattern in (_LINE_CUT, _SPACE_CUT):
+        for match in reversed(list(pattern.finditer(text, low, end))):
+            yield match.end()
+    for pattern in (_LINE_CUT, _SPACE_CUT):
+        match = pattern.search(text, end)
+        if match is not None:
+            yield match.end()
+
+
+def exact_segments(text: str, encode: Callable[[str], list[int]], size: int = SEGMENT_CHARS) -> Iterator[str]:
+    """``text`` in consecutive pieces whose tokens (``encode``: a Hugging Face tokenizer's) are exactly those of the
+    whole: each cut is a candidate of `_cut_candidates` that `cuts_exactly` accepts. A piece is at most ``size``
+    characters unless its window has no line break or space; when ``CUT_ATTEMPTS`` candidates fail (a tokenizer
+    that adds a space to every text it is given), the rest of the text is one piece: exact, at the memory cost of
+    its length."""
+    start = 0
+    while len(text) - start > size:
+        cut = next((candidate for attempt, candidate in zip(range(CUT_ATTEMPTS), _cut_candidates(text, start, size))
+                    if cuts_exactly(text, candidate, encode)), None)
+        if cut is None:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def _encode_long(text: str) -> np.ndarray:
-    return np.concatenate([np.asarray(_SP.encode(piece, out_type=int), dtype=_DTYPE) for piece in segments(text)])
+    pieces = exact_segments(text, _encode_one) if _HF is not None else segments(text)
+    return np.concatenate([np.asarray(_encode_one(piece), dtype=_DTYPE) for piece in pieces])
 
 
 def _tokenize_chunk(chunk: Chunk) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
     short = [i for i, text in enumerate(chunk.texts) if len(text) <= SEGMENT_CHARS]
     ids: list = [None] * len(chunk.texts)
-    for i, encoded in zip(short, _SP.encode([chunk.texts[i] for i in short], out_type=int, num_threads=1)):
+    for i, encoded in zip(short, encode_texts([chunk.texts[i] for i in short])):
         ids[i] = encoded
     for i, text in enumerate(chunk.texts):
         if ids[i] is None:
@@ -304,6 +443,7 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     if fingerprint != info.fingerprint:
         raise ValueError(f"tokenizer {tok_dir}: {MODEL_FILE} fingerprint {fingerprint} does not match "
                          f"the recorded {info.fingerprint}; the directory was modified")
+    worker = worker_tokenizer(tok_dir, info)
     dtype = choose_dtype(info.vocab_size, cfg.dtype)
     key = _config_key(cfg, sources, fingerprint, dtype, first_source)
     task = None
@@ -318,7 +458,7 @@ def prepare(cfg: PrepareConfig) -> Manifest:
         out = out / part_name(cfg.task_index, cfg.num_tasks)
         check_corpus_output(out)
     with writer_lock(out, "corpus"):
-        return _prepare_locked(cfg, out, sources, first_source, key, task, info, fingerprint, dtype)
+        return _prepare_locked(cfg, out, sources, first_source, key, task, info, fingerprint, dtype, worker)
 
 
 def check_corpus_output(out: Path) -> None:
@@ -333,7 +473,7 @@ def check_corpus_output(out: Path) -> None:
 
 
 def _prepare_locked(cfg: PrepareConfig, out: Path, sources: list[Source], first_source: int, key: str, task,
-                    info: TokenizerInfo, fingerprint: str, dtype: np.dtype) -> Manifest:
+                    info: TokenizerInfo, fingerprint: str, dtype: np.dtype, worker: WorkerTokenizer) -> Manifest:
     """:func:`prepare` once its inputs are checked and it holds ``out``'s writer lock."""
     from tqdm import tqdm
 
@@ -358,7 +498,7 @@ def _prepare_locked(cfg: PrepareConfig, out: Path, sources: list[Source], first_
     chunks = (c for c in iter_chunks(sources, cfg, counters, warn=warn, first_source=first_source)
               if c.index >= skip_chunks)
     try:
-        _tokenize_into(sink, chunks, str(Path(cfg.tokenizer) / MODEL_FILE), info.eos_id, dtype, cfg.workers)
+        _tokenize_into(sink, chunks, worker, dtype, cfg.workers)
     except BaseException:
         sink.abort()
         bar.close()
@@ -410,17 +550,18 @@ class _ShardSink:
             writer.abort()
 
 
-def _tokenize_into(sink: _ShardSink, chunks: Iterator[Chunk], model_file: str, eos_id: int, dtype: np.dtype,
+def _tokenize_into(sink: _ShardSink, chunks: Iterator[Chunk], tokenizer: WorkerTokenizer, dtype: np.dtype,
                    workers: int) -> None:
     """Tokenize ``chunks`` in ``workers`` processes (in this one for 1), consumed in chunk order, at most
     ``2 * workers`` in flight; then close the last shard."""
     if workers == 1:
-        _init_worker(model_file, eos_id, dtype.name)
-        for chunk in chunks:
-            sink.consume(*_tokenize_chunk(chunk))
+        with _one_thread():
+            _init_worker(tokenizer, dtype.name)
+            for chunk in chunks:
+                sink.consume(*_tokenize_chunk(chunk))
     else:
-        with mp.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                          initargs=(model_file, eos_id, dtype.name)) as pool:
+        with mp.get_context("spawn").Pool(workers, initializer=_spawned_worker,
+                                          initargs=(tokenizer, dtype.name)) as pool:
             pending: deque = deque()
             for chunk in chunks:
                 pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
@@ -439,9 +580,8 @@ def _write_manifest(out: Path, cfg: PrepareConfig, sources: list[Source], key: s
     splits = _splits(cfg)
     manifest = Manifest(
         format_version=FORMAT_VERSION, config_key=key,
-        tokenizer={"fingerprint": fingerprint, "vocab_size": info.vocab_size, "model_type": info.model_type,
-                   "eos_id": info.eos_id, "bos_id": info.bos_id, "pad_id": info.pad_id,
-                   "unk_id": info.unk_id, "path": str(Path(cfg.tokenizer).resolve())},
+        tokenizer={"kind": info.kind, "fingerprint": fingerprint, "vocab_size": info.vocab_size,
+                   "model_type": info.model_type, **info.special_ids(), "path": str(Path(cfg.tokenizer).resolve())},
         dtype=dtype.name, shards=done,
         inputs={"patterns": list(cfg.inputs), "files": len(sources), "bytes": sum(s.size() for s in sources),
                 "text_key": cfg.text_key, "val_fraction": cfg.val_fraction, "seed": cfg.seed,

@@ -1,4 +1,15 @@
-"""SentencePiece tokenizer training, and its Hugging Face twin.
+"""Tokenizer folders: odegpt's own (SentencePiece and its Hugging Face twin) or any Hugging Face fast tokenizer.
+
+A tokenizer folder is one of two kinds (`tokenizer_kind`):
+
+* ``odegpt``: written by ``odegpt tokenizer``, recorded in ``odegpt_tokenizer.json``;
+* ``huggingface``: any Hugging Face fast tokenizer saved with ``save_pretrained`` (a ``tokenizer.json``: byte-level
+  BPE, SentencePiece-based, WordPiece, ...), such as the one ``odegpt import`` copies into a model folder.
+
+`TokenizerInfo.load` describes either (vocabulary size, special ids, the end-of-document token every document
+ends with, fingerprint), and `tokenizer_fingerprint` identifies either: the SentencePiece model's bytes for
+odegpt's (unchanged, so existing corpora and checkpoints stay valid), the files that define the encoding,
+canonicalised, for a Hugging Face tokenizer.
 
 `train_tokenizer` streams documents from any input `readers` understands, keeps a bounded,
 seeded reservoir sample of lines (memory does not grow with the corpus), trains a SentencePiece
@@ -24,7 +35,7 @@ import random
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .files import write_atomic, write_json_atomic
@@ -32,7 +43,10 @@ from .folder_kinds import EMPTY, TOKENIZER, folder_kind
 
 MODEL_FILE = "tokenizer.model"
 INFO_FILE = "odegpt_tokenizer.json"
+HF_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
+HF_SPECIAL_FILE = "special_tokens_map.json"
+ODEGPT, HUGGINGFACE = "odegpt", "huggingface"
 # transformers 5 saves a fast tokenizer as "TokenizersBackend", a class transformers 4 lacks ("Tokenizer class
 # TokenizersBackend does not exist"); "PreTrainedTokenizerFast" names the same tokenizer in both (5 aliases it).
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
@@ -44,22 +58,34 @@ UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 
 @dataclass
 class TokenizerInfo:
-    """What a tokenizer directory records about itself (``odegpt_tokenizer.json``)."""
+    """What a tokenizer folder says about itself: recorded in ``odegpt_tokenizer.json`` for odegpt's, read from the
+    tokenizer itself for a Hugging Face one (``kind``). A special id is None when the tokenizer has no such token;
+    every tokenizer has an end-of-document token (``eos_id``), which ``prepare`` appends to every document."""
 
     vocab_size: int
     model_type: str
     fingerprint: str
-    unk_id: int = UNK_ID
-    bos_id: int = BOS_ID
+    unk_id: int | None = UNK_ID
+    bos_id: int | None = BOS_ID
     eos_id: int = EOS_ID
-    pad_id: int = PAD_ID
+    pad_id: int | None = PAD_ID
     sampled_sentences: int = 0
+    kind: str = field(default=ODEGPT, compare=False)  # not in odegpt_tokenizer.json: the folder says it
 
     def save(self, directory: str | os.PathLike) -> None:
-        write_json_atomic(Path(directory, INFO_FILE), asdict(self))
+        record = asdict(self)
+        del record["kind"]
+        write_json_atomic(Path(directory, INFO_FILE), record)
+
+    def special_ids(self) -> dict[str, int | None]:
+        """The ids a manifest records, by name (``eos_id``, ...)."""
+        return {"eos_id": self.eos_id, "bos_id": self.bos_id, "pad_id": self.pad_id, "unk_id": self.unk_id}
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> TokenizerInfo:
+        """The folder's tokenizer, of either kind; a ValueError or FileNotFoundError in one line naming the fix."""
+        if tokenizer_kind(directory) == HUGGINGFACE:
+            return _huggingface_info(directory)
         path = Path(directory, INFO_FILE)
         if not path.is_file():
             raise FileNotFoundError(f"{directory} is not an odegpt tokenizer directory (no {INFO_FILE}); "
@@ -73,6 +99,29 @@ class TokenizerInfo:
             raise ValueError(f"{path} is not an odegpt tokenizer record ({error})") from None
 
 
+def tokenizer_kind(directory: str | os.PathLike) -> str:
+    """``odegpt`` (``odegpt_tokenizer.json``, or a bare SentencePiece ``tokenizer.model``) or ``huggingface`` (a
+    ``tokenizer.json`` without odegpt's record); a folder with neither is a FileNotFoundError naming the fix."""
+    folder = Path(directory)
+    if (folder / INFO_FILE).is_file():
+        return ODEGPT
+    if (folder / HF_FILE).is_file():
+        return HUGGINGFACE
+    if (folder / MODEL_FILE).is_file():
+        return ODEGPT
+    raise FileNotFoundError(f"{directory} holds no tokenizer: neither odegpt's ({INFO_FILE}, from `odegpt tokenizer`) "
+                            f"nor a Hugging Face fast tokenizer ({HF_FILE}, from save_pretrained)")
+
+
+def has_tokenizer(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a tokenizer of either kind."""
+    try:
+        tokenizer_kind(directory)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def fingerprint_file(path: str | os.PathLike) -> str:
     """blake2b-128 of a file's bytes: identifies a tokenizer model exactly."""
     digest = hashlib.blake2b(digest_size=16)
@@ -83,11 +132,97 @@ def fingerprint_file(path: str | os.PathLike) -> str:
 
 
 def tokenizer_fingerprint(directory: str | os.PathLike) -> str:
-    """Fingerprint of the tokenizer in `directory` (recomputed from the model file, not trusted)."""
+    """Fingerprint of the tokenizer in `directory`, of either kind (recomputed from its files, not trusted)."""
+    if tokenizer_kind(directory) == HUGGINGFACE:
+        return _huggingface_fingerprint(directory)
     model = Path(directory, MODEL_FILE)
     if not model.is_file():
         raise FileNotFoundError(f"tokenizer directory {directory} has no {MODEL_FILE}")
     return fingerprint_file(model)
+
+
+# ---- Hugging Face tokenizers -------------------------------------------------------------------------------------
+
+# What in tokenizer_config.json changes the ids of a text or the special ids (not the class that reads it, which
+# odegpt rewrites for older clients, nor the chat template or the maximum length).
+ENCODING_CONFIG_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "added_tokens_decoder",
+                        "additional_special_tokens", "bos_token", "do_lower_case", "eos_token",
+                        "extra_special_tokens", "legacy", "pad_token", "split_special_tokens", "unk_token")
+# What in tokenizer.json does not: how a batch is padded or cut, which prepare turns off.
+_NOT_ENCODING = ("padding", "truncation", "version")
+
+
+def _json_of(path: Path):
+    """The JSON document in ``path``, or a ValueError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"{path} is not a readable JSON file ({reason}): truncated or edited; copy the tokenizer "
+                         f"files again") from None
+
+
+def _huggingface_fingerprint(directory: str | os.PathLike) -> str:
+    """blake2b-128 of the files that define a Hugging Face tokenizer's encoding, canonicalised (parsed and written
+    with sorted keys): ``tokenizer.json`` without its padding and truncation, the encoding keys of
+    ``tokenizer_config.json`` and ``special_tokens_map.json``. Reformatting a file, or another tokenizer class
+    name, leaves it as it is; another vocabulary, merge, pre-tokenizer or special token changes it."""
+    folder = Path(directory)
+    tokenizer = _json_of(folder / HF_FILE)
+    if not isinstance(tokenizer, dict):
+        raise ValueError(f"{folder / HF_FILE} is not a tokenizer (not a JSON object)")
+    definition = {HF_FILE: {key: value for key, value in tokenizer.items() if key not in _NOT_ENCODING}}
+    if (folder / HF_CONFIG_FILE).is_file():
+        config = _json_of(folder / HF_CONFIG_FILE)
+        config = config if isinstance(config, dict) else {}
+        definition[HF_CONFIG_FILE] = {key: config[key] for key in ENCODING_CONFIG_KEYS if key in config}
+    if (folder / HF_SPECIAL_FILE).is_file():
+        definition[HF_SPECIAL_FILE] = _json_of(folder / HF_SPECIAL_FILE)
+    text = json.dumps(definition, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def check_tokenizer_files(directory: str | os.PathLike) -> None:
+    """The JSON files of a tokenizer folder parse and hold objects; a ValueError naming the file that does not."""
+    for name in (HF_FILE, HF_CONFIG_FILE, HF_SPECIAL_FILE, INFO_FILE):
+        path = Path(directory) / name
+        if path.is_file() and not isinstance(_json_of(path), dict):
+            raise ValueError(f"{path} is not a tokenizer file (not a JSON object): copy the tokenizer files again")
+
+
+def load_huggingface(directory: str | os.PathLike):
+    """``AutoTokenizer.from_pretrained(directory)`` without running the folder's code, or a ValueError in one line
+    naming the folder (a tokenizer.json or tokenizer_config.json that does not parse, an unknown class, ...)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    check_tokenizer_files(directory)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # a model folder's config.json of a type transformers does not know
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except Exception as error:  # transformers and tokenizers raise many kinds on a bad file
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ValueError(f"cannot load the tokenizer of {directory}: {reason}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def _huggingface_info(directory: str | os.PathLike) -> TokenizerInfo:
+    """A Hugging Face tokenizer's `TokenizerInfo`: ``len(tokenizer)`` (added tokens included) as its vocabulary
+    size, its special ids; refused in one line when it has no end-of-document token."""
+    tokenizer = load_huggingface(directory)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {directory} has no end-of-document token (eos_token), which odegpt puts after "
+                         f"every document; set one of its tokens as eos_token in {Path(directory, HF_CONFIG_FILE)} "
+                         f"(e.g. tokenizer.eos_token = '</s>'; tokenizer.save_pretrained(DIR))")
+    ids = tokenizer.get_vocab().values()
+    model = _json_of(Path(directory, HF_FILE)).get("model") or {}
+    return TokenizerInfo(vocab_size=max(len(tokenizer), max(ids, default=-1) + 1),
+                         model_type=str(model.get("type", "unknown")).lower(),
+                         fingerprint=_huggingface_fingerprint(directory), unk_id=tokenizer.unk_token_id,
+                         bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                         kind=HUGGINGFACE)
 
 
 def sample_sentences(documents: Iterable[str], max_sentences: int, seed: int = 0,
@@ -241,42 +376,47 @@ def write_hf_tokenizer(directory: str | os.PathLike) -> None:
         clean_up_tokenization_spaces=False, model_max_length=1 << 30,
     )
     hf.save_pretrained(str(directory))
-    make_tokenizer_config_portable(directory)
+    make_tokenizer_config_portable(directory, odegpt=True)
 
 
-def make_tokenizer_config_portable(directory: str | os.PathLike) -> None:
+def make_tokenizer_config_portable(directory: str | os.PathLike, odegpt: bool | None = None) -> None:
     """Make ``directory/tokenizer_config.json`` say the same tokenizer to every client:
 
     - the tokenizer class, so transformers 4.x and 5.x both load it (and 4.x, knowing the class, never needs
       the model's config or its custom code to pick one);
-    - ``add_bos_token``/``add_eos_token``/``add_prefix_space`` false, which is what the tokenizer does: llama.cpp's
-      converter reads these, and without them adds a BOS and a dummy space prefix to every text prompt."""
+    - for odegpt's tokenizers (``odegpt``; default: the folder holds odegpt's record),
+      ``add_bos_token``/``add_eos_token``/``add_prefix_space`` false, which is what the tokenizer does: llama.cpp's
+      converter reads these, and without them adds a BOS and a dummy space prefix to every text prompt. A Hugging
+      Face tokenizer keeps its own: they are part of how it encodes.
+
+    A config that is not a JSON object is a ValueError naming the file."""
     path = Path(directory, HF_CONFIG_FILE)
     if not path.is_file():
         return
-    config = json.loads(path.read_text())
+    config = _json_of(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a tokenizer config (not a JSON object): copy the tokenizer files again")
+    odegpt = (Path(directory) / INFO_FILE).is_file() if odegpt is None else odegpt
     portable = dict(config)
     if portable.get("tokenizer_class") in (None, "TokenizersBackend"):
         portable["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
-    for key in ("add_bos_token", "add_eos_token", "add_prefix_space"):
+    for key in ("add_bos_token", "add_eos_token", "add_prefix_space") if odegpt else ():
         portable.setdefault(key, False)
     if portable != config:
         write_json_atomic(path, portable)
 
 
 def load_tokenizer(directory: str | os.PathLike):
-    """Hugging Face fast tokenizer (`PreTrainedTokenizerFast`) of an odegpt tokenizer directory.
+    """The Hugging Face fast tokenizer of a tokenizer folder of either kind, never running the folder's code.
 
-    A thin wrapper over ``AutoTokenizer.from_pretrained``; it encodes and decodes exactly like
-    ``tokenizer.model``. Special ids are fixed: unk=0, bos=1, eos=2, pad=3 (see
-    `TokenizerInfo.load(directory)` for the recorded vocab size and fingerprint). Encoding adds
-    no BOS/EOS; `prepare` appends EOS after every document.
+    For odegpt's it encodes and decodes exactly like ``tokenizer.model``, with fixed special ids unk=0, bos=1,
+    eos=2, pad=3; see `TokenizerInfo.load(directory)` for the vocabulary size, the special ids and the
+    fingerprint of either kind. `prepare` appends EOS after every document.
     """
-    from transformers import AutoTokenizer
-
-    if not Path(directory, "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{directory} has no tokenizer.json; create it with `odegpt tokenizer`")
-    return AutoTokenizer.from_pretrained(str(directory))
+    if not Path(directory, HF_FILE).is_file():
+        raise FileNotFoundError(f"{directory} has no {HF_FILE}: not a tokenizer folder (create one with `odegpt "
+                                f"tokenizer`, or save a Hugging Face fast tokenizer there with save_pretrained)")
+    return load_huggingface(directory)
 
 
 def load_sentencepiece(directory: str | os.PathLike):

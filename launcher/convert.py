@@ -111,16 +111,18 @@ def _consolidated_model(located: checkpointing.Checkpoint, tokenizer_dir: str | 
     from odegpt import OdeGPTConfig, OdeGPTForCausalLM
     from odegpt.folders.integrity import check_finite_weights
 
+    tokenizer = None
+    if tokenizer_dir is not None:  # odegpt's or a Hugging Face tokenizer; one that does not load, before the weights
+        from data_pipeline.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir)
     state_dict = _load_weights(located)
     try:
         check_finite_weights(state_dict.items(), f"checkpoint {located.path}")
     except ValueError as error:
         raise CheckpointError(str(error)) from None
     model_fields = dict(located.state["config"]["model"])
-    if tokenizer_dir is not None:
-        from data_pipeline.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer is not None:
         model_fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
     config = OdeGPTConfig(**model_fields)

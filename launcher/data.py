@@ -53,7 +53,7 @@ def run_tokenizer(config: RunConfig) -> dict | None:
     if config.data.tokenizer:
         try:
             return {"path": str(config.data.tokenizer), "fingerprint": tokenizer_fingerprint(config.data.tokenizer)}
-        except OSError as error:
+        except (OSError, ValueError) as error:
             raise ConfigError(f"data.tokenizer: {error}") from None
     for corpus in config.data.corpora:
         try:
@@ -90,7 +90,7 @@ def check_init_from_tokenizer(config: RunConfig, current: dict | None) -> None:
         fingerprint = tokenizer_fingerprint(folder)
     except FileNotFoundError:
         return  # the folder holds no tokenizer to compare with
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise ConfigError(f"train.init_from {folder}: its tokenizer cannot be read ({error})") from None
     if fingerprint != current.get("fingerprint"):
         raise ConfigError(f"train.init_from {folder} was trained with another tokenizer: "

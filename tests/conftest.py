@@ -92,3 +92,27 @@ def model_folder(tmp_path_factory):
     with torch.no_grad():
         model.lm_head.weight[[i for i, piece in enumerate(pieces) if piece.startswith("<0x")]] = 0
     return save_native(model, root / "model", tokenizer_dir=root / "tokenizer")
+
+
+HF_EOS = "<|endoftext|>"
+
+
+def hf_tokenizer_folder(folder, text: str | None = None, vocab_size: int = 400, eos_token: str | None = HF_EOS,
+                        add_prefix_space: bool = False):
+    """A tiny byte-level BPE tokenizer (GPT-2's pre-tokenizer) trained with the ``tokenizers`` library on ``text``
+    (default: some of odegpt's own source), saved as a Hugging Face fast tokenizer folder with ``eos_token``."""
+    from pathlib import Path
+
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if text is None:
+        root = Path(__file__).resolve().parents[1]
+        text = "".join((root / name).read_text() for name in ("odegpt/folders/export.py", "data_pipeline/prepare.py"))
+    tokenizer = ByteLevelBPETokenizer(add_prefix_space=add_prefix_space)
+    tokenizer.train_from_iterator([text], vocab_size=vocab_size, min_frequency=2, special_tokens=[HF_EOS],
+                                  show_progress=False)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer._tokenizer,
+                                 **({} if eos_token is None else {"eos_token": eos_token}))
+    hf.save_pretrained(str(folder))
+    return Path(folder)

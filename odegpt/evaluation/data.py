@@ -62,8 +62,11 @@ def prepared_batches(corpora: list[str], model_dir: str | Path, cut: EvaluationD
                      vocab_size: int | None = None) -> list[torch.Tensor]:
     """(B, seq_len + 1) token batches of the prepared corpora's validation samples; corpora tokenized with a
     vocabulary larger than the model's ``vocab_size``, or by another tokenizer than the folder's, are refused."""
-    # The model folder's tokenizer, when it has one, must be the one the corpora were prepared with.
-    tokenizer_dir = model_dir if (Path(model_dir) / "tokenizer.model").is_file() else None
+    from data_pipeline.tokenizer import has_tokenizer
+
+    # The model folder's tokenizer (odegpt's or a Hugging Face one), when it has one, must be the one the corpora
+    # were prepared with.
+    tokenizer_dir = model_dir if has_tokenizer(model_dir) else None
     try:
         # The whole validation split, unshuffled; then the same evenly spread subset training evaluates.
         _, valid = build_datasets(corpora, None, cut.seq_len, seed=0, num_train_samples=0, num_valid_samples=None,

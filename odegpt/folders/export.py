@@ -30,20 +30,20 @@ from .model_folder import quiet_transformers
 DECODING_DIR = Path(__file__).resolve().parent.parent / "decoding"
 # Block weights that multiply a residual branch's output: where a step's dt is folded in.
 _BRANCH_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
-# A tokenizer travels with its model folder: the Hugging Face files, the SentencePiece model and
-# odegpt's record of special ids and fingerprint (data_pipeline writes them all).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "odegpt_tokenizer.json")
 
 
 def copy_tokenizer(source: str | Path | None, output_dir: str | Path) -> list[str]:
-    """Copy the tokenizer files found in ``source`` into ``output_dir``; return their names. A tokenizer written
-    before its config named a class transformers 4.x knows gets one in the copy."""
+    """Copy the tokenizer files found in ``source`` into ``output_dir``; return their names. A tokenizer travels with
+    its model folder whole: odegpt's (the Hugging Face files, the SentencePiece model and odegpt's record of special
+    ids and fingerprint) or a Hugging Face tokenizer's (tokenizer.json, its configs, vocabulary files and chat
+    template; ``data_pipeline.folder_kinds.TOKENIZER_ENTRIES``). A tokenizer written before its config named a
+    class transformers 4.x knows gets one in the copy."""
+    from data_pipeline.folder_kinds import TOKENIZER_ENTRIES
     from data_pipeline.tokenizer import make_tokenizer_config_portable
 
     if source is None or Path(source).resolve() == Path(output_dir).resolve():
         return []
-    copied = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+    copied = sorted(name for name in TOKENIZER_ENTRIES if (Path(source) / name).is_file())
     for name in copied:
         shutil.copyfile(Path(source) / name, Path(output_dir) / name)
     make_tokenizer_config_portable(output_dir)
@@ -119,7 +119,8 @@ def llama_config_for(config: OdeGPTConfig, num_layers: int) -> LlamaConfig:
         num_key_value_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
         max_position_embeddings=config.max_position_embeddings,
-        rope_parameters=dict(config.source_rope_parameters or {"rope_type": "default", "rope_theta": config.rope_theta}),
+        rope_parameters=dict(config.source_rope_parameters
+                             or {"rope_type": "default", "rope_theta": config.rope_theta}),
         rms_norm_eps=config.rms_norm_eps,
         tie_word_embeddings=config.tie_word_embeddings,
         hidden_act="silu",
@@ -209,16 +210,33 @@ def gguf_file_name(step_size: float, dtype: str) -> str:
 def save_gguf(model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float, tokenizer_dir: str | Path,
               dtype: str = "f16", name: str = "odegpt") -> Path:
     """Write ``output_dir/odegpt-a{step}-{dtype}.gguf``: the model unrolled at ``step_size`` as a llama.cpp
-    ``llama`` model, with the SentencePiece vocabulary of ``tokenizer_dir`` and the tokenizer settings that make
-    llama.cpp tokenize a text prompt exactly as the folder's tokenizer does (no BOS, no dummy space prefix).
+    ``llama`` model, with the vocabulary of ``tokenizer_dir`` written so that llama.cpp tokenizes a text exactly as
+    the folder's tokenizer does (odegpt's SentencePiece or a Hugging Face byte-level BPE: ``gguf_vocabulary``).
     Matrices are stored in ``dtype`` (f32, f16 or bf16); norms stay f32, as llama.cpp's converter keeps them."""
     import gguf
 
-    from data_pipeline.tokenizer import TokenizerInfo, load_sentencepiece
+    from .gguf_vocabulary import gguf_vocabulary
 
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
-    config = model.config
+    check_gguf_model(model.config)
+    vocabulary = gguf_vocabulary(tokenizer_dir, model.config.vocab_size)
+    llama = unroll_to_llama(model, step_size).float()
+    output = Path(output_dir) / gguf_file_name(step_size, dtype)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(output), "llama")
+    _write_gguf_hyperparameters(writer, model.config, llama.config.num_hidden_layers, name, dtype)
+    vocabulary.write(writer)
+    _write_gguf_tensors(writer, llama, model.config, dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return output
+
+
+def check_gguf_model(config: OdeGPTConfig) -> None:
+    """The GGUF export writes llama.cpp's bias-free llama with default rotary positions; anything else is refused."""
     unsupported = [name for name in ("attention_bias", "attention_output_bias", "mlp_bias") if getattr(config, name)]
     if config.rotary_inv_freq is not None:
         unsupported.append(f"rotary scaling {config.source_rope_parameters}")
@@ -226,21 +244,22 @@ def save_gguf(model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float
         raise ValueError(f"the GGUF export writes llama.cpp's bias-free llama with default rotary positions; this "
                          f"model has {', '.join(unsupported)}: export it unrolled (--format unrolled) and convert that "
                          f"folder with llama.cpp's convert_hf_to_gguf.py")
-    llama = unroll_to_llama(model, step_size).float()
-    processor, info = load_sentencepiece(tokenizer_dir), TokenizerInfo.load(tokenizer_dir)
-    if processor.get_piece_size() > config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_dir} has {processor.get_piece_size()} pieces, more than the model's "
-                         f"vocab_size {config.vocab_size}")
-    output = Path(output_dir) / gguf_file_name(step_size, dtype)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(output), "llama")
+
+
+def _write_gguf_hyperparameters(writer, config: OdeGPTConfig, layers: int, name: str, dtype: str) -> None:
+    """The llama architecture's keys. The head size is written too (key and value length): llama.cpp otherwise
+    takes hidden_size / heads, which an imported model's explicit head_dim need not be."""
+    import gguf
+
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(llama.config.num_hidden_layers)
+    writer.add_block_count(layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
@@ -248,33 +267,10 @@ def save_gguf(model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype])
 
-    # The vocabulary as llama.cpp's SentencePiece ("llama") tokenizer reads it: pieces, scores, types; the
-    # model's rows beyond the tokenizer's pieces are unused.
-    types, tokens, scores = [], [], []
-    for index in range(config.vocab_size):
-        if index >= processor.get_piece_size():
-            tokens.append(f"[PAD{index}]".encode())
-            scores.append(-1000.0)
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        tokens.append(processor.id_to_piece(index).encode())
-        scores.append(processor.get_score(index))
-        types.append(gguf.TokenType.UNKNOWN if processor.is_unknown(index) else gguf.TokenType.CONTROL
-                     if processor.is_control(index) else gguf.TokenType.UNUSED if processor.is_unused(index)
-                     else gguf.TokenType.BYTE if processor.is_byte(index) else gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(info, f"{kind}_id")
-        if token_id is not None and token_id >= 0:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
-    writer.add_add_bos_token(False)
-    writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(False)
-    writer.add_remove_extra_whitespaces(False)
+
+def _write_gguf_tensors(writer, llama: LlamaForCausalLM, config: OdeGPTConfig, dtype: str) -> None:
+    """The unrolled Llama's tensors under llama.cpp's names, q/k rows in its rotary order, matrices in ``dtype``."""
+    import gguf
 
     quantization = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16}.get(dtype)
     for source, tensor in llama.state_dict().items():
@@ -295,11 +291,6 @@ def save_gguf(model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float
             writer.add_tensor(target, data.astype(np.float32))
         else:
             writer.add_tensor(target, gguf.quants.quantize(data, quantization), raw_dtype=quantization)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return output
 
 
 EXPORT_FORMATS = ("native", "unrolled", "gguf")
@@ -309,11 +300,21 @@ _GGUF_DTYPE_NAMES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", Non
 def check_export(config, model_dir: str | Path, kind: str, step_size: float | None) -> float:
     """The step size an export of ``kind`` is written at (default: the model's), checked with everything else an
     export needs against the folder's config before any weight is read; a ValueError names the flag."""
+    from data_pipeline.tokenizer import has_tokenizer
+
+    from .model_folder import check_tokenizer_folder
+
     if kind not in EXPORT_FORMATS:
         raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {kind!r}")
-    if kind == "gguf" and not (Path(model_dir) / "tokenizer.model").is_file():
-        raise ValueError(f"--format gguf needs the SentencePiece tokenizer.model in {model_dir}, for the GGUF "
-                         f"vocabulary (odegpt convert copies the run's tokenizer into the model folder)")
+    if kind == "gguf" and not has_tokenizer(model_dir):
+        raise ValueError(f"--format gguf needs the model's tokenizer in {model_dir} (odegpt's tokenizer.model, or a "
+                         f"Hugging Face tokenizer.json), for the GGUF vocabulary (odegpt convert copies the run's "
+                         f"tokenizer into the model folder)")
+    check_tokenizer_folder(model_dir, config.vocab_size)  # as generate checks it: files, odegpt's record, size
+    if kind == "gguf":
+        from .gguf_vocabulary import gguf_vocabulary
+
+        gguf_vocabulary(model_dir, config.vocab_size)  # one line now, not after the weights are read
     if config.model_type != "odegpt":  # a Llama: its odegpt config exists once it is imported
         return 1.0 if step_size is None else step_size
     step_size = config.step_size if step_size is None else step_size

@@ -40,8 +40,9 @@ from odegpt.model.configuration_odegpt import OdeGPTConfig, parse_segments
 from odegpt.model.modeling_odegpt import OdeGPTForCausalLM, OdeGPTLinear
 
 from .calibrated_init import CALIBRATED_RULES, BlockFit, InputMoments, fit_block, input_moments
+from .gguf_source import is_gguf, load_gguf_source
 from .integrity import check_finite_weights
-from .model_folder import MAX_FOLDER_LAYERS, load_config, load_model, load_tokenizer, quiet_transformers
+from .model_folder import MAX_FOLDER_LAYERS, load_config, load_model, quiet_transformers
 
 # Architectures whose decoder layer is the odegpt block (pre-norm RMSNorm, rotary attention with optional GQA and
 # biases, SwiGLU MLP), by config.json model_type.
@@ -359,17 +360,15 @@ class ImportRequest:
         if self.seq_len < 2 or self.max_batches < 1:
             raise InputError(f"--seq-len must be >= 2 and --max-batches >= 1, got {self.seq_len} and "
                              f"{self.max_batches}")
-        if any((Path(self.source) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-            load_tokenizer(self.source)  # carried into the model folder: a broken one is refused before the work
         return replace(self, segments=segments, init=init, relax_rank=relax_rank)
 
 
 def import_model(request: ImportRequest, calibration: list | None = None):
-    """``(source, odegpt model, report)`` of a checked request; a source that cannot be imported is an InputError.
-    With ``calibration`` token batches, the shared blocks are fitted to what the source's layers compute on them
-    (odegpt.folders.calibrated_init)."""
+    """``(source, odegpt model, report)`` of a checked request (a folder, or a GGUF file: odegpt.folders.gguf_source);
+    a source that cannot be imported is an InputError. With ``calibration`` token batches, the shared blocks are
+    fitted to what the source's layers compute on them (odegpt.folders.calibrated_init)."""
     try:
-        source = load_source(request.source)
+        source = load_gguf_source(request.source) if is_gguf(request.source) else load_source(request.source)
         moments = None if calibration is None else input_moments(source, calibration)
         model, report = retrofit(source, request.segments, request.init, request.relax_rank, moments)
     except UnsupportedModelError as error:

@@ -238,10 +238,13 @@ def load_tokenizer(folder: str | Path, vocab_size: int | None = None, padding_si
     odegpt's record of it when the folder has one, and against the model's ``vocab_size`` when given: a larger
     tokenizer's ids would index past the embedding. With ``padding_side`` it pads on that side, with its EOS
     token when it has no padding token of its own."""
+    from data_pipeline.tokenizer import check_tokenizer_files
+
     check_tokenizer_record(folder)
     try:
+        check_tokenizer_files(folder)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # transformers and tokenizers raise many kinds on a bad file
         raise _one_line("tokenizer", folder, error) from None
     check_vocabulary(len(tokenizer), vocab_size, f"the tokenizer of {folder}")
     if padding_side is not None:
@@ -249,6 +252,16 @@ def load_tokenizer(folder: str | Path, vocab_size: int | None = None, padding_si
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_tokenizer_folder(folder: str | Path, vocab_size: int | None = None) -> None:
+    """Before any work: the tokenizer ``folder`` holds, when it holds one (odegpt's or a Hugging Face one), loads as
+    :func:`load_tokenizer` loads it (its files parse, odegpt's record matches it, it fits ``vocab_size``); a one-line
+    InputError otherwise."""
+    from data_pipeline.tokenizer import has_tokenizer
+
+    if has_tokenizer(folder):
+        load_tokenizer(folder, vocab_size)
 
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
