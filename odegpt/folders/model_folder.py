@@ -258,10 +258,11 @@ def check_tokenizer_folder(folder: str | Path, vocab_size: int | None = None) ->
     """Before any work: the tokenizer ``folder`` holds, when it holds one (odegpt's or a Hugging Face one), loads as
     :func:`load_tokenizer` loads it (its files parse, odegpt's record matches it, it fits ``vocab_size``); a one-line
     InputError otherwise."""
+    from data_pipeline.folder_kinds import TOKENIZER_ENTRIES
     from data_pipeline.tokenizer import has_tokenizer
 
-    if has_tokenizer(folder):
-        load_tokenizer(folder, vocab_size)
+    if has_tokenizer(folder) or any((Path(folder) / name).is_file() for name in TOKENIZER_ENTRIES):
+        load_tokenizer(folder, vocab_size)  # a tokenizer file alone (a config without its tokenizer) is one too
 
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
