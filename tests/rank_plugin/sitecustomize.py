@@ -76,8 +76,8 @@ def _patch_train(train) -> None:
 
         @functools.wraps(micro_batch_loss)
         def nonfinite_loss(self, *args, **kwargs):
-            loss = micro_batch_loss(self, *args, **kwargs)
-            return loss * float("nan") if self.step in nonfinite else loss
+            terms = micro_batch_loss(self, *args, **kwargs)  # every loss term by name
+            return {name: term * float("nan") for name, term in terms.items()} if self.step in nonfinite else terms
 
         trainer.micro_batch_loss = nonfinite_loss
 
