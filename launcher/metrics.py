@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.metrics", description=main.__doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR")
     args = parser.parse_args(argv)
-    print(f"{'ranks':>5} {'steps':>6} {'tokens/s':>10} {'tokens/s/rank':>14} {'MFU':>6} {'loss':>7}  peak memory per rank (GiB)")
+    print(f"{'ranks':>5} {'steps':>6} {'tokens/s':>10} {'tokens/s/rank':>14} {'MFU':>6} {'loss':>7}"
+          "  peak memory per rank (GiB)")
     failed = False
     for run in args.runs:
         try:

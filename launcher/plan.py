@@ -132,18 +132,22 @@ def format_plan(plan: Plan, config, gpu_tflops: float, mfu: float) -> str:
     lines = [f"{plan.name}: {format_count(plan.parameters)} parameters "
              f"(segments {config.model.segments}), {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s)",
              f"  per token, context {t.seq_len}:"]
-    lines += [f"    a={a:<5g} {plan.executed_steps[a]:>4} solver steps  forward {format_count(plan.flops_per_token[a])}FLOP"
+    lines += [f"    a={a:<5g} {plan.executed_steps[a]:>4} solver steps"
+              f"  forward {format_count(plan.flops_per_token[a])}FLOP"
               f"  KV cache {plan.kv_cache_bytes[a] / 2 ** 20:.1f} MiB per {t.seq_len}-token sequence (bf16)"
               for a in plan.step_sizes]
-    passes = [name for name, on in (("the a=1 loss", t.reference_weight > 0), ("the consistency term", t.consistency_weight > 0),
+    passes = [name for name, on in (("the a=1 loss", t.reference_weight > 0),
+                                    ("the consistency term", t.consistency_weight > 0),
                                     ("read-out losses", bool(t.readout_weights))) if on]
-    lines.append(f"  training, expected over a ~ {t.step_size_distribution}{' with ' + ', '.join(passes) if passes else ''}: "
+    lines.append(f"  training, expected over a ~ {t.step_size_distribution}"
+                 f"{' with ' + ', '.join(passes) if passes else ''}: "
                  f"{format_count(plan.expected_training_flops_per_token)}FLOP per token")
     lines.append("  model states per GPU: " + "  ".join(f"{stage} {value / GIB:.2f} GiB"
                                                          for stage, value in plan.model_states_bytes.items()))
     if config.deepspeed.zero_stage == 3:
-        lines.append(f"  ZeRO-3 builds the model partitioned (zero.Init): {plan.model_states_bytes['zero3'] / GIB:.2f} GiB "
-                     f"per GPU, {plan.build_cpu_bytes['zero_init'] / GIB:.1f} GiB CPU per node while building "
+        lines.append(f"  ZeRO-3 builds the model partitioned (zero.Init): "
+                     f"{plan.model_states_bytes['zero3'] / GIB:.2f} GiB per GPU, "
+                     f"{plan.build_cpu_bytes['zero_init'] / GIB:.1f} GiB CPU per node while building "
                      f"(without zero.Init: {plan.build_cpu_bytes['no_zero_init'] / GIB:.1f} GiB)")
     lines.append(f"  activations per GPU: {plan.activation_bytes / GIB:.2f} GiB (micro-batch {t.micro_batch_size}, "
                  f"checkpointing {'on' if t.activation_checkpointing else 'off'})")

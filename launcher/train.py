@@ -236,7 +236,8 @@ class Trainer:
         self.model = self._build_model(ds_config)
         schedule = schedule_for(t)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=parameter_groups(self.model, t.weight_decay, t.lr, t.relax_lr_scale), config=ds_config,
+            model=self.model,
+            model_parameters=parameter_groups(self.model, t.weight_decay, t.lr, t.relax_lr_scale), config=ds_config,
             # A plain function, so the schedule is not restored from a checkpoint: after a resume the
             # configured schedule (perhaps with a new train.train_steps) applies from the saved step on.
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda index: schedule(index)))

@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     options.add_step_size(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 = all (default: 50)")
+    parser.add_argument("--top-k", type=int, default=50,
+                        help="sample from the k likeliest tokens; 0 = all (default: 50)")
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="sample from the smallest set of tokens with probability >= p (default: 1.0 = off)")
     parser.add_argument("--seed", type=int, default=0)
@@ -82,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
                                           tally)
         for i, result in zip(batch, results):
             if args.json:
-                print(json.dumps(dict(prompt=prompts[i], **result, seconds=round(seconds, 4),
-                                      **tally.batch_record(results, seconds, len(batch)), **tally.settings_record(args)),
-                                 ensure_ascii=False), flush=True)
+                record = dict(prompt=prompts[i], **result, seconds=round(seconds, 4),
+                              **tally.batch_record(results, seconds, len(batch)), **tally.settings_record(args))
+                print(json.dumps(record, ensure_ascii=False), flush=True)
             elif not args.stream:  # the streamer has printed it already
                 print(result["text"], flush=True)
     print(tally.summary(args, config, len(prompts), threads), file=sys.stderr)

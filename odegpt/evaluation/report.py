@@ -63,7 +63,8 @@ def describe(document: dict) -> str:
     decode = document.get("decode")
     if decode:
         lines.append(f"decode: batch {decode['batch_size']}, {decode['new_tokens']} greedy tokens after a "
-                     f"{decode['prompt_tokens']}-token prompt, KV cache, median of {decode['rounds']} interleaved rounds")
+                     f"{decode['prompt_tokens']}-token prompt, KV cache, "
+                     f"median of {decode['rounds']} interleaved rounds")
     else:
         lines.append("decode speed not measured (--no-speed)")
     return "\n".join(lines) + "\n"

@@ -114,7 +114,8 @@ class StepSizeSampler:
         self.distribution = distribution
         self.seed = int(seed)
         if distribution.choices is not None:
-            weights = np.ones(len(distribution.choices)) if distribution.weights is None else np.array(distribution.weights)
+            weights = (np.ones(len(distribution.choices)) if distribution.weights is None
+                       else np.array(distribution.weights))
             self._probabilities = weights / weights.sum()
 
     def sample(self, optimizer_step: int) -> float:
