@@ -33,7 +33,7 @@ may list `defaults:`, other files merged underneath it), then `--set section.key
 as YAML). Everything is typed and checked before a run starts: an unknown key, a wrong type or a value out
 of range is one line naming the key. A file holds at most {MAX_CONFIG_BYTES:,} bytes and {MAX_CONFIG_NODES:,}
 YAML nodes (an alias counts its anchor's nodes each time it is used). How runs use these settings:
-[README, Training configs](../README.md#training-configs).
+[training](training.md).
 """
 
 
