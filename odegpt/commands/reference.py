@@ -109,6 +109,10 @@ def section(name: str, parser: argparse.ArgumentParser, companion: str) -> str:
             if group.description:
                 lines += [" ".join(group.description.split()), ""]
         lines += [*table, ""]
+    for exclusive in parser._mutually_exclusive_groups:
+        flags = [f"`{action.option_strings[0]}`" for action in exclusive._group_actions
+                 if action.help != argparse.SUPPRESS]
+        lines += [f"At most one of {', '.join(flags)}.", ""]
     return "\n".join(lines) + companion.rstrip("\n") + "\n"
 
 
