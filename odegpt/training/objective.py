@@ -87,10 +87,6 @@ class StepSizeDistribution:
             object.__setattr__(self, "high", high)
 
     @classmethod
-    def constant(cls, step_size: float) -> StepSizeDistribution:
-        return cls(choices=(step_size,))
-
-    @classmethod
     def from_dict(cls, spec: dict) -> StepSizeDistribution:
         known = {f.name for f in fields(cls)}
         unknown = set(spec) - known
