@@ -19,6 +19,8 @@ import tokenize
 import typing
 from typing import Any
 
+from odegpt.model.configuration_odegpt import OdeGPTConfig
+
 from .limits import MAX_CONFIG_BYTES, MAX_CONFIG_NODES
 from .loading import section_types, type_name
 
@@ -92,8 +94,6 @@ def section_table(section: type, comments: dict[str, str]) -> list[str]:
 
 def reference() -> str:
     """The whole of docs/config.md."""
-    from odegpt.model.configuration_odegpt import OdeGPTConfig  # transformers: not for `odegpt --help`
-
     parts = [INTRODUCTION]
     for name, section in section_types().items():
         if name == "model":

@@ -59,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch & co.: not for odegpt --help
     import torch
 
     from odegpt.folders.model_folder import check_model_folder, load_config, load_model, load_tokenizer
@@ -96,6 +97,7 @@ def generation_settings(args: argparse.Namespace, config) -> dict:
     """generate()'s keywords for these flags, checked against the model's config alone (a ValueError naming the
     flag); calibrated thresholds (``--target-compute``, ``--exit learned``, ``--route learned``) are read from the
     folder."""
+    # torch & co.: not for odegpt --help
     from odegpt.decoding.generate import ADAPTIVE, SPECULATIVE, check_sampling, choose_decoder
 
     if not 0 <= args.seed < 2**63:  # torch's seeds are 64-bit
@@ -169,6 +171,7 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: dict
                    ) -> tuple[list[dict], float]:
     """One left-padded batch through ``model.generate``: a result per prompt (text, completion, counts), the
     seconds it took; ``tally`` adds what the decoder reported."""
+    # torch & co.: not for odegpt --help
     import torch
     from transformers import TextStreamer
 

@@ -72,7 +72,7 @@ def describe(document: dict) -> str:
 
 def plot_pareto(document: dict, path: str | Path) -> None:
     """Perplexity against decode speedup over a=1, one labelled point per step size (Agg backend)."""
-    import matplotlib
+    import matplotlib  # 0.6 s: only when a report is plotted; pyplot after the backend is chosen
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
