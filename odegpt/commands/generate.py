@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 
 from . import options
 from .prompts import check_prompt_lengths, read_prompts
@@ -119,6 +120,7 @@ def generation_settings(args: argparse.Namespace, config) -> dict:
     step_size = config.step_size if args.step_size is None else args.step_size
     stop = None
     if args.draft_stop == "learned":
+        # torch & co.: not for odegpt --help
         from odegpt.evaluation.exit_calibration import calibrated_threshold
 
         if args.draft_step_size is None:
@@ -139,8 +141,7 @@ def generation_settings(args: argparse.Namespace, config) -> dict:
 def adaptive_settings(args: argparse.Namespace, config, step_size: float):
     """The adaptive-depth settings the flags ask for (None without any), with the thresholds the folder's
     calibrations hold for ``--target-compute``, ``--exit learned`` and ``--route learned``."""
-    from dataclasses import replace
-
+    # torch & co.: not for odegpt --help
     from odegpt.decoding.adaptive import AdaptiveDepth
     from odegpt.evaluation.calibration import calibrated_route_energy
     from odegpt.evaluation.exit_calibration import calibrated_threshold
