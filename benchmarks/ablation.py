@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every variant, e.g. --set train.train_steps=1200 (a new budget "
                              "needs a new --output-dir)")
-    parser.add_argument("--ranks", type=int, default=2, help="CPU ranks per training, 1 thread each (default: %(default)s)")
+    parser.add_argument("--ranks", type=int, default=2,
+                        help="CPU ranks per training, 1 thread each (default: %(default)s)")
     parser.add_argument("--step-sizes", default="0.5,1,2,3,4", help="evaluated step sizes (default: %(default)s)")
     parser.add_argument("--num-samples", type=int, default=512,
                         help="validation sequences per step size (default: %(default)s)")
@@ -359,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(model_dir, data_dir, run_dir / "eval", args, env, progress)
         print("  " + "  ".join(f"a={r['step_size']:g}: {r['perplexity']:.2f}" for r in report["results"]))
         summary["variants"].append({
-            "name": variant.name, "label": variant.label, "description": variant.description, "config": str(variant.path.relative_to(REPO))
-            if variant.path.is_relative_to(REPO) else str(variant.path),
+            "name": variant.name, "label": variant.label, "description": variant.description,
+            "config": str(variant.path.relative_to(REPO)) if variant.path.is_relative_to(REPO) else str(variant.path),
             "segments": config.model.segments, "step_size_distribution": t.step_size_distribution,
             "consistency_weight": t.consistency_weight, "reference_weight": t.reference_weight, "lr": t.lr,
             "budget": {**budget, "training_seconds": training_seconds(run_dir)},

@@ -118,7 +118,8 @@ def exit_headroom(model, config, calibration, held_out) -> dict:
     """Perplexity at equal mean executed steps of the a=1 solve for each exit rule (module docstring)."""
     fit, test = _exit_quantities(model, calibration), _exit_quantities(model, held_out)
     steps = test["nll"].shape[1]
-    probe = torch.stack([test["features"][:, t] @ fit_probe(fit["features"][:, t], fit["kl"][:, t].clamp(min=1e-6).log())
+    probe = torch.stack([test["features"][:, t]
+                         @ fit_probe(fit["features"][:, t], fit["kl"][:, t].clamp(min=1e-6).log())
                          for t in range(steps - 1)] + [torch.zeros(len(test["nll"]))], 1)
     correlations = [_correlation(probe[:, t], test["kl"][:, t].clamp(min=1e-6).log()) for t in range(steps - 1)]
     rules = {"entropy": test["entropy"], "probe": probe, "KL oracle": test["kl"],

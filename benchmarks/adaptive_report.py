@@ -1,8 +1,8 @@
 """Adaptive depth against fixed step sizes, by one command: perplexity vs executed steps and FLOPs per token.
 
 For each model folder: the fixed step sizes (the reference curve: a = D/k for every step count k),
-entropy early exit at several thresholds (read-out every step, and every 2 steps), and energy routing calibrated to several
-compute targets on the first half of the validation split and scored on the second half (held out).
+entropy early exit at several thresholds (read-out every step, and every 2 steps), and energy routing calibrated to
+several compute targets on the first half of the validation split and scored on the second half (held out).
 Each method is also scored on a second corpus (raw text, default: odegpt's own Python sources).
 A second non-adaptive baseline is the truncated solve: every token stops the a=1 solve at the same
 time t and reads out there (a shallower model; early exit without the per-token choice).
@@ -97,7 +97,8 @@ def fixed_at(rows: list[dict], flops: float, methods: tuple[str, ...] = ("fixed"
     """The best perplexity a fixed step size (or another of the non-adaptive ``methods``) reaches within
     ``flops`` per token (None if none is that cheap). On a depth-D model every step size costs one of D
     step counts, so nothing fixed lies between them."""
-    affordable = [r["perplexity"] for r in rows if r["method"] in methods and r["flops_per_token"] <= flops * (1 + 1e-9)]
+    affordable = [r["perplexity"] for r in rows
+                  if r["method"] in methods and r["flops_per_token"] <= flops * (1 + 1e-9)]
     return min(affordable, default=None)
 
 
@@ -186,8 +187,8 @@ def evaluate_model(path: str, args) -> dict:
         for fill in ("lazy", "interpolate"):
             jobs.append((replace(routing, route_energy=thresholds.get(FILL_TARGET, float("inf")), kv_fill=fill),
                          "energy routing a=4 -> a=1", f"F={FILL_TARGET:g}"))
-            jobs.append((replace(exit_mid, exit_entropy=FILL_ENTROPY, kv_fill=fill), "early exit (read-out every 2 steps)",
-                         f"H<{FILL_ENTROPY:g}"))
+            jobs.append((replace(exit_mid, exit_entropy=FILL_ENTROPY, kv_fill=fill),
+                         "early exit (read-out every 2 steps)", f"H<{FILL_ENTROPY:g}"))
         for settings, method, label in tqdm(jobs, desc=f"{Path(path).name}: {corpus}", unit="setting"):
             rows.append(adaptive_row(model, config, batches, settings, seq_len, method, label))
         reference = next(r for r in rows if r["label"] == "a=1")
@@ -207,9 +208,11 @@ def evaluate_model(path: str, args) -> dict:
         "fixed a=1 (the adaptive loop, no read-outs)": never,
         "fixed a=4 (the adaptive loop, no read-outs)": replace(never, step_size=4.0),
         f"routing F={FILL_TARGET:g}, copy": replace(routing, route_energy=thresholds.get(FILL_TARGET, float("inf"))),
-        f"routing F={FILL_TARGET:g}, interpolate": replace(routing, route_energy=thresholds.get(FILL_TARGET, float("inf")),
+        f"routing F={FILL_TARGET:g}, interpolate": replace(routing,
+                                                           route_energy=thresholds.get(FILL_TARGET, float("inf")),
                                                            kv_fill="interpolate"),
-        f"routing F={FILL_TARGET:g}, lazy": replace(routing, route_energy=thresholds.get(FILL_TARGET, float("inf")), kv_fill="lazy"),
+        f"routing F={FILL_TARGET:g}, lazy": replace(routing, route_energy=thresholds.get(FILL_TARGET, float("inf")),
+                                                    kv_fill="lazy"),
         f"exit H<{FILL_ENTROPY:g} every 2 steps, copy": replace(exit_mid, exit_entropy=FILL_ENTROPY),
         f"exit H<{FILL_ENTROPY:g} every 2 steps, interpolate": replace(exit_mid, exit_entropy=FILL_ENTROPY,
                                                                 kv_fill="interpolate"),
@@ -283,7 +286,8 @@ def plot(reports: list[dict], path: Path) -> None:
     panels = [(report, corpus, rows) for report in reports for corpus, rows in report["corpora"].items()]
     figure, axes = plt.subplots(len(panels), 2, figsize=(12, 4.2 * len(panels)), dpi=110, squeeze=False)
     styles = {"fixed": ("o-", "tab:blue"), "early exit (read-out every step)": ("s--", "tab:orange"),
-              "early exit (read-out every 2 steps)": ("D--", "tab:red"), "energy routing a=4 -> a=1": ("^--", "tab:green"),
+              "early exit (read-out every 2 steps)": ("D--", "tab:red"),
+              "energy routing a=4 -> a=1": ("^--", "tab:green"),
               "truncated solve (a=1, read-out at t)": ("v:", "tab:purple")}
     for (report, corpus, rows), row_axes in zip(panels, axes):
         for ax, key, xlabel in zip(row_axes, ("executed_steps", "flops_vs_a1"),

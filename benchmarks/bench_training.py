@@ -115,8 +115,8 @@ def main() -> int:
               *(f"--set={override}" for override in args.overrides)]
     results: dict = {"throughput": {}}
 
-    print(f"throughput: quickstart model{' with ' + ' '.join(args.overrides) if args.overrides else ''}, fp32, micro-batch 8, global batch 16 x 128 tokens, a=1, "
-          f"{os.cpu_count()} cores", flush=True)
+    print(f"throughput: quickstart model{' with ' + ' '.join(args.overrides) if args.overrides else ''}, fp32, "
+          f"micro-batch 8, global batch 16 x 128 tokens, a=1, {os.cpu_count()} cores", flush=True)
     plain = pytorch_throughput(common, args.throughput_steps)
     results["throughput"]["pytorch_1proc"] = plain
     print(f"  {'plain PyTorch, 1 process':<28}{plain:>10.0f} tokens/s", flush=True)

@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     best_model = min(retrofitted, key=a1.get)
     headroom = out / "adaptive"
     if not (headroom / "results.md").is_file():
-        run([sys.executable, str(REPO / "benchmarks" / "adaptive_report.py"), "--models", str(out / best_model / "model"),
-             str(out / "scratch" / "model"), "--data", data, "--output", str(headroom)], env)
+        run([sys.executable, str(REPO / "benchmarks" / "adaptive_report.py"),
+             "--models", str(out / best_model / "model"), str(out / "scratch" / "model"),
+             "--data", data, "--output", str(headroom)], env)
     summary = {"imported_a1_perplexity_before_uptraining": imported, "best_init_at_rank_0": best,
                "a1_perplexity_after_uptraining": a1, "best_retrofitted": best_model,
                "minutes": {k: v / 60 for k, v in timings.items()}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 _INPUT_HELP = ("input files, directories or globs (quote globs): .txt/.md/.py (a file is a document), "
@@ -20,6 +21,7 @@ _INPUT_HELP = ("input files, directories or globs (quote globs): .txt/.md/.py (a
 
 def _si(n: float, unit: str = "") -> str:
     """1234567 -> '1.23M': tqdm's own SI formatting, as its progress bars print it."""
+    # tqdm (15 ms): not for odegpt --help
     from tqdm import tqdm
 
     return tqdm.format_sizeof(n, unit)
@@ -48,8 +50,7 @@ def register_tokenizer(subparsers) -> None:
 
 
 def run_tokenizer(args) -> int:
-    import time
-
+    # sentencepiece and the tokenizer libraries: not for odegpt --help
     from .tokenizer import train_tokenizer
 
     start = time.time()
@@ -120,6 +121,7 @@ def array_task(num_tasks: int | None, task_index: int | None, environ=os.environ
 
 
 def run_prepare(args) -> int:
+    # numpy and the readers: not for odegpt --help
     from .prepare import PrepareConfig, merge_parts, prepare
 
     if args.merge:
@@ -172,6 +174,7 @@ def register_inspect(subparsers) -> None:
 def _check_tokenizer_record(m) -> None:
     """The manifest's tokenizer fields (vocab size, special ids, fingerprint) against the tokenizer directory
     it names, when that is here: an edited manifest would make training build a model of the wrong size."""
+    # sentencepiece and the tokenizer libraries: not for odegpt --help
     from .tokenizer import TokenizerInfo, tokenizer_fingerprint
 
     directory = Path(m.tokenizer.get("path") or "")
@@ -188,6 +191,7 @@ def _check_tokenizer_record(m) -> None:
 
 
 def run_inspect(args) -> int:
+    # numpy (the shards): not for odegpt --help
     from .manifest import Manifest
     from .shards import ShardError, verify_corpus
 

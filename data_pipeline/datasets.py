@@ -38,6 +38,7 @@ import numpy as np
 from .files import json_digest
 from .manifest import Manifest
 from .shards import open_tokens, verify_corpus
+from .tokenizer import tokenizer_fingerprint
 
 CACHE_DIR = "index_cache"
 
@@ -241,8 +242,6 @@ class PackedDataset:
 
 def _check_tokenizers(corpora: list[str], manifests: list[Manifest], tokenizer_dir: str | None) -> None:
     if tokenizer_dir is not None:
-        from .tokenizer import tokenizer_fingerprint
-
         want = tokenizer_fingerprint(tokenizer_dir)
         for path, m in zip(corpora, manifests):
             if m.tokenizer["fingerprint"] != want:

@@ -78,9 +78,6 @@ class Manifest:
     def split_documents(self, split: str) -> int:
         return sum(s.splits[split].documents for s in self.shards if split in s.splits)
 
-    def has_split(self, split: str) -> bool:
-        return self.split_tokens(split) > 0
-
     def save(self, directory: str | os.PathLike) -> None:
         write_json_atomic(Path(directory, MANIFEST), asdict(self))
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import zstandard
+
 STDLIB = "stdlib"
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py"}
 JSON_SUFFIXES = {".jsonl", ".ndjson", ".json"}
@@ -184,8 +186,6 @@ def _open_binary(source: Source) -> BinaryIO:
     if source.compression == "gzip":
         return gzip.open(source.path, "rb")
     if source.compression == "zstd":
-        import zstandard
-
         raw = open(source.path, "rb")
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return open(source.path, "rb")
@@ -239,6 +239,7 @@ def _iter_jsonl(source: Source, text_key: str) -> Iterator[Document]:
 
 
 def _iter_parquet(source: Source, text_key: str) -> Iterator[Document]:
+    # pyarrow (seconds): only for parquet inputs
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(source.path)
@@ -252,6 +253,7 @@ def _iter_parquet(source: Source, text_key: str) -> Iterator[Document]:
 
 
 def _iter_hf(source: Source, text_key: str) -> Iterator[Document]:
+    # datasets (seconds): only for saved Hugging Face datasets
     import datasets
 
     loaded = datasets.load_from_disk(source.path)

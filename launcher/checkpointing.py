@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ def latest_complete_tag(checkpoint_dir: str | Path) -> str | None:
 def _deepspeed_safe_globals() -> list:
     """The classes DeepSpeed 0.16-0.19 pickles into its checkpoint files (besides tensors and plain
     containers): loss scalers and fragment addresses (ZeRO 1/2 optimizer states) and the ZeRO stage enum."""
+    # deepspeed reads DS_ACCELERATOR on import (set at a rank's start-up)
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -79,6 +81,7 @@ def _deepspeed_safe_globals() -> list:
 def safe_loading() -> Iterator[None]:
     """Every ``torch.load`` inside runs with ``weights_only=True`` (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``,
     which overrides DeepSpeed's own ``weights_only=False``) and admits only DeepSpeed's types above."""
+    # torch & co.: launcher.train imports this module before a rank's interruptible start-up
     import torch
 
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
@@ -95,8 +98,7 @@ def safe_loading() -> Iterator[None]:
 
 def load_file(path: Path, mmap: bool = False):
     """One checkpoint file, loaded safely; a file that is not a readable checkpoint is a CheckpointError."""
-    import zipfile
-
+    # torch & co.: launcher.train imports this module before a rank's interruptible start-up
     import torch
 
     if not path.is_file():
@@ -248,6 +250,7 @@ def choose(resume: str | None, checkpoint_dir: Path, note: Callable[[str], None]
 
 def rng_state() -> dict:
     """This process's RNG states as tensors and plain types (loads with ``weights_only=True``)."""
+    # torch & co.: launcher.train imports this module before a rank's interruptible start-up
     import numpy as np
     import torch
 
@@ -259,6 +262,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    # torch & co.: launcher.train imports this module before a rank's interruptible start-up
     import numpy as np
     import torch
 
@@ -286,6 +290,7 @@ class Checkpointer:
 
     def save(self, step: int, state: dict) -> Path | None:
         """Collective. Returns the tag directory, or None when this step is already saved."""
+        # torch & co.: launcher.train imports this module before a rank's interruptible start-up
         import torch
         import torch.distributed as dist
 
@@ -324,6 +329,7 @@ class Checkpointer:
         """A save that failed on some rank: its partial files are removed (they would only fill the disk further;
         without a COMPLETE marker they are never resumed from) and every rank raises one line saying what is
         left to resume from."""
+        # torch & co.: launcher.train imports this module before a rank's interruptible start-up
         import torch.distributed as dist
 
         if dist.get_rank() == 0:
@@ -339,6 +345,7 @@ class Checkpointer:
 
     def load(self, checkpoint: Checkpoint) -> None:
         """Collective: restore the engine, optimizer, scheduler and this rank's RNG from a verified checkpoint."""
+        # torch & co.: launcher.train imports this module before a rank's interruptible start-up
         import torch.distributed as dist
 
         try:
@@ -379,6 +386,7 @@ def universal_checkpoint_info() -> dict:
     """What DeepSpeed's ``ds_to_universal`` needs in the model-states file to convert a checkpoint to its
     universal (world-size independent) form without ``--inject_missing_state``: the format version. The model
     has no tensor or pipeline parallelism, so no parameter patterns to merge."""
+    # deepspeed reads DS_ACCELERATOR on import (set at a rank's start-up)
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,

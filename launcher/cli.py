@@ -1,7 +1,7 @@
 """`odegpt train | launch | convert | plan`: the argument parsers, registered with the `odegpt` command.
 
-Registering imports only this module, `launcher.config` (yaml) and `launcher.train`'s parser; each
-handler imports what its work needs (DeepSpeed, the data pipeline) when it runs.
+Registering imports only this module and `launcher.config` (yaml); each handler imports the module that does its
+work (and that module torch, DeepSpeed or the data pipeline) when it runs, so `odegpt --help` stays fast.
 """
 from __future__ import annotations
 
@@ -18,14 +18,22 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
         description="Pretrain an odegpt model with DeepSpeed ZeRO. Run it directly for one process, or let "
                     "`odegpt launch`, `deepspeed` or `torchrun` start one per rank. Same as "
                     "`python -m launcher.train`.")
-    from .train import build_parser
-
-    build_parser(parser)
+    add_train_arguments(parser)
     parser.set_defaults(func=_train)
 
 
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `odegpt train` and `python -m launcher.train` (whose module `odegpt --help` does not import)."""
+    add_config_arguments(parser)
+    parser.add_argument("--resume", default="auto",
+                        help="'auto' (newest complete checkpoint in run.output_dir that can be read, else start "
+                             "fresh), 'none', a checkpoints directory or one checkpoint (default: %(default)s)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
 def _train(args) -> int:
-    from .train import run
+    from .train import run  # the trainer's module: not for odegpt --help
 
     return run(args)
 
@@ -58,7 +66,7 @@ def register_launch(subparsers) -> None:
 
 
 def _launch(args) -> int:
-    from .launch import LaunchSpec, run
+    from .launch import LaunchSpec, run  # the launcher's module: not for odegpt --help
 
     spec = LaunchSpec(configs=args.config, overrides=args.overrides, resume=args.resume, hostfile=args.hostfile,
                       num_nodes=args.num_nodes, num_gpus=args.num_gpus, launcher=args.launcher,
@@ -81,7 +89,7 @@ def register_convert(subparsers) -> None:
 
 
 def _convert(args) -> int:
-    from .convert import convert
+    from .convert import convert  # torch and DeepSpeed: not for odegpt --help
 
     print(f"wrote {convert(args.checkpoint, args.output, tokenizer_dir=args.tokenizer, overwrite=args.overwrite)}")
     return 0
@@ -108,6 +116,6 @@ def register_plan(subparsers) -> None:
 
 
 def _plan(args) -> int:
-    from .plan import main
+    from .plan import main  # torch and odegpt's cost model: not for odegpt --help
 
     return main(args)

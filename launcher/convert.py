@@ -16,8 +16,18 @@ import contextlib
 import io
 from pathlib import Path
 
+import torch
+
+from data_pipeline.folder_kinds import MODEL
+from data_pipeline.tokenizer import load_tokenizer
+from odegpt import OdeGPTConfig, OdeGPTForCausalLM
+from odegpt.folders.export import save_native
+from odegpt.folders.integrity import check_finite_weights
+from odegpt.folders.output_folder import claimed_output
+
 from . import checkpointing
 from .checkpointing import CheckpointError
+from .optim import parameter_groups
 
 
 def _locate(checkpoint: str | Path) -> checkpointing.Checkpoint:
@@ -47,6 +57,7 @@ def _load_weights(checkpoint: checkpointing.Checkpoint) -> dict:
         if master is not None:  # bf16/fp16 training: prefer the fp32 master weights
             state_dict.update(_stage0_master_weights(run_config, master, checkpoint.path))
         return state_dict
+    # deepspeed logs the accelerator it picks on import: only once a checkpoint is read
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
@@ -60,12 +71,6 @@ def _load_weights(checkpoint: checkpointing.Checkpoint) -> dict:
 def _stage0_master_weights(run_config: dict, fp32_groups: list[list], where: Path) -> dict:
     """Name the fp32 master copies of a stage-0 mixed-precision checkpoint by rebuilding the
     optimizer's parameter groups (same model config, same grouping) and pairing them in order."""
-    import torch
-
-    from odegpt import OdeGPTConfig, OdeGPTForCausalLM
-
-    from .optim import parameter_groups
-
     with torch.device("meta"):  # shapes and order only
         model = OdeGPTForCausalLM(OdeGPTConfig(**run_config["model"]))
     names = {id(p): n for n, p in model.named_parameters()}
@@ -86,10 +91,6 @@ def convert(checkpoint: str | Path, output_dir: str | Path, tokenizer_dir: str |
             overwrite: bool = False) -> Path:
     """Write ``output_dir`` (safetensors, config, modeling code, tokenizer); returns it. The folder is written
     whole or not at all, and never over the run's folder or the checkpoints (``odegpt.folders.output_folder``)."""
-    from data_pipeline.folder_kinds import MODEL
-    from odegpt.folders.export import save_native
-    from odegpt.folders.output_folder import claimed_output
-
     located = _locate(checkpoint)
     # Never the checkpoints folder, nothing inside it, nor a folder holding it (the run's own, say).
     with claimed_output(Path(output_dir), MODEL, overwrite, located.directory, "checkpoints") as staging:
@@ -108,13 +109,8 @@ def _tokenizer_dir(located: checkpointing.Checkpoint, tokenizer_dir: str | None)
 def _consolidated_model(located: checkpointing.Checkpoint, tokenizer_dir: str | None):
     """The checkpoint's model in eval mode: its consolidated fp32 weights, checked finite and against its config,
     with the special ids of the tokenizer in ``tokenizer_dir`` (if any)."""
-    from odegpt import OdeGPTConfig, OdeGPTForCausalLM
-    from odegpt.folders.integrity import check_finite_weights
-
     tokenizer = None
     if tokenizer_dir is not None:  # odegpt's or a Hugging Face tokenizer; one that does not load, before the weights
-        from data_pipeline.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(tokenizer_dir)
     state_dict = _load_weights(located)
     try:

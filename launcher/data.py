@@ -10,18 +10,20 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from data_pipeline.datasets import DistributedBatchSampler
+from data_pipeline.datasets import build_datasets as build
+from data_pipeline.manifest import Manifest
+from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
+from odegpt.evaluation.perplexity import evaluation_indices
+
 from .config import ConfigError, RunConfig
 
 
 def check_corpora(config: RunConfig) -> None:
     """Before anything starts: every corpus is prepared, and its token ids — and the tokenizer's — fit
     ``model.vocab_size`` (an id beyond it would end the run deep inside the embedding)."""
-    from data_pipeline.manifest import Manifest
-
     vocab_size = config.model.vocab_size
     if config.data.tokenizer:
-        from data_pipeline.tokenizer import load_tokenizer
-
         try:
             tokenizer_vocab = len(load_tokenizer(config.data.tokenizer))
         except (OSError, ValueError) as error:
@@ -47,9 +49,6 @@ def run_tokenizer(config: RunConfig) -> dict | None:
     """The tokenizer the run's token ids come from, as ``{"path", "fingerprint"}``: ``data.tokenizer``, else the
     one the corpora's manifests record (they agree: ``build_datasets`` checks it); None when nothing says
     (data that is not a prepared corpus). Saved with each checkpoint, so a resume can compare."""
-    from data_pipeline.manifest import Manifest
-    from data_pipeline.tokenizer import tokenizer_fingerprint
-
     if config.data.tokenizer:
         try:
             return {"path": str(config.data.tokenizer), "fingerprint": tokenizer_fingerprint(config.data.tokenizer)}
@@ -81,8 +80,6 @@ def check_resumed_tokenizer(saved: dict | None, current: dict | None, where: str
 
 def check_init_from_tokenizer(config: RunConfig, current: dict | None) -> None:
     """``train.init_from``: a model folder that holds a tokenizer must hold the run's (same fingerprint)."""
-    from data_pipeline.tokenizer import tokenizer_fingerprint
-
     folder = config.train.init_from
     if folder is None or current is None:
         return
@@ -103,8 +100,6 @@ def build_datasets(config: RunConfig):
     """(train, valid) datasets sized for the whole run."""
     if not config.data.corpora:
         raise ConfigError("data.corpora is empty: list at least one prepared corpus directory")
-    from data_pipeline.datasets import build_datasets as build
-
     t = config.train
     return build(list(config.data.corpora), config.data.weights, t.seq_len, t.seed,
                    t.train_steps * t.global_batch_size,
@@ -119,8 +114,6 @@ def _collate(dataset, indices) -> torch.Tensor:
 def train_micro_batches(dataset, consumed_samples: int, micro_batch_size: int, rank: int, world_size: int
                         ) -> Iterator[torch.Tensor]:
     """This rank's micro-batches in global order, starting after ``consumed_samples``."""
-    from data_pipeline.datasets import DistributedBatchSampler
-
     sampler = DistributedBatchSampler(len(dataset), consumed_samples, micro_batch_size, rank, world_size)
     for indices in sampler:
         yield _collate(dataset, indices)
@@ -130,8 +123,6 @@ def valid_batches(dataset, num_samples: int, micro_batch_size: int, rank: int, w
     """This rank's micro-batches of the ``num_samples`` evaluation samples (spread evenly over the
     validation split, as ``odegpt evaluate`` picks them). Every rank gets the same number: ZeRO-3
     needs every rank to run the same forwards."""
-    from odegpt.evaluation.perplexity import evaluation_indices
-
     chosen = evaluation_indices(len(dataset), num_samples)
     per_rank = len(chosen) // world_size
     indices = chosen[rank * per_rank:(rank + 1) * per_rank]

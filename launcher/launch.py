@@ -16,6 +16,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
+from .config import ConfigError, load_config
+from .leftovers import clear_stale_build_locks
+from .run_folder import check_run_folder
+
 # Variables every rank needs; copied from this environment when set (DS_ACCELERATOR is derived).
 PROPAGATED_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                   "TOKENIZERS_PARALLELISM")
@@ -78,6 +84,7 @@ def world_size(spec: LaunchSpec) -> int | None:
 def rank_environment(spec: LaunchSpec) -> dict[str, str]:
     env = {key: os.environ[key] for key in PROPAGATED_ENV if key in os.environ}
     try:
+        # torch & co.: launcher.train imports this module before a rank's interruptible start-up
         import torch
 
         if not torch.cuda.is_available():
@@ -122,9 +129,6 @@ def _is_rank(cmdline: list[str]) -> bool:
 
 
 def run(spec: LaunchSpec, dry_run: bool = False) -> int:
-    from .config import ConfigError, load_config
-    from .run_folder import check_run_folder
-
     try:
         if spec.no_ssh and not spec.master_addr:
             raise ConfigError("--no-ssh needs --master-addr (the address of node rank 0)")
@@ -142,8 +146,6 @@ def run(spec: LaunchSpec, dry_run: bool = False) -> int:
             print(f"#   {key}={value}")
         print(shlex.join(cmd))
         return 0
-    from .leftovers import clear_stale_build_locks
-
     clear_stale_build_locks(lambda message: print(f"odegpt launch: {message}", file=sys.stderr, flush=True))
     created_output_dir = not env_file.parent.exists()
     env_file.parent.mkdir(parents=True, exist_ok=True)
@@ -160,8 +162,6 @@ def run(spec: LaunchSpec, dry_run: bool = False) -> int:
     process = subprocess.Popen(cmd, env=process_env, start_new_session=True)
 
     def forward(signum, frame):
-        import psutil
-
         try:
             ranks = [child for child in psutil.Process(process.pid).children(recursive=True)
                      if _is_rank(child.cmdline())]

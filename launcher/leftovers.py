@@ -17,12 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 
 def extension_roots() -> list[Path]:
     """Where torch builds JIT extensions: ``$TORCH_EXTENSIONS_DIR``, else one folder per Python/accelerator
     (``py311_cpu``, ``py311_cu124``, ...) under torch's default build root."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return [Path(os.environ["TORCH_EXTENSIONS_DIR"])]
+    # torch & co.: launcher.train imports this module before a rank's interruptible start-up
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(get_default_build_root())
@@ -43,8 +46,6 @@ class BuildLock:
 
 def _holders(paths: set[str]) -> dict[str, list[tuple[int, str]]]:
     """For each path, the processes of this machine that have it open (/proc/PID/fd)."""
-    import psutil
-
     found: dict[str, list[tuple[int, str]]] = {p: [] for p in paths}
     for process in psutil.process_iter(["pid", "name"]):
         try:

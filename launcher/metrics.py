@@ -6,12 +6,16 @@ rate and gradient norm, with tokens/s and MFU measured over the steps since the 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 GIB = 2 ** 30
 
@@ -19,6 +23,7 @@ GIB = 2 ** 30
 def peak_memory_bytes(device_type: str) -> int:
     """This rank's peak memory so far: allocated CUDA memory on a GPU, the process's peak RSS on CPU."""
     if device_type == "cuda":
+        # torch & co.: launcher.train imports this module before a rank's interruptible start-up
         import torch
 
         return torch.cuda.max_memory_allocated()
@@ -27,6 +32,7 @@ def peak_memory_bytes(device_type: str) -> int:
 
 def gather_floats(value: float) -> list[float]:
     """``value`` from every rank, in rank order (a collective)."""
+    # torch & co.: launcher.train imports this module before a rank's interruptible start-up
     import torch
     import torch.distributed as dist
 
@@ -48,11 +54,10 @@ class MetricsLogger:
                 (output_dir / "metrics.jsonl").unlink(missing_ok=True)
             self.file = open(output_dir / "metrics.jsonl", "a")
             if tensorboard:
+                # torch & co.: launcher.train imports this module before a rank's interruptible start-up
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step)
-        from tqdm import tqdm
-
         self.progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                              disable=rank != 0 or not progress_bar, file=sys.stderr)
         self._window_start, self._window_flops, self._window_tokens = time.perf_counter(), 0.0, 0
@@ -107,8 +112,6 @@ def summarize(output_dir: str | Path, skip_fraction: float = 0.2) -> dict:
     """Throughput of a finished run from its ``metrics.jsonl``: medians of tokens/s and MFU over the records
     after the first ``skip_fraction`` of steps (warm-up, compilation), the peak memory of each rank, and
     the last loss. Raises ``ValueError`` when there is nothing to summarize or the loss is not finite."""
-    import statistics
-
     path = Path(output_dir) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     train = [r for r in rows if r["kind"] == "train"]
@@ -126,12 +129,11 @@ def summarize(output_dir: str | Path, skip_fraction: float = 0.2) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m launcher.metrics RUN_DIR ...``: one throughput row per finished run; exit 1 if one is bad."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m launcher.metrics", description=main.__doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR")
     args = parser.parse_args(argv)
-    print(f"{'ranks':>5} {'steps':>6} {'tokens/s':>10} {'tokens/s/rank':>14} {'MFU':>6} {'loss':>7}  peak memory per rank (GiB)")
+    print(f"{'ranks':>5} {'steps':>6} {'tokens/s':>10} {'tokens/s/rank':>14} {'MFU':>6} {'loss':>7}"
+          "  peak memory per rank (GiB)")
     failed = False
     for run in args.runs:
         try:

@@ -12,9 +12,20 @@ checkpointing is on. All numbers are estimates for bf16 mixed precision on GPUs.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from odegpt.model.accounting import PEAK_TFLOPS, block_parameter_count, format_count, model_cost, peak_tflops
+from odegpt.training.objective import (
+    REFERENCE_STEP_SIZE,
+    StepSizeDistribution,
+    StepSizeSampler,
+    objective_flops_per_token,
+)
+
+from .config import CONFIG_DIR, ConfigError, load_config
 
 GIB = 1024 ** 3
 
@@ -42,6 +53,7 @@ class Plan:
 
 def model_states_per_gpu(parameters: int, largest_layer: int, gpus_per_node: int, nodes: int) -> dict[str, float]:
     """GPU bytes for parameters, gradients and optimizer states under each ZeRO stage."""
+    # deepspeed: imported where used: it picks its accelerator (DS_ACCELERATOR) on import and logs it
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -62,6 +74,7 @@ def model_states_per_gpu(parameters: int, largest_layer: int, gpus_per_node: int
 def build_cpu_memory_per_node(parameters: int, largest_layer: int, gpus_per_node: int, nodes: int) -> dict[str, float]:
     """CPU bytes per node while ZeRO-3 builds the model (DeepSpeed's estimator): with ``zero.Init`` each rank
     holds at most one layer whole; without it every rank holds the whole fp32 model first."""
+    # deepspeed: imported where used: it picks its accelerator (DS_ACCELERATOR) on import and logs it
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     kwargs = dict(largest_layer_params=largest_layer, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
@@ -72,8 +85,6 @@ def build_cpu_memory_per_node(parameters: int, largest_layer: int, gpus_per_node
 
 def expected_step_sizes(distribution: dict, seed: int, draws: int = 2000) -> list[tuple[float, float]]:
     """(step size, probability) pairs of the training distribution (sampled if continuous)."""
-    from odegpt.training.objective import StepSizeDistribution, StepSizeSampler
-
     d = StepSizeDistribution.from_dict(distribution)
     if d.choices is not None:
         weights = d.weights or [1.0] * len(d.choices)
@@ -83,9 +94,6 @@ def expected_step_sizes(distribution: dict, seed: int, draws: int = 2000) -> lis
 
 
 def make_plan(config, nodes: int, gpus_per_node: int, gpu_tflops: float, mfu: float, name: str = "") -> Plan:
-    from odegpt.model.accounting import block_parameter_count, model_cost
-    from odegpt.training.objective import REFERENCE_STEP_SIZE, objective_flops_per_token
-
     model_config = config.model_config()
     t = config.train
     gpus = nodes * gpus_per_node
@@ -126,24 +134,26 @@ def make_plan(config, nodes: int, gpus_per_node: int, gpu_tflops: float, mfu: fl
 
 
 def format_plan(plan: Plan, config, gpu_tflops: float, mfu: float) -> str:
-    from odegpt.model.accounting import format_count
-
     t = config.train
     lines = [f"{plan.name}: {format_count(plan.parameters)} parameters "
              f"(segments {config.model.segments}), {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s)",
              f"  per token, context {t.seq_len}:"]
-    lines += [f"    a={a:<5g} {plan.executed_steps[a]:>4} solver steps  forward {format_count(plan.flops_per_token[a])}FLOP"
+    lines += [f"    a={a:<5g} {plan.executed_steps[a]:>4} solver steps"
+              f"  forward {format_count(plan.flops_per_token[a])}FLOP"
               f"  KV cache {plan.kv_cache_bytes[a] / 2 ** 20:.1f} MiB per {t.seq_len}-token sequence (bf16)"
               for a in plan.step_sizes]
-    passes = [name for name, on in (("the a=1 loss", t.reference_weight > 0), ("the consistency term", t.consistency_weight > 0),
+    passes = [name for name, on in (("the a=1 loss", t.reference_weight > 0),
+                                    ("the consistency term", t.consistency_weight > 0),
                                     ("read-out losses", bool(t.readout_weights))) if on]
-    lines.append(f"  training, expected over a ~ {t.step_size_distribution}{' with ' + ', '.join(passes) if passes else ''}: "
+    lines.append(f"  training, expected over a ~ {t.step_size_distribution}"
+                 f"{' with ' + ', '.join(passes) if passes else ''}: "
                  f"{format_count(plan.expected_training_flops_per_token)}FLOP per token")
     lines.append("  model states per GPU: " + "  ".join(f"{stage} {value / GIB:.2f} GiB"
                                                          for stage, value in plan.model_states_bytes.items()))
     if config.deepspeed.zero_stage == 3:
-        lines.append(f"  ZeRO-3 builds the model partitioned (zero.Init): {plan.model_states_bytes['zero3'] / GIB:.2f} GiB "
-                     f"per GPU, {plan.build_cpu_bytes['zero_init'] / GIB:.1f} GiB CPU per node while building "
+        lines.append(f"  ZeRO-3 builds the model partitioned (zero.Init): "
+                     f"{plan.model_states_bytes['zero3'] / GIB:.2f} GiB per GPU, "
+                     f"{plan.build_cpu_bytes['zero_init'] / GIB:.1f} GiB CPU per node while building "
                      f"(without zero.Init: {plan.build_cpu_bytes['no_zero_init'] / GIB:.1f} GiB)")
     lines.append(f"  activations per GPU: {plan.activation_bytes / GIB:.2f} GiB (micro-batch {t.micro_batch_size}, "
                  f"checkpointing {'on' if t.activation_checkpointing else 'off'})")
@@ -154,8 +164,6 @@ def format_plan(plan: Plan, config, gpu_tflops: float, mfu: float) -> str:
 
 
 def _model_presets() -> list[Path]:
-    from .config import CONFIG_DIR
-
     presets = [p for p in (CONFIG_DIR / "model").glob("*.yaml") if p.stem != "tiny"]
     size = {"125m": 0, "350m": 1, "760m": 2, "1.3b": 3, "13b": 4}
     layout = {"shared": 0, "partial": 1, "unshared": 2}
@@ -163,8 +171,6 @@ def _model_presets() -> list[Path]:
 
 
 def format_table(plans: list[Plan]) -> str:
-    from odegpt.model.accounting import format_count
-
     header = (f"{'model':<16}{'params':>8}{'GFLOP/tok a=1':>14}{'train GFLOP/tok':>16}"
               + "".join(f"{stage:>8}" for stage in ("zero0", "zero1", "zero2", "zero3")) + f"{'activ.':>8}"
               f"{'KV a=1':>9}{'tokens/s':>10}{'days':>8}")
@@ -180,12 +186,6 @@ def format_table(plans: list[Plan]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    import math
-
-    from odegpt.model.accounting import PEAK_TFLOPS, peak_tflops
-
-    from .config import ConfigError, load_config
-
     world = args.num_nodes * args.num_gpus
     for flag, value, upper in (("--gpu-tflops", args.gpu_tflops, math.inf), ("--mfu", args.mfu, 1.0)):
         if value is not None and not (0 < value <= upper and math.isfinite(value)):

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import add_config_arguments
+from .config import add_config_arguments, load_config
 from .launch import free_port
 from .stages import Stages
 
@@ -28,8 +28,13 @@ PROMPT = "class TestPath(unittest.TestCase):\n\n    def test_"
 SAMPLING = {"temperature": 0.5, "top_k": 40, "seed": 0, "max_new_tokens": 96}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launcher.quickstart", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The quickstart's options (docs/commands.md documents them through the ``odegpt.programs`` entry point)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m launcher.quickstart",
+        description="The whole path on CPU ranks, end to end: a tokenizer and a corpus from the Python standard "
+                    "library, pretraining through the deepspeed launcher, conversion, perplexity at each step size, "
+                    "native and unrolled exports and a sample; a rerun resumes rather than repeats.")
     parser.add_argument("--output-dir", default="runs/quickstart", help="everything goes here (default: %(default)s)")
     add_config_arguments(parser, default=["quickstart"])
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks (default: %(default)s)")
@@ -37,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-files", type=int, default=None, metavar="N",
                         help="tokenizer and corpus from the first N standard-library files only (a quick look; "
                              "default: all)")
-    args = parser.parse_args(argv)
+    return parser
 
-    from .config import load_config
 
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
     tokenizer_dir, data_dir, model_dir = out / "tokenizer", out / "data", out / "model"
     native_dir, unrolled_dir = out / "export" / "native", out / "export" / "unrolled-a2"
@@ -51,22 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DS_ACCELERATOR": "cpu",
            "TOKENIZERS_PARALLELISM": "false"}
     stages = Stages("quickstart", 7)
-    max_files = [] if args.max_files is None else ["--max-files", str(args.max_files)]
 
-    stages.begin("tokenizer on the Python standard library")
-    if (tokenizer_dir / "tokenizer.json").is_file():
-        print(f"exists: {tokenizer_dir}")
-    else:
-        stages.run(odegpt + ["tokenizer", "--input", "stdlib", "--vocab-size", str(config.model.vocab_size),
-                             "--output", str(tokenizer_dir), *max_files])
-
-    stages.begin("prepare: tokenize and shard the corpus, 1% validation")
-    if (data_dir / "manifest.json").is_file():
-        print(f"exists: {data_dir}")
-    else:
-        stages.run(odegpt + ["prepare", "--input", "stdlib", "--tokenizer", str(tokenizer_dir), "--output",
-                             str(data_dir), "--val-fraction", "0.01", "--workers", "2", *max_files])
-
+    _prepare_data(stages, odegpt, config, tokenizer_dir, data_dir, args.max_files)
     t = config.train
     stages.begin(f"pretrain: {config.model.segments} at a ~ {t.step_size_distribution}, {t.train_steps} steps x "
                  f"{t.global_batch_size} x {t.seq_len} tokens, {args.ranks} CPU ranks, "
@@ -77,18 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     stages.begin("convert the final DeepSpeed checkpoint to a native odegpt folder")
     stages.run(odegpt + ["convert", "--checkpoint", str(config.checkpoint_dir), "--output", str(model_dir),
                          "--overwrite"])
-
-    stages.begin("validation perplexity at each step size")
-    report = json.loads(stages.run(odegpt + ["evaluate", "--model", str(model_dir), "--data", str(data_dir),
-                                             "--step-sizes", ",".join(f"{a:g}" for a in STEP_SIZES),
-                                             "--seq-len", str(t.seq_len), "--num-samples", "256", "--no-speed",
-                                             "--json"], capture=True, env=env))
-    table = {f"{row['step_size']:g}": row["perplexity"] for row in report["results"]}
-    scored = (f"odegpt evaluate: {report['num_tokens']:,} tokens in windows of {report['seq_len']} of {data_dir}'s "
-              f"validation split; training's own validation uses fewer samples, so its figures differ a little")
-    print(f"  {scored}")
-    for a, ppl in table.items():
-        print(f"  a={a:<4} perplexity {ppl:.2f}")
+    report, table = _evaluate(stages, odegpt, env, model_dir, data_dir, t.seq_len)
 
     stages.begin("export: native folder and a Llama unrolled at a=2")
     stages.run(odegpt + ["export", "--model", str(model_dir), "--output", str(native_dir), "--overwrite"])
@@ -111,6 +92,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  validation perplexity ({report['num_tokens']:,} tokens, windows of {report['seq_len']}): "
           + "  ".join(f"a={a}: {ppl:.2f}" for a, ppl in table.items()))
     return 0
+
+
+def _prepare_data(stages: Stages, odegpt: list[str], config, tokenizer_dir: Path, data_dir: Path,
+                  max_files: int | None) -> None:
+    """Stages 1 and 2: the tokenizer and the corpus, each skipped when its output exists."""
+    limit = [] if max_files is None else ["--max-files", str(max_files)]
+    stages.begin("tokenizer on the Python standard library")
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        print(f"exists: {tokenizer_dir}")
+    else:
+        stages.run(odegpt + ["tokenizer", "--input", "stdlib", "--vocab-size", str(config.model.vocab_size),
+                             "--output", str(tokenizer_dir), *limit])
+
+    stages.begin("prepare: tokenize and shard the corpus, 1% validation")
+    if (data_dir / "manifest.json").is_file():
+        print(f"exists: {data_dir}")
+    else:
+        stages.run(odegpt + ["prepare", "--input", "stdlib", "--tokenizer", str(tokenizer_dir), "--output",
+                             str(data_dir), "--val-fraction", "0.01", "--workers", "2", *limit])
+
+
+def _evaluate(stages: Stages, odegpt: list[str], env: dict, model_dir: Path, data_dir: Path,
+              seq_len: int) -> tuple[dict, dict[str, float]]:
+    """Stage 5: validation perplexity at each step size; the report and its perplexity by step size."""
+    stages.begin("validation perplexity at each step size")
+    report = json.loads(stages.run(odegpt + ["evaluate", "--model", str(model_dir), "--data", str(data_dir),
+                                             "--step-sizes", ",".join(f"{a:g}" for a in STEP_SIZES),
+                                             "--seq-len", str(seq_len), "--num-samples", "256", "--no-speed",
+                                             "--json"], capture=True, env=env))
+    table = {f"{row['step_size']:g}": row["perplexity"] for row in report["results"]}
+    scored = (f"odegpt evaluate: {report['num_tokens']:,} tokens in windows of {report['seq_len']} of {data_dir}'s "
+              f"validation split; training's own validation uses fewer samples, so its figures differ a little")
+    print(f"  {scored}")
+    for a, ppl in table.items():
+        print(f"  a={a:<4} perplexity {ppl:.2f}")
+    return report, table
 
 
 if __name__ == "__main__":

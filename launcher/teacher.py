@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers.initialization import no_init_weights
 
 from odegpt import OdeGPTForCausalLM
 from odegpt.folders.importing import load_as_odegpt
@@ -31,7 +32,6 @@ def load_teacher(folder: str, precision: str, device: torch.device, ds_config: d
 
 def _partitioned_teacher(folder: str, dtype: torch.dtype, ds_config: dict):
     import deepspeed  # after the launcher chose the accelerator (DS_ACCELERATOR)
-    from transformers.initialization import no_init_weights
 
     config = load_config(folder)
     if config.model_type != "odegpt":

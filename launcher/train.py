@@ -13,30 +13,38 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import logging
 import math
 import os
+import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .config import add_config_arguments
+import psutil
+
+from data_pipeline.files import write_json_atomic
+from data_pipeline.writer_lock import hold_writer_lock
+
+from . import checkpointing, faults
+from .checkpointing import Checkpoint, CheckpointError, complete_tags
+from .cli import add_train_arguments
+from .config import ConfigError, load_config
+from .faults import NonFiniteLossError, StartupInterrupted, interruptible_startup
 from .launch import free_port
-
-if TYPE_CHECKING:
-    from .checkpointing import Checkpoint
+from .leftovers import clear_stale_build_locks
+from .metrics import GIB, MetricsLogger, gather_floats, peak_memory_bytes
+from .run_folder import check_run_folder
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__.split("\n")[0])
-    add_config_arguments(parser)
-    parser.add_argument("--resume", default="auto",
-                        help="'auto' (newest complete checkpoint in run.output_dir that can be read, else start "
-                             "fresh), 'none', a checkpoints directory or one checkpoint (default: %(default)s)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
+    return add_train_arguments(
+        parser or argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__.split("\n")[0]))
 
 
 # ---- process set-up ---------------------------------------------------------------------------
@@ -47,6 +55,7 @@ def _prepare_environment() -> None:
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    # torch loads here, inside the interruptible start-up (seconds), not at import
     import torch
 
     if not torch.cuda.is_available():
@@ -61,17 +70,13 @@ class TrainingError(Exception):
 
 
 def _describe(error: Exception) -> str:
-    from .config import ConfigError
-
     return f"config error: {error}" if isinstance(error, ConfigError) else str(error)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """What bad input (config, checkpoints, corpora) raises during set-up."""
+    # torch & co. load inside the rank's interruptible start-up, not at import
     from data_pipeline.shards import ShardError
-
-    from .checkpointing import CheckpointError
-    from .config import ConfigError
 
     return ConfigError, CheckpointError, ShardError, TrainingError, ValueError, OSError
 
@@ -79,6 +84,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def decided_by_rank_zero(decide: Callable[[], Any]) -> Any:
     """Rank 0 runs ``decide`` (reading files, say) and every rank gets its result — or every rank raises
     its error, so the job ends with one message instead of a stack per rank or a hang."""
+    # torch & co. load inside the rank's interruptible start-up, not at import
     import torch.distributed as dist
 
     payload: list = [None]
@@ -96,6 +102,7 @@ def decided_by_rank_zero(decide: Callable[[], Any]) -> Any:
 
 def on_every_rank(action: Callable[[], Any]) -> Any:
     """Every rank runs ``action``; if it fails on any of them, every rank raises the first failure."""
+    # torch & co. load inside the rank's interruptible start-up, not at import
     import torch.distributed as dist
 
     try:
@@ -114,6 +121,7 @@ def peak_flops_per_device(config, device_type: str, say: Callable[[str], None]) 
     """Peak FLOP/s of one rank's device for MFU: ``logging.peak_tflops_per_device``, else the GPU's dense bf16
     peak from its name (``odegpt.model.accounting.PEAK_TFLOPS``), else 100 GFLOP/s per CPU thread (an AVX2 core:
     2 FMA units x 8 fp32 lanes x 2 x ~3 GHz)."""
+    # torch & co. load inside the rank's interruptible start-up, not at import
     import torch
 
     from odegpt.model.accounting import peak_tflops
@@ -136,6 +144,7 @@ def initialize_partitions(model, seed: int, rank: int) -> None:
     matrices, ones for norms: element-wise rules, so a flat slice takes them as well as the whole tensor).
     Nothing is gathered, so no rank ever holds a whole layer twice; the random stream is seeded by
     (``train.seed``, rank), so the initial weights depend on the number of ranks (resumes are exact)."""
+    # torch & co. load inside the rank's interruptible start-up, not at import
     import numpy as np
     import torch
 
@@ -179,6 +188,7 @@ class Evaluator:
 
     def run(self) -> dict[float, float]:
         """Collective: every rank scores its share, the sums are all-reduced."""
+        # torch & co. load inside the rank's interruptible start-up, not at import
         import torch
         import torch.distributed as dist
 
@@ -193,6 +203,7 @@ class Evaluator:
 
 def gradient_norm(model) -> float | None:
     """The L2 norm of ``model``'s gradients (None when it holds none, as under DeepSpeed's bf16 wrapper)."""
+    # torch & co. load inside the rank's interruptible start-up, not at import
     import torch
 
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
@@ -201,14 +212,14 @@ def gradient_norm(model) -> float | None:
 
 class Trainer:
     def __init__(self, config, resume: str | None, rank: int, world_size: int, device_type: str) -> None:
+        # deepspeed reads DS_ACCELERATOR on import (set at start-up); torch & co.: in the start-up, not at import
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
         from odegpt.evaluation.perplexity import evaluation_indices
         from odegpt.training.objective import SolverSampler, StepSizeDistribution, StepSizeSampler
 
-        from . import checkpointing, data, faults
-        from .metrics import MetricsLogger
+        from . import data
         from .optim import parameter_groups, schedule_for
 
         self.config, self.rank, self.world_size, self.device_type = config, rank, world_size, device_type
@@ -236,7 +247,8 @@ class Trainer:
         self.model = self._build_model(ds_config)
         schedule = schedule_for(t)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=parameter_groups(self.model, t.weight_decay, t.lr, t.relax_lr_scale), config=ds_config,
+            model=self.model,
+            model_parameters=parameter_groups(self.model, t.weight_decay, t.lr, t.relax_lr_scale), config=ds_config,
             # A plain function, so the schedule is not restored from a checkpoint: after a resume the
             # configured schedule (perhaps with a new train.train_steps) applies from the saved step on.
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda index: schedule(index)))
@@ -284,10 +296,8 @@ class Trainer:
         """Rank 0, before anything is written or built: the run folder (then held), the corpora and the tokenizer
         (a folder to ``init_from`` trained with the same one), the checkpoint to resume (the same model, tokenizer
         and world size). Returns (checkpoint or None, the run's tokenizer record)."""
-        from data_pipeline.writer_lock import hold_writer_lock
-
-        from . import checkpointing, data
-        from .run_folder import check_run_folder
+        # torch & co. load inside the rank's interruptible start-up, not at import
+        from . import data
 
         config = self.config
         check_run_folder(self.output_dir)
@@ -304,19 +314,17 @@ class Trainer:
 
     def _write_run_files(self, ds_config: dict) -> None:
         """The run's config.json and the DeepSpeed config the engine is given (rank 0, after every check)."""
-        from data_pipeline.files import write_json_atomic
-
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.output_dir / "config.json", self.config.to_dict())
         write_json_atomic(self.output_dir / "deepspeed_config.json", ds_config)
 
     def _build_teacher(self, ds_config: dict):
         """The frozen source and the distillation settings (``train.distill_*``), or (None, None)."""
+        # torch & co. load inside the rank's interruptible start-up, not at import
         from odegpt.model.accounting import model_cost
         from odegpt.training.distillation import Distillation
         from odegpt.training.objective import describe_objective
 
-        from .metrics import gather_floats
         from .teacher import load_teacher
 
         t = self.config.train
@@ -351,19 +359,19 @@ class Trainer:
     def _build_model(self, ds_config: dict):
         """``OdeGPTForCausalLM``; under ZeRO-3 created partitioned (``deepspeed.zero.Init``) and initialized
         partition by partition (:func:`initialize_partitions`): no rank ever holds the whole model."""
+        # deepspeed reads DS_ACCELERATOR on import (set at start-up); torch & co.: in the start-up, not at import
         import deepspeed
         import torch
 
         from odegpt import OdeGPTForCausalLM
         from odegpt.model.accounting import model_cost
 
-        from .metrics import GIB, gather_floats, peak_memory_bytes
-
         t, model_config = self.config.train, self.config.model_config()
         zero_init = self.config.deepspeed.zero_stage == 3 and self.config.deepspeed.zero3_init
         before, start = peak_memory_bytes(self.device_type), time.perf_counter()
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         if zero_init:
+            # torch & co. load inside the rank's interruptible start-up, not at import
             from transformers.initialization import no_init_weights
 
             with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -373,6 +381,7 @@ class Trainer:
         else:
             model = OdeGPTForCausalLM(model_config)
         if t.init_from is not None:  # the weights of an imported or trained folder (its shape is the config's)
+            # torch & co. load inside the rank's interruptible start-up, not at import
             from odegpt.folders.model_folder import load_model
 
             model.load_state_dict(load_model(t.init_from).float().state_dict(), strict=True)
@@ -427,6 +436,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimizer step at this step's ``a``: ``grad_accum`` micro-batches, then one all-reduce of the
         loss and the stop flag (so every rank stops at the same step)."""
+        # torch & co. load inside the rank's interruptible start-up, not at import
         import torch
         import torch.distributed as dist
 
@@ -467,6 +477,7 @@ class Trainer:
         return names or ["ce"]
 
     def micro_batch_loss(self, tokens, step_size: float, solver: str | None = None) -> dict:
+        # torch & co. load inside the rank's interruptible start-up, not at import
         from odegpt.training.objective import objective_terms
 
         t = self.config.train
@@ -477,6 +488,7 @@ class Trainer:
     # ---- what the loop delegates to: each decides its own interval ---------------------------------
 
     def log(self, result: StepResult, last: bool) -> None:
+        # torch & co. load inside the rank's interruptible start-up, not at import
         from odegpt.model.accounting import model_cost
         from odegpt.training.objective import objective_flops_per_token
 
@@ -545,9 +557,6 @@ class Trainer:
 # ---- the run ----------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
-    from .faults import StartupInterrupted, interruptible_startup
-
     started = time.time()
     try:
         config = load_config(args.config, args.overrides)
@@ -561,11 +570,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"odegpt train: stopped by {interrupted} during start-up; nothing was written", file=sys.stderr)
         return interrupted.exit_code
 
+    # deepspeed reads DS_ACCELERATOR on import (set at start-up); torch & co.: in the start-up, not at import
     import deepspeed
     import torch.distributed as dist
-
-    from .checkpointing import CheckpointError
-    from .faults import NonFiniteLossError
 
     # The rendezvous blocks in C, where a Python signal handler would wait for its timeout: default signals here.
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
@@ -601,15 +608,11 @@ def run(args: argparse.Namespace) -> int:
 def _start_process() -> str:
     """Everything before the rendezvous, interruptible: the environment, the accelerator, and torch-extension
     build locks left by killed builds (DeepSpeed would wait on them forever). Returns the device type."""
-    import warnings
-
     _prepare_environment()
     # DeepSpeed's ZeRO-2/3 still call torch's deprecated all_gather_into_tensor: one warning per call.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    import psutil
+    # torch loads here, inside the interruptible start-up (seconds), not at import
     import torch
-
-    from .leftovers import clear_stale_build_locks
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda":
@@ -627,10 +630,6 @@ def _remove_startup_outputs(config, started: float) -> list[str]:
     """After a start-up interrupted by a signal: remove the files this process wrote into a run that has no
     checkpoint (its config.json, metrics, an empty checkpoints/ folder). A run with a checkpoint is left as
     it is: its config.json was checked against the checkpoint, and its metrics are the run's history."""
-    import shutil
-
-    from .checkpointing import complete_tags
-
     output_dir = Path(config.run.output_dir)
     if complete_tags(config.checkpoint_dir):
         return []
@@ -658,8 +657,6 @@ def skip_shared_memory_allreduce() -> None:
     C++ toolchain), the shared memory leaked per run, and the hang of every later start when a
     killed build leaves its lock file behind.
     """
-    import importlib
-
     # By module name: the attribute deepspeed.comm.torch is the torch package deepspeed.comm imports.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
@@ -676,8 +673,6 @@ def exit_without_finalization(code: int) -> None:
     active exception", exit -6) after a run that finished and saved everything: the launcher then reports
     a failure (seen once in CI on a ZeRO-3 rank, after `done:`; pytorch/pytorch#179291 describes the
     race). Skipping finalization avoids it; logging, stdout and stderr are flushed first."""
-    import logging
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -15,7 +15,7 @@ __all__ = ["OdeCache", "OdeGPTConfig", "OdeGPTForCausalLM", "OdeGPTModel"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from . import model
+        from . import model  # torch and transformers, on first use: `import odegpt` stays light
 
         return getattr(model, name)
     raise AttributeError(f"module 'odegpt' has no attribute {name!r}")

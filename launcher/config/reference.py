@@ -19,6 +19,8 @@ import tokenize
 import typing
 from typing import Any
 
+from odegpt.model.configuration_odegpt import OdeGPTConfig
+
 from .limits import MAX_CONFIG_BYTES, MAX_CONFIG_NODES
 from .loading import section_types, type_name
 
@@ -33,7 +35,7 @@ may list `defaults:`, other files merged underneath it), then `--set section.key
 as YAML). Everything is typed and checked before a run starts: an unknown key, a wrong type or a value out
 of range is one line naming the key. A file holds at most {MAX_CONFIG_BYTES:,} bytes and {MAX_CONFIG_NODES:,}
 YAML nodes (an alias counts its anchor's nodes each time it is used). How runs use these settings:
-[README, Training configs](../README.md#training-configs).
+[training](training.md).
 """
 
 
@@ -92,8 +94,6 @@ def section_table(section: type, comments: dict[str, str]) -> list[str]:
 
 def reference() -> str:
     """The whole of docs/config.md."""
-    from odegpt.model.configuration_odegpt import OdeGPTConfig  # transformers: not for `odegpt --help`
-
     parts = [INTRODUCTION]
     for name, section in section_types().items():
         if name == "model":

@@ -3,6 +3,7 @@ the unrolled export of the same weights (odegpt.evaluation.llama_comparison)."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from . import options
 
@@ -30,8 +31,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
+    # torch & co.: not for odegpt --help
     from odegpt.evaluation.llama_comparison import BenchRequest, compare_with_llama
     from odegpt.folders.model_folder import load_config, load_model
 
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_table(document: dict, config, threads: str) -> None:
+    # torch & co.: not for odegpt --help
     from odegpt.model.accounting import format_count, model_cost
 
     segments = ", ".join(f"{s['depth']}{' shared' if s['shared'] else ''}" for s in config.segments)

@@ -36,6 +36,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch & co.: not for odegpt --help
     from data_pipeline.folder_kinds import MODEL
     from odegpt.evaluation.data import EvaluationData, evaluation_batches
     from odegpt.evaluation.exit_calibration import CalibrationRequest, calibrate_model, save_exit_calibration

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 from . import options
 
@@ -56,9 +58,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
+    # torch & co.: not for odegpt --help
     from odegpt.evaluation.model_report import AdaptiveRows, EvaluationRequest, evaluate_model, load_for_evaluation
     from odegpt.evaluation.report import adaptive_table, describe, markdown_table, write_report
     from odegpt.folders.model_folder import load_config

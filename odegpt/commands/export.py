@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch & co.: not for odegpt --help
     import torch
 
     from data_pipeline.folder_kinds import MODEL

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 
 from . import options
 from .prompts import check_prompt_lengths, read_prompts
@@ -42,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     options.add_step_size(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 = all (default: 50)")
+    parser.add_argument("--top-k", type=int, default=50,
+                        help="sample from the k likeliest tokens; 0 = all (default: 50)")
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="sample from the smallest set of tokens with probability >= p (default: 1.0 = off)")
     parser.add_argument("--seed", type=int, default=0)
@@ -58,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch & co.: not for odegpt --help
     import torch
 
     from odegpt.folders.model_folder import check_model_folder, load_config, load_model, load_tokenizer
@@ -82,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
                                           tally)
         for i, result in zip(batch, results):
             if args.json:
-                print(json.dumps(dict(prompt=prompts[i], **result, seconds=round(seconds, 4),
-                                      **tally.batch_record(results, seconds, len(batch)), **tally.settings_record(args)),
-                                 ensure_ascii=False), flush=True)
+                record = dict(prompt=prompts[i], **result, seconds=round(seconds, 4),
+                              **tally.batch_record(results, seconds, len(batch)), **tally.settings_record(args))
+                print(json.dumps(record, ensure_ascii=False), flush=True)
             elif not args.stream:  # the streamer has printed it already
                 print(result["text"], flush=True)
     print(tally.summary(args, config, len(prompts), threads), file=sys.stderr)
@@ -95,6 +98,7 @@ def generation_settings(args: argparse.Namespace, config) -> dict:
     """generate()'s keywords for these flags, checked against the model's config alone (a ValueError naming the
     flag); calibrated thresholds (``--target-compute``, ``--exit learned``, ``--route learned``) are read from the
     folder."""
+    # torch & co.: not for odegpt --help
     from odegpt.decoding.generate import ADAPTIVE, SPECULATIVE, check_sampling, choose_decoder
 
     if not 0 <= args.seed < 2**63:  # torch's seeds are 64-bit
@@ -116,6 +120,7 @@ def generation_settings(args: argparse.Namespace, config) -> dict:
     step_size = config.step_size if args.step_size is None else args.step_size
     stop = None
     if args.draft_stop == "learned":
+        # torch & co.: not for odegpt --help
         from odegpt.evaluation.exit_calibration import calibrated_threshold
 
         if args.draft_step_size is None:
@@ -136,8 +141,7 @@ def generation_settings(args: argparse.Namespace, config) -> dict:
 def adaptive_settings(args: argparse.Namespace, config, step_size: float):
     """The adaptive-depth settings the flags ask for (None without any), with the thresholds the folder's
     calibrations hold for ``--target-compute``, ``--exit learned`` and ``--route learned``."""
-    from dataclasses import replace
-
+    # torch & co.: not for odegpt --help
     from odegpt.decoding.adaptive import AdaptiveDepth
     from odegpt.evaluation.calibration import calibrated_route_energy
     from odegpt.evaluation.exit_calibration import calibrated_threshold
@@ -168,6 +172,7 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: dict
                    ) -> tuple[list[dict], float]:
     """One left-padded batch through ``model.generate``: a result per prompt (text, completion, counts), the
     seconds it took; ``tally`` adds what the decoder reported."""
+    # torch & co.: not for odegpt --help
     import torch
     from transformers import TextStreamer
 

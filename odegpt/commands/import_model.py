@@ -56,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch & co.: not for odegpt --help
     from data_pipeline.folder_kinds import MODEL
     from odegpt.errors import InputError
     from odegpt.evaluation.data import EvaluationData, calibration_batches
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
 def compare_on_data(request, source, model, tokenizer_dir) -> str:
     """The line comparing the source's and the imported model's perplexity on ``--data`` (raw text tokenized with
     the tokenizer in ``tokenizer_dir``)."""
+    # torch & co.: not for odegpt --help
     from odegpt.evaluation.data import EvaluationData, evaluation_batches, scored_tokens
     from odegpt.evaluation.perplexity import evaluate_perplexity
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 
 def choose_threads(requested: int | None) -> tuple[int, str]:
     """``(threads, why)``, and torch set to use them. ``requested`` must be >= 1 when given."""
-    import torch
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if requested is not None:
         if requested < 1:

@@ -326,8 +326,9 @@ def decoding_limits(config, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return max_new, eos, pad, attention_mask
 
 
-def check_speculative(model_config, draft_step_size: float | None = None, draft_tokens: int | str = DEFAULT_DRAFT_TOKENS,
-                      draft_confidence: float | None = None, prompt_lookup_num_tokens: int | None = None,
+def check_speculative(model_config, draft_step_size: float | None = None,
+                      draft_tokens: int | str = DEFAULT_DRAFT_TOKENS, draft_confidence: float | None = None,
+                      prompt_lookup_num_tokens: int | None = None,
                       max_matching_ngram_size: int = DEFAULT_LOOKUP_NGRAM, step_size: float | None = None,
                       names: dict[str, str] | None = None, draft_stop_score: float | None = None) -> None:
     """The settings of self-speculative decoding, checked against the model's config alone (no weights); a

@@ -88,7 +88,8 @@ def load_calibration(model_dir: str | Path, target: float, settings: AdaptiveDep
     path = Path(model_dir) / CALIBRATION_FILE
     if not path.is_file():
         return None
-    records = [r for r in json.loads(path.read_text()).get("route_energy", []) if _matches(r, target, settings, seq_len)]
+    records = [r for r in json.loads(path.read_text()).get("route_energy", [])
+               if _matches(r, target, settings, seq_len)]
     return max(records, key=lambda r: r["seq_len"], default=None)
 
 

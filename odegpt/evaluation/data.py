@@ -17,6 +17,7 @@ from tqdm import tqdm
 from data_pipeline.datasets import build_datasets
 from data_pipeline.manifest import MANIFEST, Manifest
 from data_pipeline.readers import iter_documents, resolve_inputs
+from data_pipeline.tokenizer import has_tokenizer
 from odegpt.errors import InputError
 from odegpt.folders.model_folder import check_vocabulary, load_tokenizer
 
@@ -62,8 +63,6 @@ def prepared_batches(corpora: list[str], model_dir: str | Path, cut: EvaluationD
                      vocab_size: int | None = None) -> list[torch.Tensor]:
     """(B, seq_len + 1) token batches of the prepared corpora's validation samples; corpora tokenized with a
     vocabulary larger than the model's ``vocab_size``, or by another tokenizer than the folder's, are refused."""
-    from data_pipeline.tokenizer import has_tokenizer
-
     # The model folder's tokenizer (odegpt's or a Hugging Face one), when it has one, must be the one the corpora
     # were prepared with.
     tokenizer_dir = model_dir if has_tokenizer(model_dir) else None

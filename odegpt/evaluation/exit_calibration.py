@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from odegpt.model.modeling_odegpt import OdeGPTExitHead
 from odegpt.training.exit_head import exit_target, log_target
 
 from .perplexity import Batch
@@ -253,8 +254,6 @@ def calibrate_model(model, batches: list, request: CalibrationRequest, say) -> l
     """Fit the model's exit head (adding one if it has none) on the first ``fit_fraction`` of ``batches`` and
     calibrate the exit and route thresholds of every tolerance on the rest; the records, each with the held-out
     figures it was chosen on."""
-    from odegpt.model.modeling_odegpt import OdeGPTExitHead
-
     split = max(1, min(len(batches) - 1, round(len(batches) * request.fit_fraction)))
     if len(batches) < 2:
         raise ValueError("--data gives fewer than 2 batches: the head is fitted on one part and the thresholds "

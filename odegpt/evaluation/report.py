@@ -63,7 +63,8 @@ def describe(document: dict) -> str:
     decode = document.get("decode")
     if decode:
         lines.append(f"decode: batch {decode['batch_size']}, {decode['new_tokens']} greedy tokens after a "
-                     f"{decode['prompt_tokens']}-token prompt, KV cache, median of {decode['rounds']} interleaved rounds")
+                     f"{decode['prompt_tokens']}-token prompt, KV cache, "
+                     f"median of {decode['rounds']} interleaved rounds")
     else:
         lines.append("decode speed not measured (--no-speed)")
     return "\n".join(lines) + "\n"
@@ -71,7 +72,7 @@ def describe(document: dict) -> str:
 
 def plot_pareto(document: dict, path: str | Path) -> None:
     """Perplexity against decode speedup over a=1, one labelled point per step size (Agg backend)."""
-    import matplotlib
+    import matplotlib  # 0.6 s: only when a report is plotted; pyplot after the backend is chosen
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -133,7 +133,8 @@ def exit_head_flops(config: OdeGPTConfig) -> int:
     if config.exit_head is None:
         return 0
     features = config.hidden_size + 2
-    return 4 * config.hidden_size + 2 * (features * config.exit_head + config.exit_head if config.exit_head else features)
+    return 4 * config.hidden_size + 2 * (features * config.exit_head + config.exit_head if config.exit_head
+                                         else features)
 
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets; the first name

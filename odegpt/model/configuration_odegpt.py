@@ -13,7 +13,8 @@ from transformers import PretrainedConfig
 
 from .solver import DEFAULT_MAX_SOLVER_STEPS, SolveTooLongError, check_solve_length, check_step_size, solver_method
 
-# The oldest transformers a native folder runs on (its layered DynamicCache; tests/folders/test_clients.py checks it in CI).
+# The oldest transformers a native folder runs on (its layered DynamicCache; tests/folders/test_clients.py checks
+# it in CI).
 OLDEST_TRANSFORMERS = "4.57"
 # Releases that load this code wrongly, and why. 5.3 drops a custom-code model's tied LM head from the weights it
 # reports missing, then declines to tie it: the head stays uninitialised (logits off by 1e37).
@@ -156,8 +157,8 @@ class OdeGPTConfig(PretrainedConfig):
         self.use_cache = use_cache
         # What a model imported from a pretrained checkpoint may carry (odegpt.folders.importing): an explicit head
         # size, biases (Llama's attention_bias is both; Qwen2's is the input projections only), and rotary positions
-        # other than the default, as the source's parameters (``source_rope_parameters``, kept for the Llama export) and the
-        # inverse frequencies and cos/sin scale transformers' own rotary initialisation computed from them.
+        # other than the default, as the source's parameters (``source_rope_parameters``, kept for the Llama export) and
+        # the inverse frequencies and cos/sin scale transformers' own rotary initialisation computed from them.
         self.head_dim = hidden_size // num_attention_heads if head_dim is None else head_dim
         self.attention_bias, self.attention_output_bias, self.mlp_bias = attention_bias, attention_output_bias, mlp_bias
         self.source_rope_parameters = source_rope_parameters

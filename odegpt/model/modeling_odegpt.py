@@ -120,7 +120,8 @@ class OdeGPTLinear(nn.Linear):
         """The weight and bias this map applies at ``time`` (for the unrolled export)."""
         weight, bias = self.weight.detach().clone(), None if self.bias is None else self.bias.detach().clone()
         for knot, share in relaxation_knots(time, self.knots) if self.knots else ():
-            delta = self.relax_weight[knot] if hasattr(self, "relax_weight") else self.relax_up[knot] @ self.relax_down[knot]
+            delta = (self.relax_weight[knot] if hasattr(self, "relax_weight")
+                     else self.relax_up[knot] @ self.relax_down[knot])
             weight += share * delta.detach()
             if bias is not None:
                 bias += share * self.relax_bias[knot].detach()
@@ -357,7 +358,8 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
                 self._length_rotaries[h.device] = length_dependent_rotary(self.config, h.device)
             cos, sin = self._length_rotaries[h.device](h, position_ids)
             return cos[:, None], sin[:, None], mask
-        cos, sin = rotary_cos_sin(position_ids, rotary_inv_freq(self.config), self.config.rotary_attention_scaling, h.dtype)
+        cos, sin = rotary_cos_sin(position_ids, rotary_inv_freq(self.config), self.config.rotary_attention_scaling,
+                                  h.dtype)
         return cos, sin, mask
 
     def rotary_table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,7 +367,8 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         device and dtype: decoding would otherwise recompute its one row of them at every token."""
         config = self.config
         key = (device, dtype, config.head_dim, config.rope_theta, config.max_position_embeddings,
-               None if config.rotary_inv_freq is None else tuple(config.rotary_inv_freq), config.rotary_attention_scaling)
+               None if config.rotary_inv_freq is None else tuple(config.rotary_inv_freq),
+               config.rotary_attention_scaling)
         if key not in self._rotary_tables:
             # An ordinary tensor even when first asked for under inference_mode, so training can use it later.
             with torch.inference_mode(False), torch.no_grad():

@@ -87,10 +87,6 @@ class StepSizeDistribution:
             object.__setattr__(self, "high", high)
 
     @classmethod
-    def constant(cls, step_size: float) -> StepSizeDistribution:
-        return cls(choices=(step_size,))
-
-    @classmethod
     def from_dict(cls, spec: dict) -> StepSizeDistribution:
         known = {f.name for f in fields(cls)}
         unknown = set(spec) - known
@@ -114,7 +110,8 @@ class StepSizeSampler:
         self.distribution = distribution
         self.seed = int(seed)
         if distribution.choices is not None:
-            weights = np.ones(len(distribution.choices)) if distribution.weights is None else np.array(distribution.weights)
+            weights = (np.ones(len(distribution.choices)) if distribution.weights is None
+                       else np.array(distribution.weights))
             self._probabilities = weights / weights.sum()
 
     def sample(self, optimizer_step: int) -> float:

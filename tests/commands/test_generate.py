@@ -120,7 +120,8 @@ def test_draft_step_size_keeps_the_greedy_text_and_reports_acceptance(model_fold
     (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
     (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--top-k", "-5"], "--top-k must be >= 0"),
-    (["--draft-step-size", "4", "--draft-tokens", "0"], "--draft-tokens must be an integer >= 1"),  # the library's words
+    # the library's words
+    (["--draft-step-size", "4", "--draft-tokens", "0"], "--draft-tokens must be an integer >= 1"),
     (["--draft-step-size", "4", "--no-cache"], "--draft-step-size needs the KV cache"),
     (["--draft-step-size", "4", "--draft-confidence", "nan"], "--draft-confidence must be a probability in [0, 1]"),
     (["--draft-confidence", "0.3"], "--draft-confidence applies to self-speculative decoding"),
@@ -198,7 +199,8 @@ def test_prompt_lookup_and_an_adaptive_draft_length_keep_the_greedy_text_and_say
     out, _ = generate(capsys, model_folder, *common, "--prompt-lookup", "2", "--json")
     assert set(json.loads(out)["draft_sources"]) >= {"prompt_lookup", "none"}
     # A plain Llama folder gets transformers' own prompt lookup: the same text.
-    assert odegpt_main(["export", "--model", str(model_folder), "--output", str(tmp_path / "llama"), "--format", "unrolled"]) == 0
+    assert odegpt_main(["export", "--model", str(model_folder), "--output", str(tmp_path / "llama"),
+                        "--format", "unrolled"]) == 0
     llama, _ = generate(capsys, tmp_path / "llama", *common, "--prompt-lookup", "3")
     assert llama == plain
 

@@ -114,7 +114,8 @@ def _write_formats(d: Path) -> list[str]:
     (d / "c.json").write_text(json.dumps([{"text": texts[3]}]))
     with gzip.open(d / "d.jsonl.gz", "wt") as f:
         f.write(json.dumps({"text": texts[4]}) + "\n")
-    (d / "e.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress((json.dumps({"text": texts[5]}) + "\n").encode()))
+    (d / "e.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress((json.dumps({"text": texts[5]}) + "\n").encode()))
     (d / "f.txt.gz").write_bytes(gzip.compress(texts[6].encode()))
     pq.write_table(pa.table({"text": texts[7:9]}), d / "g.parquet")
     import datasets
@@ -485,7 +486,8 @@ def test_two_trainings_on_the_same_inputs_write_the_same_tokenizer(tmp_path):
     first = train_tokenizer(["stdlib"], tmp_path / "a", vocab_size=400, max_files=10, max_sentences=3000)
     second = train_tokenizer(["stdlib"], tmp_path / "nested" / "b", vocab_size=400, max_files=10, max_sentences=3000,
                              num_threads=1)
-    assert (tmp_path / "a" / "tokenizer.model").read_bytes() == (tmp_path / "nested" / "b" / "tokenizer.model").read_bytes()
+    assert ((tmp_path / "a" / "tokenizer.model").read_bytes()
+            == (tmp_path / "nested" / "b" / "tokenizer.model").read_bytes())
     assert first.fingerprint == second.fingerprint
     assert load_sentencepiece(tmp_path / "a").encode("def f(x):\n\treturn x") == \
         load_sentencepiece(tmp_path / "nested" / "b").encode("def f(x):\n\treturn x")

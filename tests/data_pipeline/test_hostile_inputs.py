@@ -40,7 +40,8 @@ def test_a_binary_file_named_txt_is_skipped_named_and_counted(tokenizer_dir, tmp
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     (inputs / "code.txt").write_text("def add(a, b):\n    return a + b\n" * 50)
-    (inputs / "latin1.txt").write_bytes("the caf\xe9 on the corner opens at nine every morning\n".encode("latin-1") * 20)
+    (inputs / "latin1.txt").write_bytes(
+        "the caf\xe9 on the corner opens at nine every morning\n".encode("latin-1") * 20)
     (inputs / "blob.txt").write_bytes(os.urandom(100_000))
     code, out, err = _prepare(capsys, "--input", inputs, "--tokenizer", tokenizer_dir, "--output", tmp_path / "c")
     assert code == 0, err
@@ -101,7 +102,8 @@ def small_corpus(tokenizer_dir, tmp_path, capsys):
     text = tmp_path / "text"
     text.mkdir()
     for i in range(6):
-        (text / f"{i}.txt").write_text(f"def add_{i}(a, b):\n    return a + b * {i}\n\nclass Point{i}:\n    x = {i}\n" * 30)
+        (text / f"{i}.txt").write_text(
+            f"def add_{i}(a, b):\n    return a + b * {i}\n\nclass Point{i}:\n    x = {i}\n" * 30)
     code, _, err = _prepare(capsys, "--input", text, "--tokenizer", tokenizer_dir, "--output", tmp_path / "corpus",
                             "--shard-tokens", "1500", "--val-fraction", "0.2")
     assert code == 0, err

@@ -141,7 +141,8 @@ def test_a_draft_stopped_by_the_exit_head_keeps_the_output():
     kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, draft_step_size=4, draft_tokens=4,
                   return_dict_in_generate=True)
     plain = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    never, always = (model.generate(prompt, draft_stop_score=score, **kwargs) for score in (float("inf"), -float("inf")))
+    never, always = (model.generate(prompt, draft_stop_score=score, **kwargs)
+                     for score in (float("inf"), -float("inf")))
     free = model.generate(prompt, **kwargs)
     assert torch.equal(never.sequences, plain) and torch.equal(always.sequences, plain)
     assert never.drafted_tokens == free.drafted_tokens  # no state scores above +inf

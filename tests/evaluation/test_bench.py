@@ -89,7 +89,8 @@ def test_bench_bad_inputs_are_one_line_errors(model_folder, capsys, args, messag
 
 
 def test_bench_refuses_an_unrolled_llama_folder(model_folder, tmp_path, capsys):
-    assert odegpt_main(["export", "--model", str(model_folder), "--output", str(tmp_path / "llama"), "--format", "unrolled"]) == 0
+    assert odegpt_main(["export", "--model", str(model_folder), "--output", str(tmp_path / "llama"),
+                        "--format", "unrolled"]) == 0
     capsys.readouterr()
     assert odegpt_main(["bench", "--model", str(tmp_path / "llama")]) == 2
     assert "holds a 'llama' model; this needs a native odegpt folder" in capsys.readouterr().err

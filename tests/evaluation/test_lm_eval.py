@@ -24,7 +24,8 @@ PAIRS = [("def add(a, b):\n    return", " a + b"), ("class Point:\n    x: int ="
 TASKS = {
     "completion": {"output_type": "loglikelihood", "doc_to_text": "{{context}}", "doc_to_target": "{{continuation}}",
                    "metric_list": [{"metric": "acc"}, {"metric": "perplexity"}]},
-    "rolling": {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{context}}{{continuation}}",
+    "rolling": {"output_type": "loglikelihood_rolling", "doc_to_text": "",
+                "doc_to_target": "{{context}}{{continuation}}",
                 "metric_list": [{"metric": "word_perplexity"}, {"metric": "bits_per_byte"}]},
     "generation": {"output_type": "generate_until", "doc_to_text": "{{context}}", "doc_to_target": "{{continuation}}",
                    "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},

@@ -59,7 +59,8 @@ def imported_relaxed_model():
         num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.15, attention_bias=True,
         tie_word_embeddings=False, rope_parameters={
             "rope_type": "longrope", "rope_theta": 50000.0, "original_max_position_embeddings": 64,
-            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [1.0 + 0.7 * i for i in range(8)]})).eval()
+            "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [1.0 + 0.7 * i for i in range(8)]})).eval()
     with torch.no_grad():
         for name, parameter in llama.named_parameters():
             if name.endswith("bias"):

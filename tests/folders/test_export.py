@@ -76,7 +76,8 @@ def test_native_folder_loads_without_odegpt(tmp_path):
     batch, mask = left_padded([torch.randint(1, 97, (n,)) for n in (6, 3)])
     batch_expected = model.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False, step_size=1,
                                     pad_token_id=0)
-    assert (folder / "custom_generate" / "generate.py").is_file() and (folder / "custom_generate" / "speculative.py").is_file()
+    assert (folder / "custom_generate" / "generate.py").is_file()
+    assert (folder / "custom_generate" / "speculative.py").is_file()
     assert not (folder / "speculative.py").exists()  # the modeling code imports no decoder
     torch.save({"x": x, "expected": expected, "logits": model(x, step_size=3).logits, "batch": batch, "mask": mask,
                 "batch_expected": batch_expected}, tmp_path / "io.pt")
@@ -144,7 +145,8 @@ def test_the_model_imports_no_decoder_and_the_decoders_import_no_odegpt():
 
     model_dir, decoding_dir = Path(odegpt.model.__file__).parent, Path(odegpt.decoding.__file__).parent
     for path in model_dir.glob("*.py"):
-        assert not {m for m in _imported_modules(path) if "decoding" in m or "adaptive" in m or "speculative" in m}, path
+        assert not {m for m in _imported_modules(path)
+                    if "decoding" in m or "adaptive" in m or "speculative" in m}, path
     siblings = {"." + path.stem for path in decoding_dir.glob("*.py")}
     for path in decoding_dir.glob("*.py"):
         if path.name != "__init__.py":

@@ -79,7 +79,8 @@ def test_nonfinite_weights_are_refused_by_every_command_that_loads_them(model_fo
         code, err = _odegpt(capsys, *argv)
         assert code == 2 and "Traceback" not in err, (argv, err)
         err = err.strip().splitlines()[-1]  # after transformers' loading bar, one line
-        assert f"odegpt {argv[0]}: {damaged} has non-finite weights (NaN or infinity): model.norm.weight (64 of 64)" in err, err
+        assert (f"odegpt {argv[0]}: {damaged} has non-finite weights (NaN or infinity): "
+                "model.norm.weight (64 of 64)") in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -105,7 +105,8 @@ def test_each_init_rule_builds_the_shared_block_from_its_layers(sources, init):
     folded = torch.stack([layers[i].self_attn.q_proj.weight * g[None] for i, g in zip(chosen, gain)]).mean(0)
     torch.testing.assert_close(model.model.blocks[1].self_attn.q_proj.weight, folded)
     assert bool((model.model.blocks[1].input_layernorm.weight == 1).all())  # folded into the maps
-    torch.testing.assert_close(model.model.blocks[0].self_attn.q_proj.weight, source.model.layers[0].self_attn.q_proj.weight)
+    torch.testing.assert_close(model.model.blocks[0].self_attn.q_proj.weight,
+                               source.model.layers[0].self_attn.q_proj.weight)
 
 
 def test_the_relaxed_model_at_step_size_2_equals_its_unrolled_export_and_decodes_as_it_scores(sources):
@@ -131,7 +132,8 @@ def test_the_import_command_writes_a_native_folder_and_prints_perplexity_and_par
     _, info = tokenized_tiny_model(tmp_path, "def add(a, b):\n    return a + b\n" * 60)
     torch.manual_seed(0)
     source = tmp_path / "source"
-    MistralForCausalLM(MistralConfig(**{**SHAPE, "vocab_size": info.vocab_size}, sliding_window=None)).save_pretrained(source)
+    MistralForCausalLM(MistralConfig(**{**SHAPE, "vocab_size": info.vocab_size},
+                                     sliding_window=None)).save_pretrained(source)
     for path in (tmp_path / "tokenizer").iterdir():
         shutil.copy(path, source / path.name)
     (tmp_path / "text.txt").write_text("def add(a, b):\n    return a + b\n" * 20)

@@ -186,7 +186,7 @@ def test_universal_checkpoint_resumes_on_another_world_size_and_user_deepspeed_c
 def test_native_tokenizer_loads_with_trust_remote_code_unset_and_stdin_closed(tokenizer_dir, tmp_path):
     """What a script does (no odegpt import, so transformers does not know the model type): the tokenizer
     loads with the same ids and does not wait for an answer. Under transformers 5 the question is still
-    printed (it reads the model config first; see the README), under 4.x it is not asked."""
+    printed (it reads the model config first; see docs/exports.md), under 4.x it is not asked."""
     import subprocess
     import sys
 

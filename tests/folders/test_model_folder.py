@@ -1,4 +1,5 @@
-"""Model folders are data, never code: what every odegpt command reads from a folder (odegpt/folders/model_folder.py)."""
+"""Model folders are data, never code: what every odegpt command reads from a folder
+(odegpt/folders/model_folder.py)."""
 from __future__ import annotations
 
 import json
@@ -115,7 +116,8 @@ def test_solver_flag_integrates_a_native_folder_with_another_method(model_folder
     capsys.readouterr()
     assert odegpt_main(["generate", "--model", str(model_folder), "--solver", "rk4"]) == 2
     assert "--solver: solver must be one of euler, heun, got 'rk4'" in capsys.readouterr().err
-    assert odegpt_main(["export", "--model", str(model_folder), "--output", str(tmp_path / "llama"), "--format", "unrolled"]) == 0
+    assert odegpt_main(["export", "--model", str(model_folder), "--output", str(tmp_path / "llama"),
+                        "--format", "unrolled"]) == 0
     capsys.readouterr()
     assert odegpt_main(["generate", "--model", str(tmp_path / "llama"), "--solver", "heun"]) == 2
     assert "--solver applies to native odegpt models" in capsys.readouterr().err
@@ -125,7 +127,8 @@ def test_exporting_a_heun_model_unrolled_is_one_line_naming_the_reason(tmp_path,
     from tests.conftest import PARTIALLY_SHARED, tiny_model
 
     folder = save_native(tiny_model(PARTIALLY_SHARED, solver="heun"), tmp_path / "heun")
-    assert odegpt_main(["export", "--model", str(folder), "--output", str(tmp_path / "out"), "--format", "unrolled"]) == 2
+    assert odegpt_main(["export", "--model", str(folder), "--output", str(tmp_path / "out"),
+                        "--format", "unrolled"]) == 2
     err = capsys.readouterr().err
     assert "--format unrolled: the heun solver cannot be unrolled to Llama layers: a Heun step is" in err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()

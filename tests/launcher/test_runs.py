@@ -261,7 +261,8 @@ def test_a_resume_with_other_step_size_draws_says_so(trained, tmp_path):
     """The sampler state saved with each checkpoint is read back: draws that change on resume are said."""
     run = _copy(trained, tmp_path)
     process = _plain(run, **{"deepspeed.zero_stage": 1, "train.train_steps": 3, "checkpoint.interval": 1,
-                             "eval.interval": 0, "eval.num_samples": 4, "train.step_size_distribution": "{choices: [2.0]}"})
+                             "eval.interval": 0, "eval.num_samples": 4,
+                             "train.step_size_distribution": "{choices: [2.0]}"})
     _, stderr = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 0, stderr[-3000:]
     assert "the step-size draws change at step 2: the checkpoint drew from {'seed': 1234, 'distribution': " \
@@ -444,7 +445,8 @@ def _model_folder(path: Path, tokenizer: Path | None) -> Path:
     from odegpt.folders.export import save_native
 
     config = OdeGPTConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                          max_position_embeddings=256, tie_word_embeddings=True, segments=[{"depth": 2, "shared": True}])
+                          max_position_embeddings=256, tie_word_embeddings=True,
+                          segments=[{"depth": 2, "shared": True}])
     save_native(OdeGPTForCausalLM(config), path, tokenizer_dir=tokenizer)
     return path
 
@@ -563,7 +565,8 @@ def test_metrics_summary_reads_throughput_and_fails_on_a_bad_run(tmp_path, capsy
              "mfu": 0.1, "peak_memory_gib_per_rank": [1.5, 1.25]} for s in (10, 20, 30, 40, 50)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(good)
-    assert summary["tokens_per_s"] == 35000.0 and summary["ranks"] == 2  # the first 20% of steps left out and summary["loss"] == 2.5
+    # the first 20% of steps left out and summary["loss"] == 2.5
+    assert summary["tokens_per_s"] == 35000.0 and summary["ranks"] == 2
     assert main([str(good)]) == 0 and main([str(good), str(bad)]) == 1
     assert "last loss is nan" in capsys.readouterr().err
 

@@ -139,7 +139,8 @@ def test_flops_and_kv_cache_fall_with_the_step_size():
     config = tiny_config([{"depth": 12, "shared": True}])
     costs = {a: model_cost(config, a, seq_len=64) for a in (1, 2, 4)}
     assert [costs[a].executed_steps for a in (1, 2, 4)] == [12, 6, 3]
-    assert costs[1].kv_cache_bytes_per_token == 2 * costs[2].kv_cache_bytes_per_token == 4 * costs[4].kv_cache_bytes_per_token
+    assert (costs[1].kv_cache_bytes_per_token == 2 * costs[2].kv_cache_bytes_per_token
+            == 4 * costs[4].kv_cache_bytes_per_token)
     assert 1 < costs[1].flops_per_token / costs[2].flops_per_token < 2
     assert np.isclose(costs[1].training_flops_per_token, 3 * costs[1].flops_per_token)
 

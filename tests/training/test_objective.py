@@ -31,7 +31,8 @@ def test_bad_curriculum_steps(value):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("train.step_size_distribution={choices: [1, 2], curriculum_steps: -5}", "train.step_size_distribution.*curriculum_steps"),
+    ("train.step_size_distribution={choices: [1, 2], curriculum_steps: -5}",
+     "train.step_size_distribution.*curriculum_steps"),
     ("train.reference_weight=-0.5", "train.reference_weight"),
     ("train.solvers={rk9: 1}", "train.solvers: solver must be one of euler"),
     ("train.solvers={euler: -1}", "train.solvers: solver weights must be non-negative"),
