@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--step-size", type=float, default=None,
                         help="solver step size a (default: the model's config.step_size); unrolled and gguf bake "
                              "it into the Llama; natively it becomes the folder's default")
-    options.add_dtype(parser, None, "weight dtype of the export (gguf: float16 unless given; norms stay float32)")
+    options.add_dtype(parser, None, "weight dtype of the export (gguf: float16 unless given; norms stay float32); "
+                                    "q8_0 and q4_0 quantize a gguf file's matrices, keeping what llama.cpp keeps in "
+                                    "higher precision")
     parser.set_defaults(func=run)
 
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     check_not_source(Path(args.model), output)
-    step_size = check_export(load_config(args.model), args.model, args.format, args.step_size)
+    step_size = check_export(load_config(args.model), args.model, args.format, args.step_size, args.dtype)
     dtype = getattr(torch, args.dtype) if args.dtype and args.format != "gguf" else None
     with claimed_output(output, MODEL, args.overwrite, source=Path(args.model)) as staging:
         model = load_as_odegpt(args.model, dtype).eval()

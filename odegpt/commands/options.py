@@ -13,8 +13,11 @@ import argparse
 
 from odegpt.decoding.defaults import DEFAULT_SWIFT_STEP_SIZE
 
-# Weight and compute dtypes, for every command that takes --dtype (a command's library refuses one it cannot use).
-DTYPES = ("float32", "bfloat16", "float16")
+# Weight and compute dtypes, for every command that takes --dtype (a command's library refuses one it cannot use):
+# the float types, and the quantizations of a GGUF export (llama.cpp's block types; only `export --format gguf`).
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+GGUF_QUANTIZATIONS = ("q8_0", "q4_0")
+DTYPES = FLOAT_DTYPES + GGUF_QUANTIZATIONS
 KV_FILLS = ("lazy", "copy", "interpolate")
 
 

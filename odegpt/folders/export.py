@@ -181,7 +181,10 @@ def save_unrolled(
 
 # ---- GGUF: the unrolled Llama in llama.cpp's file format ----------------------------------------------
 
-GGUF_DTYPES = ("f32", "f16", "bf16")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# llama.cpp's block quantizations: 32 weights of a row share one float16 scale (Q8_0: int8 weights; Q4_0: 4-bit).
+GGUF_QUANTIZED = ("q8_0", "q4_0")
+GGUF_BLOCK = 32
 # Llama tensor names -> GGUF names (llama.cpp's gguf-py tensor map for the llama architecture).
 _GGUF_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -207,12 +210,41 @@ def gguf_file_name(step_size: float, dtype: str) -> str:
     return f"odegpt-a{step_size:g}-{dtype}.gguf"
 
 
+def gguf_tensor_type(name: str, shape: tuple[int, ...], dtype: str, tied: bool):
+    """The ``GGMLQuantizationType`` a tensor of the export (GGUF ``name``, numpy ``shape``: rows last) is stored in
+    for the file type ``dtype``, keeping in higher precision what llama.cpp keeps there:
+
+    - vectors (the norms) stay f32, as in every file llama.cpp's converter writes;
+    - f32, f16, bf16: every matrix in that type;
+    - q8_0: every matrix in Q8_0, as ``convert_hf_to_gguf.py --outtype q8_0`` (and ``llama-quantize Q8_0``) store
+      them, the token embedding and output matrix included;
+    - q4_0: matrices in Q4_0 except the output matrix (``output.weight``, or the token embedding when it is tied to
+      the output, as llama.cpp reads it then), which ``llama-quantize`` stores in Q6_K, or in Q8_0 when its rows are
+      not a multiple of Q6_K's 256 (so SmolLM2's); the ``gguf`` package has no Q6_K quantizer, so it is Q8_0 here;
+    - a matrix whose rows (``shape[-1]``) are not a multiple of the 32-weight block stays f16, as
+      ``convert_hf_to_gguf.py`` falls back to f16 for a tensor it cannot quantize.
+    """
+    import gguf
+
+    types = gguf.GGMLQuantizationType
+    if len(shape) == 1 or dtype == "f32":
+        return types.F32
+    if dtype not in GGUF_QUANTIZED:
+        return {"f16": types.F16, "bf16": types.BF16}[dtype]
+    if shape[-1] % GGUF_BLOCK:
+        return types.F16
+    output = name == "output.weight" or (tied and name == "token_embd.weight")
+    return types.Q8_0 if dtype == "q8_0" or output else types.Q4_0
+
+
 def save_gguf(model: OdeGPTForCausalLM, output_dir: str | Path, step_size: float, tokenizer_dir: str | Path,
               dtype: str = "f16", name: str = "odegpt") -> Path:
     """Write ``output_dir/odegpt-a{step}-{dtype}.gguf``: the model unrolled at ``step_size`` as a llama.cpp
     ``llama`` model, with the vocabulary of ``tokenizer_dir`` written so that llama.cpp tokenizes a text exactly as
     the folder's tokenizer does (odegpt's SentencePiece or a Hugging Face byte-level BPE: ``gguf_vocabulary``).
-    Matrices are stored in ``dtype`` (f32, f16 or bf16); norms stay f32, as llama.cpp's converter keeps them."""
+    Matrices are stored in ``dtype`` (f32, f16, bf16, or quantized by the ``gguf`` package's quantizer to q8_0 or
+    q4_0); norms stay f32, and a quantized file keeps what llama.cpp keeps in higher precision
+    (:func:`gguf_tensor_type`)."""
     import gguf
 
     from .gguf_vocabulary import gguf_vocabulary
@@ -265,14 +297,16 @@ def _write_gguf_hyperparameters(writer, config: OdeGPTConfig, layers: int, name:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype])
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter and quantizer write it
 
 
 def _write_gguf_tensors(writer, llama: LlamaForCausalLM, config: OdeGPTConfig, dtype: str) -> None:
-    """The unrolled Llama's tensors under llama.cpp's names, q/k rows in its rotary order, matrices in ``dtype``."""
+    """The unrolled Llama's tensors under llama.cpp's names, q/k rows in its rotary order, each in the type
+    :func:`gguf_tensor_type` gives it for ``dtype``."""
     import gguf
 
-    quantization = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16}.get(dtype)
     for source, tensor in llama.state_dict().items():
         if source == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp reads token_embd.weight as the output matrix when output.weight is absent
@@ -287,25 +321,34 @@ def _write_gguf_tensors(writer, llama: LlamaForCausalLM, config: OdeGPTConfig, d
         else:
             target = _GGUF_NAMES[source]
         data = tensor.numpy()
-        if quantization is None or data.ndim == 1:
+        quantization = gguf_tensor_type(target, data.shape, dtype, config.tie_word_embeddings)
+        if quantization == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(target, data.astype(np.float32))
         else:
             writer.add_tensor(target, gguf.quants.quantize(data, quantization), raw_dtype=quantization)
 
 
 EXPORT_FORMATS = ("native", "unrolled", "gguf")
-_GGUF_DTYPE_NAMES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", None: "f16"}
+_GGUF_DTYPE_NAMES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", None: "f16",
+                     **{name: name for name in GGUF_QUANTIZED}}
 
 
-def check_export(config, model_dir: str | Path, kind: str, step_size: float | None) -> float:
+def check_export(config, model_dir: str | Path, kind: str, step_size: float | None, dtype: str | None = None) -> float:
     """The step size an export of ``kind`` is written at (default: the model's), checked with everything else an
-    export needs against the folder's config before any weight is read; a ValueError names the flag."""
+    export needs against the folder's config before any weight is read; a ValueError names the flag. A quantized
+    ``dtype`` (q8_0, q4_0) is a GGUF file type: the folder formats store float32, bfloat16 or float16."""
     from data_pipeline.tokenizer import has_tokenizer
 
     from .model_folder import check_tokenizer_folder
 
     if kind not in EXPORT_FORMATS:
         raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {kind!r}")
+    if dtype is not None and dtype not in _GGUF_DTYPE_NAMES:
+        raise ValueError(f"--dtype must be one of {', '.join(name for name in _GGUF_DTYPE_NAMES if name)}, got "
+                         f"{dtype!r}")
+    if dtype in GGUF_QUANTIZED and kind != "gguf":
+        raise ValueError(f"--dtype {dtype} quantizes a GGUF file (--format gguf); a {kind} folder stores float32, "
+                         f"bfloat16 or float16")
     if kind == "gguf" and not has_tokenizer(model_dir):
         raise ValueError(f"--format gguf needs the model's tokenizer in {model_dir} (odegpt's tokenizer.model, or a "
                          f"Hugging Face tokenizer.json), for the GGUF vocabulary (odegpt convert copies the run's "
@@ -337,14 +380,36 @@ def write_export(model: OdeGPTForCausalLM, output_dir: Path, kind: str, step_siz
     return save_native(model, output_dir, tokenizer_dir=tokenizer_dir)
 
 
+def format_size(size: int) -> str:
+    """A file size in decimal units: ``"463 B"``, ``"12.4 kB"``, ``"145.3 MB"``, ``"1.2 GB"``."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def gguf_tensor_types(path: str | Path) -> dict[str, int]:
+    """How many tensors of each type the GGUF file at ``path`` holds (``{"Q4_0": 210, "Q8_0": 1, "F32": 61}``),
+    most first."""
+    import collections
+
+    import gguf
+
+    counts = collections.Counter(tensor.tensor_type.name for tensor in gguf.GGUFReader(str(path)).tensors)
+    return dict(counts.most_common())
+
+
 def describe_export(model: OdeGPTForCausalLM, kind: str, step_size: float, written: Path, dtype: str | None) -> str:
-    """The line ``odegpt export`` prints: what was written, at which step size and cost, where."""
+    """The line ``odegpt export`` prints: what was written, at which step size and cost, where (a GGUF file: its
+    type, the tensors of each storage type in it and its size)."""
     cost, trained = model_cost(model.config, step_size), model.config.num_hidden_layers
     if kind == "unrolled":
         return (f"unrolled LlamaForCausalLM at step size {step_size:g}: {cost.executed_steps} layers (trained depth "
                 f"{trained}), {format_count(cost.flops_per_token)} FLOPs/token -> {written}")
     if kind == "gguf":
-        return (f"GGUF (llama, {_GGUF_DTYPE_NAMES[dtype]}) at step size {step_size:g}: {cost.executed_steps} layers "
-                f"(trained depth {trained}), {format_count(cost.flops_per_token)} FLOPs/token -> {written}")
+        types = ", ".join(f"{count} {name}" for name, count in gguf_tensor_types(written).items())
+        return (f"GGUF (llama, {_GGUF_DTYPE_NAMES[dtype]}: {types} tensors; {format_size(written.stat().st_size)}) "
+                f"at step size {step_size:g}: {cost.executed_steps} layers (trained depth {trained}), "
+                f"{format_count(cost.flops_per_token)} FLOPs/token -> {written}")
     return (f"native odegpt folder (default step size {step_size:g}, {cost.executed_steps} solver steps, "
             f"{format_count(cost.parameters)} parameters) -> {written}")
