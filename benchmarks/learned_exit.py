@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if not args.prompts and not Path(args.data[0]).is_file():
+        parser.error(f"--prompts FILE is needed: the decode prompts default to lines of --data's first file, and "
+                     f"{args.data[0]} is not a file")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"

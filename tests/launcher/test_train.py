@@ -75,9 +75,10 @@ def _check(result) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_resume_is_bit_exact_and_converts(tmp_path, stage):
-    """4 steps straight == 2 steps, new processes resume from the checkpoint, 2 more (fp32, 2 ranks)."""
+    """4 steps straight == 2 steps, new processes resume from the checkpoint, 2 more (fp32, 2 ranks). ZeRO-1 resumes
+    through the same DeepSpeed optimizer as ZeRO-2 (stage_1_and_2), so it is not run again here."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _check(_launch(full, **{"deepspeed.zero_stage": stage}))
     checkpoints = full / "checkpoints"
@@ -329,11 +330,12 @@ def _source_folder(tmp_path: Path) -> Path:
     return save_native(OdeGPTForCausalLM(config), tmp_path / "source")
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_distillation_logs_each_term_resumes_exactly_and_under_zero3_holds_the_source_partitioned(tmp_path, stage):
+def test_distillation_logs_each_term_resumes_exactly_and_under_zero3_holds_the_source_partitioned(tmp_path):
+    """ZeRO-3, the teacher's hard case (partitioned, gathered layer by layer); ZeRO 0-2 hold it whole, as the
+    stepwise test's run does."""
     source = _source_folder(tmp_path)
     distill = {"train.distill_from": str(source), "train.distill_trajectory_weight": 0.5,
-               "train.distill_kl_weight": 1.0, "deepspeed.zero_stage": stage}
+               "train.distill_kl_weight": 1.0, "deepspeed.zero_stage": 3}
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _check(_launch(full, **distill))
     metrics = _train_metrics(full)
@@ -344,7 +346,7 @@ def test_distillation_logs_each_term_resumes_exactly_and_under_zero3_holds_the_s
     teacher = next(json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()
                    if json.loads(line)["kind"] == "teacher")
     held, total = teacher["parameters_held_per_rank"], teacher["parameters"]
-    assert all(n < total / 2 + 64 for n in held) if stage == 3 else held == [total, total], teacher
+    assert all(n < total / 2 + 64 for n in held), teacher
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
     _check(_launch(resumed, **distill))
