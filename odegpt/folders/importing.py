@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from odegpt.errors import InputError
-from odegpt.model.accounting import format_count
+from odegpt.model.accounting import format_count, llama_parameter_count
 from odegpt.model.configuration_odegpt import OdeGPTConfig, parse_segments
 from odegpt.model.modeling_odegpt import OdeGPTForCausalLM, OdeGPTLinear
 
@@ -162,6 +162,24 @@ def load_source(source_dir: str | Path):
     return model.eval()
 
 
+def _check_layer_shapes(source_dir: str | Path, config: dict, stored: dict[str, int]) -> None:
+    """Refuse a config.json whose shapes its first layer's weights contradict (heads x head_dim, KV heads, the MLP's
+    width), from the safetensors headers, before a model is built from it."""
+    d = int(config.get("hidden_size") or 0)
+    heads = int(config.get("num_attention_heads") or 1)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or d // max(heads, 1))
+    inner = int(config.get("intermediate_size") or 0)
+    expected = {"self_attn.q_proj.weight": ("num_attention_heads x head_dim x hidden_size", heads * head_dim * d),
+                "self_attn.k_proj.weight": ("num_key_value_heads x head_dim x hidden_size", kv_heads * head_dim * d),
+                "mlp.up_proj.weight": ("intermediate_size x hidden_size", inner * d)}
+    for name, (formula, elements) in expected.items():
+        held = stored.get(f"model.layers.0.{name}")
+        if held is not None and held != elements:
+            raise ValueError(f"{source_dir}/config.json does not describe its weights: model.layers.0.{name} holds "
+                             f"{held:,} values, its {formula} is {elements:,}")
+
+
 def check_source_size(source_dir: str | Path, config: dict) -> dict[str, int]:
     """The tensors the folder's safetensors hold (name -> elements, from their headers), after refusing a config.json
     that describes more layers than they hold, or a model this machine's memory cannot take in float32."""
@@ -184,13 +202,13 @@ def check_source_size(source_dir: str | Path, config: dict) -> dict[str, int]:
     if held != set(range(layers)):
         raise ValueError(f"{source_dir}/config.json describes {layers} layers but its weights hold {len(held)} "
                          f"(model.layers.*): the config and the weights belong to different models")
-    d, vocab, inner = (config.get(key, 0) for key in ("hidden_size", "vocab_size", "intermediate_size"))
-    parameters = 2 * vocab * d + layers * (4 * d * d + 3 * d * inner)
+    parameters = llama_parameter_count(config)
     needed, available = 4 * parameters, psutil.virtual_memory().available
     if needed > available:
         raise ValueError(f"{source_dir}/config.json describes a model of {parameters:,} parameters "
                          f"({needed / 2**30:.1f} GiB in float32), more than this machine's {available / 2**30:.1f} GiB "
                          f"of free memory")
+    _check_layer_shapes(source_dir, config, stored)
     return stored
 
 

@@ -35,7 +35,7 @@ from transformers.utils import logging as transformers_logging
 
 from odegpt.decoding.generate import with_decoders
 from odegpt.errors import InputError
-from odegpt.model.accounting import model_cost
+from odegpt.model.accounting import llama_parameter_count, model_cost
 from odegpt.model.configuration_odegpt import OdeGPTConfig
 from odegpt.model.modeling_odegpt import OdeGPTForCausalLM
 from odegpt.model.solver import solver_method
@@ -119,8 +119,7 @@ def check_bounds(folder: str | Path, config: PretrainedConfig) -> None:
         if config.num_hidden_layers > MAX_FOLDER_LAYERS:
             raise InputError(f"{folder}/config.json asks for {config.num_hidden_layers:,} layers; odegpt loads at "
                                f"most {MAX_FOLDER_LAYERS:,}")
-        d, layers = config.hidden_size, config.num_hidden_layers
-        parameters = 2 * config.vocab_size * d + layers * (4 * d * d + 3 * d * config.intermediate_size)
+        parameters = llama_parameter_count(config.to_dict())
     needed, available = 4 * parameters, psutil.virtual_memory().total
     if needed > available:
         raise InputError(f"{folder}/config.json describes a model of {parameters:,} parameters ({needed / 2**30:.1f} "

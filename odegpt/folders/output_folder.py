@@ -80,7 +80,12 @@ def claimed_output(output: Path, kind: str, overwrite: bool, source: Path | None
             check_replaceable(output, kind, overwrite)
             staging = _staging_folder(target)
             try:
-                yield staging
+                try:
+                    yield staging
+                except OSError as error:  # a full disk while writing: name --output, not the staging folder
+                    if error.filename and str(error.filename).startswith(str(staging)):
+                        raise OSError(error.errno, error.strerror, str(output)) from None
+                    raise
                 before_publish(staging, target)
                 _publish(staging, output, target, kind, overwrite)
             finally:
@@ -103,7 +108,7 @@ def _publish(staging: Path, output: Path, target: Path, kind: str, overwrite: bo
         kept = _kept_name(target)
         staging.rename(kept)
         raise InputError(f"{error} (it changed while this command ran; nothing was replaced, and the new "
-                         f"{DESCRIPTIONS[kind]} is kept in {kept})") from None
+                         f"output ({DESCRIPTIONS[kind]}) is kept in {kept})") from None
     previous = None
     if target.exists():
         previous = target.with_name(staging.name.removesuffix(".partial") + ".old")

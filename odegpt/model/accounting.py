@@ -137,6 +137,18 @@ def exit_head_flops(config: OdeGPTConfig) -> int:
                                          else features)
 
 
+def llama_parameter_count(config: dict) -> int:
+    """Parameters of a Llama-family ``config.json`` (the head counted untied: an upper bound), from its own head_dim
+    and KV heads: what importing or loading such a folder will allocate, to refuse before anything is built."""
+    d, layers = int(config.get("hidden_size") or 0), int(config.get("num_hidden_layers") or 0)
+    heads = int(config.get("num_attention_heads") or 1)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or d // max(heads, 1))
+    attention = d * head_dim * 2 * (heads + kv_heads)  # q and o for every head, k and v for every KV head
+    mlp = 3 * d * int(config.get("intermediate_size") or 0)
+    return 2 * int(config.get("vocab_size") or 0) * d + layers * (attention + mlp)
+
+
 # Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets; the first name
 # found in the device name wins, so more specific names come first. Training's MFU and `odegpt plan`
 # read it; `logging.peak_tflops_per_device` (or `odegpt plan --gpu-tflops`) overrides it.

@@ -202,4 +202,5 @@ def test_a_full_disk_while_writing_the_weights_is_one_line_and_leaves_nothing(mo
     for kind in ("native", "unrolled"):
         code, err = _odegpt(capsys, "export", "--model", model_folder, "--output", tmp_path / kind, "--format", kind)
         assert code == 1 and "No space left on device" in err and err.count("\n") == 1, err
+        assert f"{tmp_path / kind}" in err and ".partial" not in err, err  # names --output, not the staging folder
     assert list(tmp_path.iterdir()) == []  # no output, no staging folder

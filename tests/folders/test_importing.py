@@ -202,12 +202,14 @@ def _edited_source(sources, tmp_path, family: str, **changes):
 @pytest.mark.parametrize("family, changes, message", [
     ("llama-yarn-tied-head-dim", dict(hidden_size=65536, intermediate_size=65536),
      "describes a model of"),
+    # A huge head_dim alone (the size is counted from it, not from hidden_size: this one allocated 2.8 GB at 2**17).
+    ("llama-yarn-tied-head-dim", dict(head_dim=2**24), "describes a model of"),
     ("llama-yarn-tied-head-dim", dict(num_hidden_layers=20000), "asks for 20,000 layers"),
     ("mistral-no-window", dict(num_hidden_layers=60), "describes 60 layers but its weights hold"),
     ("llama-llama3-rope-biases-untied", dict(rope_parameters={"rope_type": "bogus"}), "rope_type 'bogus'"),
     ("mistral-no-window", dict(num_key_value_heads=3), "num_key_value_heads 3 does not divide"),
     ("llama-yarn-tied-head-dim", dict(head_dim=31), "head_dim 31 is odd"),
-    ("llama-yarn-tied-head-dim", dict(head_dim=16), "do not match its config.json"),
+    ("llama-yarn-tied-head-dim", dict(head_dim=16), "does not describe its weights: model.layers.0.self_attn.q_proj"),
     ("llama-llama3-rope-biases-untied", dict(tie_word_embeddings=True), "tie_word_embeddings is true but"),
 ])
 def test_a_source_whose_config_contradicts_its_weights_or_the_machine_is_one_line(sources, tmp_path, capsys,
