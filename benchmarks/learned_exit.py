@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=None, help="prepared corpora: validation samples")
     parser.add_argument("--entropies", default="0.5,1,2,3,4", help="entropy-exit thresholds (default: %(default)s)")
     parser.add_argument("--targets", default="0.3,0.5,0.7", help="energy-routing compute targets")
+    parser.add_argument("--truncate", default=None,
+                        help="solver times of the truncation baseline (default: every step of the a=1 solve)")
     parser.add_argument("--prompts", default=None, help="a file of prompts (one per line) for the decode comparison")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
@@ -129,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     if not report.is_file():
         prepared = [c for c in args.calibration if (Path(c) / "manifest.json").is_file()]
         routing = ["--target-compute", args.targets, "--calibration-data", *prepared] if prepared else []
+        truncate = args.truncate or ",".join(str(t) for t in range(1, depth))
         odegpt("evaluate", "--model", str(model), "--data", *args.data, "--seq-len", str(args.seq_len),
-               "--step-sizes", "1,2,4", "--no-speed", "--truncate", ",".join(str(t) for t in range(1, depth)),
+               "--step-sizes", "1,2,4", "--no-speed", "--truncate", truncate,
                "--exit-entropy", args.entropies, *routing, "--exit", "learned", "--route", "learned",
                "--exit-tolerance", args.tolerances, "--kv-fill", "lazy", "--output", str(out / "report"),
                "--threads", str(args.threads), *(["--num-samples", str(args.num_samples)] if args.num_samples else []))

@@ -118,19 +118,20 @@ def prefix_text(text: Path, tokenizer_dir: Path, tokens: int, out: Path) -> Path
 
 
 def run_config(out: Path, name: str, model: Path, source: Path, corpus: Path, args, settings: dict) -> Path:
-    """The YAML of one uptraining run: the model from ``model``'s folder, a=1 plus a drawn a=2 every step."""
+    """The YAML of one uptraining run into ``out / name``: the model from ``model``'s folder, a=1 plus a drawn a=2
+    every step, no validation during the run (each checkpoint is evaluated on the held-out text after it)."""
     train = {"init_from": str(model), "seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size,
              "global_batch_size": args.micro_batch_size, "train_steps": args.steps, "warmup_steps": 4,
              "lr": args.lr, "min_lr": args.lr / 10, "step_size_distribution": {"choices": [2.0]},
-             "reference_weight": 1.0, "seed": 0, **settings}
+             "reference_weight": 1.0, "seed": 0, "activation_checkpointing": False, **settings}
     if any(key.startswith("distill") for key in settings):
         train["distill_from"] = str(source)
     config = {"run": {"name": name, "output_dir": str(out / name)}, "data": {"corpora": [str(corpus)],
               "tokenizer": str(source)}, "train": train,
-              "eval": {"interval": 0, "at_end": False}, "deepspeed": {"zero_stage": 0},
+              "eval": {"interval": 0, "at_end": False, "num_samples": 0}, "deepspeed": {"zero_stage": 0},
               "checkpoint": {"interval": max(args.steps // args.points, 1), "keep_last": args.points + 1},
               "logging": {"interval": 1, "tensorboard": False, "progress_bar": False}}
-    path = out / f"{name}.yaml"
+    path = out / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -139,7 +140,7 @@ def run_config(out: Path, name: str, model: Path, source: Path, corpus: Path, ar
 def uptrain(name: str, settings: dict, best: Path, source: Path, corpus: Path, curve_text: Path, out: Path, args,
             env: dict, initial: dict) -> dict:
     """One uptraining run, then each checkpoint converted and evaluated: the run's curve."""
-    config = run_config(out / "configs", name, best, source, corpus, args, settings)
+    config = run_config(out, name, best, source, corpus, args, settings)
     run_dir = out / name
     if not (run_dir / "checkpoints" / f"step_{args.steps:08d}").is_dir():
         run(ODEGPT + ["launch", "--num-gpus", "1", "--quiet", "--resume", "auto", "--config", str(config)], env,

@@ -18,7 +18,7 @@ loads a folder here:
 - a tokenizer that carries odegpt's record (``odegpt_tokenizer.json``) must match it (a swapped or truncated
   ``tokenizer.model``).
 
-Failures are :class:`odegpt.commands.cli.InputError` (one line, no traceback).
+Failures are :class:`odegpt.errors.InputError` (one line, no traceback).
 """
 from __future__ import annotations
 
