@@ -149,7 +149,7 @@ def uptrain(name: str, settings: dict, best: Path, source: Path, corpus: Path, c
     steps = {r["step"]: r for r in records if r.get("kind", "train") == "train" and "step" in r}
     tokens_per_step = args.micro_batch_size * args.seq_len
     seconds = {step: tokens_per_step / r["tokens_per_s"] for step, r in steps.items() if r.get("tokens_per_s")}
-    points = [{"step": 0, "tokens": 0, "wall_s": 0.0, **initial}]
+    points = [{**_scores(initial), "step": 0, "tokens": 0, "wall_s": 0.0}]
     for checkpoint in sorted((run_dir / "checkpoints").glob("step_*")):
         step = int(checkpoint.name.split("_")[1])
         model = run_dir / "models" / checkpoint.name
@@ -159,11 +159,16 @@ def uptrain(name: str, settings: dict, best: Path, source: Path, corpus: Path, c
         ppl = stage(model.parent / f"{checkpoint.name}.json", lambda model=model, step=step: perplexities(
             model, curve_text, "1,2", env, out / "logs" / f"{name}-eval-{step}.log"))
         # training wall time to this step: each step's tokens over its logged rate (no start-up, saves or evaluation)
-        points.append({"step": step, "tokens": step * tokens_per_step,
-                       "wall_s": sum(s for k, s in seconds.items() if k <= step), **ppl})
+        points.append({**_scores(ppl), "step": step, "tokens": step * tokens_per_step,
+                       "wall_s": sum(s for k, s in seconds.items() if k <= step)})
     total = sum(seconds.values())
     return {"objective": name, "settings": settings, "points": points, "wall_s": total,
             "tokens_per_s": len(seconds) * tokens_per_step / total if total else None}
+
+
+def _scores(perplexities_: dict) -> dict:
+    """An evaluation's perplexities by step size, its scored token count as ``eval_tokens`` (``tokens`` is trained)."""
+    return {("eval_tokens" if key == "tokens" else key): value for key, value in perplexities_.items()}
 
 
 def plot(curves: list[dict], source_ppl: dict, out: Path) -> Path:
