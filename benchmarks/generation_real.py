@@ -339,14 +339,15 @@ def main() -> int:
         runs = Runs(model_dir, output / name, args.new_tokens)
         segments = ", ".join(f"{s['depth']}{'s' if s['shared'] else 'u'}" for s in runs.config.segments)
         title = f"{model_dir} (segments {segments}, step size {runs.config.step_size:g})"
-        rows = [row for t in threads for batch in (int(b) for b in args.batch_sizes.split(","))
-                for row in measure(runs, batch, t, args.rounds, args.draft_step_size)]
-        parts = where_time_goes(runs)
-        results["models"][model_dir] = {"comparison": rows, "segments": parts}
-        (output / "results.json").write_text(json.dumps(results, indent=1))
-        print_comparison(title, rows)
-        print_segments(title, parts)
-        print(f"\n({time.perf_counter() - began:.0f} s so far)", flush=True)
+        results["models"][model_dir] = {"comparison": [], "segments": where_time_goes(runs)}
+        print_segments(title, results["models"][model_dir]["segments"])
+        for t in threads:  # each group printed and saved as it ends: a long run interrupted keeps what it measured
+            for batch in (int(b) for b in args.batch_sizes.split(",")):
+                rows = measure(runs, batch, t, args.rounds, args.draft_step_size)
+                results["models"][model_dir]["comparison"] += rows
+                (output / "results.json").write_text(json.dumps(results, indent=1))
+                print_comparison(f"{title}, {t} thread(s), batch {batch}", rows)
+                print(f"\n({time.perf_counter() - began:.0f} s so far)", flush=True)
     print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}; {args.new_tokens} new tokens per "
           f"run, median of {args.rounds} interleaved rounds; ratios paired per round")
     return 0
