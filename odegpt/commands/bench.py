@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds, median (default: %(default)s)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default: %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps per run (default: %(default)s)")
+    options.add_compile(parser)
     options.add_threads(parser)
     options.add_json(parser)
     parser.set_defaults(func=run)
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.model, expect="odegpt")
     request = BenchRequest(step_sizes=args.step_sizes, batch_sizes=args.batch_sizes, dtype=args.dtype,
                            rounds=args.rounds, prompt_tokens=args.prompt_tokens,
-                           new_tokens=args.new_tokens).checked(config)
+                           new_tokens=args.new_tokens, compile=args.compile).checked(config)
     model = load_model(args.model, config).float()  # unrolled in float32, then cast: dt folded exactly
     document = {"model": args.model, **compare_with_llama(model, config, request,
                                                             threads[0])}
@@ -75,3 +76,13 @@ def print_table(document: dict, config, threads: str) -> None:
               f"{o['prefill_tokens_per_s']:>16.0f} {llama['prefill_tokens_per_s']:>9.0f} {r['prefill']:>7.2f} "
               f"{o['prefill_speedup']:>7.2f} | {o['decode_tokens_per_s']:>15.1f} {llama['decode_tokens_per_s']:>9.1f} "
               f"{r['decode']:>7.2f} {o['decode_speedup']:>7.2f} {llama['decode_speedup']:>7.2f}")
+    compiled = [row for row in document["results"] if "compiled" in row]
+    if compiled:
+        print("\ncompiled = odegpt through a static KV cache with a torch.compile'd step per token (--compile; its "
+              "prefill runs eagerly)")
+        print(f"{'batch':>5} {'a':>5} | {'decode tokens/s':>15} {'compiled/':>9} {'compiled/':>9}")
+        print(f"{'':>5} {'':>5} | {'compiled':>15} {'eager':>9} {'Llama':>9}")
+        for row in compiled:
+            c = row["compiled"]["decode_tokens_per_s"]
+            print(f"{row['batch_size']:>5} {row['step_size']:>5g} | {c:>15.1f} "
+                  f"{c / row['odegpt']['decode_tokens_per_s']:>9.2f} {row['compiled_over_llama']['decode']:>9.2f}")

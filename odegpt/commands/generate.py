@@ -25,7 +25,8 @@ FLAGS = {"step_size": "--step-size", "draft_step_size": "--draft-step-size", "dr
          "use_cache=False": "--no-cache", "exit_entropy": "--exit-entropy", "route_energy": "--route-energy",
          "kv_fill": "--kv-fill", "swift_step_size": "--swift-step-size", "check_every": "--check-every",
          "min_time": "--min-time", "exit_learned": "--exit learned", "route_learned": "--route learned",
-         "draft_stop_score": "--draft-stop learned"}
+         "draft_stop_score": "--draft-stop learned", "compile": "--compile", "reuse_draft": "--reuse-draft",
+         "cache_implementation='static'": "--compile"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     options.add_threads(parser)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every token")
+    options.add_compile(parser)
     options.add_speculative(parser)
     options.add_adaptive(parser)
     output = parser.add_mutually_exclusive_group()
@@ -116,6 +118,8 @@ def generation_settings(args: argparse.Namespace, config) -> dict:
         if args.temperature != 0 else dict(do_sample=False)
     settings = dict(max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache, **sampling)
     if not native:  # a plain Llama: transformers' own decoding (and prompt lookup)
+        if args.compile:
+            raise ValueError(f"--compile applies to native odegpt models; {args.model} is {config.model_type!r}")
         return {**settings, **({} if args.prompt_lookup is None else {"prompt_lookup_num_tokens": args.prompt_lookup})}
     step_size = config.step_size if args.step_size is None else args.step_size
     stop = None
@@ -129,13 +133,15 @@ def generation_settings(args: argparse.Namespace, config) -> dict:
     decoder, chosen = choose_decoder(
         config, names=FLAGS, step_size=step_size, draft_step_size=args.draft_step_size, draft_tokens=args.draft_tokens,
         draft_confidence=args.draft_confidence, prompt_lookup_num_tokens=args.prompt_lookup,
-        adaptive=adaptive_settings(args, config, step_size), draft_stop_score=stop, **settings)
+        adaptive=adaptive_settings(args, config, step_size), draft_stop_score=stop, compile=args.compile,
+        reuse_draft=args.reuse_draft, **settings)
+    compiled = {"compile": True} if args.compile else {}
     if decoder == ADAPTIVE:
         return dict(settings, step_size=step_size, adaptive=chosen, return_dict_in_generate=True)
     if decoder == SPECULATIVE:
         return dict(settings, step_size=step_size, reuse_draft=args.reuse_draft, **chosen, return_dict_in_generate=True,
-                    **({} if stop is None else {"draft_stop_score": stop}))
-    return dict(settings, step_size=step_size)
+                    **({} if stop is None else {"draft_stop_score": stop}), **compiled)
+    return dict(settings, step_size=step_size, **compiled)
 
 
 def adaptive_settings(args: argparse.Namespace, config, step_size: float):

@@ -168,6 +168,14 @@ def add_speculative(parser: argparse.ArgumentParser) -> None:
                             "docs/self-speculative.md)")
 
 
+def add_compile(parser: argparse.ArgumentParser) -> None:
+    """The compiled decode path (odegpt/decoding/compiled.py)."""
+    parser.add_argument("--compile", action="store_true",
+                        help="decode native models through static KV caches with a torch.compile'd step per token "
+                             "(CUDA graphs on a GPU): the same tokens, after a one-time build (about a minute per "
+                             "step size and batch on a CPU; needs a C++ compiler there)")
+
+
 def add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads (default: the cores the load average leaves idle, at least 1; "

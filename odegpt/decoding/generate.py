@@ -30,7 +30,7 @@ def generate(inputs=None, generation_config=None, *, model, draft_step_size: flo
              prompt_lookup_num_tokens: int | None = None,
              exit_entropy: float | None = None, route_energy: float | None = None, exit_learned: float | None = None,
              route_learned: float | None = None, kv_fill: str | None = None, swift_step_size: float | None = None,
-             adaptive: AdaptiveDepth | None = None, **kwargs):
+             adaptive: AdaptiveDepth | None = None, compile: bool = False, **kwargs):
     """transformers' ``generate``; with ``draft_step_size=B`` it decodes self-speculatively: the same
     weights solved at ``B`` draft ``draft_tokens`` tokens (default ``"auto"``: a length adapted every round, none
     when drafts do not pay; speculative.DraftPolicy) that one forward at the target
@@ -48,7 +48,11 @@ def generate(inputs=None, generation_config=None, *, model, draft_step_size: flo
     (see adaptive.py). ``exit_learned=S`` and ``route_learned=S`` use the model's learned exit head instead (its
     score: the predicted log KL of a state's read-out to the end of the solve; thresholds from ``odegpt calibrate``).
     ``adaptive=AdaptiveDepth(...)`` gives every setting at once (read-out interval, minimum and maximum time, energy
-    temperature)."""
+    temperature).
+
+    ``compile=True`` decodes through static KV caches with a compiled step per token (``compiled.DecodeStep``: one
+    graph instead of a few hundred eager operators; plain and self-speculative decoding, same output);
+    ``cache_implementation="static"`` the same step without compiling it."""
     args = () if inputs is None else (inputs,)
     if generation_config is not None:
         kwargs["generation_config"] = generation_config
@@ -56,13 +60,22 @@ def generate(inputs=None, generation_config=None, *, model, draft_step_size: flo
         model.config, draft_step_size=draft_step_size, draft_tokens=draft_tokens, draft_confidence=draft_confidence,
         prompt_lookup_num_tokens=prompt_lookup_num_tokens, exit_entropy=exit_entropy, route_energy=route_energy,
         exit_learned=exit_learned, route_learned=route_learned, kv_fill=kv_fill, swift_step_size=swift_step_size,
-        adaptive=adaptive, **kwargs)
+        adaptive=adaptive, compile=compile, **kwargs)
     if decoder == ADAPTIVE:
         kwargs.pop("step_size", None)
         return adaptive_generate(model, *args, settings=settings, **kwargs)
     if decoder == SPECULATIVE:
-        return self_speculative_generate(model, *args, **settings, **kwargs)
+        return self_speculative_generate(model, *args, **settings, compile=compile, **kwargs)
+    if compile or static_cache(generation_config, kwargs):  # plain decoding through static caches: rounds of one step
+        return self_speculative_generate(model, *args, compile=compile, **kwargs)
     return type(model).generate(model, *args, **kwargs)  # transformers' own, under any installed override
+
+
+def static_cache(generation_config, kwargs: dict) -> bool:
+    """Whether generate() was asked for transformers' static cache (``cache_implementation="static"``), which odegpt
+    keeps as its own (one slot per block evaluation)."""
+    given = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+    return given == "static"
 
 
 def choose_decoder(config, *, draft_step_size: float | None = None, draft_tokens: int | str | None = None,
@@ -70,7 +83,7 @@ def choose_decoder(config, *, draft_step_size: float | None = None, draft_tokens
                    exit_entropy: float | None = None, route_energy: float | None = None,
                    exit_learned: float | None = None, route_learned: float | None = None, kv_fill: str | None = None,
                    swift_step_size: float | None = None, adaptive: AdaptiveDepth | None = None,
-                   names: dict[str, str] | None = None, **kwargs):
+                   names: dict[str, str] | None = None, compile: bool = False, **kwargs):
     """``(decoder, settings)`` for :func:`generate`'s arguments: ``PLAIN`` (settings None), ``SPECULATIVE`` (the
     keywords of ``self_speculative_generate``) or ``ADAPTIVE`` (an ``AdaptiveDepth`` with its step size resolved);
     every argument checked against the model's ``config`` alone, a ValueError naming the bad one as ``names`` calls
@@ -93,6 +106,8 @@ def choose_decoder(config, *, draft_step_size: float | None = None, draft_tokens
                              f"decoding): give one")
         if kwargs.get("use_cache") is False:
             raise ValueError(f"{chosen} decodes with its own KV cache; drop {name('use_cache=False')}")
+        if compile:
+            raise ValueError(f"{name('compile')} applies to plain and self-speculative decoding, not to {chosen}")
         return ADAPTIVE, _adaptive_settings(config, thresholds, kv_fill, swift_step_size, adaptive, step_size, names)
     if kv_fill is not None or swift_step_size is not None:
         raise ValueError("kv_fill and swift_step_size apply to adaptive depth: give exit_entropy or route_energy")
@@ -102,6 +117,10 @@ def choose_decoder(config, *, draft_step_size: float | None = None, draft_tokens
     if draft_confidence is not None and draft_step_size is None:
         raise ValueError(f"{name('draft_confidence')} applies to self-speculative decoding: give "
                          f"{name('draft_step_size')} too")
+    if compile and kwargs.get("use_cache") is False:
+        raise ValueError(f"{name('compile')} decodes through a static KV cache; drop {name('use_cache=False')}")
+    if compile and kwargs.get("reuse_draft"):
+        raise ValueError(f"{name('reuse_draft')} continues drafts in dynamic caches: drop it or {name('compile')}")
     if not speculative:
         if draft_tokens is not None:
             raise ValueError(f"{name('draft_tokens')} applies to self-speculative decoding: give "

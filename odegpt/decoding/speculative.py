@@ -31,6 +31,7 @@ import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.utils import ModelOutput
 
+from .compiled import DecodeStep, compile_unavailable
 from .defaults import DEFAULT_DRAFT_TOKENS, DEFAULT_LOOKUP_NGRAM, DEFAULT_MAX_DRAFT_TOKENS
 from .surface import DecoderModel
 
@@ -77,14 +78,28 @@ def shared_steps(plan, other) -> int | None:
     return None if common == shortest else common
 
 
+@dataclass(frozen=True)
+class StaticCaches:
+    """Decode through static KV caches of ``rows`` x ``length`` positions, each solve fed by one
+    ``compiled.DecodeStep``, compiled with ``compile`` (else the same step, eagerly)."""
+
+    rows: int
+    length: int
+    compile: bool = False
+
+
 class _Solve:
     """The model solved at one step size, with its own KV cache. ``shared``: how many leading steps this solve has
-    in common with the other one (:func:`shared_steps`) when their common work is reused, else None."""
+    in common with the other one (:func:`shared_steps`) when their common work is reused, else None. ``static``: its
+    cache is static and a ``DecodeStep`` feeds it (never with ``shared``)."""
 
-    def __init__(self, model: DecoderModel, step_size: float, shared: int | None = None) -> None:
-        self.model, self.step_size, self.cache = model, step_size, model.new_cache()
+    def __init__(self, model: DecoderModel, step_size: float, shared: int | None = None,
+                 static: StaticCaches | None = None) -> None:
+        self.model, self.step_size = model, step_size
         self.plan = model.plan(step_size)
         self.shared = shared
+        self.cache = model.new_cache() if static is None else model.new_cache(static.rows, static.length)
+        self.step = None if static is None else DecodeStep(model, self.plan, self.cache, static.compile)
 
     def __len__(self) -> int:
         return self.cache.get_seq_length()
@@ -139,6 +154,9 @@ class _Solve:
     def logits_and_states(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, keep: int = 0
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`logits`, and the final states of those positions (what the learned exit head scores)."""
+        if self.step is not None:
+            mask = None if attention_mask is None else attention_mask[:, : len(self) + tokens.shape[1]]
+            return self.step(tokens, mask, keep)
         h, inputs = self._begin(tokens, attention_mask, len(self))
         h = self.model.solve(h, self.plan, inputs, self.cache)
         h = h[:, -keep:] if keep else h
@@ -359,6 +377,22 @@ def check_speculative(model_config, draft_step_size: float | None = None,
                              f"null); fit one with `odegpt calibrate`")
 
 
+def check_static(model, compile: bool, reuse_draft: bool = False, names: dict[str, str] | None = None) -> None:
+    """Static caches and compiled steps (``compile``), checked: a ValueError naming what is in the way."""
+    def name(key: str) -> str:
+        return (names or {}).get(key, key)
+
+    what = name("compile") if compile else name("cache_implementation='static'")
+    if reuse_draft:
+        raise ValueError(f"{name('reuse_draft')} continues drafts in dynamic caches: drop it or {what}")
+    if model.rotary_scales_with_length:
+        raise ValueError(f"{what}: this model's rotary frequencies change with each call's length (an imported "
+                         f"dynamic or LongRoPE scaling), which a static cache cannot hold; decode without it")
+    unavailable = compile_unavailable(model.device) if compile else None
+    if unavailable is not None:
+        raise ValueError(f"{what}: {unavailable}")
+
+
 def _check_supported(config, model_kwargs: dict) -> None:
     for name, off in _UNSUPPORTED_UNLESS.items():
         value = getattr(config, name, off)
@@ -389,6 +423,7 @@ def self_speculative_generate(
     reuse_draft: bool = False,
     attention_mask: torch.Tensor | None = None,
     streamer=None,
+    compile: bool = False,
     **kwargs,
 ) -> torch.LongTensor | SelfSpeculativeOutput:
     """``model.generate`` with drafts from the same weights at ``draft_step_size``; see the module docstring.
@@ -423,18 +458,27 @@ def self_speculative_generate(
     evaluations, but costs a separate pass of the last draft through the shared part and more, smaller calls,
     and at batch 1 on a CPU, where a forward's cost is its calls rather than its arithmetic, it was not faster
     (0.78x-1.09x; docs/self-speculative.md). Never used with rotary scalings that change with a call's length.
+
+    ``compile=True`` (or transformers' ``cache_implementation="static"``, the same without compiling) decodes through
+    static KV caches, every solve's steps fed by a ``compiled.DecodeStep``: one graph per token at batch 1 instead of
+    a few hundred eager operators. Output as without. Without any draft source, every round is one plain step: that
+    is plain decoding, compiled (``generate.generate(compile=True)`` decodes so).
     """
     input_ids = inputs if inputs is not None else input_ids
     config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
     _check_supported(config, model_kwargs)
     target_step = model.config.step_size if step_size is None else step_size
-    check_speculative(model.config, draft_step_size, draft_tokens, draft_confidence, prompt_lookup_num_tokens,
-                      max_matching_ngram_size, target_step, draft_stop_score=draft_stop_score)
+    static = compile or config.cache_implementation == "static"
+    if draft_step_size is not None or prompt_lookup_num_tokens is not None or not static:
+        check_speculative(model.config, draft_step_size, draft_tokens, draft_confidence, prompt_lookup_num_tokens,
+                          max_matching_ngram_size, target_step, draft_stop_score=draft_stop_score)
+    if static:
+        check_static(model, compile, reuse_draft)
     if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("self-speculative decoding needs input_ids of shape (batch, prompt length >= 1)")
     rounds = _Rounds(model, config, input_ids, attention_mask, target_step, draft_step_size, draft_tokens,
                      _DraftStop(draft_confidence, draft_stop_score), prompt_lookup_num_tokens, max_matching_ngram_size,
-                     reuse_draft, streamer)
+                     reuse_draft, streamer, static, compile)
     rounds.run()
     if config.return_dict_in_generate:
         return rounds.output()
@@ -446,7 +490,8 @@ class _Rounds:
     policy and what the rounds counted. :meth:`run` decodes round after round: draft, verify, commit."""
 
     def __init__(self, model, config, input_ids, attention_mask, target_step, draft_step_size, draft_tokens,
-                 draft_stop: _DraftStop, lookup_tokens, max_ngram, reuse_draft, streamer) -> None:
+                 draft_stop: _DraftStop, lookup_tokens, max_ngram, reuse_draft, streamer, static: bool = False,
+                 compile: bool = False) -> None:
         self.model, self.streamer, self.draft_stop, self.max_ngram = model, streamer, draft_stop, max_ngram
         self.prompt_len = input_ids.shape[1]
         self.max_new, self.eos, self.pad, self.mask = decoding_limits(config, input_ids, attention_mask)
@@ -456,8 +501,10 @@ class _Rounds:
         self.shared = None
         if reuse_draft and draft_step_size is not None and not model.rotary_scales_with_length:  # a draft's keys differ
             self.shared = shared_steps(model.plan(target_step), model.plan(draft_step_size))
-        self.target = _Solve(model, target_step, self.shared)
-        self.draft = None if draft_step_size is None else _Solve(model, draft_step_size, self.shared)
+        # A static cache holds every position a round may feed: the prompt and the new tokens but the last.
+        caches = StaticCaches(input_ids.shape[0], self.prompt_len + self.max_new, compile) if static else None
+        self.target = _Solve(model, target_step, self.shared, caches)
+        self.draft = None if draft_step_size is None else _Solve(model, draft_step_size, self.shared, caches)
         self.policy = _policy(model, target_step, draft_step_size, draft_tokens, lookup_tokens)
         self.sources = {name: {"rounds": 0, "drafted": 0, "accepted": 0} for name in [*self.policy.costs, "none"]}
         self.drafted = self.accepted = self.rounds = self.reused_evaluations = self.reused_attention = 0

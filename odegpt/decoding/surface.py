@@ -24,8 +24,9 @@ class DecoderModel(Protocol):
         """The state at time 0."""
 
     def attention_inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                         past_len: int = 0) -> dict:
-        """Rotary tables and mask for states ``h`` after ``past_len`` cached positions."""
+                         past_len: int | torch.Tensor = 0, cache=None) -> dict:
+        """Rotary tables and mask for states ``h`` after ``past_len`` cached positions (for a static ``cache``, over
+        its whole buffer, with the columns to write; ``past_len`` then possibly a one-element tensor)."""
 
     def plan(self, step_size: float | None = None, solver: str | None = None) -> Any:
         """The solve at a step size (a SolvePlan)."""
@@ -48,8 +49,9 @@ class DecoderModel(Protocol):
     def read_out(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of states at any time: the final norm and LM head."""
 
-    def new_cache(self) -> Any:
-        """An empty KV cache of the model's layout (one slot per block evaluation)."""
+    def new_cache(self, batch_size: int | None = None, max_length: int | None = None) -> Any:
+        """An empty KV cache of the model's layout (one slot per block evaluation); with ``max_length``, a static one
+        preallocated for ``batch_size`` rows."""
 
     @property
     def time_dependent(self) -> bool:

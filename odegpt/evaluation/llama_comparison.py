@@ -28,6 +28,7 @@ class BenchRequest:
     rounds: int = 5
     prompt_tokens: int = 128
     new_tokens: int = 64
+    compile: bool = False  # odegpt compiled too (odegpt.decoding.compiled), beside eager odegpt and Llama
 
     def checked(self, config) -> BenchRequest:
         """This request, or a ValueError naming the flag: step sizes the model can solve, a context that fits its
@@ -68,10 +69,13 @@ def compare_with_llama(model, config, request: BenchRequest, threads: int) -> di
             folder = save_unrolled(model, f"{tmp}/a{a:g}", a)  # unrolled in fp32, then cast: dt folded exactly
             variants["llama", a] = Variant(LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval(), {})
         model = model.to(dtype)
+        implementations = ["odegpt", "compiled", "llama"] if request.compile else ["odegpt", "llama"]
         for a in measured_sizes:
             variants["odegpt", a] = Variant(model, {"step_size": a})
-        # Interleaved per step size: odegpt then Llama at a, then the next a.
-        variants = {key: variants[key] for a in measured_sizes for key in (("odegpt", a), ("llama", a))}
+            if request.compile:
+                variants["compiled", a] = Variant(model, {"step_size": a}, compile=True)
+        # Interleaved per step size: odegpt (eager, compiled) then Llama at a, then the next a.
+        variants = {(impl, a): variants[impl, a] for a in measured_sizes for impl in implementations}
         prompts = {batch: random_prompt(config.vocab_size, batch, request.prompt_tokens)
                    for batch in request.batch_sizes}
         with tqdm(total=request.rounds * len(variants) * len(prompts), desc="bench", unit="run",
@@ -79,18 +83,19 @@ def compare_with_llama(model, config, request: BenchRequest, threads: int) -> di
             measured = measure_interleaved(variants, prompts, request.new_tokens, request.rounds, bar.update)
     decode_context = request.prompt_tokens + request.new_tokens // 2  # mean context seen while decoding
     reference_flops = model_cost(config, 1.0, seq_len=decode_context).flops_per_token
-    results = [_row(config, measured, batch, a, decode_context, reference_flops)
+    results = [_row(config, measured, batch, a, decode_context, reference_flops, implementations)
                for batch in request.batch_sizes for a in request.step_sizes]
     return {"dtype": request.dtype, "threads": threads, "rounds": request.rounds,
             "prompt_tokens": request.prompt_tokens, "new_tokens": request.new_tokens, "torch": torch.__version__,
             "transformers": transformers.__version__, "results": results}
 
 
-def _row(config, measured: dict, batch: int, a: float, decode_context: int, reference_flops: float) -> dict:
+def _row(config, measured: dict, batch: int, a: float, decode_context: int, reference_flops: float,
+         implementations: list[str]) -> dict:
     flops = model_cost(config, a, seq_len=decode_context).flops_per_token
     row = {"step_size": a, "solver_steps": config.solver_steps(a), "batch_size": batch, "flops_per_token": flops,
            "flop_ratio": reference_flops / flops}
-    for impl in ("odegpt", "llama"):
+    for impl in implementations:
         speed, base = measured[(impl, a), batch], measured[(impl, 1.0), batch]
         row[impl] = {"prefill_tokens_per_s": speed.prefill_tokens_per_s,
                      "decode_tokens_per_s": speed.decode_tokens_per_s,
@@ -98,4 +103,7 @@ def _row(config, measured: dict, batch: int, a: float, decode_context: int, refe
                      "decode_speedup": speed.decode_tokens_per_s / base.decode_tokens_per_s}
     row["odegpt_over_llama"] = {part: row["odegpt"][f"{part}_tokens_per_s"] / row["llama"][f"{part}_tokens_per_s"]
                                 for part in ("prefill", "decode")}
+    if "compiled" in row:
+        row["compiled_over_llama"] = {part: row["compiled"][f"{part}_tokens_per_s"]
+                                      / row["llama"][f"{part}_tokens_per_s"] for part in ("prefill", "decode")}
     return row

@@ -30,10 +30,12 @@ from odegpt.model.cache import CACHE_FIELD, output_cache
 
 @dataclass(frozen=True)
 class Variant:
-    """A model and the extra forward arguments it runs with (e.g. ``{"step_size": 2.0}``)."""
+    """A model and the extra forward arguments it runs with (e.g. ``{"step_size": 2.0}``); ``compile``: a native
+    model decoding through a static KV cache with a compiled step (odegpt.decoding.compiled) instead of forward()."""
 
     model: torch.nn.Module
     forward_kwargs: Mapping[str, object]
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,12 @@ class TimedGeneration(NamedTuple):
 
 
 @torch.inference_mode()
-def time_generation(variant: Variant, prompt: torch.Tensor, new_tokens: int) -> TimedGeneration:
-    """Time the prefill of ``prompt``, then ``new_tokens`` greedy decode steps with the KV cache."""
+def time_generation(variant: Variant, prompt: torch.Tensor, new_tokens: int, room: int | None = None
+                    ) -> TimedGeneration:
+    """Time the prefill of ``prompt``, then ``new_tokens`` greedy decode steps with the KV cache. A compiled variant's
+    static cache holds ``room`` new tokens (default ``new_tokens``): one size for every run, so one graph."""
+    if variant.compile:
+        return _time_compiled(variant, prompt, new_tokens, new_tokens if room is None else room)
     model, kwargs = variant.model, dict(variant.forward_kwargs)
     start = time.perf_counter()
     output = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **kwargs)
@@ -70,6 +76,25 @@ def time_generation(variant: Variant, prompt: torch.Tensor, new_tokens: int) -> 
         output = model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache}, **kwargs)
         cache = output_cache(output)
         token = output.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+    end = time.perf_counter()
+    return TimedGeneration(prefilled - start, end - prefilled, torch.cat(tokens, dim=1))
+
+
+def _time_compiled(variant: Variant, prompt: torch.Tensor, new_tokens: int, room: int) -> TimedGeneration:
+    """:func:`time_generation`'s loop through a static cache and ``compiled.DecodeStep`` (the prefill runs eagerly:
+    a prompt is fed once)."""
+    from odegpt.decoding.compiled import DecodeStep
+
+    model = variant.model
+    step = DecodeStep(model, model.plan(variant.forward_kwargs.get("step_size")),
+                      model.new_cache(prompt.shape[0], prompt.shape[1] + room), compile=True)
+    start = time.perf_counter()
+    token = step(prompt, keep=1)[0][:, -1].argmax(-1, keepdim=True)
+    prefilled = time.perf_counter()
+    tokens = [token]
+    for _ in range(new_tokens):
+        token = step(token)[0][:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
     end = time.perf_counter()
     return TimedGeneration(prefilled - start, end - prefilled, torch.cat(tokens, dim=1))
@@ -89,7 +114,7 @@ def measure_interleaved(
         raise ValueError(f"need rounds >= 1 and new_tokens >= 1, got {rounds} and {new_tokens}")
     pairs = [(name, prompt_name) for prompt_name in prompts for name in variants]
     for name, prompt_name in pairs:  # warm-up: allocator, kernels, caches
-        time_generation(variants[name], prompts[prompt_name], min(new_tokens, 4))
+        time_generation(variants[name], prompts[prompt_name], min(new_tokens, 4), room=new_tokens)
     prefill: dict[tuple[Hashable, Hashable], list[float]] = {pair: [] for pair in pairs}
     decode: dict[tuple[Hashable, Hashable], list[float]] = {pair: [] for pair in pairs}
     for _ in range(rounds):

@@ -24,7 +24,7 @@ from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .cache import CACHE_FIELD, OdeCache, output_cache, received_cache
+from .cache import CACHE_FIELD, OdeCache, StaticOdeCache, output_cache, received_cache
 from .configuration_odegpt import OdeGPTConfig, check_step_size
 from .loss import shifted_cross_entropy
 from .solver import SolvePlan, StateRecorder, first_attention, integrate, plan_solve, relaxation_knots, solver_method
@@ -148,13 +148,17 @@ class OdeGPTAttention(nn.Module):
         v = self.v_proj(x, time).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return k * cos + rotate_half(k) * sin, v
 
-    def forward(self, x, cos, sin, mask, cache: OdeCache | None, slot: int, time: float = 0.0) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: OdeCache | None, slot: int, time: float = 0.0,
+                cache_position: torch.Tensor | None = None) -> torch.Tensor:
+        """``cache_position``: the columns a static cache writes these keys and values at (None for a dynamic one,
+        which appends them)."""
         batch, seq, _ = x.shape
         q = self.q_proj(x, time).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k, v = self.keys_values(x, cos, sin, time)
-        if cache is not None:
-            k, v = cache.update(k, v, slot)  # one slot per executed solver step
+        if cache is not None:  # one slot per block evaluation
+            k, v = cache.update(k, v, slot) if cache_position is None else \
+                cache.update(k, v, slot, {"cache_position": cache_position})
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
             enable_gqa=self.num_kv_heads != self.num_heads,
@@ -319,12 +323,17 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
                                 f"got {type(past_key_values).__name__}")
             past_key_values.bind(plan.step_size, plan.num_slots, plan.method.name)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        cos, sin, mask = self.attention_inputs(h, attention_mask, position_ids, past_len)
+        if isinstance(past_key_values, StaticOdeCache):  # attention reads its whole buffer; keys go after past_len
+            attention = self.static_attention_inputs(h, attention_mask, past_len, past_key_values, position_ids)
+        else:
+            cos, sin, mask = self.attention_inputs(h, attention_mask, position_ids, past_len)
+            attention = dict(cos=cos, sin=sin, mask=mask)
 
         recorder = StateRecorder(h) if output_hidden_states else None
         checkpoint = self._gradient_checkpointing_func if self.gradient_checkpointing and self.training else None
-        h = integrate(self.blocks, h, plan, past_key_values, hook=recorder, checkpoint=checkpoint,
-                      cos=cos, sin=sin, mask=mask)
+        h = integrate(self.blocks, h, plan, past_key_values, hook=recorder, checkpoint=checkpoint, **attention)
+        if past_key_values is not None:
+            past_key_values.advance(h.shape[1])
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), hidden_states=None if recorder is None else
                                        tuple(recorder.states), **{CACHE_FIELD: past_key_values})
 
@@ -361,6 +370,38 @@ class OdeGPTModel(OdeGPTPreTrainedModel):
         cos, sin = rotary_cos_sin(position_ids, rotary_inv_freq(self.config), self.config.rotary_attention_scaling,
                                   h.dtype)
         return cos, sin, mask
+
+    def static_attention_inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None,
+                                past_len: int | torch.Tensor, cache: StaticOdeCache,
+                                position_ids: torch.LongTensor | None = None) -> dict:
+        """Attention inputs for new states ``h`` (batch, seq, hidden) written into a static ``cache`` after ``past_len``
+        positions: the columns they go to (``cache_position``), their rotary tables, and a mask over the cache's whole
+        buffer that shows each query the real keys at or before its own column (left padding as in the dynamic path:
+        ``attention_mask`` covers the first columns, 1 = a real token; a padded query sees itself). ``past_len`` may
+        be a one-element long tensor, a compiled step's input: then one graph serves every position."""
+        batch, seq = h.shape[:2]
+        if scales_with_length(self.config):
+            raise ValueError("a static KV cache cannot hold keys whose rotary frequencies change with each call's "
+                             "length (an imported dynamic or LongRoPE scaling): decode with the dynamic cache")
+        if isinstance(past_len, int):
+            cache.check_room(batch, seq)
+        keys = torch.arange(cache.max_length, device=h.device)
+        columns = torch.arange(seq, device=h.device) + past_len
+        visible = keys <= columns[:, None]  # (seq, columns): causal over the buffer; later columns are stale or empty
+        if attention_mask is None:
+            mask = visible[None, None]
+            positions = columns[None].expand(batch, -1) if position_ids is None else position_ids
+        else:
+            real = F.pad(attention_mask.bool(), (0, cache.max_length - attention_mask.shape[-1]), value=True)
+            mask = ((visible[None] & real[:, None]) | (keys == columns[:, None])[None])[:, None]
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, columns] if position_ids is None else position_ids
+        if cache.max_length <= self.config.max_position_embeddings:
+            cos, sin = self.rotary_table(h.device, h.dtype)
+            cos, sin = cos[positions][:, None], sin[positions][:, None]
+        else:
+            cos, sin = rotary_cos_sin(positions, rotary_inv_freq(self.config), self.config.rotary_attention_scaling,
+                                      h.dtype)
+        return dict(cos=cos, sin=sin, mask=mask, cache_position=columns)
 
     def rotary_table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of every position below ``max_position_embeddings``, (positions, head_dim), made once per
@@ -439,8 +480,13 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
         """The state at time 0."""
         return self.model.embed_tokens(input_ids)
 
-    def attention_inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None, past_len: int = 0):
-        """Rotary tables and mask for states ``h`` after ``past_len`` cached positions, as a dict for :meth:`solve`."""
+    def attention_inputs(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         past_len: int | torch.Tensor = 0, cache=None):
+        """Rotary tables and mask for states ``h`` after ``past_len`` cached positions, as a dict for :meth:`solve`;
+        for a static ``cache`` (:meth:`new_cache` with a length), over its whole buffer and with the columns to write,
+        ``past_len`` then possibly a one-element tensor (``OdeGPTModel.static_attention_inputs``)."""
+        if isinstance(cache, StaticOdeCache):
+            return self.model.static_attention_inputs(h, attention_mask, past_len, cache)
         cos, sin, mask = self.model.attention_inputs(h, attention_mask, None, past_len)
         return dict(cos=cos, sin=sin, mask=mask)
 
@@ -496,10 +542,15 @@ class OdeGPTForCausalLM(OdeGPTPreTrainedModel, GenerationMixin):
                              "(train.exit_head_weight) or fit one (odegpt calibrate)")
         return self.exit_head(h, time)
 
-    def new_cache(self) -> OdeCache:
+    def new_cache(self, batch_size: int | None = None, max_length: int | None = None) -> OdeCache:
         """An empty KV cache of this model's layout (one slot per block evaluation, bound to its step size and
-        solver on first use), for decoders that keep their own (odegpt/decoding)."""
-        return OdeCache()
+        solver on first use), for decoders that keep their own (odegpt/decoding); with ``max_length``, a static one
+        preallocated for ``batch_size`` rows of that many positions (what a compiled decode step writes into)."""
+        if max_length is None:
+            return OdeCache()
+        config = self.config
+        return StaticOdeCache(batch_size, max_length, config.num_key_value_heads, config.head_dim, self.dtype,
+                              self.device)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """The model owns its cache layout: one slot per executed step, not per trained layer."""

@@ -232,3 +232,21 @@ def test_the_thread_count_leaves_busy_cores_alone_and_is_printed(model_folder, c
     assert "; 1 thread (--threads))" in summary
     assert odegpt_main(["generate", "--model", str(model_folder), "--prompt", "x", "--threads", "0"]) == 2
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_compile_decodes_the_same_text_through_static_caches(model_folder, tmp_path, capsys, monkeypatch):
+    from odegpt.decoding import compiled
+
+    calls = []
+
+    def step(*args, **kwargs):  # the static path, uncompiled (compiling is tests/decoding's), counted
+        calls.append(1)
+        return compiled._step(*args, **kwargs)
+
+    monkeypatch.setitem(compiled._compiled, "cpu", step)
+    (tmp_path / "prompts.txt").write_text("def add(a, b):\nx\n")
+    common = ["--prompt-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "9"]
+    eager, _ = generate(capsys, model_folder, *common)
+    assert generate(capsys, model_folder, *common, "--compile")[0] == eager
+    assert len(calls) >= 8  # one compiled step per decoded token
+    assert generate(capsys, model_folder, *common, "--compile", "--prompt-lookup", "3")[0] == eager
