@@ -18,9 +18,13 @@ import functools
 import math
 from dataclasses import replace
 
+# Every sibling is imported here: transformers 4.57 and 5.4 copy into their module cache only the files that
+# custom_generate/generate.py itself imports, so a file only a sibling imports would be missing on those clients.
 from .adaptive import AdaptiveDepth, adaptive_generate
+from .compiled import DecodeStep  # noqa: F401
 from .defaults import DEFAULT_DRAFT_TOKENS
 from .speculative import check_speculative, self_speculative_generate
+from .surface import DecoderModel  # noqa: F401
 
 PLAIN, SPECULATIVE, ADAPTIVE = "plain", "self-speculative", "adaptive depth"
 
