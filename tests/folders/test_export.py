@@ -195,3 +195,16 @@ def test_export_imports_an_unrolled_llama_and_refuses_bad_step_sizes(tmp_path, c
     (tmp_path / "other" / "config.json").write_text('{"model_type": "gpt2"}')
     code, err = _run("export", "--model", tmp_path / "other", "--output", tmp_path / "x", capsys=capsys)
     assert code == 2 and "holds a 'gpt2' model" in err
+
+
+def test_custom_generate_imports_every_decoder_file_itself():
+    """transformers 4.57 and 5.4 copy into their module cache only the relative imports of custom_generate/generate.py
+    itself (found by this regex of theirs), so a decoder file only a sibling imports is missing on those clients."""
+    import re
+
+    from odegpt.folders.export import DECODING_DIR
+
+    source = (DECODING_DIR / "generate.py").read_text()
+    direct = set(re.findall(r"^\s*from\s+\.(\S+)\s+import", source, flags=re.MULTILINE))
+    files = {path.stem for path in DECODING_DIR.glob("*.py")} - {"__init__", "generate"}
+    assert files <= direct, f"generate.py must import {sorted(files - direct)} itself"
