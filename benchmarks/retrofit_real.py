@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -94,15 +95,8 @@ def parameters(model: Path) -> int:
     total = 0
     for file in model.glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
-            total += sum(_numel(f.get_slice(name).get_shape()) for name in f.keys())
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     return total
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def prefix_text(text: Path, tokenizer_dir: Path, tokens: int, out: Path) -> Path:
