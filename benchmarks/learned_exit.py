@@ -56,17 +56,19 @@ def decode_comparison(model_dir: Path, prompts: list[str], tolerance: float, new
     difference instead (the texts diverge there) is reported too, as ``identical_prefix``."""
     import torch
 
-    from odegpt.evaluation.exit_calibration import calibrated_threshold
+    from odegpt.decoding.adaptive import AdaptiveDepth
+    from odegpt.evaluation.exit_calibration import calibrated_exit
     from odegpt.folders.model_folder import load_model, load_tokenizer
 
     torch.set_num_threads(threads)
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
-    threshold = calibrated_threshold(model_dir, "exit", tolerance)
+    lazy = calibrated_exit(model_dir, tolerance, AdaptiveDepth(kv_fill="lazy"))
+    threshold = lazy.exit_learned
     settings = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id or 0)
     ids = [torch.tensor([tokenizer(prompt)["input_ids"]]) for prompt in prompts]
-    variants = {"plain": {}, "exit, lazy fill": {"exit_learned": threshold, "kv_fill": "lazy"},
-                "exit, copy fill": {"exit_learned": threshold, "kv_fill": "copy"}}
+    variants = {"plain": {}, "exit, lazy fill": {"adaptive": lazy},
+                "exit, copy fill": {"adaptive": calibrated_exit(model_dir, tolerance, AdaptiveDepth(kv_fill="copy"))}}
     times: dict[str, list[float]] = {name: [] for name in variants}
     outputs = {}
     with torch.inference_mode():
@@ -77,7 +79,8 @@ def decode_comparison(model_dir: Path, prompts: list[str], tolerance: float, new
                     tokens.append(model.generate(prompt, **settings, **extra)[0, prompt.shape[1]:])
                 times[name].append(time.perf_counter() - start)
                 outputs[name] = tokens
-        result = dict(tolerance=tolerance, threshold=threshold, prompts=len(prompts), new_tokens=new_tokens,
+        result = dict(tolerance=tolerance, threshold=threshold, first_check_time=lazy.min_time, prompts=len(prompts),
+                      new_tokens=new_tokens,
                       rounds=rounds, threads=threads, variants={})
         plain_speed = sum(len(t) for t in outputs["plain"]) / statistics.median(times["plain"])
         for name in variants:

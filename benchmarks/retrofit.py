@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=256, help="validation sequences per step size")
     parser.add_argument("--rounds", type=int, default=3, help="decode-speed rounds (interleaved, median)")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks per training (default: %(default)s)")
+    parser.add_argument("--uptrain", choices=("all", "best"), default="all",
+                        help="uptrain every import (all, about an hour on 2 cores) or only the best rank-0 import of "
+                             "each shape, 1u,6s,1u and 1u,7s, beside the model from scratch (best, about 20 minutes)")
     args = parser.parse_args(argv)
     out = (REPO / args.output_dir).resolve() if not Path(args.output_dir).is_absolute() else Path(args.output_dir)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DS_ACCELERATOR": "cpu",
@@ -159,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"no relaxation, uptrained", imports / f"{init}-r0")
     variants = [str(CONFIGS / "source.yaml"), *(str(variant_dir / f"{init}-r0.yaml") for init in INITS), *relaxed,
                 str(CONFIGS / "scratch.yaml")]
+    if args.uptrain == "best":
+        compact_best = min(INITS, key=lambda init: imported[f"{init}-1u7s-r0"])
+        variants = [str(CONFIGS / "source.yaml"), str(variant_dir / f"{best}-r0.yaml"),
+                    str(variant_dir / f"{compact_best}-1u7s-r0.yaml"), str(CONFIGS / "scratch.yaml")]
     ablation(variants, out, args, env)
     timings["uptraining"] = time.perf_counter() - start - timings["source"] - timings["imports"]
 

@@ -150,7 +150,7 @@ def adaptive_settings(args: argparse.Namespace, config, step_size: float):
     # torch & co.: not for odegpt --help
     from odegpt.decoding.adaptive import AdaptiveDepth
     from odegpt.evaluation.calibration import calibrated_route_energy
-    from odegpt.evaluation.exit_calibration import calibrated_threshold
+    from odegpt.evaluation.exit_calibration import calibrated_exit, calibrated_threshold
 
     rules = {"--exit-entropy": args.exit_entropy, "--route-energy": args.route_energy,
              "--target-compute": args.target_compute, "--exit learned": args.exit, "--route learned": args.route}
@@ -169,7 +169,7 @@ def adaptive_settings(args: argparse.Namespace, config, step_size: float):
         return calibrated_route_energy(args.model, args.target_compute,
                                        replace(base, route_energy=0.0).checked(config, FLAGS))
     if chosen == ["--exit learned"]:
-        return replace(base, exit_learned=calibrated_threshold(args.model, "exit", args.exit_tolerance))
+        return calibrated_exit(args.model, args.exit_tolerance, base)
     return replace(base, route_learned=calibrated_threshold(args.model, "route", args.exit_tolerance,
                                                             args.swift_step_size))
 

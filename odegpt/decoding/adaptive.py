@@ -48,6 +48,7 @@ its solve hooks are plain objects with the methods of ``odegpt.model.solver.Solv
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -209,18 +210,24 @@ def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 def adaptive_forward(model: DecoderModel, input_ids: torch.LongTensor, settings: AdaptiveDepth,
-                     attention_mask: torch.Tensor | None = None, past_key_values: AdaptiveCache | None = None
-                     ) -> AdaptiveOutput:
+                     attention_mask: torch.Tensor | None = None, past_key_values: AdaptiveCache | None = None,
+                     logits_to_keep: int = 0) -> AdaptiveOutput:
     """Logits of ``input_ids`` (after the cached tokens, if any) with a per-token adaptive solve.
 
     Teacher-forced scoring is one call over the whole sequence; decoding feeds new tokens with an
-    ``AdaptiveCache``. Causal attention makes both give every token the same schedule and logits."""
+    ``AdaptiveCache``. Causal attention makes both give every token the same schedule and logits.
+    ``logits_to_keep=K`` (transformers' meaning; 0: all) returns the last ``K`` positions' logits, and the early-exit
+    solve by the learned head reads out only those (a prompt's other tokens need keys and values, not logits)."""
     settings = settings.checked(model.config)
     h = model.embed(input_ids)
     past_len = 0 if past_key_values is None else past_key_values.get_seq_length()
     inputs = model.attention_inputs(h, attention_mask, past_len)
-    solve = _routed_solve if settings.routing else _early_exit_solve
-    logits, counts = solve(model, h, inputs, settings, past_key_values)
+    first_kept = max(h.shape[1] - logits_to_keep, 0) if logits_to_keep else 0
+    if settings.routing:
+        logits, counts = _routed_solve(model, h, inputs, settings, past_key_values)
+        logits = logits[:, first_kept:]
+    else:
+        logits, counts = _early_exit_solve(model, h, inputs, settings, past_key_values, first_kept)
     return AdaptiveOutput(logits=logits, counts=counts, cache=past_key_values)
 
 
@@ -236,33 +243,33 @@ def _zeros(h: torch.Tensor) -> torch.Tensor:
 class _EarlyExit:
     """The early-exit solve's control of each step: tokens still integrating step; exited ones stay frozen
     (copy, interpolate) or keep integrating for later tokens (lazy); after a step where a check is due, the
-    active tokens are read out and those below the entropy threshold exit."""
+    active tokens are read out (or scored by the exit head) and those below the threshold exit.
 
-    def __init__(self, model, h: torch.Tensor, settings: AdaptiveDepth, kv, inputs: dict) -> None:
-        self.model, self.settings, self.kv, self.inputs = model, settings, kv, inputs
-        self.lazy = settings.kv_fill == "lazy"
-        self.max_time = math.inf if settings.max_time is None else settings.max_time
+    Per step it does nothing but the check: what each token executed follows from the step after which it exited
+    (``exit_after``) and the plan, and is counted once at the end (:meth:`counts`)."""
+
+    def __init__(self, model, h: torch.Tensor, settings: AdaptiveDepth, kv, inputs: dict, plan,
+                 first_kept: int = 0) -> None:
+        self.model, self.settings, self.kv, self.inputs, self.plan = model, settings, kv, inputs, plan
+        self.first_kept, self.lazy = first_kept, settings.kv_fill == "lazy"
         self.active = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-        self.executed, self.readouts, self.kv_projections, self.continued, self.exit_scores = \
-            (_zeros(h) for _ in range(5))
-        # The block each exited token's frozen state was last projected with (-1: not yet). A shared block
-        # projects the same frozen state to the same keys and values at every later step, so a token costs
-        # one projection per block it passes after its exit, not one per step.
-        self.projected_with = torch.full(h.shape[:2], -1, dtype=torch.long, device=h.device)
+        self.remaining, self.exited = self.active.numel(), False  # tokens still integrating; whether any exited
+        self.exit_after = torch.full(h.shape[:2], len(plan), dtype=torch.long, device=h.device)
+        self.readouts = _zeros(h)
         # A relaxed model's maps vary with time (model.time_dependent): a frozen state is projected anew at each step.
         self.time_dependent = bool(getattr(model, "time_dependent", False))
-        self.stage_times = model.plan(settings.step_size).method.stage_times
+        self.stage_times = plan.method.stage_times
         self.logits: torch.Tensor | None = None
         self.reused: tuple | None = None
 
     def evaluate(self, step, h: torch.Tensor) -> bool:
-        self.any_active, self.state_before = bool(self.active.any()), h
-        return self.lazy or self.any_active
+        self.state_before = h
+        return self.lazy or self.remaining > 0
 
     def cache(self, step, cache):
         """With a method of several evaluations per step (Heun), a frozen token's keys and values at the later
         ones are those of its frozen state, which the step's first evaluation projected with the same block."""
-        if self.lazy or len(step.slots) == 1:
+        if self.lazy or len(step.slots) == 1 or not self.exited:
             return cache
         first: dict[str, tuple] = {}
 
@@ -282,56 +289,101 @@ class _EarlyExit:
                 if self.reused is None or self.reused[0] != (step.block, time):
                     self.reused = ((step.block, time), *self.model.keys_values(step.block, h, self.inputs, time or 0.0))
                 self.kv.update(*self.reused[1:], slot)
-        self._count_and_check(step, h)
 
     def advance(self, step, h: torch.Tensor, stepped: torch.Tensor) -> torch.Tensor:
         # An exited token keeps integrating (lazy) or stays frozen, its frozen state's keys and values being
         # what this step just cached for it (copy, interpolate).
-        h = stepped if self.lazy else torch.where(self.active[..., None], stepped, h)
-        self._count_and_check(step, h)
+        h = stepped if self.lazy or not self.exited else torch.where(self.active[..., None], stepped, h)
+        if self._check_due(step):
+            self._check(step, h)
         return h
 
-    def _count_and_check(self, step, h: torch.Tensor) -> None:
-        active, settings = self.active, self.settings
-        self.executed += active
-        if self.lazy:
-            self.continued.add_(~active)
-        else:
-            self.kv_projections.add_(~active & ((self.projected_with != step.block) | self.time_dependent))
-            self.projected_with.masked_fill_(~active, step.block)
-        check_due = (step.index + 1) % settings.check_every == 0 and step.end >= settings.min_time - _TIME_TOLERANCE
-        forced = step.end >= self.max_time - _TIME_TOLERANCE
-        if step.last or not self.any_active or not (check_due or forced):
-            return
-        rows, cols = active.nonzero(as_tuple=True)
-        if settings.exit_learned is not None:  # the head scores the states; only exiting tokens are read out
-            self.exit_scores[rows, cols] += 1
-            exits = (self.model.exit_score(h[rows, cols], step.end) < settings.exit_learned) | forced
-            rows, cols = rows[exits], cols[exits]
+    def _check_due(self, step) -> bool:
+        return self.remaining > 0 and _check_due(step, self.settings)
+
+    def _check(self, step, h: torch.Tensor) -> None:
+        active, settings, forced = self.active, self.settings, _forced(step, self.settings)
+        if settings.exit_learned is not None:
+            # The head scores every state (a dot product each: fewer operators than gathering the active ones);
+            # only exiting tokens whose logits are kept are read out, and a check where none exits costs no more.
+            exiting = active & ((self.model.exit_score(h, step.end) < settings.exit_learned) | forced)
+            if not bool(exiting.any()):
+                return
+            self._exit(step, exiting)
+            exiting[:, :self.first_kept] = False
+            rows, cols = exiting.nonzero(as_tuple=True)
             checked = self.model.read_out(h[rows, cols])
             exits = torch.ones_like(rows, dtype=torch.bool)
         else:
+            rows, cols = active.nonzero(as_tuple=True)
             checked = self.model.read_out(h[rows, cols])
             exits = (entropy(checked) < settings.exit_entropy) | forced
+            exiting = torch.zeros_like(active)
+            exiting[rows[exits], cols[exits]] = True
+            self._exit(step, exiting)
         self.readouts[rows, cols] += 1
         if self.logits is None:
-            self.logits = checked.new_zeros(*active.shape, checked.shape[-1])
-        self.logits[rows[exits], cols[exits]] = checked[exits]
-        active[rows[exits], cols[exits]] = False
+            self.logits = checked.new_zeros(active.shape[0], active.shape[1] - self.first_kept, checked.shape[-1])
+        kept = exits & (cols >= self.first_kept)
+        self.logits[rows[kept], cols[kept] - self.first_kept] = checked[kept]
+
+    def _exit(self, step, exiting: torch.Tensor) -> None:
+        self.active &= ~exiting
+        self.exit_after.masked_fill_(exiting, step.index + 1)
+        self.remaining -= int(exiting.sum())
+        self.exited = True
+
+    def counts(self) -> AdaptiveCounts:
+        """What each token executed, from the step it exited after: its own steps; the steps its solve was continued
+        (lazy) or the key/value projections of its frozen state (one per block it passes after its exit, a shared
+        block projecting the same state alike at every step, unless the maps vary with time); the head's checks."""
+        projections, checks = _count_tables(self.plan.blocks, tuple(self.plan), self.settings, self.time_dependent)
+        index, device = self.exit_after, self.exit_after.device
+        executed = index.float()
+        zeros = torch.zeros_like(executed)
+        continued = (len(self.plan) - executed) if self.lazy else zeros
+        projected = zeros if self.lazy else torch.tensor(projections, device=device)[index]
+        scored = torch.tensor(checks, device=device)[index] if self.settings.exit_learned is not None else zeros
+        return AdaptiveCounts(executed, self.readouts, projected, continued, scored)
 
 
-def _early_exit_solve(model, h, inputs, settings: AdaptiveDepth, cache: AdaptiveCache | None):
+def _forced(step, settings: AdaptiveDepth) -> bool:
+    return settings.max_time is not None and step.end >= settings.max_time - _TIME_TOLERANCE
+
+
+def _check_due(step, settings: AdaptiveDepth) -> bool:
+    """Whether tokens still integrating are checked after ``step``: every ``check_every`` steps from ``min_time`` on,
+    and at ``max_time``; never after the last step (every token stops there)."""
+    return not step.last and (_forced(step, settings) or (
+        (step.index + 1) % settings.check_every == 0 and step.end >= settings.min_time - _TIME_TOLERANCE))
+
+
+@functools.lru_cache(maxsize=64)
+def _count_tables(blocks: tuple[int, ...], steps: tuple, settings: AdaptiveDepth, time_dependent: bool
+                  ) -> tuple[list[float], list[float]]:
+    """For a token that exits after ``k`` steps of the solve (``k`` = every step: it never does), at index ``k``: the
+    key/value projections its frozen state costs (one per run of a block after its exit; one per step when the maps
+    vary with time), and the checks it took."""
+    n = len(blocks)
+    starts_run = [j == 0 or blocks[j] != blocks[j - 1] for j in range(n)]
+    projections = [float(n - k if time_dependent else (1 + sum(starts_run[k + 1:]) if k < n else 0))
+                   for k in range(n + 1)]
+    due = [_check_due(step, settings) for step in steps]
+    checks = [float(sum(due[:k])) for k in range(n + 1)]
+    return projections, checks
+
+
+def _early_exit_solve(model, h, inputs, settings: AdaptiveDepth, cache: AdaptiveCache | None, first_kept: int = 0):
     plan = model.plan(settings.step_size)
     kv = None if cache is None else cache.solve(model, plan)
-    control = _EarlyExit(model, h, settings, kv, inputs)
+    control = _EarlyExit(model, h, settings, kv, inputs, plan, first_kept)
     h = model.solve(h, plan, inputs, kv, hook=control)
-    logits, active = control.logits, control.active
-    if bool(active.any()):  # tokens that ran the whole solve: the ordinary final read-out
-        final = model.read_out(h)
+    logits, active = control.logits, control.active[:, first_kept:]
+    if control.remaining > 0 and bool(active.any()):  # kept tokens that ran the whole solve: the final read-out
+        final = model.read_out(h[:, first_kept:])
         logits = final if logits is None else torch.where(active[..., None], final, logits)
-        control.readouts += active
-    return logits, AdaptiveCounts(control.executed, control.readouts, control.kv_projections, control.continued,
-                                  control.exit_scores)
+        control.readouts[:, first_kept:] += active
+    return logits, control.counts()
 
 
 class _RoutedSuperSolve:
@@ -470,7 +522,7 @@ def adaptive_generate(model: DecoderModel, inputs: torch.LongTensor | None = Non
     if streamer is not None:
         streamer.put(tokens.cpu())
     for _ in range(max_new):
-        out = adaptive_forward(model, feed, settings, attention_mask=mask, past_key_values=cache)
+        out = adaptive_forward(model, feed, settings, attention_mask=mask, past_key_values=cache, logits_to_keep=1)
         # A generated token costs the solve of the position that predicted it: the last one fed.
         steps += float(out.counts.executed_steps[unfinished, -1].sum())
         readouts += float(out.counts.readouts[unfinished, -1].sum())

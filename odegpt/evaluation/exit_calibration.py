@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from odegpt.decoding.adaptive import AdaptiveDepth
 from odegpt.model.modeling_odegpt import OdeGPTExitHead
 from odegpt.training.exit_head import exit_target, log_target
 
@@ -176,19 +177,27 @@ def calibrate_thresholds(record: SolveRecord, rule: str, tolerance: float, delta
     quantiles = torch.linspace(0, 1, CANDIDATE_THRESHOLDS, dtype=torch.float64)
     candidates = torch.quantile(scores.double(), quantiles).tolist()
     # exit: a larger threshold exits earlier (riskier); route: a larger one routes fewer (riskier)
-    chosen, tokens = None, len(record.scores)
+    chosen, tokens, steps = None, len(record.scores), record.scores.shape[1] - 1
     for threshold in [-math.inf, *candidates] if rule == "exit" else [-math.inf, *candidates, math.inf]:
         changed, cost = exit_outcome(record, threshold) if rule == "exit" else route_outcome(record, threshold)
         bound = upper_bound(int(changed.sum()), tokens, delta)
         if bound > tolerance:
             break
         chosen = dict(threshold=threshold, changed_rate=float(changed.float().mean()), upper_bound=bound,
-                      **({"mean_steps": float(cost.mean())} if rule == "exit" else
-                         {"routed_fraction": float(cost.float().mean())}))
+                      **({"mean_steps": float(cost.mean()), "first_exit_time": _first_exit_time(cost, steps)}
+                         if rule == "exit" else {"routed_fraction": float(cost.float().mean())}))
     if chosen is None:
         raise ValueError(f"no threshold meets a tolerance of {tolerance:g} with confidence {1 - delta:g} on "
                          f"{tokens:,} tokens: give a larger tolerance or more calibration text")
     return dict(rule=rule, tolerance=tolerance, delta=delta, tokens=tokens, **chosen)
+
+
+def _first_exit_time(executed: torch.Tensor, steps: int) -> float:
+    """The earliest solve time at which a calibration token exits (state ``i`` of the step-size-1 solve is time
+    ``i``), or the whole solve when none does: decoding checks from there on, and on the calibration text the rule
+    then exits exactly where it did, so its changed rate and bound are the same while no check is wasted before."""
+    early = executed[executed < steps]
+    return float(early.min()) if len(early) else float(steps)
 
 
 def save_exit_calibration(model_dir: str | Path, records: list[dict]) -> Path:
@@ -214,10 +223,23 @@ def calibrated_threshold(model_dir: str | Path, rule: str, tolerance: float, swi
                          ) -> float:
     """The threshold the folder's calibration holds for ``rule`` at ``tolerance``, or a ValueError saying how to make
     it."""
+    return float(_calibration_record(model_dir, rule, tolerance, swift_step_size)["threshold"])
+
+
+def calibrated_exit(model_dir: str | Path, tolerance: float, settings: AdaptiveDepth) -> AdaptiveDepth:
+    """``settings`` with the learned exit the folder's calibration holds for ``tolerance``: its threshold, and checks
+    from the earliest time a calibration token exited (or later, if ``settings.min_time`` says so)."""
+    record = _calibration_record(model_dir, "exit", tolerance)
+    return replace(settings, exit_learned=float(record["threshold"]),
+                   min_time=max(settings.min_time, float(record.get("first_exit_time", 0.0))))
+
+
+def _calibration_record(model_dir: str | Path, rule: str, tolerance: float, swift_step_size: float | None = None
+                        ) -> dict:
     for record in load_exit_calibrations(model_dir):
         if record["rule"] == rule and math.isclose(record["tolerance"], tolerance) and \
                 (rule == "exit" or record.get("swift_step_size") == swift_step_size):
-            return float(record["threshold"])
+            return record
     step = "" if rule == "exit" else f" --swift-step-size {swift_step_size:g}"
     raise ValueError(f"--exit-tolerance {tolerance:g}: {model_dir} holds no calibrated {rule} threshold for it; run "
                      f"`odegpt calibrate --model {model_dir} --data TEXT --tolerance {tolerance:g}{step}` first")

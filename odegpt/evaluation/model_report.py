@@ -23,7 +23,7 @@ from odegpt.model.accounting import adaptive_flops_per_token, model_cost
 
 from .calibration import calibrate_energy, check_target_compute, load_calibration, save_calibration
 from .data import EvaluationData, evaluation_batches, is_prepared, prepared_batches
-from .exit_calibration import calibrated_threshold
+from .exit_calibration import calibrated_exit, calibrated_threshold
 from .perplexity import COUNTED, adaptive_nll_sums, nll_sums, perplexity
 from .throughput import Variant, measure_interleaved, random_prompt
 
@@ -61,8 +61,8 @@ class AdaptiveRows:
                      method="truncation") for time in self.truncate]
         swift = self.swift_step_size or AdaptiveDepth.swift_step_size
         for fill in self.kv_fill:
-            rows += [dict(settings=AdaptiveDepth(exit_learned=calibrated_threshold(model_dir, "exit", tolerance),
-                                                 kv_fill=fill, **common), target_compute=None,
+            rows += [dict(settings=calibrated_exit(model_dir, tolerance, AdaptiveDepth(kv_fill=fill, **common)),
+                          target_compute=None,
                           label=f"learned exit (tolerance {tolerance:g})", method="learned exit")
                      for tolerance in (self.exit_tolerance if self.exit == "learned" else [])]
             rows += [dict(settings=AdaptiveDepth(route_learned=calibrated_threshold(model_dir, "route", tolerance,

@@ -88,6 +88,19 @@ def test_calibration_meets_its_tolerance_on_held_out_text():
     failures, tokens = int(changed.sum()), len(changed)
     assert 1 - _binomial_cdf(failures - 1, tokens, tolerance) > 0.01, (failures, tokens)
     assert float(steps.mean()) < 8
+    # Checks start at the earliest exit on the calibration text: there, every token exits exactly where it did.
+    first = exit_record["first_exit_time"]
+    assert 1 <= first < 8
+    record = calibrate_thresholds(held_out, "exit", tolerance)
+    changed, steps = exit_outcome(held_out, record["threshold"])
+    assert record["first_exit_time"] == float(steps[steps < 8].min())
+    later = exit_outcome(held_out, record["threshold"], check_from=int(record["first_exit_time"]))
+    assert torch.equal(later[1], steps) and torch.equal(later[0], changed)
+    # ... and the decoder, checking from there on (lazy fill: every state is the full solve's), exits alike.
+    tokens = _random_batches(24, seed=2)[0][:, :-1]  # the inputs of the first held-out batch
+    decoded = adaptive_forward(model, tokens, AdaptiveDepth(exit_learned=record["threshold"], kv_fill="lazy",
+                                                            min_time=record["first_exit_time"]))
+    torch.testing.assert_close(decoded.counts.executed_steps.flatten(), steps[:tokens.numel()])
     # A tighter tolerance gives a more conservative threshold and more steps.
     tight = calibrate_thresholds(held_out, "exit", 0.01)
     assert tight["threshold"] <= exit_record["threshold"] or tight["mean_steps"] >= exit_record["mean_steps"] - 1e-9
