@@ -264,14 +264,18 @@ class DraftPolicy:
     model a round of ``k`` drafts yields ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens for ``1 + beta k + k c_s``
     units. With ``adaptive`` the round takes the source and length with the most tokens per unit, and no drafts at
     all (a plain step, worth exactly 1) when nothing beats that: drafts that do not pay stop, and an unused
-    source's acceptance drifts back towards its prior, so it is probed again now and then. Without it, the length
-    is the source's maximum (``max_tokens``) and only the source is chosen."""
+    source's acceptance drifts back towards its prior, so it is probed again now and then. A probe that does not pay
+    halves its source's drift (down to ``DRIFT / MAX_BACKOFF``) and one that pays restores it: on text a source
+    cannot draft, the probes grow rarer (their count logarithmic in the tokens decoded, their cost with it), and
+    they come back as soon as one pays. Without ``adaptive``, the length is the source's maximum (``max_tokens``) and
+    only the source is chosen."""
 
-    PRIOR, MEMORY, DRIFT, BETA = 0.6, 0.7, 0.05, 0.1
+    PRIOR, MEMORY, DRIFT, BETA, MAX_BACKOFF = 0.6, 0.7, 0.05, 0.1, 16
 
     def __init__(self, prior_costs: dict[str, float], max_tokens: dict[str, int], adaptive: bool) -> None:
         self.costs, self.max_tokens, self.adaptive = dict(prior_costs), max_tokens, adaptive
         self.alpha = {source: self.PRIOR for source in prior_costs}
+        self.drift = {source: self.DRIFT for source in prior_costs}
         self.beta, self.unit = self.BETA, None
 
     @staticmethod
@@ -294,7 +298,7 @@ class DraftPolicy:
         value, source, k = max(options)
         if self.adaptive and value <= 1.0:
             for s in available:  # a plain step; let the estimates drift back so the sources are retried
-                self.alpha[s] += self.DRIFT * (self.PRIOR - self.alpha[s])
+                self.alpha[s] += self.drift[s] * (self.PRIOR - self.alpha[s])
             return None, 0
         return source, k
 
@@ -303,6 +307,8 @@ class DraftPolicy:
         if drafted:
             observed = accepted / (accepted + (1 if accepted < drafted else 0))
             self.alpha[source] = self._mean(self.alpha[source], observed)
+            paid = accepted + 1 > 1 + drafted * (self.beta + self.costs[source])  # tokens against plain-step units
+            self.drift[source] = self.DRIFT if paid else max(self.drift[source] / 2, self.DRIFT / self.MAX_BACKOFF)
 
     def measured_verification(self, drafted: int, seconds: float) -> None:
         """A target forward over ``drafted`` drafts and one committed token took ``seconds``."""

@@ -296,17 +296,27 @@ def test_the_draft_policy_weighs_acceptance_against_the_measured_costs():
     assert policy_after(draft_seconds=0.040, verify_seconds=0.012).choose(["step_size"], 8) == (None, 0)  # drafts slow
     assert policy_after(draft_seconds=0.004, verify_seconds=0.050).choose(["step_size"], 8) == (None, 0)  # verifying
     # Prompt lookup costs nothing to draft, but its rejected drafts still cost their verification: it stops too,
-    # and is probed again after a while of plain steps.
+    # and is probed again after a while of plain steps, less and less often while probes keep failing, and as often
+    # as before once one pays.
     lookup = DraftPolicy({"prompt_lookup": 0.0}, {"prompt_lookup": 4}, adaptive=True)
     lookup.measured_verification(0, 0.010)
-    choices = []
-    for _ in range(60):
-        source, k = lookup.choose(["prompt_lookup"], 8)
-        choices.append(source)
-        if source is not None:
-            lookup.measured_verification(k, 0.010 * (1 + 0.3 * k))
-            lookup.update(source, k, 0)  # every draft rejected
-    assert choices[0] == "prompt_lookup" and choices.count(None) > 45 and choices[-30:].count("prompt_lookup") >= 1
+
+    def probes(rounds: int, accepted: int) -> list[int]:
+        drafted_at = []
+        for index in range(rounds):
+            source, k = lookup.choose(["prompt_lookup"], 8)
+            if source is not None:
+                drafted_at.append(index)
+                lookup.measured_verification(k, 0.010 * (1 + 0.3 * k))
+                lookup.update(source, k, min(accepted, k))
+        return drafted_at
+
+    rejected = probes(400, accepted=0)
+    gaps = [b - a for a, b in zip(rejected, rejected[1:])]
+    assert rejected[0] == 0 and 4 <= len(rejected) <= 12, rejected  # stops, probes again, rarer and rarer
+    assert gaps[-1] > 4 * gaps[0] and gaps == sorted(gaps), gaps
+    paying = probes(400, accepted=4)  # the text turns repetitive: the next probe pays, and drafting resumes
+    assert len(paying) > 300 and paying[-1] - paying[0] == len(paying) - 1, paying[:5]
     fixed = DraftPolicy({"step_size": 0.25}, {"step_size": 3}, adaptive=False)
     fixed.measured_verification(0, 0.010)
     fixed.measured_draft("step_size", 4, 0.400)
