@@ -102,11 +102,14 @@ class Runs:
         self.config = load_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir, self.config.vocab_size, padding_side="left")
         self.model = load_model(model_dir, self.config).float().eval()
+        # compile=True lays tall weight matrices out for batch-1 products, in place (compiled.stream_along_longer_side):
+        # the compiled decoder gets its own copy, so that eager decoding stays the reference.
+        self.compiled_model = load_model(model_dir, self.config).float().eval()
         unrolled = work / "unrolled"
         if not (unrolled / "config.json").is_file():
             save_unrolled(self.model, unrolled, self.config.step_size)
         self.llama = LlamaForCausalLM.from_pretrained(unrolled, dtype=torch.float32).eval()
-        for model in (self.model, self.llama):  # every run decodes new_tokens tokens
+        for model in (self.model, self.compiled_model, self.llama):  # every run decodes new_tokens tokens
             model.generation_config.eos_token_id = None
             model.generation_config.pad_token_id = 0
         self.ggufs = {name: gguf_export(model_dir, work / f"gguf-{dtype}", dtype) for name, dtype in GGUF_TYPES.items()}
@@ -168,7 +171,8 @@ class Runs:
             plain = f"odegpt eager ({prompt_name})"
             found[plain] = (lambda i=ids, m=mask: self.generate(self.model, i, m), None)
             if prompt_name == "prose":
-                found["odegpt compiled"] = (lambda i=ids, m=mask: self.generate(self.model, i, m, compile=True), plain)
+                found["odegpt compiled"] = (
+                    lambda i=ids, m=mask: self.generate(self.compiled_model, i, m, compile=True), plain)
                 found["transformers"] = (lambda i=ids, m=mask: self.generate(self.llama, i, m), plain)
                 if batch == 1:
                     for name in self.ggufs:

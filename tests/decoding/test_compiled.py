@@ -59,6 +59,24 @@ def test_the_compiled_step_decodes_the_eager_tokens(model, traced):
     assert 0 < out.accepted_tokens < out.drafted_tokens  # verification (several tokens) and drafts both compiled
 
 
+def test_the_compiled_path_lays_tall_matrices_out_along_their_longer_side_and_changes_no_value(model, traced,
+                                                                                               tmp_path):
+    tall = {name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module.weight.shape[0] > module.weight.shape[1]}
+    assert any("up_proj" in name for name in tall)  # the MLP's up-projections, wider than the state
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    model.generate(torch.randint(1, 97, (1, 4)), compile=True, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            rows = module.weight.shape[0]
+            assert module.weight.stride() == ((1, rows) if name in tall else (module.weight.shape[1], 1)), name
+    assert all(torch.equal(parameter, before[name]) for name, parameter in model.named_parameters())
+    assert compiled.stream_along_longer_side(model) == 0  # laid out once
+    model.save_pretrained(tmp_path)  # saves and reloads like any model
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert all(torch.equal(parameter, before[name]) for name, parameter in reloaded.named_parameters())
+
+
 def test_a_static_cache_is_bound_to_its_solve_and_its_size():
     cache = StaticOdeCache(1, 4, num_key_value_heads=2, head_dim=8)
     cache.bind(1.0, 3)
