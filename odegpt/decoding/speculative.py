@@ -255,20 +255,22 @@ def prompt_lookup(tokens: torch.Tensor, num_tokens: int, max_ngram: int = DEFAUL
 class DraftPolicy:
     """Chooses each round's draft source and length from the running acceptance and the measured costs.
 
-    Costs are in units of a plain decoding step (one target forward of one token, ``unit`` seconds, measured).
-    A source ``s`` has a per-token acceptance ``alpha_s`` (an exponential average of what its rounds showed) and a
+    Costs are in units of a plain decoding step (one target forward of one token, ``unit`` seconds, measured). A
+    source ``s`` has a per-token acceptance ``alpha_s`` (an exponential average of what its rounds showed) and a
     cost per drafted token ``c_s`` (measured: the seconds of its draft forwards per token over ``unit``; before any
     measurement, ``prior_costs``: the step-size draft's block evaluations over the target's, prompt lookup 0), and
-    verifying ``k`` drafts costs ``1 + beta k`` units (``beta`` measured too: a verification is one forward over
-    ``k + 1`` tokens, more than a plain step on a CPU, nearly as cheap on a GPU at batch 1). Under the geometric
-    model a round of ``k`` drafts yields ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens for ``1 + beta k + k c_s``
-    units. With ``adaptive`` the round takes the source and length with the most tokens per unit, and no drafts at
-    all (a plain step, worth exactly 1) when nothing beats that: drafts that do not pay stop, and an unused
-    source's acceptance drifts back towards its prior, so it is probed again now and then. A probe that does not pay
-    halves its source's drift (down to ``DRIFT / MAX_BACKOFF``) and one that pays restores it: on text a source
-    cannot draft, the probes grow rarer (their count logarithmic in the tokens decoded, their cost with it), and
-    they come back as soon as one pays. Without ``adaptive``, the length is the source's maximum (``max_tokens``) and
-    only the source is chosen."""
+    verifying ``k`` drafts costs ``v_k`` units, measured for each ``k`` (a verification is one forward over
+    ``k + 1`` tokens: nearly a plain step on a GPU at batch 1, but on a CPU the jump from a matrix-vector to a
+    matrix-matrix product makes even ``k = 1`` cost 1.5-1.6 units, SmolLM2-135M at 1 thread); an unmeasured length is
+    interpolated between the measured ones, beyond them ``BETA`` per extra draft (``1 + BETA k`` before any). The
+    first round is a plain step, which measures the unit. Under the geometric model a round of ``k`` drafts yields
+    ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens for ``v_k + k c_s`` units. With ``adaptive`` the round takes the
+    source and length with the most tokens per unit, and no drafts at all (a plain step, worth exactly 1) when
+    nothing beats that: drafts that do not pay stop, and an unused source's acceptance drifts back towards its
+    prior, so it is probed again now and then. A probe that does not pay halves its source's drift (down to
+    ``DRIFT / MAX_BACKOFF``) and one that pays restores it: on text a source cannot draft, the probes grow rarer (their
+    count logarithmic in the tokens decoded, their cost with it), and they come back as soon as one pays. Without
+    ``adaptive``, the length is the source's maximum (``max_tokens``) and only the source is chosen."""
 
     PRIOR, MEMORY, DRIFT, BETA, MAX_BACKOFF = 0.6, 0.7, 0.05, 0.1, 16
 
@@ -276,15 +278,29 @@ class DraftPolicy:
         self.costs, self.max_tokens, self.adaptive = dict(prior_costs), max_tokens, adaptive
         self.alpha = {source: self.PRIOR for source in prior_costs}
         self.drift = {source: self.DRIFT for source in prior_costs}
-        self.beta, self.unit = self.BETA, None
+        self.verification: dict[int, float] = {}  # measured units of verifying k drafts
+        self.unit: float | None = None
 
     @staticmethod
     def expected_tokens(alpha: float, k: int) -> float:
         return k + 1.0 if alpha >= 0.999 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
+    def verification_cost(self, k: int) -> float:
+        """Units of a verification of ``k`` drafts: measured, or interpolated between the measured lengths (and a plain
+        step, 1 unit at 0 drafts), beyond the longest one ``BETA`` per extra draft."""
+        points = sorted({0: 1.0, **self.verification}.items())
+        for (j0, v0), (j1, v1) in zip(points, points[1:]):
+            if j0 <= k <= j1:
+                return v0 + (v1 - v0) * (k - j0) / (j1 - j0)
+        last, cost = points[-1]
+        return cost + self.BETA * (k - last)
+
+    def round_cost(self, source: str, k: int) -> float:
+        return self.verification_cost(k) + k * self.costs[source]
+
     def value(self, source: str, k: int) -> float:
         """Expected tokens per plain-step unit of a round of ``k`` drafts from ``source``."""
-        return self.expected_tokens(self.alpha[source], k) / (1 + k * (self.beta + self.costs[source]))
+        return self.expected_tokens(self.alpha[source], k) / self.round_cost(source, k)
 
     def choose(self, available: list[str], limit: int) -> tuple[str | None, int]:
         """(source, k) for a round that may draft at most ``limit`` tokens from ``available`` sources."""
@@ -293,7 +309,7 @@ class DraftPolicy:
             return range(1, most + 1) if self.adaptive else [most]
 
         options = [(self.value(s, k), s, k) for s in available for k in lengths(s) if k >= 1]
-        if not options:
+        if not options or (self.adaptive and self.unit is None):  # the first round: a plain step measures the unit
             return None, 0
         value, source, k = max(options)
         if self.adaptive and value <= 1.0:
@@ -307,15 +323,19 @@ class DraftPolicy:
         if drafted:
             observed = accepted / (accepted + (1 if accepted < drafted else 0))
             self.alpha[source] = self._mean(self.alpha[source], observed)
-            paid = accepted + 1 > 1 + drafted * (self.beta + self.costs[source])  # tokens against plain-step units
+            paid = accepted + 1 > self.round_cost(source, drafted)  # tokens against plain-step units
             self.drift[source] = self.DRIFT if paid else max(self.drift[source] / 2, self.DRIFT / self.MAX_BACKOFF)
 
     def measured_verification(self, drafted: int, seconds: float) -> None:
         """A target forward over ``drafted`` drafts and one committed token took ``seconds``."""
-        if self.unit is None or drafted == 0:
-            self.unit = seconds / (1 + self.beta * drafted) if self.unit is None else self._mean(self.unit, seconds)
-        else:
-            self.beta = max(0.0, self._mean(self.beta, (seconds / self.unit - 1) / drafted))
+        if drafted == 0:
+            self.unit = seconds if self.unit is None else self._mean(self.unit, seconds)
+            return
+        if self.unit is None:  # a fixed draft length drafts from the first round: the prior says what a unit is
+            self.unit = seconds / self.verification_cost(drafted)
+        observed = max(1.0, seconds / self.unit)
+        known = self.verification.get(drafted)
+        self.verification[drafted] = observed if known is None else self._mean(known, observed)
 
     def measured_draft(self, source: str, tokens: int, seconds: float) -> None:
         """``source`` drafted ``tokens`` tokens in ``seconds`` (catching up on committed tokens excluded)."""
@@ -518,10 +538,10 @@ class _Rounds:
     def run(self) -> None:
         if self.streamer is not None:
             self.streamer.put(self.tokens.cpu())
-        if self.prompt_len > 1:  # both caches hold every committed token but the last, which each round feeds
+        # The target's cache holds every committed token but the last, which each round feeds. The draft's catches up
+        # in the first round that drafts with the model: a policy that never drafts never pays for the prompt twice.
+        if self.prompt_len > 1:
             self.target.logits(self.tokens[:, :-1], self.mask, keep=1)
-            if self.draft is not None:
-                self.draft.logits(self.tokens[:, :-1], self.mask, keep=1)
         while self.tokens.shape[1] - self.prompt_len < self.max_new and bool(self.unfinished.any()):
             self.round()
         if self.streamer is not None:

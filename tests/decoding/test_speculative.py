@@ -290,8 +290,10 @@ def test_the_draft_policy_weighs_acceptance_against_the_measured_costs():
             policy.update("step_size", 4, 2)
         return policy
 
-    assert DraftPolicy({"step_size": 0.25}, {"step_size": 8}, adaptive=True).choose(["step_size"], 8)[0] == \
-        "step_size"  # before any measurement the prior says drafting pays
+    fresh = DraftPolicy({"step_size": 0.25}, {"step_size": 8}, adaptive=True)
+    assert fresh.choose(["step_size"], 8) == (None, 0)  # the first round is a plain step: it measures the unit
+    fresh.measured_verification(0, 0.010)
+    assert fresh.choose(["step_size"], 8)[0] == "step_size"  # then, before any other measurement, the prior pays
     assert policy_after(draft_seconds=0.004, verify_seconds=0.012).choose(["step_size"], 8)[0] == "step_size"
     assert policy_after(draft_seconds=0.040, verify_seconds=0.012).choose(["step_size"], 8) == (None, 0)  # drafts slow
     assert policy_after(draft_seconds=0.004, verify_seconds=0.050).choose(["step_size"], 8) == (None, 0)  # verifying
@@ -317,6 +319,18 @@ def test_the_draft_policy_weighs_acceptance_against_the_measured_costs():
     assert gaps[-1] > 4 * gaps[0] and gaps == sorted(gaps), gaps
     paying = probes(400, accepted=4)  # the text turns repetitive: the next probe pays, and drafting resumes
     assert len(paying) > 300 and paying[-1] - paying[0] == len(paying) - 1, paying[:5]
+    # A CPU's verification: one draft costs 1.6 plain steps (a matrix-matrix product instead of matrix-vector), four
+    # cost 2. Measured per length, it stops short drafts that the linear prior (1 + 0.1 k) would have taken.
+    jump = DraftPolicy({"prompt_lookup": 0.0}, {"prompt_lookup": 4}, adaptive=True)
+    jump.measured_verification(0, 0.010)
+    jump.measured_verification(1, 0.016)
+    jump.measured_verification(4, 0.020)
+    assert jump.verification_cost(1) == pytest.approx(1.6)
+    assert jump.verification_cost(2) == pytest.approx(1.6 + 0.4 / 3)  # interpolated
+    jump.alpha["prompt_lookup"] = 0.4
+    assert jump.choose(["prompt_lookup"], 8) == (None, 0)  # 1.4 tokens for 1.6 units, 1.56 for 1.73, ...
+    jump.alpha["prompt_lookup"] = 0.8
+    assert jump.choose(["prompt_lookup"], 8) == ("prompt_lookup", 4)  # 3.36 tokens for 2.0 units
     fixed = DraftPolicy({"step_size": 0.25}, {"step_size": 3}, adaptive=False)
     fixed.measured_verification(0, 0.010)
     fixed.measured_draft("step_size", 4, 0.400)
