@@ -9,7 +9,8 @@ one ``torch.compile`` graph: inductor's fused kernels on a CPU, replayed as a CU
 once (``embed``, ``attention_inputs``, ``solve``, i.e. ``odegpt.model.solver.integrate`` over the plan: the one solve
 loop, ``read_out``), so it computes what the eager path computes; the eager path stays the reference, and
 ``compile=False`` runs the same step without compiling it. On a CPU the compiled path also lays the model's tall
-weight matrices out column-major (:func:`stream_along_longer_side`: same values, faster batch-1 products).
+weight matrices out column-major at batch 1 (:func:`stream_along_longer_side`: same values, faster
+matrix-vector products), row-major for larger batches.
 
 A graph depends on the plan (step size, solver), the batch and cache sizes and whether the batch is padded: the
 position comes in as a tensor, so one graph serves every position. One token per row is what decoding feeds most;
@@ -40,23 +41,30 @@ def compile_unavailable(device: torch.device | str) -> str | None:
     return None
 
 
-def stream_along_longer_side(model) -> int:
-    """Lay out each CPU weight matrix with more outputs than inputs column-major (its transpose made contiguous: the
-    same values and shape, other strides), so that a batch-1 product streams it along its longer side; returns how
-    many it laid out (0 the second time).
+def stream_along_longer_side(model, rows: int = 1) -> int:
+    """Lay out each CPU weight matrix with more outputs than inputs for products with ``rows`` rows: column-major for
+    one row (its transpose made contiguous: the same values and shape, other strides), row-major again for more;
+    returns how many it laid out anew (0 when they already were).
 
     At batch 1 every linear map is a matrix-vector product, and MKL's runs fastest when its contiguous rows are the
-    long ones: on SmolLM2-135M's float32 weights streamed from memory, 14.2 against 20.9 GB/s for an MLP
-    up-projection (1536 x 576), 15.2 against 26.5 for its tied LM head (49152 x 576), while the wide down-projection
-    is fastest as it is (20.6 against 15.1). The compiled step then decodes 1.2x faster with the same tokens. A tied
-    embedding shares the LM head's layout (a lookup reads a strided row)."""
+    long ones: on SmolLM2-135M's float32 weights streamed from memory, 14.0 against 18.1 GB/s for an MLP
+    up-projection (1536 x 576), 13.3 against 24.9 for its tied LM head (49152 x 576), while the wide down-projection
+    is fastest as it is; with 8 rows the LM head is slower column-major (3.5 against 5.2 GB/s). The compiled step of
+    one row then decodes 1.2x faster with the same tokens. A tied embedding shares the LM head's layout (a lookup
+    reads a strided row)."""
     count = 0
     with torch.no_grad():
         for module in model.modules():
             weight = getattr(module, "weight", None)
-            if isinstance(module, torch.nn.Linear) and weight.device.type == "cpu" and weight.ndim == 2 and \
-                    weight.shape[0] > weight.shape[1] and weight.is_contiguous():
+            if not isinstance(module, torch.nn.Linear) or weight.device.type != "cpu" or weight.ndim != 2 or \
+                    weight.shape[0] <= weight.shape[1]:
+                continue
+            column_major = weight.stride() == (1, weight.shape[0])
+            if rows == 1 and not column_major:
                 weight.data = weight.data.t().contiguous().t()
+                count += 1
+            elif rows > 1 and column_major:
+                weight.data = weight.data.contiguous()
                 count += 1
     return count
 
@@ -92,12 +100,14 @@ class DecodeStep:
         self.device = model.device
         self.run = _compiled_step(self.device) if compile else _step
         self.compiled = compile
-        if compile and self.device.type == "cpu":  # once per model: the graph is traced for these strides
-            stream_along_longer_side(model)
+        self.laid_out_for: int | None = None  # the rows the model's weights are laid out for (CPU, compiled)
 
     def __call__(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, keep: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         cache, (rows, seq) = self.cache, tokens.shape
+        if self.compiled and self.device.type == "cpu" and self.laid_out_for != rows:  # graphs follow the strides
+            stream_along_longer_side(self.model, rows)
+            self.laid_out_for = rows
         keep = 0 if keep >= seq else keep
         compiled = self.compiled and (seq == 1 or keep == 0)  # a prompt is fed once: not worth a graph
         cache.bind(self.plan.step_size, self.plan.num_slots, self.plan.method.name)

@@ -59,8 +59,7 @@ def test_the_compiled_step_decodes_the_eager_tokens(model, traced):
     assert 0 < out.accepted_tokens < out.drafted_tokens  # verification (several tokens) and drafts both compiled
 
 
-def test_the_compiled_path_lays_tall_matrices_out_along_their_longer_side_and_changes_no_value(model, traced,
-                                                                                               tmp_path):
+def test_the_compiled_path_lays_tall_matrices_out_for_its_batch_and_changes_no_value(model, traced, tmp_path):
     tall = {name for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and module.weight.shape[0] > module.weight.shape[1]}
     assert any("up_proj" in name for name in tall)  # the MLP's up-projections, wider than the state
@@ -72,6 +71,8 @@ def test_the_compiled_path_lays_tall_matrices_out_along_their_longer_side_and_ch
             assert module.weight.stride() == ((1, rows) if name in tall else (module.weight.shape[1], 1)), name
     assert all(torch.equal(parameter, before[name]) for name, parameter in model.named_parameters())
     assert compiled.stream_along_longer_side(model) == 0  # laid out once
+    model.generate(torch.randint(1, 97, (2, 4)), compile=True, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert all(module.weight.is_contiguous() for module in model.modules() if isinstance(module, torch.nn.Linear))
     model.save_pretrained(tmp_path)  # saves and reloads like any model
     reloaded = type(model).from_pretrained(tmp_path)
     assert all(torch.equal(parameter, before[name]) for name, parameter in reloaded.named_parameters())
