@@ -15,10 +15,18 @@ at every step is computed, as the ``lazy`` fill would):
   the labels (an upper bound, not a method), against the truncated solve.
 - **Routing headroom** (swift a=4 -> super a=1, exact super logits for routed tokens): energy (E-LANG),
   the same kind of probe on the swift state, the KL oracle and the label oracle.
+
+``benchmarks/adaptive_report.py`` runs these on prepared corpora; on its own, on raw text (a model whose corpus has
+no validation split, e.g. the SmolLM2 retrofit of ``benchmarks/retrofit_real.py``):
+
+    python benchmarks/adaptive_headroom.py --model MODEL --text held-out.txt --output runs/headroom
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -180,10 +188,10 @@ def routing_headroom(model, config, calibration, held_out, seq_len: int, swift: 
 
 def markdown(report: dict) -> list[str]:
     """The three analyses of one model as markdown sections."""
-    model = report["model"]
+    model, data = report["model"], report.get("data", "stdlib held out")
     lines = []
     if report.get("homogeneity"):
-        lines += [f"### Is a step size more than a step count? `{model}`, stdlib held out", "",
+        lines += [f"### Is a step size more than a step count? `{model}`, {data}", "",
                   "k steps at step size a against the a=1 solve cut after the same k steps.", "",
                   "| a | steps k | cosine of the states | norm ratio | perplexity at a | perplexity, a=1 cut at k |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -193,7 +201,7 @@ def markdown(report: dict) -> list[str]:
         lines.append("")
     exits = report["exit_headroom"]
     rules = ("entropy", "probe", "KL oracle", "label oracle")
-    lines += [f"### Exit headroom, `{model}`, stdlib held out (a=1 solve of {exits['steps']} steps; read-out "
+    lines += [f"### Exit headroom, `{model}`, {data} (a=1 solve of {exits['steps']} steps; read-out "
               f"costs not counted)", "",
               "correlation with log KL(p_end || p_t) at t = 1, 2, ...: probe "
               + ", ".join(f"{c:.2f}" for c in exits["probe_correlations"]) + "; entropy "
@@ -207,7 +215,7 @@ def markdown(report: dict) -> list[str]:
                      + " | ".join(f"{r[name]:.3f}" for name in rules)
                      + f" | {1 - best / r['truncated']:+.1%} | {1 - best / r['truncated_mix']:+.1%} |")
     routing = report["routing_headroom"]
-    lines += ["", f"### Routing headroom a={routing['swift_step_size']:g} -> a=1, `{model}`, stdlib held out", "",
+    lines += ["", f"### Routing headroom a={routing['swift_step_size']:g} -> a=1, `{model}`, {data}", "",
               f"correlation with log KL(p_super || p_swift): energy {routing['energy_correlation']:.3f}, probe "
               f"{routing['probe_correlation']:.3f}", "",
               "| routed fraction | FLOPs vs a=1 | " + " | ".join(f"by {r}" for r in ("energy",) + rules[1:]) + " |",
@@ -216,3 +224,35 @@ def markdown(report: dict) -> list[str]:
         lines.append(f"| {r['routed_fraction']:g} | {r['flops_vs_a1']:.2f} | "
                      + " | ".join(f"{r[name]:.3f}" for name in ("energy",) + rules[1:]) + " |")
     return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="native odegpt model folder (its tokenizer reads --text)")
+    parser.add_argument("--text", nargs="+", required=True, help="held-out raw text: the first half of its windows "
+                                                               "fits the probes, the second half scores")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--windows", type=int, default=24, help="full windows of --seq-len tokens (default: 24)")
+    parser.add_argument("--output", required=True, help="writes OUTPUT.json and OUTPUT.md")
+    args = parser.parse_args(argv)
+    from odegpt.evaluation.data import EvaluationData, raw_text_batches, raw_text_sources
+    from odegpt.folders.model_folder import load_model
+
+    torch.set_grad_enabled(False)
+    model = load_model(args.model).eval()
+    pairs = raw_text_batches(raw_text_sources(args.text, args.model), args.model,
+                             EvaluationData(seq_len=args.seq_len, batch_size=1))
+    # One window per batch (the read-outs of every state of a window are held at once); only fully scored ones.
+    batches = [torch.cat([inputs, targets[:, -1:]], 1) for inputs, targets in pairs
+               if inputs.shape[1] == args.seq_len and bool((targets >= 0).all())][:args.windows]
+    half = len(batches) // 2
+    report = dict(model=args.model, data=f"{', '.join(args.text)} held out",
+                  exit_headroom=exit_headroom(model, model.config, batches[:half], batches[half:]),
+                  routing_headroom=routing_headroom(model, model.config, batches[:half], batches[half:], args.seq_len))
+    Path(args.output + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    Path(args.output + ".md").write_text("\n".join(markdown(report)))
+    print("\n".join(markdown(report)))
+
+
+if __name__ == "__main__":
+    main()
