@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
             (staging / extra.name).write_bytes(extra.read_bytes())
         save_exit_calibration(staging, records)
     for record in records:
-        cost = (f"{record['mean_steps']:.2f} of {config.solver_steps(1.0)} steps per token" if record["rule"] == "exit"
+        cost = (f"{record['mean_steps']:.2f} of {config.solver_steps(1.0)} steps per token, checks from "
+                f"t={record['first_exit_time']:g}" if record["rule"] == "exit"
                 else f"{record['routed_fraction']:.1%} routed from a={record['swift_step_size']:g}")
         print(f"{record['rule']:>5} at tolerance {record['tolerance']:g}: score threshold {record['threshold']:.3g}, "
               f"{record['changed_rate']:.2%} changed tokens (bound {record['upper_bound']:.2%} at "

@@ -115,6 +115,7 @@ def test_calibrate_writes_the_head_and_thresholds_that_generate_and_evaluate_use
     out = capsys.readouterr().out
     assert code == 0, out
     assert "fitted the exit head (linear)" in out and " exit at tolerance 0.05:" in out and "route at tolerance" in out
+    assert "steps per token, checks from t=" in out  # where decoding starts checking
     assert (folder / "exit_calibration.json").is_file()
     capsys.readouterr()
     assert odegpt_main(["generate", "--model", str(folder), "--prompt", "def add(", "--max-new-tokens", "8",
