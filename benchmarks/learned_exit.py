@@ -54,6 +54,8 @@ def decode_comparison(model_dir: Path, prompts: list[str], tolerance: float, new
     positions of the exit's own output where the plain solve, given the same prefix, would have chosen another token
     (a teacher-forced forward of the plain model over prompt + output). Counting every position after the first
     difference instead (the texts diverge there) is reported too, as ``identical_prefix``."""
+    from dataclasses import replace
+
     import torch
 
     from odegpt.decoding.adaptive import AdaptiveDepth
@@ -68,7 +70,7 @@ def decode_comparison(model_dir: Path, prompts: list[str], tolerance: float, new
     settings = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id or 0)
     ids = [torch.tensor([tokenizer(prompt)["input_ids"]]) for prompt in prompts]
     variants = {"plain": {}, "exit, lazy fill": {"adaptive": lazy},
-                "exit, copy fill": {"adaptive": calibrated_exit(model_dir, tolerance, AdaptiveDepth(kv_fill="copy"))}}
+                "exit, copy fill": {"adaptive": replace(lazy, kv_fill="copy")}}
     times: dict[str, list[float]] = {name: [] for name in variants}
     outputs = {}
     with torch.inference_mode():
