@@ -468,10 +468,11 @@ class Trainer:
         t = self.config.train
         names = [] if self.distill is not None and self.distill.stepwise else \
             ["ce"] * (t.lm_weight > 0) + ["readout"] * bool(t.readout_weights) + \
-            ["reference"] * (t.reference_weight > 0) + ["consistency"] * (t.consistency_weight > 0)
+            ["reference"] * (t.reference_weight > 0 and t.lm_weight > 0) + ["consistency"] * (t.consistency_weight > 0)
         if self.distill is not None:
+            distilled = ["kl"] * (self.distill.kl_weight > 0) + ["trajectory"] * (self.distill.trajectory_weight > 0)
             names += ["trajectory"] if self.distill.stepwise else \
-                ["kl"] * (self.distill.kl_weight > 0) + ["trajectory"] * (self.distill.trajectory_weight > 0)
+                distilled + [f"reference_{name}" for name in distilled] * (t.reference_weight > 0)
         if t.exit_head_weight > 0 and not (self.distill is not None and self.distill.stepwise):
             names.append("exit")
         return names or ["ce"]

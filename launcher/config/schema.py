@@ -82,7 +82,7 @@ class TrainSection:
     # section's shape is taken from the folder, and a shape the config sets otherwise is an error.
     init_from: str | None = None
     relax_lr_scale: float = 1.0  # learning-rate multiplier of the time-continuous relaxation's parameters
-    lm_weight: float = 1.0  # weight of the next-token CE at the drawn `a`; 0 with distill_from: distillation alone
+    lm_weight: float = 1.0  # weight of the next-token CE (drawn `a` and a=1 pass); 0 with distill_from: distill alone
     # Distillation from a source model (odegpt.training.distillation): a model folder, odegpt or Llama (imported as
     # unshared layers), run frozen beside the student with the same tokens; its depth must be the student's.
     distill_from: str | None = None

@@ -11,7 +11,8 @@ trained at ``a = 1`` only, while the coarse solves learn to follow it:
 - ``curriculum_steps`` in the distribution: the first N optimizer steps train at ``a = 1``, then
   the draws begin.
 - ``reference_weight`` in the loss: a step that draws ``a != 1`` also adds the ``a = 1`` loss, so
-  every step trains the fine solve (one more forward and backward at ``a = 1``).
+  every step trains the fine solve (one more forward and backward at ``a = 1``); distilling, the ``a = 1``
+  loss is the same objective as the drawn solve's (CE times ``lm_weight``, the distillation terms).
 
 ``consistency_weight`` adds ``KL(p_1 || p_a)`` towards the (detached) fine solve.
 
@@ -182,8 +183,11 @@ def describe_objective(consistency_weight: float = 0.0, reference_weight: float 
     terms = [f"ce: {lm_weight:g} x CE at the drawn a"] if lm_weight > 0 else []
     if readout_weights:
         terms.append("readout: CEs at times " + ", ".join(f"{t:g} (x{w:g})" for t, w in readout_weights.items()))
-    if reference_weight > 0:
-        terms.append(f"reference: {reference_weight:g} x CE at a=1 when a != 1")
+    if reference_weight > 0 and lm_weight > 0:
+        terms.append(f"reference: {reference_weight * lm_weight:g} x CE at a=1 when a != 1")
+    if reference_weight > 0 and distill is not None:
+        terms.append(f"reference_kl, reference_trajectory: {reference_weight:g} x the distillation terms below at "
+                     f"a=1 when a != 1")
     if consistency_weight > 0:
         terms.append(f"consistency: {consistency_weight:g} x KL(p_1 || p_a) when a != 1")
     if distill is not None and distill.kl_weight > 0:
@@ -238,7 +242,7 @@ def objective_terms(
     reference = logits
     if step_size != REFERENCE_STEP_SIZE and (reference_weight > 0 or consistency_weight > 0 or exit_head_weight > 0):
         reference_terms, reference = _reference_terms(model, inputs, tokens, logits, reference_weight,
-                                                      consistency_weight)
+                                                      consistency_weight, lm_weight, distill, view)
         terms.update(reference_terms)
     if exit_head_weight > 0:
         terms["exit"] = exit_head_weight * exit_head_term(module, out.hidden_states, module.plan(step_size, solver),
@@ -248,21 +252,32 @@ def objective_terms(
     return terms or {"ce": logits.new_zeros(())}
 
 
-def _reference_terms(model, inputs, tokens, logits, reference_weight: float, consistency_weight: float
+def _reference_terms(model, inputs, tokens, logits, reference_weight: float, consistency_weight: float,
+                     lm_weight: float = 1.0, distill: Distillation | None = None, view=None
                      ) -> tuple[dict, torch.Tensor]:
-    """The fine solve's CE (``reference``) and the coarse solve's KL towards it (``consistency``), and the fine
-    solve's logits (detached)."""
-    def solve() -> torch.Tensor:
-        return model(input_ids=inputs, step_size=REFERENCE_STEP_SIZE, use_cache=False).logits.float()
+    """The fine solve's terms: the ``a = 1`` pass's own objective times ``reference_weight`` (``reference``: the
+    CE times ``lm_weight``; distilling, ``reference_kl`` and ``reference_trajectory``: the distillation terms at
+    ``a = 1``, so that ``lm_weight: 0`` distills at both step sizes), the coarse solve's KL towards it
+    (``consistency``), and the fine solve's logits (detached)."""
+    states = reference_weight > 0 and distill is not None and distill.needs_states
+
+    def solve():
+        return model(input_ids=inputs, step_size=REFERENCE_STEP_SIZE, use_cache=False, output_hidden_states=states)
 
     terms = {}
     if reference_weight > 0:
-        reference = solve()
-        terms["reference"] = reference_weight * shifted_cross_entropy(reference, tokens)
+        out = solve()
+        reference = out.logits.float()
+        if lm_weight > 0:
+            terms["reference"] = reference_weight * lm_weight * shifted_cross_entropy(reference, tokens)
+        if distill is not None:
+            fine = distillation_terms(model, inputs, REFERENCE_STEP_SIZE, None, distill, view, reference,
+                                      out.hidden_states)
+            terms.update({f"reference_{name}": reference_weight * term for name, term in fine.items()})
         reference = reference.detach()
     else:
         with torch.no_grad():
-            reference = solve()
+            reference = solve().logits.float()
     if consistency_weight > 0:
         kl = F.kl_div(logits.flatten(0, 1).log_softmax(-1), reference.flatten(0, 1).log_softmax(-1),
                       log_target=True, reduction="batchmean")

@@ -335,12 +335,15 @@ def test_distillation_logs_each_term_resumes_exactly_and_under_zero3_holds_the_s
     stepwise test's run does."""
     source = _source_folder(tmp_path)
     distill = {"train.distill_from": str(source), "train.distill_trajectory_weight": 0.5,
-               "train.distill_kl_weight": 1.0, "deepspeed.zero_stage": 3}
+               "train.distill_kl_weight": 1.0, "deepspeed.zero_stage": 3, "train.lm_weight": 0,
+               "train.reference_weight": 0.5}  # pure distillation: the a=1 pass of a step at a != 1 distilled too
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _check(_launch(full, **distill))
     metrics = _train_metrics(full)
-    assert all(set(record["terms"]) == {"ce", "kl", "trajectory"} for record in metrics.values())
+    assert all(set(record["terms"]) == {"kl", "trajectory", "reference_kl", "reference_trajectory"}
+               for record in metrics.values())
     assert all(record["terms"]["kl"] > 0 for record in metrics.values())
+    assert any(record["terms"]["reference_kl"] > 0 for record in metrics.values())  # the steps that drew a != 1
     # The terms add up to the loss (each is already weighted).
     assert all(abs(sum(r["terms"].values()) - r["loss"]) < 1e-6 * abs(r["loss"]) for r in metrics.values())
     teacher = next(json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()

@@ -36,6 +36,26 @@ def test_the_source_distilled_into_itself_has_no_distillation_loss_and_the_gradi
     assert shared.model.blocks[0].mlp.up_proj.weight.grad.abs().sum() > 0
 
 
+def test_with_lm_weight_0_the_a1_reference_pass_is_distilled_too_not_trained_on_the_tokens():
+    source = damped(tiny_model(UNSHARED, seed=1), 0.3)
+    source.requires_grad_(False)
+    student = tiny_model(FULLY_SHARED, seed=2).train()
+    tokens = torch.randint(1, 97, (2, 12))
+    settings = Distillation(kl_weight=1.0, trajectory_weight=0.5)
+    terms = objective_terms(student, tokens, 2.0, reference_weight=0.7, distill=settings, teacher=source,
+                            lm_weight=0.0)
+    assert set(terms) == {"kl", "trajectory", "reference_kl", "reference_trajectory"}
+    fine = objective_terms(student, tokens, 1.0, distill=settings, teacher=source, lm_weight=0.0)
+    assert terms["reference_kl"].item() == pytest.approx(0.7 * fine["kl"].item(), rel=1e-5)
+    assert terms["reference_trajectory"].item() == pytest.approx(0.7 * fine["trajectory"].item(), rel=1e-5)
+    # With the LM loss on, the a=1 pass also has its CE (scaled like the drawn solve's).
+    mixed = objective_terms(student, tokens, 2.0, reference_weight=0.7, distill=settings, teacher=source,
+                            lm_weight=0.5)
+    assert set(mixed) == {"ce", "reference", "kl", "trajectory", "reference_kl", "reference_trajectory"}
+    assert mixed["reference"].item() == pytest.approx(0.7 * 0.5 / 1.0 * objective_terms(student, tokens, 1.0)["ce"]
+                                                      .item(), rel=1e-5)
+
+
 def test_the_trajectory_is_compared_at_the_source_layers_times_only():
     model = tiny_model(FULLY_SHARED)  # depth 4
     assert matched_steps(model.plan(1.0), 4) == [0, 1, 2, 3]  # after layers 1, 2, 3, 4
