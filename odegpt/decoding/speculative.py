@@ -263,7 +263,8 @@ class DraftPolicy:
     ``k + 1`` tokens: nearly a plain step on a GPU at batch 1, but on a CPU the jump from a matrix-vector to a
     matrix-matrix product makes even ``k = 1`` cost 1.5-1.6 units, SmolLM2-135M at 1 thread); an unmeasured length is
     interpolated between the measured ones, beyond them ``BETA`` per extra draft (``1 + BETA k`` before any). The
-    first round is a plain step, which measures the unit. Under the geometric model a round of ``k`` drafts yields
+    first round is a plain step, which measures the unit; in a batch a source's lengths grow from 1 by doubling
+    while its rounds pay (:meth:`longest_probe`). Under the geometric model a round of ``k`` drafts yields
     ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens for ``v_k + k c_s`` units. With ``adaptive`` the round takes the
     source and length with the most tokens per unit, and no drafts at all (a plain step, worth exactly 1) when
     nothing beats that: drafts that do not pay stop, and an unused source's acceptance drifts back towards its
@@ -274,10 +275,12 @@ class DraftPolicy:
 
     PRIOR, MEMORY, DRIFT, BETA, MAX_BACKOFF = 0.6, 0.7, 0.05, 0.1, 16
 
-    def __init__(self, prior_costs: dict[str, float], max_tokens: dict[str, int], adaptive: bool) -> None:
-        self.costs, self.max_tokens, self.adaptive = dict(prior_costs), max_tokens, adaptive
+    def __init__(self, prior_costs: dict[str, float], max_tokens: dict[str, int], adaptive: bool, batch: int = 1
+                 ) -> None:
+        self.costs, self.max_tokens, self.adaptive, self.batch = dict(prior_costs), max_tokens, adaptive, batch
         self.alpha = {source: self.PRIOR for source in prior_costs}
         self.drift = {source: self.DRIFT for source in prior_costs}
+        self.longest_paid = {source: 0 for source in prior_costs}  # the longest of the source's rounds that paid
         self.verification: dict[int, float] = {}  # measured units of verifying k drafts
         self.unit: float | None = None
 
@@ -316,7 +319,14 @@ class DraftPolicy:
             for s in available:  # a plain step; let the estimates drift back so the sources are retried
                 self.alpha[s] += self.drift[s] * (self.PRIOR - self.alpha[s])
             return None, 0
-        return source, k
+        return source, min(k, self.longest_probe(source)) if self.adaptive else k
+
+    def longest_probe(self, source: str) -> int:
+        """The longest draft ``source`` may propose. One row: its longest. Rows that share a round (a batch) keep only
+        the drafts every row accepts, so a probe fails far more often than one row's acceptance says, and verifies
+        ``batch x (k + 1)`` positions: there the length starts at 1 and doubles while the source's rounds pay (twice
+        its longest round that paid), so that the probes that fail are the cheap ones."""
+        return self.max_tokens[source] if self.batch == 1 else max(1, 2 * self.longest_paid[source])
 
     def update(self, source: str, drafted: int, accepted: int) -> None:
         """A round of ``drafted`` drafts from ``source`` kept ``accepted`` (then stopped at a rejection, if any)."""
@@ -325,6 +335,8 @@ class DraftPolicy:
             self.alpha[source] = self._mean(self.alpha[source], observed)
             paid = accepted + 1 > self.round_cost(source, drafted)  # tokens against plain-step units
             self.drift[source] = self.DRIFT if paid else max(self.drift[source] / 2, self.DRIFT / self.MAX_BACKOFF)
+            if paid:
+                self.longest_paid[source] = max(self.longest_paid[source], drafted)
 
     def measured_verification(self, drafted: int, seconds: float) -> None:
         """A target forward over ``drafted`` drafts and one committed token took ``seconds``."""
@@ -531,7 +543,7 @@ class _Rounds:
         caches = StaticCaches(input_ids.shape[0], self.prompt_len + self.max_new, compile) if static else None
         self.target = _Solve(model, target_step, self.shared, caches)
         self.draft = None if draft_step_size is None else _Solve(model, draft_step_size, self.shared, caches)
-        self.policy = _policy(model, target_step, draft_step_size, draft_tokens, lookup_tokens)
+        self.policy = _policy(model, target_step, draft_step_size, draft_tokens, lookup_tokens, input_ids.shape[0])
         self.sources = {name: {"rounds": 0, "drafted": 0, "accepted": 0} for name in [*self.policy.costs, "none"]}
         self.drafted = self.accepted = self.rounds = self.reused_evaluations = self.reused_attention = 0
 
@@ -622,7 +634,7 @@ class _Rounds:
 
 
 def _policy(model, target_step: float, draft_step_size: float | None, draft_tokens: int | str,
-            lookup_tokens: int | None) -> DraftPolicy:
+            lookup_tokens: int | None, batch: int = 1) -> DraftPolicy:
     """The draft policy of a generation: its sources, their prior costs and longest drafts."""
     adaptive, costs = draft_tokens == "auto", {}
     if draft_step_size is not None:  # block evaluations per drafted token, over the target's per verification
@@ -632,7 +644,7 @@ def _policy(model, target_step: float, draft_step_size: float | None, draft_toke
     max_tokens = {"step_size": DEFAULT_MAX_DRAFT_TOKENS if adaptive else draft_tokens}
     if lookup_tokens is not None:  # a lookup drafts at most K, and at most draft_tokens when fixed
         max_tokens["prompt_lookup"] = lookup_tokens if adaptive else min(lookup_tokens, draft_tokens)
-    return DraftPolicy(costs, max_tokens, adaptive)
+    return DraftPolicy(costs, max_tokens, adaptive, batch)
 
 
 @dataclass(frozen=True)

@@ -337,6 +337,25 @@ def test_the_draft_policy_weighs_acceptance_against_the_measured_costs():
     assert fixed.choose(["step_size"], 8) == ("step_size", 3)  # a fixed length always drafts it
 
 
+def test_in_a_batch_the_first_probe_drafts_one_token_and_lengths_double_while_drafts_pay():
+    def lengths(batch: int, accepted) -> list[int]:
+        policy = DraftPolicy({"prompt_lookup": 0.0}, {"prompt_lookup": 8}, adaptive=True, batch=batch)
+        policy.measured_verification(0, 0.010)
+        found = []
+        for _ in range(5):
+            source, k = policy.choose(["prompt_lookup"], 16)
+            found.append(k)
+            if source is not None:
+                policy.measured_verification(k, 0.010 * (1.3 + 0.1 * k))  # a CPU's: a gemm, not a gemv
+                policy.update(source, k, accepted(k))
+        return found
+
+    assert lengths(8, accepted=lambda k: k) == [1, 2, 4, 8, 8]
+    failing = lengths(8, accepted=lambda k: 0)
+    assert failing[0] == 1 and max(failing) == 1 and failing[-1] == 0, failing  # probes that fail stay short, stop
+    assert lengths(1, accepted=lambda k: k)[0] > 1  # one row: the best length at once (a longer probe tells more)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens must be an integer >= 1"),
     (dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=0), "max_matching_ngram_size must be an integer"),
