@@ -26,7 +26,9 @@ The second table is the batch-1 decode step of each model taken apart (1 thread,
 solve hook): per segment the block evaluations, the bytes of weights they read (distinct, and per token), the FLOPs,
 the milliseconds, and the bandwidth and FLOP rate that implies. A step that reads its bytes at the machine's memory
 bandwidth is bound by them; a shared block read again from cache should run faster per evaluation than distinct
-layers streamed from memory.
+layers streamed from memory. Each model after the first is also timed against the first, per token (eager and
+compiled plain decoding of both interleaved round after round, the ratio paired per round): a shared model against
+its source.
 
 Exports (unrolled Llama, GGUF files) are written once under ``--output`` and reused; results.json holds every figure.
 """
@@ -212,6 +214,30 @@ def measure(runs: Runs, batch: int, threads: int, rounds: int, draft_step_size: 
     return rows
 
 
+def against_first(first: Runs, other: Runs, batch: int, threads: int, rounds: int) -> list[dict]:
+    """Per token, ``other`` against ``first`` (a shared model against its source): eager and compiled plain decoding
+    of the same prompts, the two models' runs interleaved round after round after one untimed run each (a compiled
+    decoder lays its weights out for the batch size), the ratio paired per round."""
+    import torch
+
+    torch.set_num_threads(threads)
+    texts = PROSE[:1] if batch == 1 else [(PROSE + CODE)[i % 8] for i in range(batch)]
+    rows = []
+    for decoder, settings in (("eager", {}), ("compiled", {"compile": True})):
+        seconds = {id(first): [], id(other): []}
+        for runs in (first, other):
+            runs.generate(runs.compiled_model if settings else runs.model, *runs.prompt(texts), **settings)
+        for index in range(rounds):
+            for runs in (first, other) if index % 2 == 0 else (other, first):
+                model = runs.compiled_model if settings else runs.model
+                seconds[id(runs)].append(runs.generate(model, *runs.prompt(texts), **settings)[1])
+        paired = [f / o for f, o in zip(seconds[id(first)], seconds[id(other)])]
+        rows.append({"decoder": decoder, "batch": batch, "threads": threads, "ratio": statistics.median(paired),
+                     "first_tokens_per_s": batch / statistics.median(seconds[id(first)]),
+                     "tokens_per_s": batch / statistics.median(seconds[id(other)])})
+    return rows
+
+
 class SegmentClock:
     """A solve hook that times each solver step (``integrate`` calls ``evaluate`` before a step, ``advance`` after)."""
 
@@ -308,6 +334,14 @@ def print_comparison(name: str, rows: list[dict]) -> None:
               f"{same} |")
 
 
+def print_against_first(first: str, name: str, rows: list[dict]) -> None:
+    print(f"\n{name} against {first}, per token (paired per round)\n")
+    print("| threads | batch | decoder | first tokens/s | tokens/s | ratio |\n|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['threads']} | {row['batch']} | {row['decoder']} | {row['first_tokens_per_s']:.1f} | "
+              f"{row['tokens_per_s']:.1f} | {row['ratio']:.2f}x |")
+
+
 def print_segments(name: str, rows: list[dict]) -> None:
     print(f"\n{name}: batch-1 decode step, eager, 1 thread, per segment\n")
     print("| segment | evaluations | distinct MB | MB read/token | MFLOP/token | ms/token | GB/s | GFLOP/s |\n"
@@ -338,9 +372,11 @@ def main() -> int:
     results = {"torch": torch.__version__, "transformers": transformers.__version__, "new_tokens": args.new_tokens,
                "rounds": args.rounds, "models": {}}
     began = time.perf_counter()
+    first = None
     for model_dir in args.model:
         name = Path(model_dir).name
         runs = Runs(model_dir, output / name, args.new_tokens)
+        first = first or runs
         segments = ", ".join(f"{s['depth']}{'s' if s['shared'] else 'u'}" for s in runs.config.segments)
         title = f"{model_dir} (segments {segments}, step size {runs.config.step_size:g})"
         results["models"][model_dir] = {"comparison": [], "segments": where_time_goes(runs)}
@@ -352,6 +388,11 @@ def main() -> int:
                 (output / "results.json").write_text(json.dumps(results, indent=1))
                 print_comparison(f"{title}, {t} thread(s), batch {batch}", rows)
                 print(f"\n({time.perf_counter() - began:.0f} s so far)", flush=True)
+                if runs is not first:
+                    rows = against_first(first, runs, batch, t, args.rounds)
+                    results["models"][model_dir].setdefault("against_first", []).extend(rows)
+                    (output / "results.json").write_text(json.dumps(results, indent=1))
+                    print_against_first(args.model[0], model_dir, rows)
     print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}; {args.new_tokens} new tokens per "
           f"run, median of {args.rounds} interleaved rounds; ratios paired per round")
     return 0
