@@ -35,6 +35,7 @@ Exports (unrolled Llama, GGUF files) are written once under ``--output`` and reu
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -114,7 +115,12 @@ class Runs:
         for model in (self.model, self.compiled_model, self.llama):  # every run decodes new_tokens tokens
             model.generation_config.eos_token_id = None
             model.generation_config.pad_token_id = 0
-        self.ggufs = {name: gguf_export(model_dir, work / f"gguf-{dtype}", dtype) for name, dtype in GGUF_TYPES.items()}
+        self.ggufs = {}  # llama.cpp's rows need llama-cpp-python (pip install -e '.[real-model]'): left out without it
+        if importlib.util.find_spec("llama_cpp") is not None:
+            self.ggufs = {name: gguf_export(model_dir, work / f"gguf-{dtype}", dtype)
+                          for name, dtype in GGUF_TYPES.items()}
+        else:
+            print("llama-cpp-python is not installed: no llama.cpp rows (pip install -e '.[real-model]')", flush=True)
         self.llama_cpp: dict[tuple[str, int], object] = {}
         self.new_tokens = new_tokens
 
