@@ -264,7 +264,8 @@ class DraftPolicy:
     matrix-matrix product makes even ``k = 1`` cost 1.5-1.6 units, SmolLM2-135M at 1 thread); an unmeasured length is
     interpolated between the measured ones, beyond them ``BETA`` per extra draft (``1 + BETA k`` before any). The
     first round is a plain step, which measures the unit; in a batch a source's lengths grow from 1 by doubling
-    while its rounds pay (:meth:`longest_probe`). Under the geometric model a round of ``k`` drafts yields
+    while its rounds pay (:meth:`longest_probe`), and its first round's acceptance replaces the prior (one row's
+    guess: a batch keeps only what every row accepts). Under the geometric model a round of ``k`` drafts yields
     ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens for ``v_k + k c_s`` units. With ``adaptive`` the round takes the
     source and length with the most tokens per unit, and no drafts at all (a plain step, worth exactly 1) when
     nothing beats that: drafts that do not pay stop, and an unused source's acceptance drifts back towards its
@@ -281,6 +282,7 @@ class DraftPolicy:
         self.alpha = {source: self.PRIOR for source in prior_costs}
         self.drift = {source: self.DRIFT for source in prior_costs}
         self.longest_paid = {source: 0 for source in prior_costs}  # the longest of the source's rounds that paid
+        self.probed: set[str] = set()  # the sources that drafted at least once
         self.verification: dict[int, float] = {}  # measured units of verifying k drafts
         self.unit: float | None = None
 
@@ -332,7 +334,9 @@ class DraftPolicy:
         """A round of ``drafted`` drafts from ``source`` kept ``accepted`` (then stopped at a rejection, if any)."""
         if drafted:
             observed = accepted / (accepted + (1 if accepted < drafted else 0))
-            self.alpha[source] = self._mean(self.alpha[source], observed)
+            first_in_batch = self.batch > 1 and source not in self.probed  # the prior is one row's, not a batch's
+            self.alpha[source] = observed if first_in_batch else self._mean(self.alpha[source], observed)
+            self.probed.add(source)
             paid = accepted + 1 > self.round_cost(source, drafted)  # tokens against plain-step units
             self.drift[source] = self.DRIFT if paid else max(self.drift[source] / 2, self.DRIFT / self.MAX_BACKOFF)
             if paid:

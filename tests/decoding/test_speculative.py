@@ -356,6 +356,23 @@ def test_in_a_batch_the_first_probe_drafts_one_token_and_lengths_double_while_dr
     assert lengths(1, accepted=lambda k: k)[0] > 1  # one row: the best length at once (a longer probe tells more)
 
 
+def test_in_a_batch_a_failed_first_probe_outweighs_the_prior_so_failing_probes_stay_rare():
+    def probes(batch: int) -> int:
+        policy = DraftPolicy({"prompt_lookup": 0.0}, {"prompt_lookup": 4}, adaptive=True, batch=batch)
+        policy.measured_verification(0, 0.010)
+        count = 0
+        for _ in range(32):  # 32 new tokens: what benchmarks/generation_real.py decodes
+            source, k = policy.choose(["prompt_lookup"], 16)
+            if source is not None:
+                count += 1
+                policy.measured_verification(k, 0.010 * (1.3 + 0.1 * k))
+                policy.update(source, k, 0)
+        return count
+
+    assert probes(8) == 1  # a batch's failed probe says more than the prior (the mean probed again at once)
+    assert probes(1) >= 2  # one row: the prior keeps its weight
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens must be an integer >= 1"),
     (dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=0), "max_matching_ngram_size must be an integer"),
