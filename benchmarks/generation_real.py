@@ -59,6 +59,11 @@ CODE = ["def mean(values):\n    total = 0\n    for value in values:\n        tot
 GGUF_TYPES = {"llama.cpp f32": "float32", "llama.cpp q8_0": "q8_0"}
 
 
+def batch_texts(batch: int) -> list[str]:
+    """The prompts of a batch: the first prose prompt alone at batch 1, else prose and code prompts in turn."""
+    return PROSE[:1] if batch == 1 else [(PROSE + CODE)[i % 8] for i in range(batch)]
+
+
 def odegpt_command() -> list[str]:
     return [str(Path(sys.executable).with_name("odegpt"))]
 
@@ -164,8 +169,7 @@ class Runs:
 
     def variants(self, batch: int, threads: int, draft_step_size: float) -> dict:
         """Name -> (run(), reference name or None): the decoders measured at this batch size."""
-        texts = PROSE[:1] if batch == 1 else [(PROSE + CODE)[i % 8] for i in range(batch)]
-        prompts = {"prose": self.prompt(texts)}
+        prompts = {"prose": self.prompt(batch_texts(batch))}
         if batch == 1:
             prompts["code"] = self.prompt(CODE[:1])
         drafts = {}
@@ -227,16 +231,16 @@ def against_first(first: Runs, other: Runs, batch: int, threads: int, rounds: in
     import torch
 
     torch.set_num_threads(threads)
-    texts = PROSE[:1] if batch == 1 else [(PROSE + CODE)[i % 8] for i in range(batch)]
+    prompts = {id(runs): runs.prompt(batch_texts(batch)) for runs in (first, other)}  # each model's own tokenizer
     rows = []
     for decoder, settings in (("eager", {}), ("compiled", {"compile": True})):
         seconds = {id(first): [], id(other): []}
         for runs in (first, other):
-            runs.generate(runs.compiled_model if settings else runs.model, *runs.prompt(texts), **settings)
+            runs.generate(runs.compiled_model if settings else runs.model, *prompts[id(runs)], **settings)
         for index in range(rounds):
             for runs in (first, other) if index % 2 == 0 else (other, first):
                 model = runs.compiled_model if settings else runs.model
-                seconds[id(runs)].append(runs.generate(model, *runs.prompt(texts), **settings)[1])
+                seconds[id(runs)].append(runs.generate(model, *prompts[id(runs)], **settings)[1])
         paired = [f / o for f, o in zip(seconds[id(first)], seconds[id(other)])]
         rows.append({"decoder": decoder, "batch": batch, "threads": threads, "ratio": statistics.median(paired),
                      "first_tokens_per_s": batch / statistics.median(seconds[id(first)]),
