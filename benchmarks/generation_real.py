@@ -110,7 +110,7 @@ class Runs:
         self.config = load_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir, self.config.vocab_size, padding_side="left")
         self.model = load_model(model_dir, self.config).float().eval()
-        # compile=True lays tall weight matrices out for batch-1 products, in place (compiled.stream_along_longer_side):
+        # compile=True lays weight matrices out for batch-1 products, in place (compiled.lay_out_for_rows):
         # the compiled decoder gets its own copy, so that eager decoding stays the reference.
         self.compiled_model = load_model(model_dir, self.config).float().eval()
         unrolled = work / "unrolled"

@@ -8,9 +8,11 @@ one ``torch.compile`` graph: inductor's fused kernels on a CPU, replayed as a CU
 ``reduce-overhead``; the cache's buffers keep fixed addresses). The graph is the model's own decoder surface traced
 once (``embed``, ``attention_inputs``, ``solve``, i.e. ``odegpt.model.solver.integrate`` over the plan: the one solve
 loop, ``read_out``), so it computes what the eager path computes; the eager path stays the reference, and
-``compile=False`` runs the same step without compiling it. On a CPU the compiled path also lays the model's tall
-weight matrices out column-major at batch 1 (:func:`stream_along_longer_side`: same values, faster
-matrix-vector products), row-major for larger batches.
+``compile=False`` runs the same step without compiling it. On a CPU at batch 1 every linear map is a matrix-vector
+product, which MKL runs on one thread: the compiled step has inductor write those of matrices up to
+``DECOMPOSED_MAX_SIDE`` on a side as its own vectorised reductions, parallel over the outputs (inductor's
+``decompose_mm_pass``), and lays the larger ones (LM heads) out column-major for MKL (:func:`lay_out_for_rows`: same
+values, faster products), everything row-major for larger batches.
 
 A graph depends on the plan (step size, solver), the batch and cache sizes and whether the batch is padded: the
 position comes in as a tensor, so one graph serves every position. One token per row is what decoding feeds most;
@@ -29,6 +31,11 @@ import torch
 # Graphs the decoders may need in one process: per plan (target, draft), one token or several, padded or not, and a
 # few batch and cache sizes. torch's default of 8 recompilations of one function would fall back to eager silently.
 _RECOMPILE_LIMIT = 64
+# Matrix-vector products (one row, CPU) of weights at most this long on either side are inductor's reductions, parallel
+# over outputs: on SmolLM2-135M's float32 MLP (1536 x 576), row-major, 18.3 GB/s on 1 thread and 24.5 on 2, against
+# MKL's 13.6-14.3 at its best layout on either (it does not use the second thread). A 49152 x 576 LM head is no faster
+# so (11-20 GB/s against MKL's 21-23 column-major), hence the bound: hidden and MLP sides below it, vocabularies above.
+DECOMPOSED_MAX_SIDE = 16384
 _compiled: dict[str, object] = {}  # device type -> the compiled step
 
 
@@ -41,29 +48,28 @@ def compile_unavailable(device: torch.device | str) -> str | None:
     return None
 
 
-def stream_along_longer_side(model, rows: int = 1) -> int:
-    """Lay out each CPU weight matrix with more outputs than inputs for products with ``rows`` rows: column-major for
-    one row (its transpose made contiguous: the same values and shape, other strides), row-major again for more;
-    returns how many it laid out anew (0 when they already were).
+def lay_out_for_rows(model, rows: int = 1) -> int:
+    """Lay out each CPU weight matrix for the compiled step's products with ``rows`` rows: column-major for one row
+    where MKL computes the product (a tall matrix beyond ``DECOMPOSED_MAX_SIDE``: its transpose made contiguous, the
+    same values and shape, other strides), row-major everywhere else; returns how many it laid out anew (0 when they
+    already were).
 
-    At batch 1 every linear map is a matrix-vector product, and MKL's runs fastest when its contiguous rows are the
-    long ones: on SmolLM2-135M's float32 weights streamed from memory, 14.0 against 18.1 GB/s for an MLP
-    up-projection (1536 x 576), 13.3 against 24.9 for its tied LM head (49152 x 576), while the wide down-projection
-    is fastest as it is; with 8 rows the LM head is slower column-major (3.5 against 5.2 GB/s). The compiled step of
-    one row then decodes 1.2x faster with the same tokens. A tied embedding shares the LM head's layout (a lookup
-    reads a strided row)."""
+    MKL's matrix-vector product runs fastest when its contiguous rows are the long ones: 13.3 against 24.9 GB/s for
+    SmolLM2-135M's tied LM head (49152 x 576) streamed from memory; with 8 rows the LM head is slower column-major (3.5
+    against 5.2 GB/s). Inductor's own reductions (the smaller matrices at one row) read each output's weights as one
+    contiguous row: row-major. A tied embedding shares the LM head's layout (a lookup reads a strided row)."""
     count = 0
     with torch.no_grad():
         for module in model.modules():
             weight = getattr(module, "weight", None)
-            if not isinstance(module, torch.nn.Linear) or weight.device.type != "cpu" or weight.ndim != 2 or \
-                    weight.shape[0] <= weight.shape[1]:
+            if not isinstance(module, torch.nn.Linear) or weight.device.type != "cpu" or weight.ndim != 2:
                 continue
             column_major = weight.stride() == (1, weight.shape[0])
-            if rows == 1 and not column_major:
+            by_mkl = weight.shape[0] > weight.shape[1] and max(weight.shape) > DECOMPOSED_MAX_SIDE
+            if rows == 1 and by_mkl and not column_major:
                 weight.data = weight.data.t().contiguous().t()
                 count += 1
-            elif rows > 1 and column_major:
+            elif not (rows == 1 and by_mkl) and column_major:
                 weight.data = weight.data.contiguous()
                 count += 1
     return count
@@ -83,8 +89,13 @@ def _step(model, plan, cache, tokens: torch.Tensor, past_len: torch.Tensor, atte
 def _compiled_step(device: torch.device):
     if device.type not in _compiled:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on a GPU
-        _compiled[device.type] = torch.compile(_step, fullgraph=True, dynamic=False, mode=mode)
+        if device.type == "cuda":  # CUDA graphs on a GPU
+            _compiled[device.type] = torch.compile(_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        else:  # one-row products as inductor's parallel reductions; its bound is read from this module global
+            from torch._inductor.fx_passes import decompose_mem_bound_mm
+            decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = DECOMPOSED_MAX_SIDE
+            _compiled[device.type] = torch.compile(_step, fullgraph=True, dynamic=False, options={
+                "post_grad_fusion_options": {"decompose_mm_pass": {}}})
     return _compiled[device.type]
 
 
@@ -106,7 +117,7 @@ class DecodeStep:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         cache, (rows, seq) = self.cache, tokens.shape
         if self.compiled and self.device.type == "cpu" and self.laid_out_for != rows:  # graphs follow the strides
-            stream_along_longer_side(self.model, rows)
+            lay_out_for_rows(self.model, rows)
             self.laid_out_for = rows
         keep = 0 if keep >= seq else keep
         compiled = self.compiled and (seq == 1 or keep == 0)  # a prompt is fed once: not worth a graph

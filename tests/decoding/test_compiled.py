@@ -59,20 +59,23 @@ def test_the_compiled_step_decodes_the_eager_tokens(model, traced):
     assert 0 < out.accepted_tokens < out.drafted_tokens  # verification (several tokens) and drafts both compiled
 
 
-def test_the_compiled_path_lays_tall_matrices_out_for_its_batch_and_changes_no_value(model, traced, tmp_path):
-    tall = {name for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module.weight.shape[0] > module.weight.shape[1]}
-    assert any("up_proj" in name for name in tall)  # the MLP's up-projections, wider than the state
+def test_at_batch_1_only_matrices_mkl_multiplies_are_laid_out_column_major_and_no_value_changes(model, traced,
+                                                                                                 tmp_path,
+                                                                                                 monkeypatch):
+    monkeypatch.setattr(compiled, "DECOMPOSED_MAX_SIDE", 96)  # the LM head (97 x 64) is MKL's, the MLP (96 x 64) not
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert {name for name, module in linears.items() if module.weight.shape[0] > 96} == {"lm_head"}
+    up = linears["model.blocks.0.mlp.up_proj"]
+    up.weight.data = up.weight.data.t().contiguous().t()  # as the layout of one row used to leave it
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     model.generate(torch.randint(1, 97, (1, 4)), compile=True, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            rows = module.weight.shape[0]
-            assert module.weight.stride() == ((1, rows) if name in tall else (module.weight.shape[1], 1)), name
+    for name, module in linears.items():
+        rows, columns = module.weight.shape
+        assert module.weight.stride() == ((1, rows) if name == "lm_head" else (columns, 1)), name
     assert all(torch.equal(parameter, before[name]) for name, parameter in model.named_parameters())
-    assert compiled.stream_along_longer_side(model) == 0  # laid out once
+    assert compiled.lay_out_for_rows(model) == 0  # laid out once
     model.generate(torch.randint(1, 97, (2, 4)), compile=True, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    assert all(module.weight.is_contiguous() for module in model.modules() if isinstance(module, torch.nn.Linear))
+    assert all(module.weight.is_contiguous() for module in linears.values())
     model.save_pretrained(tmp_path)  # saves and reloads like any model
     reloaded = type(model).from_pretrained(tmp_path)
     assert all(torch.equal(parameter, before[name]) for name, parameter in reloaded.named_parameters())
@@ -102,7 +105,11 @@ def test_settings_the_compiled_path_cannot_take_are_refused(model, kwargs, messa
 
 
 @pytest.mark.slow
-def test_the_inductor_compiled_step_decodes_the_eager_tokens(model):
+def test_the_inductor_compiled_step_decodes_the_eager_tokens_with_its_one_row_products_as_reductions(model):
+    from torch._dynamo.utils import counters
+
     prompt = torch.randint(1, 97, (1, 6))
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    counters.clear()
     assert torch.equal(model.generate(prompt, compile=True, **kwargs), model.generate(prompt, **kwargs))
+    assert counters["inductor"]["decompose_mm"] > 0  # inductor's reductions, not MKL's one-thread products
