@@ -9,8 +9,8 @@ decode speed at a stated tolerance of changed greedy tokens (issue 28).
    every step time, entropy exit at a range of thresholds, energy routing at a range of compute targets, and the
    learned exit and routing at each tolerance (perplexity against mean executed steps and FLOPs);
 3. the learned rule's perplexity against the truncated solve's at the same mean executed steps (interpolated);
-4. decoding: tokens/s with the learned exit against plain decoding on the same prompts (interleaved rounds, median),
-   and the fraction of greedy tokens the exit changed.
+4. decoding: tokens/s with the learned exit and routing (and every token at ``--decode-step-sizes``) against plain
+   decoding on the same prompts (interleaved rounds, median), and the fraction of greedy tokens each changed.
 
 Writes OUT/learned_exit.json, OUT/learned_exit.md and the evaluation report (OUT/report: results.md, pareto.png).
 """
@@ -48,9 +48,11 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
 
 
 def decode_comparison(model_dir: Path, prompts: list[str], tolerance: float, new_tokens: int, rounds: int,
-                      threads: int) -> dict:
-    """Greedy decoding of ``prompts`` with the learned exit (lazy and copy fills) and without, interleaved rounds in
-    this process: tokens/s (median) of each, and its changed tokens counted as the calibration bounds them: the
+                      threads: int, fixed_step_sizes: tuple[float, ...] = ()) -> dict:
+    """Greedy decoding of ``prompts`` with the learned exit (lazy and copy fills), the learned routing (copy and
+    interpolate fills) and self-speculation at the swift step size with and without the head's draft stop (where
+    routing is calibrated), every token at each of ``fixed_step_sizes``, and plain, interleaved rounds
+    in this process: tokens/s (median) of each, and its changed tokens counted as the calibration bounds them: the
     positions of the exit's own output where the plain solve, given the same prefix, would have chosen another token
     (a teacher-forced forward of the plain model over prompt + output). Counting every position after the first
     difference instead (the texts diverge there) is reported too, as ``identical_prefix``."""
@@ -59,7 +61,8 @@ def decode_comparison(model_dir: Path, prompts: list[str], tolerance: float, new
     import torch
 
     from odegpt.decoding.adaptive import AdaptiveDepth
-    from odegpt.evaluation.exit_calibration import calibrated_exit
+    from odegpt.decoding.defaults import DEFAULT_SWIFT_STEP_SIZE
+    from odegpt.evaluation.exit_calibration import calibrated_exit, calibrated_threshold
     from odegpt.folders.model_folder import load_model, load_tokenizer
 
     torch.set_num_threads(threads)
@@ -71,6 +74,20 @@ def decode_comparison(model_dir: Path, prompts: list[str], tolerance: float, new
     ids = [torch.tensor([tokenizer(prompt)["input_ids"]]) for prompt in prompts]
     variants = {"plain": {}, "exit, lazy fill": {"adaptive": lazy},
                 "exit, copy fill": {"adaptive": replace(lazy, kv_fill="copy")}}
+    swift = DEFAULT_SWIFT_STEP_SIZE
+    try:  # routing swift -> the model's step size by the head, where the folder holds its calibration
+        route = calibrated_threshold(model_dir, "route", tolerance, swift)
+        for fill in ("copy", "interpolate"):
+            variants[f"route {swift:g} -> {model.config.step_size:g}, {fill} fill"] = {"adaptive": AdaptiveDepth(
+                route_learned=route, swift_step_size=swift, kv_fill=fill)}
+        # self-speculation with drafts at the swift step size, without and with the head ending a round's drafting
+        # (both give plain decoding's tokens: the head can only make it faster or slower)
+        variants[f"drafts a={swift:g}"] = {"draft_step_size": swift}
+        variants[f"drafts a={swift:g}, learned draft stop"] = {"draft_step_size": swift, "draft_stop_score": route}
+    except ValueError:
+        pass
+    for step_size in fixed_step_sizes:  # the other baseline: every token at a larger fixed step size
+        variants[f"fixed a={step_size:g}"] = {"step_size": step_size}
     times: dict[str, list[float]] = {name: [] for name in variants}
     outputs = {}
     with torch.inference_mode():
@@ -118,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--decode-step-sizes", default="2",
+                        help="fixed step sizes decoded beside the learned rules, a baseline (default: %(default)s; "
+                             "'' for none)")
     args = parser.parse_args(argv)
     if not args.prompts and not Path(args.data[0]).is_file():
         parser.error(f"--prompts FILE is needed: the decode prompts default to lines of --data's first file, and "
@@ -160,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         [line for line in Path(args.data[0]).read_text().splitlines() if len(line) > 40][:8]
     decoded = out / "decode.json"  # kept: the rest of the report can be redone without timing again
     if not decoded.is_file():
+        fixed = tuple(float(a) for a in args.decode_step_sizes.split(",") if a)
         decoded.write_text(json.dumps([decode_comparison(model, prompts, float(t), args.new_tokens, args.rounds,
-                                                         args.threads) for t in args.tolerances.split(",")]))
+                                                         args.threads, () if i else fixed)
+                                       for i, t in enumerate(args.tolerances.split(","))]))
     decode = json.loads(decoded.read_text())
     result = dict(model=args.model, data=args.data, calibration=args.calibration, depth=depth, rows=rows,
                   decode=decode)
