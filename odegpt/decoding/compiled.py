@@ -91,11 +91,13 @@ def _compiled_step(device: torch.device):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
         if device.type == "cuda":  # CUDA graphs on a GPU
             _compiled[device.type] = torch.compile(_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
-        else:  # one-row products as inductor's parallel reductions; its bound is read from this module global
+        elif device.type == "cpu":  # one-row products as inductor's parallel reductions; it reads its bound here
             from torch._inductor.fx_passes import decompose_mem_bound_mm
             decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = DECOMPOSED_MAX_SIDE
             _compiled[device.type] = torch.compile(_step, fullgraph=True, dynamic=False, options={
                 "post_grad_fusion_options": {"decompose_mm_pass": {}}})
+        else:
+            _compiled[device.type] = torch.compile(_step, fullgraph=True, dynamic=False)
     return _compiled[device.type]
 
 
