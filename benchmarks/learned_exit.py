@@ -77,6 +77,9 @@ def decode_comparison(model_dir: Path, prompts: list[str], tolerance: float, new
     swift = DEFAULT_SWIFT_STEP_SIZE
     try:  # routing swift -> the model's step size by the head, where the folder holds its calibration
         route = calibrated_threshold(model_dir, "route", tolerance, swift)
+    except ValueError:
+        route = None
+    if route is not None:
         for fill in ("copy", "interpolate"):
             variants[f"route {swift:g} -> {model.config.step_size:g}, {fill} fill"] = {"adaptive": AdaptiveDepth(
                 route_learned=route, swift_step_size=swift, kv_fill=fill)}
@@ -84,8 +87,6 @@ def decode_comparison(model_dir: Path, prompts: list[str], tolerance: float, new
         # (both give plain decoding's tokens: the head can only make it faster or slower)
         variants[f"drafts a={swift:g}"] = {"draft_step_size": swift}
         variants[f"drafts a={swift:g}, learned draft stop"] = {"draft_step_size": swift, "draft_stop_score": route}
-    except ValueError:
-        pass
     for step_size in fixed_step_sizes:  # the other baseline: every token at a larger fixed step size
         variants[f"fixed a={step_size:g}"] = {"step_size": step_size}
     times: dict[str, list[float]] = {name: [] for name in variants}

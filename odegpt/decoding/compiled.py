@@ -64,13 +64,10 @@ def lay_out_for_rows(model, rows: int = 1) -> int:
             weight = getattr(module, "weight", None)
             if not isinstance(module, torch.nn.Linear) or weight.device.type != "cpu" or weight.ndim != 2:
                 continue
-            column_major = weight.stride() == (1, weight.shape[0])
             by_mkl = weight.shape[0] > weight.shape[1] and max(weight.shape) > DECOMPOSED_MAX_SIDE
-            if rows == 1 and by_mkl and not column_major:
-                weight.data = weight.data.t().contiguous().t()
-                count += 1
-            elif not (rows == 1 and by_mkl) and column_major:
-                weight.data = weight.data.contiguous()
+            column_major = rows == 1 and by_mkl
+            if column_major != (weight.stride() == (1, weight.shape[0])):
+                weight.data = weight.data.t().contiguous().t() if column_major else weight.data.contiguous()
                 count += 1
     return count
 
@@ -89,15 +86,14 @@ def _step(model, plan, cache, tokens: torch.Tensor, past_len: torch.Tensor, atte
 def _compiled_step(device: torch.device):
     if device.type not in _compiled:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+        settings = {}
         if device.type == "cuda":  # CUDA graphs on a GPU
-            _compiled[device.type] = torch.compile(_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+            settings = {"mode": "reduce-overhead"}
         elif device.type == "cpu":  # one-row products as inductor's parallel reductions; it reads its bound here
             from torch._inductor.fx_passes import decompose_mem_bound_mm
             decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = DECOMPOSED_MAX_SIDE
-            _compiled[device.type] = torch.compile(_step, fullgraph=True, dynamic=False, options={
-                "post_grad_fusion_options": {"decompose_mm_pass": {}}})
-        else:
-            _compiled[device.type] = torch.compile(_step, fullgraph=True, dynamic=False)
+            settings = {"options": {"post_grad_fusion_options": {"decompose_mm_pass": {}}}}
+        _compiled[device.type] = torch.compile(_step, fullgraph=True, dynamic=False, **settings)
     return _compiled[device.type]
 
 
