@@ -130,6 +130,9 @@ def evaluate(model_dir: Path, data_dir: Path, eval_dir: Path, args, env: dict, p
     steps and FLOPs/token per step size, kept in ``eval_dir``. Decode speed is measured apart, every
     variant side by side (:func:`decode_speeds`)."""
     report = eval_dir / "results.json"
+    if report.is_file() and not _same_evaluation(json.loads(report.read_text()), args):
+        print(f"stale: {report} was made at other step sizes or another context; evaluating again")
+        report.unlink()
     if not report.is_file():
         progress.run(ODEGPT + ["evaluate", "--model", str(model_dir), "--data", str(data_dir), "--step-sizes",
                                args.step_sizes, "--seq-len", str(args.seq_len), "--num-samples",
@@ -137,6 +140,13 @@ def evaluate(model_dir: Path, data_dir: Path, eval_dir: Path, args, env: dict, p
     else:
         print(f"exists: {report}")
     return json.loads(report.read_text())
+
+
+def _same_evaluation(report: dict, args) -> bool:
+    """Whether a kept report scored what this run asks: the same step sizes at the same context length."""
+    asked = sorted(float(a) for a in args.step_sizes.split(","))
+    kept = sorted(row["step_size"] for row in report["results"])
+    return report.get("seq_len") == args.seq_len and len(asked) == len(kept) and all(map(math.isclose, asked, kept))
 
 
 def ensure_data(data_from: Path, vocab_size: int, env: dict, progress: Stages) -> tuple[Path, Path]:
