@@ -130,15 +130,15 @@ def evaluate(model_dir: Path, data_dir: Path, eval_dir: Path, args, env: dict, p
     steps and FLOPs/token per step size, kept in ``eval_dir``. Decode speed is measured apart, every
     variant side by side (:func:`decode_speeds`)."""
     report = eval_dir / "results.json"
-    if report.is_file() and not _same_evaluation(json.loads(report.read_text()), args):
-        print(f"stale: {report} was made at other step sizes or another context; evaluating again")
-        report.unlink()
-    if not report.is_file():
-        progress.run(ODEGPT + ["evaluate", "--model", str(model_dir), "--data", str(data_dir), "--step-sizes",
-                               args.step_sizes, "--seq-len", str(args.seq_len), "--num-samples",
-                               str(args.num_samples), "--output", str(eval_dir), "--no-speed"], env=env)
-    else:
+    kept = json.loads(report.read_text()) if report.is_file() else None
+    if kept is not None and _same_evaluation(kept, args):
         print(f"exists: {report}")
+        return kept
+    if kept is not None:  # evaluate writes over it when it succeeds
+        print(f"stale: {report} was made at other step sizes or another context; evaluating again")
+    progress.run(ODEGPT + ["evaluate", "--model", str(model_dir), "--data", str(data_dir), "--step-sizes",
+                           args.step_sizes, "--seq-len", str(args.seq_len), "--num-samples",
+                           str(args.num_samples), "--output", str(eval_dir), "--no-speed"], env=env)
     return json.loads(report.read_text())
 
 
