@@ -9,8 +9,9 @@ decode speed at a stated tolerance of changed greedy tokens (issue 28).
    every step time, entropy exit at a range of thresholds, energy routing at a range of compute targets, and the
    learned exit and routing at each tolerance (perplexity against mean executed steps and FLOPs);
 3. the learned rule's perplexity against the truncated solve's at the same mean executed steps (interpolated);
-4. decoding: tokens/s with the learned exit and routing (and every token at ``--decode-step-sizes``) against plain
-   decoding on the same prompts (interleaved rounds, median), and the fraction of greedy tokens each changed.
+4. decoding: tokens/s with the learned exit (and its decoding loop with no check), the learned routing, and every
+   token at ``--decode-step-sizes``, against plain decoding on the same prompts (interleaved rounds, median), and
+   the fraction of greedy tokens each changed.
 
 Writes OUT/learned_exit.json, OUT/learned_exit.md and the evaluation report (OUT/report: results.md, pareto.png).
 """
@@ -72,8 +73,10 @@ def decode_comparison(model_dir: Path, prompts: list[str], tolerance: float, new
     threshold = lazy.exit_learned
     settings = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id or 0)
     ids = [torch.tensor([tokenizer(prompt)["input_ids"]]) for prompt in prompts]
+    # The exit's own loop with no check at all: what the exits save is measured against it as well as against plain.
     variants = {"plain": {}, "exit, lazy fill": {"adaptive": lazy},
-                "exit, copy fill": {"adaptive": replace(lazy, kv_fill="copy")}}
+                "exit, copy fill": {"adaptive": replace(lazy, kv_fill="copy")},
+                "exit's loop, no check": {"adaptive": replace(lazy, kv_fill="copy", check_times=())}}
     swift = DEFAULT_SWIFT_STEP_SIZE
     try:  # routing swift -> the model's step size by the head, where the folder holds its calibration
         route = calibrated_threshold(model_dir, "route", tolerance, swift)
@@ -99,7 +102,8 @@ def decode_comparison(model_dir: Path, prompts: list[str], tolerance: float, new
                     tokens.append(model.generate(prompt, **settings, **extra)[0, prompt.shape[1]:])
                 times[name].append(time.perf_counter() - start)
                 outputs[name] = tokens
-        result = dict(tolerance=tolerance, threshold=threshold, first_check_time=lazy.min_time, prompts=len(prompts),
+        result = dict(tolerance=tolerance, threshold=threshold, first_check_time=lazy.min_time,
+                      check_times=None if lazy.check_times is None else list(lazy.check_times), prompts=len(prompts),
                       new_tokens=new_tokens,
                       rounds=rounds, threads=threads, variants={})
         plain_speed = sum(len(t) for t in outputs["plain"]) / statistics.median(times["plain"])

@@ -28,6 +28,10 @@ def register(subparsers) -> None:
     parser.add_argument("--exit-head", type=int, default=0, metavar="N",
                         help="the head to add when the folder has none: 0 linear, N a hidden layer of N (default: 0)")
     parser.add_argument("--refit", action="store_true", help="fit the head again even if the folder has one")
+    parser.add_argument("--check-cost", type=float, default=None, metavar="STEPS",
+                        help="what one exit check costs, in solver steps, when choosing where decoding checks: "
+                             "checks that save less than they cost are dropped (default: measured here at batch 1; "
+                             "0 keeps a check after every step)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: %(default)s)")
     parser.add_argument("--num-samples", type=int, default=None,
                         help="prepared corpora: validation sequences to use (default: all)")
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.model)
     config = load_config(folder, expect="odegpt")
     request = CalibrationRequest(tuple(args.tolerance), args.delta, args.swift_step_size, args.exit_head,
-                                 args.refit).checked(config)
+                                 args.refit, check_cost=args.check_cost).checked(config)
     batches = evaluation_batches(args.data, folder, EvaluationData(seq_len=args.seq_len, num_samples=args.num_samples),
                                  config.vocab_size)
     with claimed_output(folder, MODEL, overwrite=True) as staging:
@@ -61,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
             (staging / extra.name).write_bytes(extra.read_bytes())
         save_exit_calibration(staging, records)
     for record in records:
-        cost = (f"{record['mean_steps']:.2f} of {config.solver_steps(1.0)} steps per token, checks from "
-                f"t={record['first_exit_time']:g}" if record["rule"] == "exit"
+        cost = (f"{record['mean_steps']:.2f} of {config.solver_steps(1.0)} steps and {record['mean_checks']:.2f} "
+                f"checks per token, checks at t={','.join(f'{t:g}' for t in record['check_times']) or 'none'}"
+                if record["rule"] == "exit"
                 else f"{record['routed_fraction']:.1%} routed from a={record['swift_step_size']:g}")
         print(f"{record['rule']:>5} at tolerance {record['tolerance']:g}: score threshold {record['threshold']:.3g}, "
               f"{record['changed_rate']:.2%} changed tokens (bound {record['upper_bound']:.2%} at "

@@ -293,7 +293,9 @@ def _rule(adaptive, tolerance: float) -> str:
     if adaptive.rule == "exit_entropy":
         return f"exit at entropy < {adaptive.exit_entropy:g}"
     if adaptive.rule == "exit_learned":
-        return f"learned exit (tolerance {tolerance:g}, score < {adaptive.exit_learned:.3g})"
+        checks = ("" if adaptive.check_times is None
+                  else f", checks at t={','.join(f'{t:g}' for t in adaptive.check_times) or 'none'}")
+        return f"learned exit (tolerance {tolerance:g}, score < {adaptive.exit_learned:.3g}{checks})"
     if adaptive.rule == "route_energy":
         return f"route energy > {adaptive.route_energy:.4g}{swift}"
     return f"learned routing (tolerance {tolerance:g}, score > {adaptive.route_learned:.3g}){swift}"

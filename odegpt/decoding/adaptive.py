@@ -6,7 +6,8 @@ be chosen per token without a second model:
 
 - **early exit** (COST-EFF): solving at step size ``a``, a token stops integrating once the entropy
   (nats) of its read-out falls below ``exit_entropy``; the check runs every ``check_every`` steps
-  from ``min_time`` on, and a token still going at ``max_time`` stops there. Checks may fall after
+  from ``min_time`` on (or at the solve times ``check_times`` only), and a token still going at ``max_time``
+  stops there. Checks may fall after
   any step, inside a shared segment or at an unshared layer (unshared layers are steps of ``dt = 1``
   on the same time axis). A token that exits is never read out again.
 - **learned exit and routing** (CALM's learned confidence): with an exit head (``config.exit_head``), the rule is the
@@ -70,7 +71,9 @@ class AdaptiveDepth:
     (``route_energy``, or ``route_learned`` by the exit head).
 
     ``step_size`` is the exit solve's step size, or the super step size when routing (default: the
-    model's ``config.step_size``); times are in units of trained depth, as step sizes are."""
+    model's ``config.step_size``); times are in units of trained depth, as step sizes are. ``check_times``, when
+    given, are the only solve times after which exits are checked (from ``min_time`` on; ``check_every`` is then
+    unused): ``odegpt calibrate`` chooses them by what a check costs against the steps it saves."""
 
     exit_entropy: float | None = None
     route_energy: float | None = None
@@ -83,6 +86,7 @@ class AdaptiveDepth:
     min_time: float = 0.0
     max_time: float | None = None
     energy_temperature: float = 1.0
+    check_times: tuple[float, ...] | None = None
 
     @property
     def routing(self) -> bool:
@@ -125,6 +129,9 @@ class AdaptiveDepth:
             raise ValueError(f"{name('min_time')} must be a finite time >= 0, got {self.min_time!r}")
         if self.max_time is not None and not (_is_real(self.max_time) and self.max_time > 0):
             raise ValueError(f"{name('max_time')} must be a time > 0, got {self.max_time!r}")
+        if self.check_times is not None and not (isinstance(self.check_times, (tuple, list)) and all(
+                _is_real(t) and 0 < t < math.inf for t in self.check_times)):
+            raise ValueError(f"{name('check_times')} must be solve times > 0, got {self.check_times!r}")
         if not (_is_real(self.energy_temperature) and 0 < self.energy_temperature < math.inf):
             raise ValueError(f"{name('energy_temperature')} must be a finite number > 0, "
                              f"got {self.energy_temperature!r}")
@@ -136,7 +143,8 @@ class AdaptiveDepth:
         config.solver_steps(step_size)
         if self.routing:
             config.solver_steps(self.swift_step_size)
-        return replace(self, step_size=step_size)
+        check_times = None if self.check_times is None else tuple(sorted(float(t) for t in self.check_times))
+        return replace(self, step_size=step_size, check_times=check_times)
 
 
 def _is_real(value: object, minimum: float = -math.inf) -> bool:
@@ -352,10 +360,15 @@ def _forced(step, settings: AdaptiveDepth) -> bool:
 
 
 def _check_due(step, settings: AdaptiveDepth) -> bool:
-    """Whether tokens still integrating are checked after ``step``: every ``check_every`` steps from ``min_time`` on,
-    and at ``max_time``; never after the last step (every token stops there)."""
-    return not step.last and (_forced(step, settings) or (
-        (step.index + 1) % settings.check_every == 0 and step.end >= settings.min_time - _TIME_TOLERANCE))
+    """Whether tokens still integrating are checked after ``step``: every ``check_every`` steps (or at the
+    ``check_times``) from ``min_time`` on, and at ``max_time``; never after the last step (every token stops there)."""
+    if step.last:
+        return False
+    if _forced(step, settings):
+        return True
+    due = ((step.index + 1) % settings.check_every == 0 if settings.check_times is None
+           else any(abs(step.end - time) <= _TIME_TOLERANCE for time in settings.check_times))
+    return due and step.end >= settings.min_time - _TIME_TOLERANCE
 
 
 @functools.lru_cache(maxsize=64)

@@ -12,8 +12,13 @@
   the last one that passes is kept (fixed-sequence testing, as Learn-then-Test and CALM calibrate early exits).
   With ``lazy`` fills the decoder's states are the teacher-forced ones, so the guarantee holds for the tokens the
   calibration text is drawn like; ``copy`` and ``interpolate`` fills change later tokens' inputs slightly.
-  Two rules are calibrated: **exit** (a token stops at the first step whose score is below the threshold) and
+  Two rules are calibrated: **exit** (a token stops at the first check whose score is below the threshold) and
   **route** (a token solved at the swift step size is re-solved at 1 when its final state's score is above it).
+- **schedule** (:func:`choose_check_times`): where the exit is checked. A check costs wall time (the head's score
+  and a test of it, about what a fraction of a solver step costs at batch 1), so a check after which few tokens
+  exit costs every token that reaches it more than it saves; the check times that minimise executed steps plus
+  ``check_cost`` x checks per token are chosen on the fit part of the text, and the threshold is then tested under
+  that schedule on the held-out part, so the bound stays a held-out one.
 
 The thresholds live in ``exit_calibration.json`` in the model folder, one record per (rule, tolerance, step sizes).
 """
@@ -21,9 +26,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+import statistics
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from time import perf_counter
 
 import torch
 
@@ -100,9 +107,11 @@ def fit_exit_head(model, features: torch.Tensor, targets: torch.Tensor, epochs: 
 
 
 @torch.no_grad()
-def solve_records(model, batches: Iterable[Batch], swift_step_size: float | None = None) -> SolveRecord:
+def solve_records(model, batches: Iterable[Batch], swift_step_size: float | None = None, changes: bool = True
+                  ) -> SolveRecord:
     """The head's scores and the changed-token flags of every state of the step-size-1 solve (and of the swift
-    solve's end, when ``swift_step_size`` is given) on every position of ``batches``."""
+    solve's end, when ``swift_step_size`` is given) on every position of ``batches``; ``changes=False`` skips the
+    read-outs the flags cost (all False then): the scores alone say where tokens exit."""
     plan = model.plan(1.0)
     times = [0.0] + [step.end for step in plan]
     scores, changed, swift_scores, swift_changed = [], [], [], []
@@ -110,7 +119,9 @@ def solve_records(model, batches: Iterable[Batch], swift_step_size: float | None
         inputs = _inputs(batch)
         out = model(input_ids=inputs, step_size=1.0, use_cache=False, output_hidden_states=True)
         final = out.logits.flatten(0, 1).argmax(-1)
-        per_state = [(model.exit_score(h.flatten(0, 1), time), model.read_out(h.flatten(0, 1)).argmax(-1) != final)
+        unread = torch.zeros_like(final, dtype=torch.bool)
+        per_state = [(model.exit_score(h.flatten(0, 1), time),
+                      model.read_out(h.flatten(0, 1)).argmax(-1) != final if changes else unread)
                      for h, time in zip(out.hidden_states, times)]
         scores.append(torch.stack([s for s, _ in per_state], dim=1))
         changed.append(torch.stack([c for _, c in per_state], dim=1))
@@ -155,11 +166,70 @@ def _binomial_cdf(k: int, n: int, p: float) -> float:
 def exit_outcome(record: SolveRecord, threshold: float, check_from: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(changed flag, executed steps) per token when each exits at the first state (from step ``check_from`` on) whose
     score is below ``threshold``, or runs the whole solve."""
+    return scheduled_exit(record, threshold, range(check_from, record.scores.shape[1] - 1))[:2]
+
+
+def scheduled_exit(record: SolveRecord, threshold: float, check_times: Sequence[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(changed flag, executed steps, checks made) per token when each exits at the first of ``check_times`` (states
+    of the step-size-1 solve, state ``i`` at time ``i``) whose score is below ``threshold``, or runs the whole solve
+    (which is not a check: every token stops there)."""
     steps = record.scores.shape[1] - 1
-    below = record.scores[:, check_from:] < threshold
-    below[:, -1] = True  # the end of the solve: every token stops there
-    first = below.float().argmax(-1) + check_from
-    return record.changed.gather(1, first[:, None]).squeeze(1), first.clamp(max=steps).float()
+    times = torch.tensor([*check_times, steps], dtype=torch.long)
+    below = record.scores[:, times] < threshold
+    below[:, -1] = True
+    first = below.float().argmax(-1)
+    executed = times[first]
+    checks = torch.where(first < len(check_times), first + 1, first)
+    return record.changed.gather(1, executed[:, None]).squeeze(1), executed.float(), checks.float()
+
+
+def choose_check_times(record: SolveRecord, threshold: float, check_cost: float) -> tuple[int, ...]:
+    """The check times at which exits by ``threshold`` cost least per token on ``record``: executed steps plus
+    ``check_cost`` (a check's cost in solver steps) x checks made. From a check after every step, the check whose
+    removal saves most is dropped until none does; at ``check_cost`` 0 every check stays."""
+    def cost(times: list[int]) -> float:
+        _, executed, checks = scheduled_exit(record, threshold, times)
+        return float((executed + check_cost * checks).mean())
+
+    times = list(range(1, record.scores.shape[1] - 1))
+    best = cost(times)
+    while times:
+        value, drop = min((cost(times[:i] + times[i + 1:]), i) for i in range(len(times)))
+        if value >= best:
+            break
+        best = value
+        del times[drop]
+    return tuple(times)
+
+
+@torch.no_grad()
+def measured_check_cost(model, repeats: int = 30) -> float:
+    """What a check costs in solver steps where this runs, at batch 1 on one token as decoding pays it: the median
+    wall time of the head's score and its test over that of the step-size-1 solve's middle step (an estimate: a
+    decoding step also attends to its cached keys, so it costs a little more)."""
+    h = model.embed(torch.zeros(1, 1, dtype=torch.long, device=model.device))
+    plan, inputs = model.plan(1.0), model.attention_inputs(h)
+    middle = len(plan) // 2
+
+    def step() -> None:
+        float(model.solve(h, plan, inputs, start=middle, stop=middle + 1)[0, 0, 0])
+
+    def check() -> None:
+        bool((model.exit_score(h, plan[middle].end) < 0).any())
+
+    return _median_seconds(check, repeats) / _median_seconds(step, repeats)
+
+
+def _median_seconds(call: Callable[[], None], repeats: int) -> float:
+    for _ in range(3):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = perf_counter()
+        call()
+        times.append(perf_counter() - start)
+    return statistics.median(times)
 
 
 def route_outcome(record: SolveRecord, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,9 +238,11 @@ def route_outcome(record: SolveRecord, threshold: float) -> tuple[torch.Tensor, 
     return record.swift_changed & ~routed, routed
 
 
-def calibrate_thresholds(record: SolveRecord, rule: str, tolerance: float, delta: float = 0.05) -> dict:
+def calibrate_thresholds(record: SolveRecord, rule: str, tolerance: float, delta: float = 0.05,
+                         check_times: Sequence[int] | None = None) -> dict:
     """The least conservative threshold of ``rule`` (exit or route) whose changed-token rate is at most ``tolerance``
-    with confidence ``1 - delta`` on ``record`` (fixed-sequence testing from the most conservative candidate)."""
+    with confidence ``1 - delta`` on ``record`` (fixed-sequence testing from the most conservative candidate); the
+    exit checked at ``check_times`` (default: after every step)."""
     if not 0 < tolerance < 1 or not 0 < delta < 1:
         raise ValueError(f"the tolerance and delta must be in (0, 1), got {tolerance!r} and {delta!r}")
     scores = record.scores[:, 1:].flatten() if rule == "exit" else record.swift_scores
@@ -178,18 +250,24 @@ def calibrate_thresholds(record: SolveRecord, rule: str, tolerance: float, delta
     candidates = torch.quantile(scores.double(), quantiles).tolist()
     # exit: a larger threshold exits earlier (riskier); route: a larger one routes fewer (riskier)
     chosen, tokens, steps = None, len(record.scores), record.scores.shape[1] - 1
+    times = tuple(range(1, steps)) if check_times is None else tuple(check_times)
     for threshold in [-math.inf, *candidates] if rule == "exit" else [-math.inf, *candidates, math.inf]:
-        changed, cost = exit_outcome(record, threshold) if rule == "exit" else route_outcome(record, threshold)
+        if rule == "exit":
+            changed, cost, checks = scheduled_exit(record, threshold, times)
+        else:
+            changed, cost = route_outcome(record, threshold)
         bound = upper_bound(int(changed.sum()), tokens, delta)
         if bound > tolerance:
             break
         chosen = dict(threshold=threshold, changed_rate=float(changed.float().mean()), upper_bound=bound,
-                      **({"mean_steps": float(cost.mean()), "first_exit_time": _first_exit_time(cost, steps)}
+                      **({"mean_steps": float(cost.mean()), "first_exit_time": _first_exit_time(cost, steps),
+                          "mean_checks": float(checks.mean())}
                          if rule == "exit" else {"routed_fraction": float(cost.float().mean())}))
     if chosen is None:
         raise ValueError(f"no threshold meets a tolerance of {tolerance:g} with confidence {1 - delta:g} on "
                          f"{tokens:,} tokens: give a larger tolerance or more calibration text")
-    return dict(rule=rule, tolerance=tolerance, delta=delta, tokens=tokens, **chosen)
+    schedule = {"check_times": list(times)} if rule == "exit" and check_times is not None else {}
+    return dict(rule=rule, tolerance=tolerance, delta=delta, tokens=tokens, **chosen, **schedule)
 
 
 def _first_exit_time(executed: torch.Tensor, steps: int) -> float:
@@ -228,8 +306,13 @@ def calibrated_threshold(model_dir: str | Path, rule: str, tolerance: float, swi
 
 def calibrated_exit(model_dir: str | Path, tolerance: float, settings: AdaptiveDepth) -> AdaptiveDepth:
     """``settings`` with the learned exit the folder's calibration holds for ``tolerance``: its threshold, and checks
-    from the earliest time a calibration token exited (or later, if ``settings.min_time`` says so)."""
+    at its calibrated check times (unless ``settings.check_every`` asks for every n-th step), or, for a calibration
+    made before check times were chosen, from the earliest time a calibration token exited; never before
+    ``settings.min_time``."""
     record = _calibration_record(model_dir, "exit", tolerance)
+    if record.get("check_times") is not None and settings.check_every == 1:
+        return replace(settings, exit_learned=float(record["threshold"]),
+                       check_times=tuple(float(t) for t in record["check_times"]))
     return replace(settings, exit_learned=float(record["threshold"]),
                    min_time=max(settings.min_time, float(record.get("first_exit_time", 0.0))))
 
@@ -249,7 +332,8 @@ def _calibration_record(model_dir: str | Path, rule: str, tolerance: float, swif
 class CalibrationRequest:
     """What ``odegpt calibrate`` was asked: the tolerances to calibrate thresholds for, their confidence, the swift
     step size of the routing rule, the exit head to add when the model has none, whether to fit it again, and the
-    share of the text that fits the head (the rest calibrates the thresholds, held out from the fit)."""
+    share of the text that fits the head (the rest calibrates the thresholds, held out from the fit), and what a check
+    costs in solver steps (None: measured here) when the exit's check times are chosen."""
 
     tolerances: tuple[float, ...] = (0.02,)
     delta: float = 0.05
@@ -257,6 +341,7 @@ class CalibrationRequest:
     exit_head: int = 0
     refit: bool = False
     fit_fraction: float = 0.5
+    check_cost: float | None = None
 
     def checked(self, config) -> CalibrationRequest:
         for tolerance in self.tolerances:
@@ -268,6 +353,8 @@ class CalibrationRequest:
             raise ValueError(f"--fit-fraction must be in (0, 1), got {self.fit_fraction:g}")
         if isinstance(self.exit_head, bool) or self.exit_head < 0:
             raise ValueError(f"--exit-head must be 0 (linear) or a hidden width >= 1, got {self.exit_head!r}")
+        if self.check_cost is not None and not 0 <= self.check_cost < math.inf:
+            raise ValueError(f"--check-cost must be a finite number of solver steps >= 0, got {self.check_cost:g}")
         config.solver_steps(self.swift_step_size, "--swift-step-size")
         return self
 
@@ -275,7 +362,8 @@ class CalibrationRequest:
 def calibrate_model(model, batches: list, request: CalibrationRequest, say) -> list[dict]:
     """Fit the model's exit head (adding one if it has none) on the first ``fit_fraction`` of ``batches`` and
     calibrate the exit and route thresholds of every tolerance on the rest; the records, each with the held-out
-    figures it was chosen on."""
+    figures it was chosen on. The exit's check times are chosen on the fit part (by the threshold calibrated with a
+    check after every step) and its threshold is then calibrated again under them on the rest."""
     split = max(1, min(len(batches) - 1, round(len(batches) * request.fit_fraction)))
     if len(batches) < 2:
         raise ValueError("--data gives fewer than 2 batches: the head is fitted on one part and the thresholds "
@@ -289,11 +377,16 @@ def calibrate_model(model, batches: list, request: CalibrationRequest, say) -> l
         say(f"fitted the exit head ({'linear' if not model.config.exit_head else f'hidden {model.config.exit_head}'}) "
             f"on {len(targets):,} states: correlation {correlation:.2f} with log KL to the end of the solve")
     record = solve_records(model, batches[split:], request.swift_step_size)
+    fitted = solve_records(model, batches[:split], changes=False)  # where tokens exit, apart from the bound's tokens
+    check_cost = measured_check_cost(model) if request.check_cost is None else request.check_cost
+    say(f"a check costs {check_cost:.3g} solver steps "
+        f"({'measured here, at batch 1' if request.check_cost is None else '--check-cost'})")
     results = []
     for tolerance in request.tolerances:
-        for rule in ("exit", "route"):
-            result = calibrate_thresholds(record, rule, tolerance, request.delta)
-            if rule == "route":
-                result["swift_step_size"] = request.swift_step_size
-            results.append(result)
+        every_step = calibrate_thresholds(record, "exit", tolerance, request.delta)
+        times = choose_check_times(fitted, every_step["threshold"], check_cost)
+        results.append(dict(calibrate_thresholds(record, "exit", tolerance, request.delta, times),
+                            check_cost=check_cost))
+        route = calibrate_thresholds(record, "route", tolerance, request.delta)
+        results.append(dict(route, swift_step_size=request.swift_step_size))
     return results

@@ -10,10 +10,13 @@ from odegpt.commands.cli import main as odegpt_main
 from odegpt.decoding.adaptive import AdaptiveDepth, adaptive_forward
 from odegpt.evaluation.exit_calibration import (
     CalibrationRequest,
+    SolveRecord,
     _binomial_cdf,
     calibrate_model,
     calibrate_thresholds,
+    choose_check_times,
     exit_outcome,
+    scheduled_exit,
     solve_records,
 )
 from odegpt.training.exit_head import exit_target
@@ -77,10 +80,11 @@ def test_calibration_meets_its_tolerance_on_held_out_text():
     # A model whose solve converges at different times for different tokens: exits are possible and risky.
     model = damped(exact_model([{"depth": 8, "shared": True}], initializer_range=0.08), 0.4)
     tolerance = 0.05
-    records = calibrate_model(model, _random_batches(24, seed=1), CalibrationRequest((tolerance,), exit_head=0),
-                              lambda message: None)
+    request = CalibrationRequest((tolerance,), exit_head=0, check_cost=0.0)  # free checks: one after every step
+    records = calibrate_model(model, _random_batches(24, seed=1), request, lambda message: None)
     exit_record = next(r for r in records if r["rule"] == "exit")
     assert exit_record["upper_bound"] <= tolerance and exit_record["mean_steps"] < 8  # it exits early, within bound
+    assert exit_record["check_times"] == list(range(1, 8))
     held_out = solve_records(model, _random_batches(24, seed=2))
     changed, steps = exit_outcome(held_out, exit_record["threshold"])
     # The guarantee bounds the true rate: the held-out count must be one a rate of `tolerance` makes likely (a
@@ -106,6 +110,61 @@ def test_calibration_meets_its_tolerance_on_held_out_text():
     assert tight["threshold"] <= exit_record["threshold"] or tight["mean_steps"] >= exit_record["mean_steps"] - 1e-9
 
 
+def _exits_at_six() -> SolveRecord:
+    """16 tokens of an 8-step solve: half score below 0 from state 6 on (their read-out is the end's from there),
+    half never; nothing is below 0 before state 6."""
+    scores = torch.ones(16, 9)
+    scores[:8, 6:] = -1.0
+    changed = torch.ones(16, 9, dtype=torch.bool)
+    changed[:, 6:] = False
+    return SolveRecord(scores, changed)
+
+
+def test_check_times_are_where_exits_pay_for_their_checks():
+    record = _exits_at_six()
+    changed, executed, checks = scheduled_exit(record, 0.0, (2, 6, 7))
+    assert executed.tolist() == [6.0] * 8 + [8.0] * 8 and checks.tolist() == [2.0] * 8 + [3.0] * 8
+    assert not bool(changed.any())
+    # A check costing a tenth of a step: only the one at 6 saves more than it costs (2 steps for half the tokens).
+    assert choose_check_times(record, 0.0, check_cost=0.1) == (6,)
+    assert choose_check_times(record, 0.0, check_cost=0.0) == tuple(range(1, 8))  # free checks all stay
+    assert choose_check_times(record, 0.0, check_cost=5.0) == ()  # dearer than the steps they save: none
+    # The threshold is then calibrated under the schedule, and the record says where and how often it checks.
+    result = calibrate_thresholds(record, "exit", 0.3, check_times=(6,))
+    assert result["check_times"] == [6] and result["mean_checks"] == 1.0 and result["mean_steps"] == 7.0
+
+
+def test_the_decoder_checks_only_at_the_check_times():
+    model = damped(exact_model([{"depth": 8, "shared": True}], exit_head=0), 0.3)
+    prompt = torch.randint(1, 97, (2, 6))
+    never = adaptive_forward(model, prompt, AdaptiveDepth(exit_learned=-float("inf"), kv_fill="lazy",
+                                                          check_times=(3.0, 5.0)))
+    assert bool((never.counts.exit_scores == 2).all()) and bool((never.counts.executed_steps == 8).all())
+    always = adaptive_forward(model, prompt, AdaptiveDepth(exit_learned=float("inf"), kv_fill="lazy",
+                                                           check_times=(3.0, 5.0)))
+    assert bool((always.counts.executed_steps == 3).all()) and bool((always.counts.exit_scores == 1).all())
+    none = adaptive_forward(model, prompt, AdaptiveDepth(exit_learned=float("inf"), kv_fill="lazy", check_times=()))
+    fixed = model(prompt, step_size=1.0, use_cache=False).logits
+    torch.testing.assert_close(none.logits, fixed, **EXACT)  # no check: the whole solve, whatever the threshold
+    with pytest.raises(ValueError, match="check_times must be solve times > 0"):
+        AdaptiveDepth(exit_learned=0.0, check_times=(0.0,)).checked(model.config)
+
+
+def test_calibration_chooses_check_times_apart_from_the_tokens_that_bound_the_rate():
+    model = damped(exact_model([{"depth": 8, "shared": True}], initializer_range=0.08), 0.4)
+    batches = _random_batches(24, seed=1)
+    request = CalibrationRequest((0.05,), exit_head=0, check_cost=0.1)
+    exit_record = next(r for r in calibrate_model(model, batches, request, lambda message: None) if r["rule"] == "exit")
+    times = exit_record["check_times"]
+    assert 0 < len(times) < 7 and exit_record["check_cost"] == 0.1
+    # The rate, bound and costs are those of the schedule on the held-out half (the fitted head is the model's now).
+    changed, executed, checks = scheduled_exit(solve_records(model, batches[12:]), exit_record["threshold"], times)
+    assert exit_record["changed_rate"] == float(changed.float().mean())
+    assert exit_record["mean_steps"] == float(executed.mean()) < 8
+    assert exit_record["mean_checks"] == float(checks.mean()) < 7
+    assert exit_record["upper_bound"] <= 0.05
+
+
 def test_calibrate_writes_the_head_and_thresholds_that_generate_and_evaluate_use(model_folder, tmp_path, capsys):
     folder = tmp_path / "model"
     shutil.copytree(model_folder, folder)
@@ -115,12 +174,13 @@ def test_calibrate_writes_the_head_and_thresholds_that_generate_and_evaluate_use
     out = capsys.readouterr().out
     assert code == 0, out
     assert "fitted the exit head (linear)" in out and " exit at tolerance 0.05:" in out and "route at tolerance" in out
-    assert "steps per token, checks from t=" in out  # where decoding starts checking
+    assert "checks per token, checks at t=" in out and "a check costs" in out  # where decoding checks, and why
     assert (folder / "exit_calibration.json").is_file()
     capsys.readouterr()
     assert odegpt_main(["generate", "--model", str(folder), "--prompt", "def add(", "--max-new-tokens", "8",
                         "--exit", "learned", "--exit-tolerance", "0.05"]) == 0
-    assert "adaptive depth:" in capsys.readouterr().err
+    assert "adaptive depth: learned exit (tolerance 0.05, score < " in (err := capsys.readouterr().err)
+    assert ", checks at t=" in err  # the calibrated check times
     assert odegpt_main(["generate", "--model", str(folder), "--prompt", "x", "--exit", "learned",
                         "--exit-tolerance", "0.3"]) == 2
     err = capsys.readouterr().err
