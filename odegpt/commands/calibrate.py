@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from data_pipeline.folder_kinds import MODEL
     from odegpt.evaluation.data import EvaluationData, evaluation_batches
     from odegpt.evaluation.exit_calibration import CalibrationRequest, calibrate_model, save_exit_calibration
-    from odegpt.folders.export import save_native
+    from odegpt.folders.export import copy_calibrations, save_native
     from odegpt.folders.model_folder import load_config, load_model
     from odegpt.folders.output_folder import claimed_output
 
@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(folder, config).float().eval()
         records = calibrate_model(model, batches, request, print)
         save_native(model, staging, tokenizer_dir=folder)
-        for extra in folder.glob("*_calibration.json"):  # the routing and exit thresholds calibrated before
-            (staging / extra.name).write_bytes(extra.read_bytes())
+        copy_calibrations(folder, staging)  # the routing and exit thresholds calibrated before
         save_exit_calibration(staging, records)
     for record in records:
         cost = (f"{record['mean_steps']:.2f} of {config.solver_steps(1.0)} steps and {record['mean_checks']:.2f} "

@@ -34,7 +34,8 @@ def generate(inputs=None, generation_config=None, *, model, draft_step_size: flo
              prompt_lookup_num_tokens: int | None = None,
              exit_entropy: float | None = None, route_energy: float | None = None, exit_learned: float | None = None,
              route_learned: float | None = None, kv_fill: str | None = None, swift_step_size: float | None = None,
-             adaptive: AdaptiveDepth | None = None, compile: bool = False, **kwargs):
+             check_times: tuple[float, ...] | None = None, adaptive: AdaptiveDepth | None = None,
+             compile: bool = False, **kwargs):
     """transformers' ``generate``; with ``draft_step_size=B`` it decodes self-speculatively: the same
     weights solved at ``B`` draft ``draft_tokens`` tokens (default ``"auto"``: a length adapted every round, none
     when drafts do not pay; speculative.DraftPolicy) that one forward at the target
@@ -50,7 +51,8 @@ def generate(inputs=None, generation_config=None, *, model, draft_step_size: flo
     ``adaptive.DEFAULT_SWIFT_STEP_SIZE``) and re-solved at ``step_size`` where its energy exceeds ``E``;
     ``kv_fill`` (lazy, copy, interpolate) says what later tokens attend to at the steps a token skipped
     (see adaptive.py). ``exit_learned=S`` and ``route_learned=S`` use the model's learned exit head instead (its
-    score: the predicted log KL of a state's read-out to the end of the solve; thresholds from ``odegpt calibrate``).
+    score: the predicted log KL of a state's read-out to the end of the solve; thresholds from ``odegpt calibrate``),
+    ``check_times=(t, ...)`` the only solve times an exit is checked at (the calibration's ``check_times``).
     ``adaptive=AdaptiveDepth(...)`` gives every setting at once (read-out interval, minimum and maximum time, energy
     temperature).
 
@@ -64,7 +66,7 @@ def generate(inputs=None, generation_config=None, *, model, draft_step_size: flo
         model.config, draft_step_size=draft_step_size, draft_tokens=draft_tokens, draft_confidence=draft_confidence,
         prompt_lookup_num_tokens=prompt_lookup_num_tokens, exit_entropy=exit_entropy, route_energy=route_energy,
         exit_learned=exit_learned, route_learned=route_learned, kv_fill=kv_fill, swift_step_size=swift_step_size,
-        adaptive=adaptive, compile=compile, **kwargs)
+        check_times=check_times, adaptive=adaptive, compile=compile, **kwargs)
     if decoder == ADAPTIVE:
         kwargs.pop("step_size", None)
         return adaptive_generate(model, *args, settings=settings, **kwargs)
@@ -86,8 +88,9 @@ def choose_decoder(config, *, draft_step_size: float | None = None, draft_tokens
                    draft_confidence: float | None = None, prompt_lookup_num_tokens: int | None = None,
                    exit_entropy: float | None = None, route_energy: float | None = None,
                    exit_learned: float | None = None, route_learned: float | None = None, kv_fill: str | None = None,
-                   swift_step_size: float | None = None, adaptive: AdaptiveDepth | None = None,
-                   names: dict[str, str] | None = None, compile: bool = False, **kwargs):
+                   swift_step_size: float | None = None, check_times: tuple[float, ...] | None = None,
+                   adaptive: AdaptiveDepth | None = None, names: dict[str, str] | None = None, compile: bool = False,
+                   **kwargs):
     """``(decoder, settings)`` for :func:`generate`'s arguments: ``PLAIN`` (settings None), ``SPECULATIVE`` (the
     keywords of ``self_speculative_generate``) or ``ADAPTIVE`` (an ``AdaptiveDepth`` with its step size resolved);
     every argument checked against the model's ``config`` alone, a ValueError naming the bad one as ``names`` calls
@@ -112,9 +115,11 @@ def choose_decoder(config, *, draft_step_size: float | None = None, draft_tokens
             raise ValueError(f"{chosen} decodes with its own KV cache; drop {name('use_cache=False')}")
         if compile:
             raise ValueError(f"{name('compile')} applies to plain and self-speculative decoding, not to {chosen}")
-        return ADAPTIVE, _adaptive_settings(config, thresholds, kv_fill, swift_step_size, adaptive, step_size, names)
-    if kv_fill is not None or swift_step_size is not None:
-        raise ValueError("kv_fill and swift_step_size apply to adaptive depth: give exit_entropy or route_energy")
+        return ADAPTIVE, _adaptive_settings(config, thresholds, kv_fill, swift_step_size, check_times, adaptive,
+                                            step_size, names)
+    if kv_fill is not None or swift_step_size is not None or check_times is not None:
+        raise ValueError("kv_fill, swift_step_size and check_times apply to adaptive depth: give exit_entropy, "
+                         "route_energy, exit_learned or route_learned")
     if kwargs.get("draft_stop_score") is not None and draft_step_size is None:
         raise ValueError(f"{name('draft_stop_score')} applies to self-speculative decoding: give "
                          f"{name('draft_step_size')} too")
@@ -145,18 +150,18 @@ def _named(names: dict[str, str], key: str) -> str:
     return names.get(key, key)
 
 
-def _adaptive_settings(config, thresholds: dict, kv_fill, swift_step_size, adaptive, step_size,
+def _adaptive_settings(config, thresholds: dict, kv_fill, swift_step_size, check_times, adaptive, step_size,
                        names) -> AdaptiveDepth:
     if adaptive is not None:
         if any(value is not None for value in thresholds.values()) or kv_fill is not None or \
-                swift_step_size is not None:
+                swift_step_size is not None or check_times is not None:
             raise ValueError("give adaptive=AdaptiveDepth(...) or its keywords (exit_entropy, route_energy, "
-                             "exit_learned, route_learned, kv_fill, swift_step_size), not both")
+                             "exit_learned, route_learned, kv_fill, swift_step_size, check_times), not both")
         if step_size is not None and adaptive.step_size not in (None, step_size):
             raise ValueError(f"step_size={step_size} and adaptive.step_size={adaptive.step_size} disagree")
         settings = adaptive if adaptive.step_size is not None else replace(adaptive, step_size=step_size)
     else:
-        settings = AdaptiveDepth(**thresholds, kv_fill=kv_fill or "copy", step_size=step_size,
+        settings = AdaptiveDepth(**thresholds, kv_fill=kv_fill or "copy", step_size=step_size, check_times=check_times,
                                  **({} if swift_step_size is None else {"swift_step_size": swift_step_size}))
     return settings.checked(config, names)
 

@@ -72,6 +72,15 @@ def save_native(model: OdeGPTForCausalLM, output_dir: str | Path, tokenizer_dir:
     return output_dir
 
 
+def copy_calibrations(model_dir: str | Path, output_dir: str | Path) -> list[str]:
+    """Copy the thresholds calibrated for a model's weights (``*_calibration.json``: the learned exit's and energy
+    routing's) from ``model_dir`` into ``output_dir``: a native folder of the same weights decodes with them."""
+    copied = sorted(path.name for path in Path(model_dir).glob("*_calibration.json"))
+    for name in copied:
+        shutil.copyfile(Path(model_dir) / name, Path(output_dir) / name)
+    return copied
+
+
 def copy_decoders(output_dir: str | Path) -> list[str]:
     """Copy odegpt's decoders (odegpt/decoding) into ``output_dir/custom_generate``: transformers loads
     ``custom_generate/generate.py`` with ``trust_remote_code=True`` and installs its ``generate`` as
@@ -377,7 +386,9 @@ def write_export(model: OdeGPTForCausalLM, output_dir: Path, kind: str, step_siz
     if kind == "gguf":
         return save_gguf(model, output_dir, step_size, tokenizer_dir, _GGUF_DTYPE_NAMES[dtype])
     model.config.step_size = step_size
-    return save_native(model, output_dir, tokenizer_dir=tokenizer_dir)
+    save_native(model, output_dir, tokenizer_dir=tokenizer_dir)
+    copy_calibrations(tokenizer_dir, output_dir)  # the source folder: its thresholds hold for these weights
+    return output_dir
 
 
 def format_size(size: int) -> str:

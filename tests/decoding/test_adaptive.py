@@ -246,8 +246,10 @@ def test_generate_keywords_are_checked():
     prompt = torch.randint(1, 97, (1, 4))
     with pytest.raises(ValueError, match="exit_entropy must be an entropy in nats >= 0"):
         model.generate(prompt, exit_entropy=-1.0, max_new_tokens=2)
-    with pytest.raises(ValueError, match="kv_fill and swift_step_size apply to adaptive depth"):
+    with pytest.raises(ValueError, match="kv_fill, swift_step_size and check_times apply to adaptive depth"):
         model.generate(prompt, kv_fill="copy", max_new_tokens=2)
+    with pytest.raises(ValueError, match="check_times apply to adaptive depth"):
+        model.generate(prompt, check_times=(2.0,), max_new_tokens=2)
     with pytest.raises(ValueError, match="separate decoders"):
         model.generate(prompt, exit_entropy=1.0, draft_step_size=4, max_new_tokens=2)
 

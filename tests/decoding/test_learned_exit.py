@@ -148,6 +148,10 @@ def test_the_decoder_checks_only_at_the_check_times():
     torch.testing.assert_close(none.logits, fixed, **EXACT)  # no check: the whole solve, whatever the threshold
     with pytest.raises(ValueError, match="check_times must be solve times > 0"):
         AdaptiveDepth(exit_learned=0.0, check_times=(0.0,)).checked(model.config)
+    # generate() takes them as a keyword (what a client of the exported folder passes from exit_calibration.json)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    out = model.generate(prompt[:1], exit_learned=float("inf"), check_times=(5.0,), **kwargs)
+    assert out.executed_steps_per_token == 5.0
 
 
 def test_calibration_chooses_check_times_apart_from_the_tokens_that_bound_the_rate():

@@ -111,7 +111,11 @@ def native_folder(request, tmp_path_factory, tokenizer_dir) -> tuple[Path, Path]
             threshold = float(model.exit_score(states[2], 2.0).median())
             tokens = model.generate(single, exit_learned=threshold, kv_fill="copy", max_new_tokens=10,
                                     do_sample=False, pad_token_id=0)
-        learned = dict(threshold=threshold, prompt=single, tokens=tokens)
+            at_two = model.generate(single, exit_learned=threshold, kv_fill="copy", check_times=(2.0,),
+                                    max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                    return_dict_in_generate=True)  # checked at a calibration's check times only
+        learned = dict(threshold=threshold, prompt=single, tokens=tokens, check_times=(2.0,),
+                       checked_tokens=at_two.sequences, checked_steps=at_two.executed_steps_per_token)
     expected = dict(cases=cases, pad_token_id=0, draft_step_size=4.0, texts=TEXTS, learned_exit=learned,
                     text_ids=[tokenizer(text)["input_ids"] for text in TEXTS])
     torch.save(expected, root / "expected.pt")

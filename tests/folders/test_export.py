@@ -111,8 +111,11 @@ def test_native_folder_loads_without_odegpt(tmp_path):
 def test_export_command_writes_native_and_unrolled_folders(tmp_path, capsys):
     model = tiny_model(FULLY_SHARED)
     save_native(model, tmp_path / "model")
+    calibration = '{"records": [{"rule": "exit", "tolerance": 0.02, "threshold": -1.0, "check_times": [3]}]}\n'
+    (tmp_path / "model" / "exit_calibration.json").write_text(calibration)
     assert odegpt_main(["export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "native"),
                         "--step-size", "2"]) == 0
+    assert (tmp_path / "native" / "exit_calibration.json").read_text() == calibration  # the weights' thresholds
     assert odegpt_main(["export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "llama"),
                         "--format", "unrolled", "--step-size", "2"]) == 0
     printed = capsys.readouterr().out

@@ -67,6 +67,13 @@ def main(folder: str, expected_path: str) -> None:
                              **greedy)
         check("learned exit", torch.equal(out, learned["tokens"]),
               f"\n got      {out.tolist()}\n expected {learned['tokens'].tolist()}")
+        out = model.generate(learned["prompt"], exit_learned=learned["threshold"], kv_fill="copy",
+                             check_times=learned["check_times"], max_new_tokens=10, return_dict_in_generate=True,
+                             **greedy)
+        check("learned exit at its check times", torch.equal(out.sequences, learned["checked_tokens"]) and
+              out.executed_steps_per_token == learned["checked_steps"],
+              f"\n got      {out.sequences.tolist()}, {out.executed_steps_per_token} steps\n expected "
+              f"{learned['checked_tokens'].tolist()}, {learned['checked_steps']} steps")
     if expected.get("texts"):
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
         ids = [tokenizer(text)["input_ids"] for text in expected["texts"]]
