@@ -11,7 +11,7 @@ evaluate command; this module only renders it. Its shape::
 one result per requested step size, in the order given; the two decode fields are null when speed
 was not measured. With adaptive depth (``--exit-entropy``, ``--route-energy``, ``--target-compute``)
 the document also holds ``"adaptive": [{"method", "label", "kv_fill", "executed_steps", "readouts",
-"kv_projections", "continued_steps", "schedule_flops_per_token", "flops_per_token", "nll",
+"exit_scores", "kv_projections", "continued_steps", "schedule_flops_per_token", "flops_per_token", "nll",
 "perplexity", ...}]`` (per-token means), tabled and plotted against the fixed step sizes' FLOPs.
 """
 from __future__ import annotations
@@ -38,16 +38,18 @@ def markdown_table(document: dict) -> str:
 
 
 def adaptive_table(document: dict) -> str:
-    """One row per adaptive setting: mean executed steps, read-outs and fills per token, FLOPs, perplexity."""
+    """One row per adaptive setting: mean executed steps, read-outs, exit-head checks and fills per token, FLOPs,
+    perplexity (the checks cost few FLOPs but wall time: each is a few operators at every token that reaches it)."""
     reference = next((row for row in document["results"] if row["step_size"] == 1.0), None)
-    lines = ["| method | kv fill | executed steps/token | read-outs/token | fill (kv proj. + lazy steps)/token "
-             "| FLOPs/token (schedule) | FLOPs/token (with fill) | vs a=1 | perplexity |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| method | kv fill | executed steps/token | read-outs/token | head checks/token "
+             "| fill (kv proj. + lazy steps)/token | FLOPs/token (schedule) | FLOPs/token (with fill) | vs a=1 "
+             "| perplexity |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in document.get("adaptive", []):
         ratio = "-" if reference is None else f"{row['flops_per_token'] / reference['flops_per_token']:.2f}"
         lines.append(
             f"| {row['label']} | {row['kv_fill']} | {row['executed_steps']:.2f} | {row['readouts']:.2f} "
-            f"| {row['kv_projections']:.2f} + {row['continued_steps']:.2f} "
+            f"| {row.get('exit_scores', 0.0):.2f} | {row['kv_projections']:.2f} + {row['continued_steps']:.2f} "
             f"| {format_count(row['schedule_flops_per_token'])} | {format_count(row['flops_per_token'])} "
             f"| {ratio} | {row['perplexity']:.3f} |")
     return "\n".join(lines) + "\n"

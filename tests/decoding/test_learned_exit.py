@@ -198,6 +198,13 @@ def test_calibrate_writes_the_head_and_thresholds_that_generate_and_evaluate_use
     document = json.loads(capsys.readouterr().out)
     methods = {row["method"] for row in document["adaptive"]}
     assert methods == {"learned exit", "truncation"}
+    # The report's table shows the head's checks per token (few FLOPs, but a few operators each at batch 1).
+    from odegpt.evaluation.report import adaptive_table
+
+    learned = next(row for row in document["adaptive"] if row["method"] == "learned exit")
+    row = next(line for line in adaptive_table(document).splitlines() if line.startswith(f"| {learned['label']} |"))
+    assert row.split("|")[5].strip() == f"{learned['exit_scores']:.2f}"
+    assert "| head checks/token |" in adaptive_table(document)
 
 
 def test_the_exit_head_trains_beside_the_model_without_changing_it():
