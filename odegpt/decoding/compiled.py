@@ -23,6 +23,7 @@ This file is copied into exported model folders (``custom_generate/``), so it im
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -89,12 +90,25 @@ def _compiled_step(device: torch.device):
         settings = {}
         if device.type == "cuda":  # CUDA graphs on a GPU
             settings = {"mode": "reduce-overhead"}
-        elif device.type == "cpu":  # one-row products as inductor's parallel reductions; it reads its bound here
-            from torch._inductor.fx_passes import decompose_mem_bound_mm
-            decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = DECOMPOSED_MAX_SIDE
+        elif device.type == "cpu":  # one-row products as inductor's parallel reductions (bound: _decomposition_bound)
             settings = {"options": {"post_grad_fusion_options": {"decompose_mm_pass": {}}}}
         _compiled[device.type] = torch.compile(_step, fullgraph=True, dynamic=False, **settings)
     return _compiled[device.type]
+
+
+@contextlib.contextmanager
+def _decomposition_bound():
+    """Inductor decides which one-row products become its reductions by a bound it reads from a module global while
+    it compiles (its option is read once, when that module is imported): ``DECOMPOSED_MAX_SIDE`` only around odegpt's
+    own compiled calls, so other compiled code in the process keeps torch's default."""
+    from torch._inductor.fx_passes import decompose_mem_bound_mm as passes
+
+    before = passes.cpu_max_other_dimension_decomposition
+    passes.cpu_max_other_dimension_decomposition = DECOMPOSED_MAX_SIDE
+    try:
+        yield
+    finally:
+        passes.cpu_max_other_dimension_decomposition = before
 
 
 class DecodeStep:
@@ -128,7 +142,8 @@ class DecodeStep:
         if compiled and seq > 1:  # one graph for every count of several tokens
             torch._dynamo.maybe_mark_dynamic(tokens, 1)
         run = self.run if compiled else _step
-        logits, states = run(self.model, self.plan, cache, tokens, past_len, attention_mask, keep)
+        with _decomposition_bound() if compiled and self.device.type == "cpu" else contextlib.nullcontext():
+            logits, states = run(self.model, self.plan, cache, tokens, past_len, attention_mask, keep)
         cache.advance(seq)
         if compiled and self.device.type == "cuda":  # a CUDA graph's outputs are overwritten by its next replay
             logits, states = logits.clone(), states.clone()
