@@ -43,7 +43,12 @@ def run(args: argparse.Namespace) -> int:
     # torch & co.: not for odegpt --help
     from data_pipeline.folder_kinds import MODEL
     from odegpt.evaluation.data import EvaluationData, evaluation_batches
-    from odegpt.evaluation.exit_calibration import CalibrationRequest, calibrate_model, save_exit_calibration
+    from odegpt.evaluation.exit_calibration import (
+        CalibrationRequest,
+        calibrate_model,
+        describe_check_times,
+        save_exit_calibration,
+    )
     from odegpt.folders.export import copy_calibrations, save_native
     from odegpt.folders.model_folder import load_config, load_model
     from odegpt.folders.output_folder import claimed_output
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         save_exit_calibration(staging, records)
     for record in records:
         cost = (f"{record['mean_steps']:.2f} of {config.solver_steps(1.0)} steps and {record['mean_checks']:.2f} "
-                f"checks per token, checks at t={','.join(f'{t:g}' for t in record['check_times']) or 'none'}"
+                f"checks per token, checks at {describe_check_times(record['check_times'])}"
                 if record["rule"] == "exit"
                 else f"{record['routed_fraction']:.1%} routed from a={record['swift_step_size']:g}")
         print(f"{record['rule']:>5} at tolerance {record['tolerance']:g}: score threshold {record['threshold']:.3g}, "

@@ -293,8 +293,9 @@ def _rule(adaptive, tolerance: float) -> str:
     if adaptive.rule == "exit_entropy":
         return f"exit at entropy < {adaptive.exit_entropy:g}"
     if adaptive.rule == "exit_learned":
-        checks = ("" if adaptive.check_times is None
-                  else f", checks at t={','.join(f'{t:g}' for t in adaptive.check_times) or 'none'}")
+        from odegpt.evaluation.exit_calibration import describe_check_times
+
+        checks = "" if adaptive.check_times is None else f", checks at {describe_check_times(adaptive.check_times)}"
         return f"learned exit (tolerance {tolerance:g}, score < {adaptive.exit_learned:.3g}{checks})"
     if adaptive.rule == "route_energy":
         return f"route energy > {adaptive.route_energy:.4g}{swift}"

@@ -184,6 +184,11 @@ def scheduled_exit(record: SolveRecord, threshold: float, check_times: Sequence[
     return record.changed.gather(1, executed[:, None]).squeeze(1), executed.float(), checks.float()
 
 
+def describe_check_times(times: Sequence[float]) -> str:
+    """Check times as the commands print them: ``"t=6,7"``, or ``"t=none"`` when no check pays."""
+    return f"t={','.join(f'{t:g}' for t in times) or 'none'}"
+
+
 def choose_check_times(record: SolveRecord, threshold: float, check_cost: float) -> tuple[int, ...]:
     """The check times at which exits by ``threshold`` cost least per token on ``record``: executed steps plus
     ``check_cost`` (a check's cost in solver steps) x checks made. From a check after every step, the check whose
