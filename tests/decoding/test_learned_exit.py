@@ -234,3 +234,12 @@ def test_a_draft_stopped_by_the_exit_head_keeps_the_output():
     assert always.drafted_tokens <= always.target_forwards  # every round stops after its first draft
     with pytest.raises(ValueError, match="give draft_step_size too"):
         model.generate(prompt, draft_stop_score=0.0, max_new_tokens=2, pad_token_id=0)
+
+
+def test_calibrate_refuses_a_check_cost_that_is_not_a_number_of_steps(model_folder, capsys):
+    for bad in ("-1", "inf", "nan"):
+        code = odegpt_main(["calibrate", "--model", str(model_folder), "--data", str(model_folder),
+                            "--check-cost", bad])
+        err = capsys.readouterr().err
+        assert code == 2 and "--check-cost must be a finite number of solver steps >= 0" in err, err
+        assert err.count("\n") == 1  # one line, before anything is read or written
