@@ -1,6 +1,6 @@
 """How much any per-token depth rule could gain on a model, and why: the analysis behind the adaptive report.
 
-Three questions, each answered from per-token quantities of teacher-forced solves (every token's state
+Four questions, each answered from per-token quantities of teacher-forced solves (every token's state
 at every step is computed, as the ``lazy`` fill would):
 
 - **Is a step size more than a step count?** With pre-norm blocks and a final norm, the Euler solve
@@ -15,6 +15,12 @@ at every step is computed, as the ``lazy`` fill would):
   the labels (an upper bound, not a method), against the truncated solve.
 - **Routing headroom** (swift a=4 -> super a=1, exact super logits for routed tokens): energy (E-LANG),
   the same kind of probe on the swift state, the KL oracle and the label oracle.
+- **Exit to the tail**: on a model whose last shared segment is followed by unshared layers (a retrofit that keeps
+  its source's last layers), reading out mid-solve skips those layers too. Cutting only the shared segment short
+  and still running the tail is another exit: the same segment cut after ``k`` of its steps for every token (exact)
+  against the truncated solve at the same executed steps, and per token by a probe of the state at the cut and by
+  the KL oracle (each token's tail then attends over the others' states cut at the same ``k``, as a fill would
+  approximate them).
 
 ``benchmarks/adaptive_report.py`` runs these on prepared corpora; on its own, on raw text (a model whose corpus has
 no validation split, e.g. the SmolLM2 retrofit of ``benchmarks/retrofit_real.py``):
@@ -186,6 +192,81 @@ def routing_headroom(model, config, calibration, held_out, seq_len: int, swift: 
                 probe_correlation=_correlation(probe, log_kl), rows=rows)
 
 
+class _SkipSteps:
+    """A solve hook that leaves out the steps ``skipped`` (their state carries on unchanged)."""
+
+    def __init__(self, skipped: set[int]) -> None:
+        self.skipped = skipped
+
+    def evaluate(self, step, h: torch.Tensor) -> bool:
+        return step.index not in self.skipped
+
+
+def tail_segment(config) -> tuple[range, range] | None:
+    """The a=1 steps of the last shared segment and of the unshared segments after it (the tail); None when the
+    model ends in a shared segment or has none."""
+    starts, time = [], 0
+    for segment in config.segments:
+        starts.append(time)
+        time += segment["depth"]
+    shared = [i for i, segment in enumerate(config.segments) if segment["shared"] and segment["depth"] > 1]
+    if not shared or shared[-1] == len(config.segments) - 1:
+        return None
+    last = shared[-1]
+    segment = range(starts[last], starts[last] + config.segments[last]["depth"])
+    return segment, range(segment.stop, time)
+
+
+@torch.no_grad()
+def _tail_quantities(model, batches, segment: range, tail: range) -> dict[str, torch.Tensor]:
+    """Per token: for each cut k = 1..len(segment) of the last shared segment (n, K), the NLL and KL(p_end || p) of
+    the read-out after the tail run from the cut state and the probe features of that state (n, K, f); and the NLL
+    of the read-out of the a=1 solve truncated after each step (n, T)."""
+    out = {name: [] for name in ("nll", "kl", "features", "truncated_nll")}
+    plan = model.plan(1.0)
+    for batch in batches:
+        inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
+        inputs_of_attention = model.attention_inputs(model.embed(inputs))
+        states = model.model(inputs, step_size=1.0, use_cache=False, output_hidden_states=True).hidden_states[1:]
+        cuts = states[segment.start:segment.stop]  # the state after each step of the segment
+        log_probs = [model.read_out(model.solve(h, plan, inputs_of_attention, start=tail.start)).float()
+                     .flatten(0, 1).log_softmax(-1) for h in cuts]
+        end = log_probs[-1]
+        out["nll"].append(torch.stack([-lp.gather(1, targets[:, None])[:, 0] for lp in log_probs], 1))
+        out["kl"].append(torch.stack([(end.exp() * (end - lp)).sum(-1) for lp in log_probs], 1))
+        out["features"].append(torch.stack([_state_features(h.float().flatten(0, 1)) for h in cuts], 1))
+        out["truncated_nll"].append(torch.stack([F.cross_entropy(model.read_out(h).float().flatten(0, 1), targets,
+                                                                 reduction="none") for h in states], 1))
+    return {name: torch.cat(values) for name, values in out.items()}
+
+
+def tail_headroom(model, config, calibration, held_out) -> dict | None:
+    """The exit to the tail (module docstring): perplexity at equal executed steps of the a=1 solve for the
+    truncated solve, the last shared segment cut alike for every token with the tail run, and cut per token by the
+    probe and by the KL oracle; None for a model without a tail."""
+    found = tail_segment(config)
+    if found is None:
+        return None
+    segment, tail = found
+    fit, test = (_tail_quantities(model, calibration, segment, tail),
+                 _tail_quantities(model, held_out, segment, tail))
+    cuts = len(segment)
+    probe = torch.stack([test["features"][:, k]
+                         @ fit_probe(fit["features"][:, k], fit["kl"][:, k].clamp(min=1e-6).log())
+                         for k in range(cuts - 1)] + [torch.zeros(len(test["nll"]))], 1)
+    rules = {"probe": probe, "KL oracle": test["kl"]}
+    truncated = test["truncated_nll"].mean(0).tolist()  # after step 1, 2, ..., T
+    rows = []
+    for kept in range(1, cuts):
+        steps = segment.start + kept + len(tail)
+        row = dict(mean_steps=steps, truncated=math.exp(truncated[steps - 1]),
+                   tail_cut=_perplexity(test["nll"][:, kept - 1]))
+        row.update({name: _exit_at_budget(scores, test["nll"], kept) for name, scores in rules.items()})
+        rows.append(row)
+    return dict(steps=len(truncated), segment=[segment.start, segment.stop], tail=len(tail),
+                full=math.exp(truncated[-1]), rows=rows)
+
+
 def markdown(report: dict) -> list[str]:
     """The three analyses of one model as markdown sections."""
     model, data = report["model"], report.get("data", "stdlib held out")
@@ -223,6 +304,19 @@ def markdown(report: dict) -> list[str]:
     for r in routing["rows"]:
         lines.append(f"| {r['routed_fraction']:g} | {r['flops_vs_a1']:.2f} | "
                      + " | ".join(f"{r[name]:.3f}" for name in ("energy",) + rules[1:]) + " |")
+    tail = report.get("tail_headroom")
+    if tail:
+        rules = ("probe", "KL oracle")
+        lines += ["", f"### Exit to the tail, `{model}`, {data} (a=1 solve of {tail['steps']} steps, perplexity "
+                  f"{tail['full']:.3f}; the shared segment of steps {tail['segment'][0] + 1}-{tail['segment'][1]} cut "
+                  f"short, then the {tail['tail']} unshared step(s) after it)", "",
+                  "| executed steps | truncated solve | segment cut, tail run | "
+                  + " | ".join(f"cut per token by {r}" for r in rules) + " | cut vs truncated | probe vs cut |",
+                  "|" + " ---: |" * (len(rules) + 5)]
+        for r in tail["rows"]:
+            lines.append(f"| {r['mean_steps']:g} | {r['truncated']:.3f} | {r['tail_cut']:.3f} | "
+                         + " | ".join(f"{r[name]:.3f}" for name in rules)
+                         + f" | {r['tail_cut'] / r['truncated'] - 1:+.1%} | {r['probe'] / r['tail_cut'] - 1:+.1%} |")
     return lines + [""]
 
 
@@ -248,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     half = len(batches) // 2
     report = dict(model=args.model, data=f"{', '.join(args.text)} held out",
                   exit_headroom=exit_headroom(model, model.config, batches[:half], batches[half:]),
-                  routing_headroom=routing_headroom(model, model.config, batches[:half], batches[half:], args.seq_len))
+                  routing_headroom=routing_headroom(model, model.config, batches[:half], batches[half:], args.seq_len),
+                  tail_headroom=tail_headroom(model, model.config, batches[:half], batches[half:]))
     Path(args.output + ".json").write_text(json.dumps(report, indent=2) + "\n")
     Path(args.output + ".md").write_text("\n".join(markdown(report)))
     print("\n".join(markdown(report)))
