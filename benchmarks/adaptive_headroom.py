@@ -192,16 +192,6 @@ def routing_headroom(model, config, calibration, held_out, seq_len: int, swift: 
                 probe_correlation=_correlation(probe, log_kl), rows=rows)
 
 
-class _SkipSteps:
-    """A solve hook that leaves out the steps ``skipped`` (their state carries on unchanged)."""
-
-    def __init__(self, skipped: set[int]) -> None:
-        self.skipped = skipped
-
-    def evaluate(self, step, h: torch.Tensor) -> bool:
-        return step.index not in self.skipped
-
-
 def tail_segment(config) -> tuple[range, range] | None:
     """The a=1 steps of the last shared segment and of the unshared segments after it (the tail); None when the
     model ends in a shared segment or has none."""
