@@ -163,12 +163,6 @@ def _binomial_cdf(k: int, n: int, p: float) -> float:
     return float(torch.logsumexp(terms, 0).exp())
 
 
-def exit_outcome(record: SolveRecord, threshold: float, check_from: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(changed flag, executed steps) per token when each exits at the first state (from step ``check_from`` on) whose
-    score is below ``threshold``, or runs the whole solve."""
-    return scheduled_exit(record, threshold, range(check_from, record.scores.shape[1] - 1))[:2]
-
-
 def scheduled_exit(record: SolveRecord, threshold: float, check_times: Sequence[int]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(changed flag, executed steps, checks made) per token when each exits at the first of ``check_times`` (states
@@ -382,14 +376,19 @@ def calibrate_model(model, batches: list, request: CalibrationRequest, say) -> l
         say(f"fitted the exit head ({'linear' if not model.config.exit_head else f'hidden {model.config.exit_head}'}) "
             f"on {len(targets):,} states: correlation {correlation:.2f} with log KL to the end of the solve")
     record = solve_records(model, batches[split:], request.swift_step_size)
-    fitted = solve_records(model, batches[:split], changes=False)  # where tokens exit, apart from the bound's tokens
     check_cost = measured_check_cost(model) if request.check_cost is None else request.check_cost
     say(f"a check costs {check_cost:.3g} solver steps "
         f"({'measured here, at batch 1' if request.check_cost is None else '--check-cost'})")
+    # Where tokens exit on the fit part, apart from the bound's tokens; free checks all stay, so no pass is needed.
+    fitted = solve_records(model, batches[:split], changes=False) if check_cost > 0 else None
+    every_time = tuple(range(1, record.scores.shape[1] - 1))
     results = []
     for tolerance in request.tolerances:
-        every_step = calibrate_thresholds(record, "exit", tolerance, request.delta)
-        times = choose_check_times(fitted, every_step["threshold"], check_cost)
+        if fitted is None:
+            times = every_time
+        else:
+            every_step = calibrate_thresholds(record, "exit", tolerance, request.delta)
+            times = choose_check_times(fitted, every_step["threshold"], check_cost)
         results.append(dict(calibrate_thresholds(record, "exit", tolerance, request.delta, times),
                             check_cost=check_cost))
         route = calibrate_thresholds(record, "route", tolerance, request.delta)

@@ -15,12 +15,13 @@ from odegpt.evaluation.exit_calibration import (
     calibrate_model,
     calibrate_thresholds,
     choose_check_times,
-    exit_outcome,
     scheduled_exit,
     solve_records,
 )
 from odegpt.training.exit_head import exit_target
 from tests.conftest import EXACT, FULLY_SHARED, PARTIALLY_SHARED, UNSHARED, damped, exact_model, tiny_model
+
+EVERY_STEP = range(1, 8)  # checks after every step but the last of the 8-step solves below
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +87,7 @@ def test_calibration_meets_its_tolerance_on_held_out_text():
     assert exit_record["upper_bound"] <= tolerance and exit_record["mean_steps"] < 8  # it exits early, within bound
     assert exit_record["check_times"] == list(range(1, 8))
     held_out = solve_records(model, _random_batches(24, seed=2))
-    changed, steps = exit_outcome(held_out, exit_record["threshold"])
+    changed, steps, _ = scheduled_exit(held_out, exit_record["threshold"], EVERY_STEP)
     # The guarantee bounds the true rate: the held-out count must be one a rate of `tolerance` makes likely (a
     # one-sided binomial test at 1%), and tokens must exit early.
     failures, tokens = int(changed.sum()), len(changed)
@@ -96,9 +97,9 @@ def test_calibration_meets_its_tolerance_on_held_out_text():
     first = exit_record["first_exit_time"]
     assert 1 <= first < 8
     record = calibrate_thresholds(held_out, "exit", tolerance)
-    changed, steps = exit_outcome(held_out, record["threshold"])
+    changed, steps, _ = scheduled_exit(held_out, record["threshold"], EVERY_STEP)
     assert record["first_exit_time"] == float(steps[steps < 8].min())
-    later = exit_outcome(held_out, record["threshold"], check_from=int(record["first_exit_time"]))
+    later = scheduled_exit(held_out, record["threshold"], range(int(record["first_exit_time"]), 8))
     assert torch.equal(later[1], steps) and torch.equal(later[0], changed)
     # ... and the decoder, checking from there on (lazy fill: every state is the full solve's), exits alike.
     tokens = _random_batches(24, seed=2)[0][:, :-1]  # the inputs of the first held-out batch
@@ -167,6 +168,22 @@ def test_calibration_chooses_check_times_apart_from_the_tokens_that_bound_the_ra
     assert exit_record["mean_steps"] == float(executed.mean()) < 8
     assert exit_record["mean_checks"] == float(checks.mean()) < 7
     assert exit_record["upper_bound"] <= 0.05
+
+
+def test_free_checks_all_stay_without_a_pass_over_the_fit_text(monkeypatch):
+    import odegpt.evaluation.exit_calibration as calibration
+
+    passes = []
+    monkeypatch.setattr(calibration, "solve_records",
+                        lambda *args, **kwargs: passes.append(kwargs) or solve_records(*args, **kwargs))
+    model = damped(exact_model([{"depth": 8, "shared": True}], initializer_range=0.08), 0.4)
+    request = CalibrationRequest((0.05,), exit_head=0, check_cost=0.0)
+    records = calibrate_model(model, _random_batches(8, seed=1), request, lambda message: None)
+    assert next(r for r in records if r["rule"] == "exit")["check_times"] == list(range(1, 8))
+    assert len(passes) == 1  # the held-out records only: with free checks there is nothing to choose
+    passes.clear()
+    calibrate_model(model, _random_batches(8, seed=1), CalibrationRequest((0.05,), check_cost=0.1), print)
+    assert len(passes) == 2 and passes[1] == {"changes": False}
 
 
 def test_calibrate_writes_the_head_and_thresholds_that_generate_and_evaluate_use(model_folder, tmp_path, capsys):
