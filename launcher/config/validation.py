@@ -168,6 +168,10 @@ def check_exit_head(train: TrainSection, model_config: OdeGPTConfig) -> None:
     if train.exit_head_weight > 0 and model_config.exit_head is None:
         raise ConfigError("train.exit_head_weight trains the learned exit head, and model.exit_head is null: set "
                           "model.exit_head (0 for a linear head, N for a hidden layer of N)")
+    if train.exit_head_weight > 0 and getattr(model_config, "exit_to_tail", False):
+        raise ConfigError("train.exit_head_weight trains the exit head on the read-out of each state, and "
+                          "model.exit_to_tail says it is fitted for the exit to the tail: set train.exit_head_weight "
+                          "to 0 and fit it with `odegpt calibrate --exit-to tail`")
 
 
 def check_distillation(train: TrainSection, model_config: OdeGPTConfig) -> None:

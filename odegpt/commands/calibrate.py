@@ -32,6 +32,11 @@ def register(subparsers) -> None:
                         help="what one exit check costs, in solver steps, when choosing where decoding checks: "
                              "checks that save less than they cost are dropped (default: measured here at batch 1; "
                              "0 keeps a check after every step)")
+    parser.add_argument("--exit-to", choices=("read-out", "tail"), default=None,
+                        help="where a token the head stops goes: read-out (the final norm and LM head take its "
+                             "state) or tail (on a model whose last shared segment is followed by unshared layers, "
+                             "the token skips the rest of that segment and still runs them); changing it fits the "
+                             "head again (default: what the folder's head was fitted for, read-out for a new one)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: %(default)s)")
     parser.add_argument("--num-samples", type=int, default=None,
                         help="prepared corpora: validation sequences to use (default: all)")
@@ -59,14 +64,16 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.model)
     config = load_config(folder, expect="odegpt")
     request = CalibrationRequest(tuple(args.tolerance), args.delta, args.swift_step_size, args.exit_head,
-                                 args.refit, check_cost=args.check_cost).checked(config)
+                                 args.refit, check_cost=args.check_cost, exit_to=args.exit_to).checked(config)
     batches = evaluation_batches(args.data, folder, EvaluationData(seq_len=args.seq_len, num_samples=args.num_samples),
                                  config.vocab_size)
     with claimed_output(folder, MODEL, overwrite=True) as staging:
         model = load_model(folder, config).float().eval()
+        head_before = (model.exit_head is not None, model.exit_head is not None and model.config.exit_to_tail)
         records = calibrate_model(model, batches, request, print)
         save_native(model, staging, tokenizer_dir=folder)
-        copy_calibrations(folder, staging)  # the routing and exit thresholds calibrated before
+        if not args.refit and head_before == (True, model.config.exit_to_tail):
+            copy_calibrations(folder, staging)  # the thresholds calibrated before for the same head
         save_exit_calibration(staging, records)
     for record in records:
         cost = (f"{record['mean_steps']:.2f} of {config.solver_steps(1.0)} steps and {record['mean_checks']:.2f} "

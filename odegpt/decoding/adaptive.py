@@ -15,6 +15,10 @@ be chosen per token without a second model:
   at the first check whose score is below ``exit_learned`` (no read-out at the checks: only the exiting tokens are
   read out), and a swift token is re-solved when its final state's score is above ``route_learned``. Thresholds
   calibrated with a stated tolerance come from ``odegpt calibrate`` (odegpt.evaluation.exit_calibration).
+- **exit to the tail**: on a model whose last shared segment is followed by unshared layers and whose head was
+  fitted for it (``config.exit_to_tail``), a token the head stops inside that segment is not read out there: it
+  stays frozen through the rest of the segment, then runs the unshared tail from where it stopped, as every token
+  does. Reading out mid-solve would skip the layers that turn a retrofitted model's state into a distribution.
 - **energy routing** (E-LANG): every token is solved at the swift step size ``B``; where the energy
   ``E = -T * logsumexp(logits / T)`` of its swift logits exceeds ``route_energy`` it is re-solved
   from the embedding at the super step size ``a`` and the super logits replace the swift ones.
@@ -123,6 +127,14 @@ class AdaptiveDepth:
                              f"re-solved; inf never routes, -inf always does), got {self.route_energy!r}")
         if self.kv_fill not in KV_FILLS:
             raise ValueError(f"{name('kv_fill')} must be one of {', '.join(KV_FILLS)}, got {self.kv_fill!r}")
+        if getattr(config, "exit_to_tail", False) and self.rule in ("exit_learned", "route_learned"):
+            if self.rule == "route_learned":
+                raise ValueError(f"{name('route_learned')}: this model's exit head was fitted for the exit to the "
+                                 f"tail (config.exit_to_tail), not for routing; use {name('exit_learned')}")
+            if self.kv_fill == "lazy":
+                raise ValueError(f"{name('kv_fill')} lazy cannot exit to the tail (config.exit_to_tail): it continues "
+                                 f"an exited token's solve for later tokens, and the token's tail runs from where it "
+                                 f"stopped; use copy or interpolate")
         if isinstance(self.check_every, bool) or not isinstance(self.check_every, int) or self.check_every < 1:
             raise ValueError(f"{name('check_every')} must be an integer >= 1, got {self.check_every!r}")
         if not _is_real(self.min_time, minimum=0.0) or math.isinf(self.min_time):
@@ -239,6 +251,20 @@ def adaptive_forward(model: DecoderModel, input_ids: torch.LongTensor, settings:
     return AdaptiveOutput(logits=logits, counts=counts, cache=past_key_values)
 
 
+def last_shared_steps(segments: list[dict], plan) -> range | None:
+    """The plan's steps of its last shared segment when unshared layers follow it (they are the tail an exit to the
+    tail still runs, from ``.stop`` on); None when the model ends in a shared segment or has none."""
+    block, last_shared = 0, None
+    for segment in segments:
+        if segment["shared"]:
+            last_shared = block
+        block += 1 if segment["shared"] else segment["depth"]
+    if last_shared is None or last_shared == block - 1:
+        return None
+    indices = [step.index for step in plan if step.block == last_shared]
+    return range(indices[0], indices[-1] + 1)
+
+
 def _evaluation_time(step, slot: int, stage_times: tuple[float, ...]) -> float:
     """The solve time of the step's evaluation that writes ``slot`` (the method's ``stage_times``)."""
     return step.start + stage_times[slot - step.slots.start] * step.dt
@@ -269,9 +295,15 @@ class _EarlyExit:
         self.stage_times = plan.method.stage_times
         self.logits: torch.Tensor | None = None
         self.reused: tuple | None = None
+        # Exit to the tail: checks only inside the last shared segment; every token runs the tail after it.
+        self.segment = (last_shared_steps(model.config.segments, plan)
+                        if settings.exit_learned is not None and getattr(model.config, "exit_to_tail", False) else None)
 
     def evaluate(self, step, h: torch.Tensor) -> bool:
         self.state_before = h
+        if self.segment is not None and step.index == self.segment.stop and self.exited:
+            self.active.fill_(True)  # the tail: exited tokens run it from their frozen states
+            self.remaining = self.active.numel()
         return self.lazy or self.remaining > 0
 
     def cache(self, step, cache):
@@ -307,7 +339,7 @@ class _EarlyExit:
         return h
 
     def _check_due(self, step) -> bool:
-        return self.remaining > 0 and _check_due(step, self.settings)
+        return self.remaining > 0 and _check_due(step, self.settings, self.segment)
 
     def _check(self, step, h: torch.Tensor) -> None:
         active, settings, forced = self.active, self.settings, _forced(step, self.settings)
@@ -318,6 +350,8 @@ class _EarlyExit:
             if not bool(exiting.any()):
                 return
             self._exit(step, exiting)
+            if self.segment is not None:  # read out after the tail, with every token
+                return
             exiting[:, :self.first_kept] = False
             rows, cols = exiting.nonzero(as_tuple=True)
             checked = self.model.read_out(h[rows, cols])
@@ -345,9 +379,12 @@ class _EarlyExit:
         """What each token executed, from the step it exited after: its own steps; the steps its solve was continued
         (lazy) or the key/value projections of its frozen state (one per block it passes after its exit, a shared
         block projecting the same state alike at every step, unless the maps vary with time); the head's checks."""
-        projections, checks = _count_tables(self.plan.blocks, tuple(self.plan), self.settings, self.time_dependent)
+        projections, checks = _count_tables(self.plan.blocks, tuple(self.plan), self.settings, self.time_dependent,
+                                            self.segment)
         index, device = self.exit_after, self.exit_after.device
         executed = index.float()
+        if self.segment is not None:  # an exited token ran the tail too
+            executed = torch.where(index < len(self.plan), executed + len(self.plan) - self.segment.stop, executed)
         zeros = torch.zeros_like(executed)
         continued = (len(self.plan) - executed) if self.lazy else zeros
         projected = zeros if self.lazy else torch.tensor(projections, device=device)[index]
@@ -359,10 +396,11 @@ def _forced(step, settings: AdaptiveDepth) -> bool:
     return settings.max_time is not None and step.end >= settings.max_time - _TIME_TOLERANCE
 
 
-def _check_due(step, settings: AdaptiveDepth) -> bool:
+def _check_due(step, settings: AdaptiveDepth, segment: range | None = None) -> bool:
     """Whether tokens still integrating are checked after ``step``: every ``check_every`` steps (or at the
-    ``check_times``) from ``min_time`` on, and at ``max_time``; never after the last step (every token stops there)."""
-    if step.last:
+    ``check_times``) from ``min_time`` on, and at ``max_time``; never after the last step (every token stops there),
+    and, exiting to the tail, only inside its ``segment`` before the segment's last step."""
+    if step.last or (segment is not None and not segment.start <= step.index < segment.stop - 1):
         return False
     if _forced(step, settings):
         return True
@@ -372,16 +410,17 @@ def _check_due(step, settings: AdaptiveDepth) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _count_tables(blocks: tuple[int, ...], steps: tuple, settings: AdaptiveDepth, time_dependent: bool
-                  ) -> tuple[list[float], list[float]]:
+def _count_tables(blocks: tuple[int, ...], steps: tuple, settings: AdaptiveDepth, time_dependent: bool,
+                  segment: range | None = None) -> tuple[list[float], list[float]]:
     """For a token that exits after ``k`` steps of the solve (``k`` = every step: it never does), at index ``k``: the
-    key/value projections its frozen state costs (one per run of a block after its exit; one per step when the maps
-    vary with time), and the checks it took."""
+    key/value projections its frozen state costs (one per run of a block after its exit, up to the tail when it exits
+    to the tail; one per step when the maps vary with time), and the checks it took."""
     n = len(blocks)
+    frozen_until = n if segment is None else segment.stop
     starts_run = [j == 0 or blocks[j] != blocks[j - 1] for j in range(n)]
-    projections = [float(n - k if time_dependent else (1 + sum(starts_run[k + 1:]) if k < n else 0))
-                   for k in range(n + 1)]
-    due = [_check_due(step, settings) for step in steps]
+    projections = [float(frozen_until - k if time_dependent else (1 + sum(starts_run[k + 1:frozen_until]))
+                         if k < n else 0) for k in range(n + 1)]
+    due = [_check_due(step, settings, segment) for step in steps]
     checks = [float(sum(due[:k])) for k in range(n + 1)]
     return projections, checks
 

@@ -20,6 +20,10 @@
   ``check_cost`` x checks per token are chosen on the fit part of the text, and the threshold is then tested under
   that schedule on the held-out part, so the bound stays a held-out one.
 
+On a model fitted for the exit to the tail (``config.exit_to_tail``, ``odegpt calibrate --exit-to-tail``) the head's
+states are those of the last shared segment, its target and the changed tokens are those of the read-out after the
+unshared tail run from the state, and an exit there executes the tail's steps too.
+
 The thresholds live in ``exit_calibration.json`` in the model folder, one record per (rule, tolerance, step sizes).
 """
 from __future__ import annotations
@@ -34,7 +38,8 @@ from time import perf_counter
 
 import torch
 
-from odegpt.decoding.adaptive import AdaptiveDepth
+from odegpt.decoding.adaptive import AdaptiveDepth, last_shared_steps
+from odegpt.model.configuration_odegpt import has_tail
 from odegpt.model.modeling_odegpt import OdeGPTExitHead
 from odegpt.training.exit_head import exit_target, log_target
 
@@ -55,6 +60,40 @@ class SolveRecord:
     changed: torch.Tensor  # (tokens, steps + 1) bool
     swift_scores: torch.Tensor | None = None  # (tokens,)
     swift_changed: torch.Tensor | None = None  # (tokens,) bool
+    check_states: tuple[int, ...] | None = None  # the states a check may exit at (None: all but the first and last)
+    tail_steps: int = 0  # steps a token runs after it exits (the exit to the tail's unshared layers)
+
+    @property
+    def checkable(self) -> tuple[int, ...]:
+        return tuple(range(1, self.scores.shape[1] - 1)) if self.check_states is None else self.check_states
+
+
+def tail_exit(model) -> tuple[range, object] | None:
+    """For a model fitted for the exit to the tail: the step-size-1 plan's steps of its last shared segment (the
+    tail runs from ``.stop``) and the plan; None otherwise."""
+    if not getattr(model.config, "exit_to_tail", False):
+        return None
+    plan = model.plan(1.0)
+    return last_shared_steps(model.config.segments, plan), plan
+
+
+def _exit_read_outs(model, hidden_states, found) -> Callable[[int], torch.Tensor]:
+    """What an exit at state ``i`` (after step ``i - 1``) reads out, flattened: the state's own read-out, or after
+    the tail when exiting to it."""
+    if found is None:
+        return lambda i: model.read_out(hidden_states[i].flatten(0, 1))
+    segment, plan = found
+    attention = model.attention_inputs(hidden_states[0])
+    return lambda i: model.read_out(model.solve(hidden_states[i], plan, attention, start=segment.stop).flatten(0, 1))
+
+
+def _exit_states(model, found) -> list[int]:
+    """The states the head is fitted and checked at: every state of the step-size-1 solve, or exiting to the tail
+    the states inside its segment (after its first step, before its last)."""
+    if found is None:
+        return list(range(len(model.plan(1.0)) + 1))
+    segment, _ = found
+    return list(range(segment.start + 1, segment.stop))
 
 
 def _inputs(batch: Batch) -> torch.Tensor:
@@ -66,17 +105,19 @@ def head_samples(model, batches: Iterable[Batch], positions: int = 512) -> tuple
     """(features, targets) of the head at every state of the step-size-1 solve, on ``positions`` positions of each
     batch (each costs a read-out per state)."""
     features, targets = [], []
-    plan = model.plan(1.0)
+    plan, found = model.plan(1.0), tail_exit(model)
     times = [0.0] + [step.end for step in plan]
     generator = torch.Generator().manual_seed(0)
     for batch in batches:
-        out = model(input_ids=_inputs(batch), step_size=1.0, use_cache=False, output_hidden_states=True)
+        inputs = _inputs(batch)
+        out = model(input_ids=inputs, step_size=1.0, use_cache=False, output_hidden_states=True)
         flat = out.logits.flatten(0, 1)
         chosen = torch.randperm(flat.shape[0], generator=generator)[:positions]
-        for h, time in zip(out.hidden_states, times):
-            states = h.flatten(0, 1)[chosen]
-            features.append(model.exit_head.features(states, time))
-            targets.append(log_target(exit_target(model.read_out(states), flat[chosen])))
+        read_out = _exit_read_outs(model, out.hidden_states, found)
+        for i in _exit_states(model, found):
+            states = out.hidden_states[i].flatten(0, 1)[chosen]
+            features.append(model.exit_head.features(states, times[i]))
+            targets.append(log_target(exit_target(read_out(i)[chosen], flat[chosen])))
     return torch.cat(features), torch.cat(targets)
 
 
@@ -112,17 +153,21 @@ def solve_records(model, batches: Iterable[Batch], swift_step_size: float | None
     """The head's scores and the changed-token flags of every state of the step-size-1 solve (and of the swift
     solve's end, when ``swift_step_size`` is given) on every position of ``batches``; ``changes=False`` skips the
     read-outs the flags cost (all False then): the scores alone say where tokens exit."""
-    plan = model.plan(1.0)
+    plan, found = model.plan(1.0), tail_exit(model)
     times = [0.0] + [step.end for step in plan]
+    checked = set(_exit_states(model, found)) if found is not None else None
     scores, changed, swift_scores, swift_changed = [], [], [], []
     for batch in batches:
         inputs = _inputs(batch)
         out = model(input_ids=inputs, step_size=1.0, use_cache=False, output_hidden_states=True)
         final = out.logits.flatten(0, 1).argmax(-1)
         unread = torch.zeros_like(final, dtype=torch.bool)
-        per_state = [(model.exit_score(h.flatten(0, 1), time),
-                      model.read_out(h.flatten(0, 1)).argmax(-1) != final if changes else unread)
-                     for h, time in zip(out.hidden_states, times)]
+        read_out = _exit_read_outs(model, out.hidden_states, found)
+        # Exiting to the tail, the other states are never exits (the last one is the full solve: unchanged).
+        never = torch.full_like(final, math.inf, dtype=torch.float32)
+        per_state = [(model.exit_score(h.flatten(0, 1), time), read_out(i).argmax(-1) != final if changes else unread)
+                     if checked is None or i in checked else (never, unread if i == len(plan) else ~unread)
+                     for i, (h, time) in enumerate(zip(out.hidden_states, times))]
         scores.append(torch.stack([s for s, _ in per_state], dim=1))
         changed.append(torch.stack([c for _, c in per_state], dim=1))
         if swift_step_size is not None:
@@ -132,7 +177,9 @@ def solve_records(model, batches: Iterable[Batch], swift_step_size: float | None
             swift_changed.append(swift.logits.flatten(0, 1).argmax(-1) != final)
     return SolveRecord(torch.cat(scores), torch.cat(changed),
                        torch.cat(swift_scores) if swift_scores else None,
-                       torch.cat(swift_changed) if swift_changed else None)
+                       torch.cat(swift_changed) if swift_changed else None,
+                       None if found is None else tuple(sorted(checked)),
+                       0 if found is None else len(plan) - found[0].stop)
 
 
 def upper_bound(failures: int, trials: int, delta: float) -> float:
@@ -173,9 +220,10 @@ def scheduled_exit(record: SolveRecord, threshold: float, check_times: Sequence[
     below = record.scores[:, times] < threshold
     below[:, -1] = True
     first = below.float().argmax(-1)
-    executed = times[first]
+    exited_at = times[first]
     checks = torch.where(first < len(check_times), first + 1, first)
-    return record.changed.gather(1, executed[:, None]).squeeze(1), executed.float(), checks.float()
+    executed = torch.where(first < len(check_times), exited_at + record.tail_steps, exited_at)
+    return record.changed.gather(1, exited_at[:, None]).squeeze(1), executed.float(), checks.float()
 
 
 def describe_check_times(times: Sequence[float]) -> str:
@@ -191,7 +239,7 @@ def choose_check_times(record: SolveRecord, threshold: float, check_cost: float)
         _, executed, checks = scheduled_exit(record, threshold, times)
         return float((executed + check_cost * checks).mean())
 
-    times = list(range(1, record.scores.shape[1] - 1))
+    times = list(record.checkable)
     best = cost(times)
     while times:
         value, drop = min((cost(times[:i] + times[i + 1:]), i) for i in range(len(times)))
@@ -244,12 +292,12 @@ def calibrate_thresholds(record: SolveRecord, rule: str, tolerance: float, delta
     exit checked at ``check_times`` (default: after every step)."""
     if not 0 < tolerance < 1 or not 0 < delta < 1:
         raise ValueError(f"the tolerance and delta must be in (0, 1), got {tolerance!r} and {delta!r}")
-    scores = record.scores[:, 1:].flatten() if rule == "exit" else record.swift_scores
+    times = record.checkable if check_times is None else tuple(check_times)
+    scores = record.scores[:, list(record.checkable)].flatten() if rule == "exit" else record.swift_scores
     quantiles = torch.linspace(0, 1, CANDIDATE_THRESHOLDS, dtype=torch.float64)
     candidates = torch.quantile(scores.double(), quantiles).tolist()
     # exit: a larger threshold exits earlier (riskier); route: a larger one routes fewer (riskier)
     chosen, tokens, steps = None, len(record.scores), record.scores.shape[1] - 1
-    times = tuple(range(1, steps)) if check_times is None else tuple(check_times)
     for threshold in [-math.inf, *candidates] if rule == "exit" else [-math.inf, *candidates, math.inf]:
         if rule == "exit":
             changed, cost, checks = scheduled_exit(record, threshold, times)
@@ -259,7 +307,8 @@ def calibrate_thresholds(record: SolveRecord, rule: str, tolerance: float, delta
         if bound > tolerance:
             break
         chosen = dict(threshold=threshold, changed_rate=float(changed.float().mean()), upper_bound=bound,
-                      **({"mean_steps": float(cost.mean()), "first_exit_time": _first_exit_time(cost, steps),
+                      **({"mean_steps": float(cost.mean()),
+                          "first_exit_time": _first_exit_time(cost, steps, record.tail_steps),
                           "mean_checks": float(checks.mean())}
                          if rule == "exit" else {"routed_fraction": float(cost.float().mean())}))
     if chosen is None:
@@ -269,11 +318,11 @@ def calibrate_thresholds(record: SolveRecord, rule: str, tolerance: float, delta
     return dict(rule=rule, tolerance=tolerance, delta=delta, tokens=tokens, **chosen, **schedule)
 
 
-def _first_exit_time(executed: torch.Tensor, steps: int) -> float:
+def _first_exit_time(executed: torch.Tensor, steps: int, tail_steps: int = 0) -> float:
     """The earliest solve time at which a calibration token exits (state ``i`` of the step-size-1 solve is time
     ``i``), or the whole solve when none does: decoding checks from there on, and on the calibration text the rule
     then exits exactly where it did, so its changed rate and bound are the same while no check is wasted before."""
-    early = executed[executed < steps]
+    early = executed[executed < steps] - tail_steps  # an exit to the tail ran the tail after its exit
     return float(early.min()) if len(early) else float(steps)
 
 
@@ -332,7 +381,9 @@ class CalibrationRequest:
     """What ``odegpt calibrate`` was asked: the tolerances to calibrate thresholds for, their confidence, the swift
     step size of the routing rule, the exit head to add when the model has none, whether to fit it again, and the
     share of the text that fits the head (the rest calibrates the thresholds, held out from the fit), and what a check
-    costs in solver steps (None: measured here) when the exit's check times are chosen."""
+    costs in solver steps (None: measured here) when the exit's check times are chosen, and where the exit goes
+    ("tail": the unshared layers after the last shared segment still run; None: where the folder's head was fitted
+    for, the read-out for a new one)."""
 
     tolerances: tuple[float, ...] = (0.02,)
     delta: float = 0.05
@@ -341,6 +392,7 @@ class CalibrationRequest:
     refit: bool = False
     fit_fraction: float = 0.5
     check_cost: float | None = None
+    exit_to: str | None = None
 
     def checked(self, config) -> CalibrationRequest:
         for tolerance in self.tolerances:
@@ -354,6 +406,11 @@ class CalibrationRequest:
             raise ValueError(f"--exit-head must be 0 (linear) or a hidden width >= 1, got {self.exit_head!r}")
         if self.check_cost is not None and not 0 <= self.check_cost < math.inf:
             raise ValueError(f"--check-cost must be a finite number of solver steps >= 0, got {self.check_cost:g}")
+        if self.exit_to not in (None, "read-out", "tail"):
+            raise ValueError(f"--exit-to must be read-out or tail, got {self.exit_to!r}")
+        if self.exit_to == "tail" and not has_tail(config.segments):
+            raise ValueError("--exit-to tail: this model's last segment is shared, so no unshared layers follow it to "
+                             "exit to; use --exit-to read-out")
         config.solver_steps(self.swift_step_size, "--swift-step-size")
         return self
 
@@ -367,7 +424,9 @@ def calibrate_model(model, batches: list, request: CalibrationRequest, say) -> l
     if len(batches) < 2:
         raise ValueError("--data gives fewer than 2 batches: the head is fitted on one part and the thresholds "
                          "calibrated on another; give more text")
-    if model.exit_head is None or request.refit:
+    to_tail = model.config.exit_to_tail if request.exit_to is None else request.exit_to == "tail"
+    if model.exit_head is None or request.refit or to_tail != model.config.exit_to_tail:
+        model.config.exit_to_tail = to_tail  # the head's target changes with it: fitted again
         if model.exit_head is None:
             model.config.exit_head = request.exit_head
             model.exit_head = OdeGPTExitHead(model.config).to(model.dtype)
@@ -375,22 +434,23 @@ def calibrate_model(model, batches: list, request: CalibrationRequest, say) -> l
         correlation = fit_exit_head(model, features, targets)
         say(f"fitted the exit head ({'linear' if not model.config.exit_head else f'hidden {model.config.exit_head}'}) "
             f"on {len(targets):,} states: correlation {correlation:.2f} with log KL to the end of the solve")
-    record = solve_records(model, batches[split:], request.swift_step_size)
+    # Routing reads the head at the swift solve's end; a head fitted for the tail scores states inside a segment.
+    record = solve_records(model, batches[split:], None if to_tail else request.swift_step_size)
     check_cost = measured_check_cost(model) if request.check_cost is None else request.check_cost
     say(f"a check costs {check_cost:.3g} solver steps "
         f"({'measured here, at batch 1' if request.check_cost is None else '--check-cost'})")
     # Where tokens exit on the fit part, apart from the bound's tokens; free checks all stay, so no pass is needed.
     fitted = solve_records(model, batches[:split], changes=False) if check_cost > 0 else None
-    every_time = tuple(range(1, record.scores.shape[1] - 1))
     results = []
     for tolerance in request.tolerances:
         if fitted is None:
-            times = every_time
+            times = record.checkable
         else:
             every_step = calibrate_thresholds(record, "exit", tolerance, request.delta)
             times = choose_check_times(fitted, every_step["threshold"], check_cost)
         results.append(dict(calibrate_thresholds(record, "exit", tolerance, request.delta, times),
-                            check_cost=check_cost))
-        route = calibrate_thresholds(record, "route", tolerance, request.delta)
-        results.append(dict(route, swift_step_size=request.swift_step_size))
+                            check_cost=check_cost, exit_to="tail" if to_tail else "read-out"))
+        if not to_tail:
+            route = calibrate_thresholds(record, "route", tolerance, request.delta)
+            results.append(dict(route, swift_step_size=request.swift_step_size))
     return results

@@ -67,6 +67,11 @@ def _check_segments(segments: object) -> list[dict]:
     return checked
 
 
+def has_tail(segments: list[dict]) -> bool:
+    """Whether unshared layers follow the last shared segment: the tail an exit to the tail still runs."""
+    return any(segment["shared"] for segment in segments) and not segments[-1]["shared"]
+
+
 class OdeGPTConfig(PretrainedConfig):
     """An odegpt model's shape and solver. (The ``model`` section of a run config is these arguments; this list
     is its documentation, in docs/config.md.)
@@ -105,6 +110,9 @@ class OdeGPTConfig(PretrainedConfig):
         exit_head: a learned exit head on the state (null = none, 0 = linear, N = one hidden layer of N), which
             predicts how far a state's read-out still is from the end of the solve: the exit and routing rule of
             adaptive depth (odegpt/decoding/adaptive.py).
+        exit_to_tail: the head was fitted for the exit to the tail: a token it stops inside the last shared segment
+            still runs the unshared layers after it, and the head predicts how far that read-out is from the end
+            (needs unshared layers after the last shared segment).
     """
 
     model_type = "odegpt"
@@ -139,6 +147,7 @@ class OdeGPTConfig(PretrainedConfig):
         rotary_attention_scaling: float = 1.0,
         relax_rank: int | str = 0,
         exit_head: int | None = None,
+        exit_to_tail: bool = False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -167,6 +176,7 @@ class OdeGPTConfig(PretrainedConfig):
         # The time-continuous relaxation of shared blocks: rank of each linear map's correction ("full": dense).
         self.relax_rank = relax_rank
         self.exit_head = exit_head  # the learned exit head's hidden width (None: no head, 0: linear)
+        self.exit_to_tail = exit_to_tail  # its exit keeps the unshared layers after the last shared segment
         kwargs.pop("num_hidden_layers", None)  # derived from segments; older folders may carry it
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
@@ -205,6 +215,11 @@ class OdeGPTConfig(PretrainedConfig):
                                            or self.exit_head < 0):
             raise ValueError(f"exit_head must be null (no head), 0 (linear) or a hidden width >= 1, "
                              f"got {self.exit_head!r}")
+        if not isinstance(self.exit_to_tail, bool):
+            raise ValueError(f"exit_to_tail must be true or false, got {self.exit_to_tail!r}")
+        if self.exit_to_tail and not has_tail(self.segments):
+            raise ValueError("exit_to_tail needs unshared layers after the last shared segment (a tail to exit to); "
+                             "set it to false for this layout")
         solver_method(self.solver)  # one of odegpt.model.solver.METHODS
         check_solve_length(self.segments, self.step_size, self.max_solver_steps)
         if not self.rms_norm_eps > 0:

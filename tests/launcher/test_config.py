@@ -40,6 +40,10 @@ def test_presets_compose_and_overrides_are_typed():
     (["eval.step_sizes=[1, 0]"], None, "eval.step_sizes[1]"),
     (["train.min_lr=1.0"], None, "train.min_lr"),
     (["data.weights=[1, 2]"], None, "data.weights has 2 entries"),
+    (["model.exit_head=0", "model.exit_to_tail=true"], None, "model: exit_to_tail needs unshared layers after"),
+    (["model.segments=[{depth: 1, shared: false}, {depth: 2, shared: true}, {depth: 1, shared: false}]",
+      "model.exit_head=0", "model.exit_to_tail=true", "train.exit_head_weight=0.1"], None,
+     "set train.exit_head_weight to 0 and fit it with `odegpt calibrate --exit-to tail`"),
 ])
 def test_invalid_configs_name_the_key(overrides, world_size, message):
     with pytest.raises(ConfigError) as error:
