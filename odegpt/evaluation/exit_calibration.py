@@ -20,7 +20,7 @@
   ``check_cost`` x checks per token are chosen on the fit part of the text, and the threshold is then tested under
   that schedule on the held-out part, so the bound stays a held-out one.
 
-On a model fitted for the exit to the tail (``config.exit_to_tail``, ``odegpt calibrate --exit-to-tail``) the head's
+On a model fitted for the exit to the tail (``config.exit_to_tail``, ``odegpt calibrate --exit-to tail``) the head's
 states are those of the last shared segment, its target and the changed tokens are those of the read-out after the
 unshared tail run from the state, and an exit there executes the tail's steps too.
 
@@ -41,6 +41,7 @@ import torch
 from odegpt.decoding.adaptive import AdaptiveDepth, last_shared_steps
 from odegpt.model.configuration_odegpt import has_tail
 from odegpt.model.modeling_odegpt import OdeGPTExitHead
+from odegpt.model.solver import SolvePlan
 from odegpt.training.exit_head import exit_target, log_target
 
 from .perplexity import Batch
@@ -68,7 +69,7 @@ class SolveRecord:
         return tuple(range(1, self.scores.shape[1] - 1)) if self.check_states is None else self.check_states
 
 
-def tail_exit(model) -> tuple[range, object] | None:
+def tail_exit(model) -> tuple[range, SolvePlan] | None:
     """For a model fitted for the exit to the tail: the step-size-1 plan's steps of its last shared segment (the
     tail runs from ``.stop``) and the plan; None otherwise."""
     if not getattr(model.config, "exit_to_tail", False):
@@ -102,15 +103,14 @@ def _inputs(batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def head_samples(model, batches: Iterable[Batch], positions: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, targets) of the head at every state of the step-size-1 solve, on ``positions`` positions of each
-    batch (each costs a read-out per state)."""
+    """(features, targets) of the head at every state of the step-size-1 solve (exiting to the tail: at the states
+    inside its segment), on ``positions`` positions of each batch (each costs a read-out per state)."""
     features, targets = [], []
     plan, found = model.plan(1.0), tail_exit(model)
     times = [0.0] + [step.end for step in plan]
     generator = torch.Generator().manual_seed(0)
     for batch in batches:
-        inputs = _inputs(batch)
-        out = model(input_ids=inputs, step_size=1.0, use_cache=False, output_hidden_states=True)
+        out = model(input_ids=_inputs(batch), step_size=1.0, use_cache=False, output_hidden_states=True)
         flat = out.logits.flatten(0, 1)
         chosen = torch.randperm(flat.shape[0], generator=generator)[:positions]
         read_out = _exit_read_outs(model, out.hidden_states, found)
@@ -163,11 +163,14 @@ def solve_records(model, batches: Iterable[Batch], swift_step_size: float | None
         final = out.logits.flatten(0, 1).argmax(-1)
         unread = torch.zeros_like(final, dtype=torch.bool)
         read_out = _exit_read_outs(model, out.hidden_states, found)
-        # Exiting to the tail, the other states are never exits (the last one is the full solve: unchanged).
         never = torch.full_like(final, math.inf, dtype=torch.float32)
-        per_state = [(model.exit_score(h.flatten(0, 1), time), read_out(i).argmax(-1) != final if changes else unread)
-                     if checked is None or i in checked else (never, unread if i == len(plan) else ~unread)
-                     for i, (h, time) in enumerate(zip(out.hidden_states, times))]
+
+        def state(i: int, h: torch.Tensor, time: float) -> tuple[torch.Tensor, torch.Tensor]:
+            if checked is not None and i not in checked:  # exiting to the tail, never an exit here
+                return never, unread if i == len(plan) else ~unread  # the last state is the full solve's
+            return model.exit_score(h.flatten(0, 1), time), read_out(i).argmax(-1) != final if changes else unread
+
+        per_state = [state(i, h, time) for i, (h, time) in enumerate(zip(out.hidden_states, times))]
         scores.append(torch.stack([s for s, _ in per_state], dim=1))
         changed.append(torch.stack([c for _, c in per_state], dim=1))
         if swift_step_size is not None:
