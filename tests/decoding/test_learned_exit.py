@@ -222,6 +222,16 @@ def test_calibrate_writes_the_head_and_thresholds_that_generate_and_evaluate_use
     row = next(line for line in adaptive_table(document).splitlines() if line.startswith(f"| {learned['label']} |"))
     assert row.split("|")[5].strip() == f"{learned['exit_scores']:.2f}"
     assert "| head checks/token |" in adaptive_table(document)
+    # --exit-to tail fits the head again for the exit to the tail; the thresholds of the old head are dropped.
+    assert odegpt_main(["calibrate", "--model", str(folder), "--data", str(tmp_path / "text.txt"), "--tolerance",
+                        "0.2", "--seq-len", "32", "--exit-to", "tail"]) == 0
+    assert "fitted the exit head" in capsys.readouterr().out
+    records = json.loads((folder / "exit_calibration.json").read_text())["records"]
+    assert [(r["rule"], r["tolerance"], r["exit_to"]) for r in records] == [("exit", 0.2, "tail")]
+    assert json.loads((folder / "config.json").read_text())["exit_to_tail"] is True
+    assert odegpt_main(["generate", "--model", str(folder), "--prompt", "def add(", "--max-new-tokens", "4",
+                        "--exit", "learned", "--exit-tolerance", "0.2", "--kv-fill", "lazy"]) == 2
+    assert "lazy cannot exit to the tail" in capsys.readouterr().err
 
 
 def test_the_exit_head_trains_beside_the_model_without_changing_it():
