@@ -37,9 +37,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from odegpt.decoding.adaptive import energy, entropy
+from odegpt.decoding.adaptive import energy, entropy, last_shared_steps
 from odegpt.evaluation.perplexity import perplexity
 from odegpt.model.accounting import adaptive_flops_per_token, model_cost
+from odegpt.model.solver import plan_solve
 
 EXIT_BUDGETS = (0.25, 0.375, 0.5, 0.625, 0.75)  # mean executed steps, as fractions of the a=1 solve's (> 1 step)
 ROUTED_FRACTIONS = (0.1, 0.25, 0.5)
@@ -193,18 +194,11 @@ def routing_headroom(model, config, calibration, held_out, seq_len: int, swift: 
 
 
 def tail_segment(config) -> tuple[range, range] | None:
-    """The a=1 steps of the last shared segment and of the unshared segments after it (the tail); None when the
-    model ends in a shared segment or has none."""
-    starts, time = [], 0
-    for segment in config.segments:
-        starts.append(time)
-        time += segment["depth"]
-    shared = [i for i, segment in enumerate(config.segments) if segment["shared"] and segment["depth"] > 1]
-    if not shared or shared[-1] == len(config.segments) - 1:
-        return None
-    last = shared[-1]
-    segment = range(starts[last], starts[last] + config.segments[last]["depth"])
-    return segment, range(segment.stop, time)
+    """The a=1 steps of the last shared segment and of the unshared segments after it (the tail), as the decoder's
+    exit to the tail finds them; None when the model ends in a shared segment or has none."""
+    plan = plan_solve(config.segments, 1.0)
+    segment = last_shared_steps(config.segments, plan)
+    return None if segment is None else (segment, range(segment.stop, len(plan)))
 
 
 @torch.no_grad()
